@@ -1,0 +1,189 @@
+"""模型与训练配置：冻结（不可变）的 dataclass，构造时校验，外加按名字查找的预设表。
+
+校验失败一律抛出 ValueError，消息里写明字段名、收到的值和期望的范围。
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset"]
+
+
+def _require_positive(obj: Any, names: tuple[str, ...]) -> None:
+    """逐个检查字段为正数（整数字段还必须是 int）。"""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{type(obj).__name__}.{name} must be a number, got {value!r}")
+        if not value > 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
+def _require_int(obj: Any, names: tuple[str, ...]) -> None:
+    """整数字段不接受 float / bool（例如 12.0 层是笔误，不应悄悄通过）。"""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be an int, got {value!r} ({type(value).__name__})"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Qwen2 / Qwen2.5 解码器的结构超参数；默认值即规格书中约 123M 参数的学生模型。"""
+
+    hidden_size: int = 512  # 隐藏维度 d
+    num_layers: int = 12  # Transformer 块的层数
+    num_heads: int = 8  # 查询头数 h
+    num_kv_heads: int = 2  # 键值头数 k（GQA：每 g = h/k 个查询头共享一组 K/V）
+    intermediate_size: int = 2048  # SwiGLU 前馈隐藏维度 f
+    vocab_size: int = 151936  # 嵌入矩阵的行数 v（Qwen2.5 的嵌入行数；真实 token 151,665 个）
+    max_seq_len: int = 512  # 最大序列长度（位置数上限）
+    rope_theta: float = 1e6  # RoPE 基数 θ
+    norm_eps: float = 1e-6  # RMSNorm 的 ε
+    dropout: float = 0.0  # 注意力概率上的 dropout（仅训练时生效）
+    qkv_bias: bool = True  # Qwen2.5 在 q/k/v 投影上有偏置，o 投影没有
+    tie_word_embeddings: bool = True  # 输出投影是否直接复用嵌入矩阵
+
+    def __post_init__(self) -> None:
+        ints = (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_seq_len",
+        )
+        _require_int(self, ints)
+        _require_positive(self, ints + ("rope_theta", "norm_eps"))
+        for name in ("qkv_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} must be divisible by "
+                f"num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be divisible by "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2 != 0:
+            # RoPE 把头维度的前半与后半配成一对一对地旋转，奇数维无法配对。
+            raise ValueError(
+                f"ModelConfig.head_dim = hidden_size/num_heads = {self.head_dim} must be even "
+                f"(RoPE rotates pairs of dimensions)"
+            )
+        if not math.isfinite(self.rope_theta):
+            raise ValueError(f"ModelConfig.rope_theta must be finite, got {self.rope_theta!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"ModelConfig.dropout must be a number, got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        """每个注意力头的维度 e = d / h。"""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        """每个键值头服务的查询头数 g = h / k。"""
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """返回修改了若干字段的新配置（重新校验）。"""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """蒸馏训练的超参数；默认值即规格书中的取值。"""
+
+    batch_size: int = 8  # 每步的序列条数
+    learning_rate: float = 3e-4  # AdamW 峰值学习率
+    weight_decay: float = 0.01  # AdamW 权重衰减（范数与偏置不衰减）
+    warmup_steps: int = 500  # 线性预热步数，之后余弦衰减
+    num_epochs: int = 3  # 训练轮数
+    gradient_clip: float = 1.0  # 全局梯度范数裁剪阈值
+    alpha: float = 0.5  # 蒸馏项权重：loss = α·T²·KD + (1−α)·CE
+    temperature: float = 2.0  # 蒸馏温度 T
+    checkpoint_dir: str = "checkpoints"  # 检查点目录
+    log_interval: int = 50  # 每隔多少步记录一次日志
+    eval_interval: int = 500  # 每隔多少步做一次验证
+    save_interval: int = 1000  # 每隔多少步保存一次检查点
+    seed: int = 0  # 随机种子（初始化、数据打乱、采样）
+    gradient_accumulation_steps: int = 1  # 梯度累积的微批个数
+
+    def __post_init__(self) -> None:
+        ints = (
+            "batch_size",
+            "num_epochs",
+            "log_interval",
+            "eval_interval",
+            "save_interval",
+            "gradient_accumulation_steps",
+        )
+        _require_int(self, ints + ("warmup_steps", "seed"))
+        _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainingConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        if self.seed < 0:
+            raise ValueError(f"TrainingConfig.seed must be >= 0, got {self.seed!r}")
+        for name in ("weight_decay", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"TrainingConfig.{name} must be a number, got {value!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"TrainingConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"TrainingConfig.alpha must be in [0, 1], got {self.alpha!r}")
+        for name in ("learning_rate", "gradient_clip", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"TrainingConfig.{name} must be finite, got {getattr(self, name)!r}")
+        if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir:
+            raise ValueError(
+                f"TrainingConfig.checkpoint_dir must be a non-empty path string, got {self.checkpoint_dir!r}"
+            )
+
+    def replace(self, **changes: Any) -> "TrainingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# 预设表：按名字查找模型配置（gpt-fast 风格）。
+PRESETS: dict[str, ModelConfig] = {
+    # 规格书中的学生模型：约 123.4M 参数（含 q/k/v 偏置，嵌入共享）。
+    "student-123m": ModelConfig(),
+    # 测试用的极小模型：2 层、隐藏 64、4 头、2 个 KV 头、词表 256。
+    "tiny": ModelConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=256,
+        max_seq_len=128,
+        rope_theta=10000.0,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """按名字取预设配置；未知名字报错并列出可选项。"""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
