@@ -1,0 +1,283 @@
+"""Qwen2 解码器的纯函数层：RMSNorm、RoPE、GQA 注意力、SwiGLU 与 Transformer 块。
+
+图例（见 functional_lm/typing.py）：b 批，t 查询位置，s 键位置，d 隐藏，h 查询头，k 键值头，
+g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
+
+结构选择（与 Qwen2 / Qwen2.5 一致，真实检查点无需任何权重置换）：
+    * Pre-norm：x + attn(norm(x))；x + ffn(norm(x))；
+    * RMSNorm 在 float32 中计算后转回输入 dtype，再乘可学习权重；
+    * RoPE 使用 "rotate-half" 约定：头维度的前半与后半配对旋转；
+    * GQA：k 个键值头被扩展（重复）到 h 个查询头；
+    * q/k/v 投影可带偏置，o 投影无偏置；前馈网络为无偏置的 SwiGLU。
+
+这里所有函数都是纯函数：输入张量，输出张量，不读写任何全局状态（dropout 例外，
+仅在显式传入 dropout_p > 0 时使用 torch 的随机数生成器）。
+"""
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+from functional_lm.config import ModelConfig
+from functional_lm.typing import Bool, Float, Int, Integer, Tensor, typechecked
+
+__all__ = [
+    "rms_norm",
+    "rope_tables",
+    "apply_rope",
+    "linear",
+    "expand_kv",
+    "project_qkv",
+    "attend",
+    "attention_bias_mask",
+    "gqa_attention",
+    "swiglu",
+    "transformer_block",
+]
+
+RopeTables = tuple[Float[Tensor, "b t e"], Float[Tensor, "b t e"]]
+
+
+@typechecked
+def rms_norm(x: Float[Tensor, "*batch d"], weight: Float[Tensor, "d"], eps: float) -> Float[Tensor, "*batch d"]:
+    """RMSNorm：y = x · rsqrt(mean(x²) + ε) · γ。
+
+    均方至少在 float32 中计算（bf16 下平方和会丢精度；float64 输入保持 float64），
+    归一化结果先转回输入 dtype 再乘 γ，与 Hugging Face Qwen2RMSNorm 的运算顺序逐位一致。
+    """
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean_square = x32.pow(2).mean(dim=-1, keepdim=True)  # (…, 1)：每个位置的 mean(x²)
+    normed = x32 * torch.rsqrt(mean_square + eps)  # 均方根归一到 ≈ 1
+    return weight * normed.to(x.dtype)
+
+
+@typechecked
+def rope_tables(
+    position_ids: Integer[Tensor, "b t"],
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype = torch.float32,
+) -> RopeTables:
+    """按 position_ids 生成 RoPE 的 cos / sin 表，形状 (b, t, e)。
+
+    数学：对头维度的第 i 对（i = 0 … e/2−1），逆频率 ω_i = 1 / θ^(2i/e)；
+    位置 p 的旋转角 φ_{p,i} = p · ω_i。rotate-half 约定把第 i 维与第 i + e/2 维配成一对，
+    因此角度表沿最后一维重复两次：[φ_0 … φ_{e/2−1}, φ_0 … φ_{e/2−1}]。
+    角度至少在 float32 中计算（位置可达 10⁵ 量级，bf16 会严重失真；float64 时用 float64），
+    最后才转成 dtype。float32 下与 Hugging Face Qwen2 的计算逐位一致。
+    """
+    angle_dtype = torch.promote_types(dtype, torch.float32)
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).to(angle_dtype)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))  # (e/2,)：ω_i = θ^(−2i/e)
+    angles = position_ids.to(angle_dtype)[..., None] * inv_freq  # (b, t, e/2)：φ = p · ω
+    angles = repeat(angles, "b t half -> b t (two half)", two=2)  # 前后两半共享同一角度
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    """把 [x₁, x₂]（前半、后半）变成 [−x₂, x₁]，即每对 (x₁ᵢ, x₂ᵢ) 乘以虚数单位 i。"""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@typechecked
+def apply_rope(
+    x: Float[Tensor, "b n t e"], cos: Float[Tensor, "b t e"], sin: Float[Tensor, "b t e"]
+) -> Float[Tensor, "b n t e"]:
+    """对 q 或 k（n 个头）施加旋转位置编码。
+
+    数学：把第 i 维与第 i + e/2 维看作复数 z = x₁ + i·x₂，旋转角 φ：
+        z · e^{iφ} = (x₁cosφ − x₂sinφ) + i(x₂cosφ + x₁sinφ)
+    写成向量形式即 x·cos + rotate_half(x)·sin。由于 ⟨R(p)q, R(p')k⟩ = ⟨q, R(p'−p)k⟩，
+    旋转后的点积只依赖相对位置 p' − p。
+    """
+    cos = rearrange(cos, "b t e -> b 1 t e")  # 所有头共享同一张表
+    sin = rearrange(sin, "b t e -> b 1 t e")
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+@typechecked
+def linear(
+    x: Float[Tensor, "*batch i"], weight: Float[Tensor, "o i"], bias: Optional[Float[Tensor, "o"]] = None
+) -> Float[Tensor, "*batch o"]:
+    """y = x Wᵀ + b；权重保持 (out, in) 布局，与 nn.Linear / HF 检查点一致。"""
+    return F.linear(x, weight, bias)
+
+
+@typechecked
+def expand_kv(x: Float[Tensor, "b k s e"], groups: int) -> Float[Tensor, "b h s e"]:
+    """GQA 的头扩展：把 k 个键值头各复制 g 份，得到 h = k·g 个头。
+
+    查询头 j 使用键值头 ⌊j / g⌋（与 HF repeat_kv 的顺序相同：(k g) 中 k 在外层）。
+    """
+    return repeat(x, "b k s e -> b (k g) s e", g=groups)
+
+
+@typechecked
+def project_qkv(
+    x: Float[Tensor, "b t d"],
+    attn: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    cos: Float[Tensor, "b t e"],
+    sin: Float[Tensor, "b t e"],
+) -> tuple[Float[Tensor, "b h t e"], Float[Tensor, "b k t e"], Float[Tensor, "b k t e"]]:
+    """q/k/v 投影（可带偏置）、拆成多头，并对 q、k 施加 RoPE；v 不旋转。
+
+    attn 是一层注意力的参数视图，键为 ``q_proj.weight``、``q_proj.bias`` 等（偏置可缺省）。
+    """
+    q = linear(x, attn["q_proj.weight"], attn.get("q_proj.bias"))  # (b, t, h·e)
+    k = linear(x, attn["k_proj.weight"], attn.get("k_proj.bias"))  # (b, t, k·e)
+    v = linear(x, attn["v_proj.weight"], attn.get("v_proj.bias"))  # (b, t, k·e)
+    q = rearrange(q, "b t (h e) -> b h t e", e=cfg.head_dim)
+    k = rearrange(k, "b t (k e) -> b k t e", e=cfg.head_dim)
+    v = rearrange(v, "b t (k e) -> b k t e", e=cfg.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+@typechecked
+def attention_bias_mask(
+    attention_mask: Integer[Tensor, "b s"] | Bool[Tensor, "b s"], num_queries: int
+) -> Bool[Tensor, "b 1 t s"]:
+    """由填充掩码（1/True = 真实 token，0/False = 填充）和因果约束合成布尔注意力掩码。
+
+    查询 i（对应最后 t 个键位置中的第 i 个）可以看键 j，当且仅当 j ≤ i + (s − t) 且键 j 不是填充。
+    此外总允许看自己所在的对角位置：左填充时填充位置的整行都会被遮住，softmax 会得到 NaN；
+    让它看自己只改变填充位置（其输出无人使用）的值，真实位置不受影响。
+    """
+    num_keys = attention_mask.shape[-1]
+    offset = num_keys - num_queries
+    q_pos = torch.arange(num_queries, device=attention_mask.device)[:, None] + offset
+    k_pos = torch.arange(num_keys, device=attention_mask.device)[None, :]
+    causal = k_pos <= q_pos  # (t, s)
+    keep = causal & rearrange(attention_mask.bool(), "b s -> b 1 1 s")
+    return keep | (k_pos == q_pos)
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
+    """显式写出的注意力：P = softmax(q kᵀ / √e + M)，out = P v。
+
+    torch.func 变换（jvp 的前向自动微分、vmap 的批处理规则）不支持 SDPA 的融合 CPU 内核，
+    在这些变换之下改走这条全部由基本算子组成的路径，数学上与融合内核相同。
+    """
+    scores = torch.einsum("bhte,bhse->bhts", q, k) * q.shape[-1] ** -0.5
+    if mask is None:
+        t, s = q.shape[2], k.shape[2]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.einsum("bhts,bhse->bhte", probs, v)
+
+
+@typechecked
+def attend(
+    q: Float[Tensor, "b h t e"],
+    k: Float[Tensor, "b k s e"],
+    v: Float[Tensor, "b k s e"],
+    mask: Optional[Bool[Tensor, "b 1 t s"]] = None,
+    dropout_p: float = 0.0,
+) -> Float[Tensor, "b h t e"]:
+    """缩放点积注意力：softmax(q kᵀ / √e + M) v，M 在被遮位置为 −∞。
+
+    mask 为 None 时使用标准因果遮罩（要求 t == s，上三角 −∞）；否则使用给定的布尔掩码。
+    k、v 先按 GQA 扩展到 h 个头。eager / compile 下走 PyTorch 的 SDPA 融合内核，
+    torch.func 变换之下走等价的显式公式。
+    """
+    groups = q.shape[1] // k.shape[1]
+    if q.shape[1] != groups * k.shape[1]:
+        raise ValueError(f"attend: query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    if mask is None and q.shape[2] != k.shape[2]:
+        raise ValueError(f"attend: causal attention without a mask needs t == s, got t={q.shape[2]}, s={k.shape[2]}")
+    k = expand_kv(k, groups)
+    v = expand_kv(v, groups)
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
+        return _attention_math(q, k, v, mask, dropout_p)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+@typechecked
+def gqa_attention(
+    x: Float[Tensor, "b t d"],
+    attn: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    *,
+    position_ids: Optional[Integer[Tensor, "b t"]] = None,
+    rope: Optional[RopeTables] = None,
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    dropout_p: float = 0.0,
+) -> Float[Tensor, "b t d"]:
+    """分组查询注意力（GQA）：投影 → RoPE → KV 头扩展 → 因果注意力 → o 投影。
+
+    参数：
+        attn: 一层的注意力参数视图（``q_proj.weight`` … ``o_proj.weight``）。
+        position_ids: 显式位置；缺省为 0…t−1。与 rope 二选一（rope 为预先算好的 cos/sin 表）。
+        attention_mask: (b, t) 填充掩码，1 = 真实 token，0 = 填充；缺省表示没有填充。
+    """
+    if rope is None:
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+    cos, sin = rope
+    q, k, v = project_qkv(x, attn, cfg, cos, sin)
+    mask = None if attention_mask is None else attention_bias_mask(attention_mask, x.shape[1])
+    out = attend(q, k, v, mask, dropout_p)
+    out = rearrange(out, "b h t e -> b t (h e)")
+    return linear(out, attn["o_proj.weight"])
+
+
+@typechecked
+def swiglu(
+    x: Float[Tensor, "*batch d"],
+    gate_w: Float[Tensor, "f d"],
+    up_w: Float[Tensor, "f d"],
+    down_w: Float[Tensor, "d f"],
+) -> Float[Tensor, "*batch d"]:
+    """SwiGLU 前馈：down( SiLU(gate(x)) ⊙ up(x) )。
+
+    数学：SiLU(z) = z · σ(z)。门控分支 SiLU(x W_gᵀ) 逐元素地调制线性分支 x W_uᵀ，
+    再由 W_d 投影回隐藏维度；三个投影都没有偏置。
+    """
+    gate = F.silu(linear(x, gate_w))  # (…, f)：门
+    return linear(gate * linear(x, up_w), down_w)
+
+
+def _sub(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """取出以 prefix 开头的参数并去掉前缀（只是引用，不复制张量）。"""
+    return {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
+
+
+@typechecked
+def transformer_block(
+    x: Float[Tensor, "b t d"],
+    layer: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    *,
+    rope: RopeTables,
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    dropout_p: float = 0.0,
+) -> Float[Tensor, "b t d"]:
+    """一个 Pre-norm 解码块：x ← x + attn(norm(x))；x ← x + ffn(norm(x))。
+
+    layer 是去掉 ``model.layers.{i}.`` 前缀后的参数视图。残差路径不经过任何变换，
+    因此权重全零时块是恒等映射。
+    """
+    attn_in = rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps)
+    x = x + gqa_attention(
+        attn_in,
+        _sub(layer, "self_attn."),
+        cfg,
+        rope=rope,
+        attention_mask=attention_mask,
+        dropout_p=dropout_p,
+    )
+    ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)
+    ffn_out = swiglu(
+        ffn_in, layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"], layer["mlp.down_proj.weight"]
+    )
+    return x + ffn_out
