@@ -1,0 +1,146 @@
+"""数据流水线基准：分词吞吐（token/s）与打包批加载吞吐（token/s），并与同一次运行中测得的参照比较。
+
+    python benchmarks/bench_data.py [--repeat 8] [--workers 2] [--seq-len 512] [--batch-size 8] [--student-step]
+
+打印：
+    * 分词：离线默认分词器（tiktoken）单进程 / 多进程缓存构建，对照 Hugging Face tokenizers（同一词表的
+      tokenizer.json）的单进程吞吐，给出比值；
+    * 加载：从 memmap 缓存取 (input_ids, labels, loss_mask) 批的吞吐；
+    * 学生训练一步的吞吐（--student-step：在本机用 functional_lm.model 实测一次前向 + 反向；另给出按
+      6·N·token 的 FLOP 估算在 H100 上的量级），以及“加载吞吐 / 训练吞吐”之比——大于 1 表示加载器跑在训练前面。
+语料：内置默认语料（pydoc_data.topics）重复 --repeat 次。
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from functional_lm.config import ModelConfig
+from functional_lm.data import BatchLoader, DocumentSource, build_token_cache, default_corpus, load_tokenizer, pack
+from functional_lm.data.sources import Document
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _repeated_source(docs: list[str], repeat: int) -> DocumentSource:
+    """默认语料重复 repeat 次（每次在文首加编号，使缓存键和内容都不同于原语料）。"""
+
+    def read(skip_errors, stats):
+        for r in range(repeat):
+            for i, text in enumerate(docs):
+                yield Document(f"[{r}] {text}", None, "bench", r * len(docs) + i + 1)
+
+    return DocumentSource(f"bench-x{repeat}", f"bench-x{repeat}-{len(docs)}", read)
+
+
+def bench_tokenize(docs: list[str], repeat: int, workers: int, cache_dir: Path) -> None:
+    tok = load_tokenizer(None)
+    texts = [f"[{r}] {t}" for r in range(repeat) for t in docs]
+    ids, dt = _timed(lambda: [tok.encode(t) for t in texts])
+    n = sum(map(len, ids))
+    print(f"corpus: {len(texts)} docs, {sum(map(len, texts)) / 1e6:.2f} M chars, {n / 1e6:.2f} M tokens")
+    print(f"tokenize  tiktoken (default), 1 thread, encode()     : {n / dt / 1e6:7.2f} M tok/s")
+    _, dt_b = _timed(lambda: tok.encode_batch(texts))
+    print(f"tokenize  tiktoken (default), encode_batch (threads) : {n / dt_b / 1e6:7.2f} M tok/s")
+    from functional_lm.data.tokenizer import save_default_tokenizer
+
+    ref_dir = cache_dir / "hf-tokenizer"
+    save_default_tokenizer(ref_dir)
+    hf = load_tokenizer(ref_dir)
+    hf_ids, dt_hf = _timed(lambda: [hf.encode(t) for t in texts])
+    assert hf_ids == ids, "reference tokenizer disagrees"
+    print(f"reference HF tokenizers, 1 thread, encode()          : {n / dt_hf / 1e6:7.2f} M tok/s"
+          f"   (ours / reference = {dt_hf / dt:.2f}x)")
+    for w in sorted({0, workers}):
+        src = _repeated_source(docs, repeat)
+        store, dt_c = _timed(
+            lambda: build_token_cache([src], tok, cache_dir / f"w{w}", num_workers=w, progress=False)
+        )
+        assert store.num_tokens == n + store.num_documents
+        print(f"build_token_cache, workers={w} (read+tokenize+write) : {store.num_tokens / dt_c / 1e6:7.2f} M tok/s")
+
+
+def bench_loader(cache_dir: Path, repeat: int, seq_len: int, batch_size: int) -> float:
+    tok = load_tokenizer(None)
+    store = build_token_cache([_repeated_source(default_corpus(), repeat)], tok, cache_dir / "w0", progress=False)
+    train, _ = pack(store, seq_len, val_fraction=0.01, seed=0)
+    loader = BatchLoader(train, batch_size, seed=0)
+    steps = min(len(loader), 400)
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = loader.next_batch()
+    dt = time.perf_counter() - start
+    rate = steps * batch_size * seq_len / dt
+    print(f"loader    memmap → (b={batch_size}, t={seq_len}) int64 batches: {rate / 1e6:7.2f} M tok/s "
+          f"({dt / steps * 1e3:.2f} ms/batch, {steps} batches)")
+    assert batch.input_ids.shape == (batch_size, seq_len)
+    return rate
+
+
+def _student_params_estimate(cfg: ModelConfig) -> int:
+    d, f, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * d + 2 * d * kv + d * d + 3 * d * f + 2 * d + d + 2 * kv
+    return v * d + L * per_layer + d
+
+
+def bench_student(seq_len: int, batch_size: int, run_step: bool) -> float:
+    cfg = ModelConfig(max_seq_len=max(seq_len, 512))
+    n_params = _student_params_estimate(cfg)
+    flops_per_token = 6 * n_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len  # 前向+反向，含注意力
+    h100 = 989e12 * 0.4 / flops_per_token  # H100 bf16 稠密峰值 × 40% MFU 的量级估算
+    print(f"student   ~{n_params / 1e6:.1f}M params; estimated H100 train step (bf16, 40% MFU): "
+          f"{h100 / 1e6:7.2f} M tok/s")
+    if not run_step:
+        return h100
+    try:
+        from functional_lm.model import forward, init_params
+    except ImportError as err:  # model.py 尚未就绪时只给估算
+        print(f"student   CPU step skipped ({err})")
+        return h100
+    params = init_params(cfg, seed=0)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    ids = torch.randint(0, 151665, (1, seq_len))
+
+    def step():
+        logits = forward(params, ids, cfg)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+        loss.backward()
+
+    step()  # 预热
+    _, dt = _timed(step)
+    cpu = seq_len / dt
+    print(f"student   measured CPU train step (b=1, t={seq_len}, fp32): {cpu:9.1f} tok/s")
+    return max(cpu, h100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=8, help="默认语料重复次数")
+    parser.add_argument("--workers", type=int, default=2, help="多进程分词的进程数")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--student-step", action="store_true", help="在本机实测一次学生训练步（CPU 上较慢）")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        tmp = Path(tmp)
+        bench_tokenize(default_corpus(), args.repeat, args.workers, tmp)
+        load_rate = bench_loader(tmp, args.repeat, args.seq_len, args.batch_size)
+    train_rate = bench_student(args.seq_len, args.batch_size, args.student_step)
+    print(f"loader / fastest student step = {load_rate / train_rate:.1f}x  "
+          f"({'ahead' if load_rate > train_rate else 'BEHIND'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""一站式入口：分词器 + 数据源 → 磁盘缓存 → 打包（训练 / 验证）→ 批加载器。
+
+    data = prepare_data(["corpus.jsonl"], tokenizer="path/to/teacher", seq_len=512, batch_size=8,
+                        val_fraction=0.01, seed=0, cache_dir=".cache/tokens", model_config=cfg)
+    batch = data.train_loader.next_batch()        # Batch(input_ids, labels, loss_mask)，形状 (8, 512)
+
+sources 为 None 时使用内置默认语料（pydoc_data.topics）。
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from functional_lm.data.cache import build_token_cache
+from functional_lm.data.corpus import default_corpus_source
+from functional_lm.data.loader import BatchLoader
+from functional_lm.data.packing import PackedDataset, pack
+from functional_lm.data.store import TokenStore
+from functional_lm.data.tokenizer import Tokenizer, check_vocab_compat, load_tokenizer
+
+__all__ = ["DataBundle", "prepare_data", "DEFAULT_CACHE_DIR"]
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("FUNCTIONAL_LM_CACHE", Path.home() / ".cache" / "functional_lm" / "tokens"))
+
+
+@dataclass
+class DataBundle:
+    """prepare_data 的结果：分词器、缓存、两个打包数据集和对应的加载器（验证集不打乱、不丢尾批）。"""
+
+    tokenizer: Tokenizer
+    store: TokenStore
+    train: PackedDataset
+    val: PackedDataset
+    train_loader: BatchLoader
+    val_loader: BatchLoader | None
+
+
+def prepare_data(
+    sources: Sequence[Any] | None = None,
+    *,
+    tokenizer: Tokenizer | str | os.PathLike | None = None,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    model_config: Any = None,
+    num_workers: int | None = None,
+    skip_errors: bool = False,
+    progress: bool = True,
+) -> DataBundle:
+    """分词（复用缓存）→ 检查词表与块长 → 划分打包 → 构造加载器。"""
+    tok = load_tokenizer(tokenizer)
+    if model_config is not None:
+        check_vocab_compat(tok, model_config.vocab_size)
+    srcs = [default_corpus_source()] if sources is None else list(sources)
+    store = build_token_cache(
+        srcs, tok, cache_dir or DEFAULT_CACHE_DIR, num_workers=num_workers,
+        skip_errors=skip_errors, progress=progress,
+    )
+    train, val = pack(store, seq_len, val_fraction=val_fraction, seed=seed, model_config=model_config)
+    train_loader = BatchLoader(train, batch_size, seed=seed, shuffle=True, drop_last=True)
+    val_loader = None
+    if len(val) > 0:
+        val_loader = BatchLoader(val, min(batch_size, len(val)), seed=seed, shuffle=False, drop_last=False)
+    return DataBundle(tok, store, train, val, train_loader, val_loader)

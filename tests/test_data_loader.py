@@ -1,0 +1,108 @@
+"""批加载器测试：(input_ids, labels, loss_mask) 的形状与取值，按种子确定的打乱，可保存 / 恢复的位置。"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from functional_lm.data import BatchLoader, pack_documents
+
+
+@pytest.fixture()
+def dataset():
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(1, 1000, size=int(rng.integers(5, 60)))) for _ in range(60)]
+    return pack_documents(docs, seq_len=8, separator_id=0)
+
+
+def _collect(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_batch_shapes_dtypes_and_alignment(dataset):
+    loader = BatchLoader(dataset, batch_size=4, seed=0)
+    batch = next(iter(loader))
+    assert batch.input_ids.shape == (4, 8) and batch.input_ids.dtype == torch.int64
+    assert batch.labels.shape == (4, 8) and batch.labels.dtype == torch.int64
+    assert batch.loss_mask.shape == (4, 8) and batch.loss_mask.dtype == torch.bool
+    assert (batch.labels[~batch.loss_mask] == -100).all()
+    # 每一行都是某个块：labels 是 input_ids 右移一位。
+    order = loader.epoch_order(0)
+    for row, block_index in enumerate(order[:4]):
+        x, y, m = dataset.example(int(block_index))
+        assert batch.input_ids[row].tolist() == x.tolist()
+        assert batch.labels[row].tolist() == y.tolist()
+
+
+def test_epoch_covers_each_block_once_and_shuffle_depends_on_seed(dataset):
+    loader = BatchLoader(dataset, batch_size=3, seed=1, drop_last=False)
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(dataset) // 3)
+    seen = torch.cat([b.input_ids for b in batches])
+    expected = np.stack([dataset.example(i)[0] for i in range(len(dataset))])
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, expected.tolist()))
+    assert not np.array_equal(loader.epoch_order(0), np.arange(len(dataset)))
+    assert not np.array_equal(loader.epoch_order(0), loader.epoch_order(1))  # 每轮重新打乱
+    same = BatchLoader(dataset, batch_size=3, seed=1)
+    assert np.array_equal(same.epoch_order(0), loader.epoch_order(0))
+    other = BatchLoader(dataset, batch_size=3, seed=2)
+    assert not np.array_equal(other.epoch_order(0), loader.epoch_order(0))
+    plain = BatchLoader(dataset, batch_size=3, shuffle=False)
+    assert np.array_equal(plain.epoch_order(5), np.arange(len(dataset)))
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 9, 23])
+def test_resume_after_k_batches_yields_same_next_batches(dataset, k):
+    reference = BatchLoader(dataset, batch_size=4, seed=7)
+    stream = []
+    it = iter(reference)
+    for _ in range(30):  # 跨过轮边界（每轮 len(reference) 个批）
+        try:
+            stream.append(next(it))
+        except StopIteration:
+            it = iter(reference)
+            stream.append(next(it))
+    run = BatchLoader(dataset, batch_size=4, seed=7)
+    consumed = 0
+    it = iter(run)
+    while consumed < k:
+        try:
+            next(it)
+            consumed += 1
+        except StopIteration:
+            it = iter(run)
+    state = run.state_dict()
+    resumed = BatchLoader(dataset, batch_size=4, seed=0)  # 种子随状态恢复
+    resumed.load_state_dict(state)
+    got = [resumed.next_batch() for _ in range(4)]
+    for a, b in zip(got, stream[k : k + 4]):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.loss_mask, b.loss_mask)
+
+
+def test_state_dict_roundtrip_and_mismatch(dataset):
+    loader = BatchLoader(dataset, batch_size=4, seed=3)
+    loader.next_batch(), loader.next_batch()
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 2 and state["seed"] == 3
+    other = BatchLoader(dataset, batch_size=5, seed=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_next_batch_rolls_over_epochs(dataset):
+    loader = BatchLoader(dataset, batch_size=4, seed=0)
+    n = len(loader)
+    for _ in range(n):
+        loader.next_batch()
+    assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["position"] == n
+    loader.next_batch()
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 1
+
+
+def test_batch_size_too_large_is_refused(dataset):
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchLoader(dataset, batch_size=len(dataset) + 1)
