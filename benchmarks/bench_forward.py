@@ -1,0 +1,115 @@
+"""前向 + 反向吞吐基准：本项目的函数式模型 vs transformers 的 Qwen2ForCausalLM。
+
+同一配置、同一批数据、同一次运行中交替测量（减少机器负载波动带来的偏差），
+最后打印一行 JSON，包含各变体的 tokens/s 与比值：
+    eager_vs_hf       本项目 eager（检查开启）/ transformers
+    compiled_vs_hf    本项目 torch.compile / transformers
+    check_overhead    检查开启相对关闭多花的时间比例（越小越好）
+
+用法：python benchmarks/bench_forward.py [--preset student-123m] [--batch 2] [--seq 128] [--rounds 3]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from functional_lm import forward, get_preset, init_params
+from functional_lm.typing import typecheck
+
+
+def _hf_model(cfg, params):
+    import transformers
+
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    model = transformers.Qwen2ForCausalLM(hf_cfg)
+    model.load_state_dict(params, strict=False)  # 同一组权重
+    return model.train()
+
+
+def _loss(logits, ids):
+    """下一个 token 的交叉熵；两种实现共用。"""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="student-123m")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="每个变体测量的轮数（取中位数）")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    cfg = get_preset(args.preset)
+    params = {k: v.requires_grad_(True) for k, v in init_params(cfg, seed=0).items()}
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    hf = _hf_model(cfg, params)
+
+    def ours_step():
+        _loss(forward(params, ids, cfg), ids).backward()
+
+    def ours_nocheck_step():
+        with typecheck(False):
+            ours_step()
+
+    # 编译整个“前向 + 损失”，让 inductor 能把 log-softmax 与交叉熵融合进同一个图。
+    compiled_loss = torch.compile(lambda p, x: _loss(forward(p, x, cfg), x))
+
+    def ours_compiled_step():
+        compiled_loss(params, ids).backward()
+
+    def hf_step():
+        _loss(hf(ids).logits, ids).backward()
+
+    variants = {
+        "hf": hf_step,
+        "ours_eager": ours_step,
+        "ours_eager_nocheck": ours_nocheck_step,
+        "ours_compiled": ours_compiled_step,
+    }
+    t0 = time.perf_counter()
+    for fn in variants.values():  # 预热（含编译）
+        fn()
+        fn()
+    print(f"warm-up (incl. compile) {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):  # 交替测量
+        for name, fn in variants.items():
+            for p in params.values():
+                p.grad = None
+            hf.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    median = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    tokens = args.batch * args.seq
+    result = {
+        "bench": "forward_backward",
+        "preset": args.preset,
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "tokens_per_s": {name: round(tokens / t, 1) for name, t in median.items()},
+        "eager_vs_hf": round(median["hf"] / median["ours_eager"], 3),
+        "eager_nocheck_vs_hf": round(median["hf"] / median["ours_eager_nocheck"], 3),
+        "compiled_vs_hf": round(median["hf"] / median["ours_compiled"], 3),
+        "check_overhead": round(median["ours_eager"] / median["ours_eager_nocheck"] - 1.0, 4),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
