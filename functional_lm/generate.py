@@ -1,0 +1,380 @@
+"""KV 缓存生成：缓存是数据（进出 step 函数的 NamedTuple），prefill / decode_step 是纯函数，只编译解码步。
+
+图例：l 层数，b 批，t 本次写入的位置数，s 缓存槽位数（预分配的最大长度 S），k 键值头，e 头维度，v 词表。
+
+设计（gpt-fast / jax-llm-examples 风格）：
+    * ``KVCache``：k、v 形状 (l, b, k, S, e)，预分配到最大长度 S，解码步的形状因此是静态的、可编译；
+      ``mask`` (b, S) 标记哪些槽位存着真实 token（左填充与尚未写入的槽位为假）；
+      ``positions`` (b,) 是每条序列下一个 token 的 RoPE 位置（= 已有真实 token 数）；
+      ``index`` () 是下一个写入的槽位（左填充让各行末尾对齐，所以全批共用一个槽位下标）。
+    * 写入用非原地的 ``index_copy``：输入缓存不变，返回新缓存（像 JAX 一样数据进、数据出）。
+      每步多一次缓存拷贝，量级 l·b·k·S·e，远小于每步读一遍的权重。
+    * 注意力在整个 S 上做，用布尔掩码遮住未写入槽位、左填充与未来位置，因此解码步不依赖当前长度。
+    * 采样：温度 → top-k → top-p（核采样：保留累计概率首次达到 p 的最小集合，至少一个），
+      用带种子的 ``torch.Generator``，同一种子结果确定；温度为 0 即贪心 argmax。
+    * 遇到 eos 的序列此后输出 pad（缺省为第一个 eos），全部结束时提前停止（与 transformers 相同）。
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple, Optional
+
+import torch
+from einops import rearrange
+
+from functional_lm.config import ModelConfig
+from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, swiglu
+from functional_lm.model import (
+    EMBED_KEY,
+    FINAL_NORM_KEY,
+    check_input_ids,
+    check_params,
+    embed,
+    layer_params,
+    output_weight,
+)
+from functional_lm.typing import Bool, Float, Int, Integer, Tensor, typechecked
+
+__all__ = [
+    "KVCache",
+    "init_cache",
+    "extend",
+    "prefill",
+    "decode_step",
+    "compiled_decode_step",
+    "logits_to_probs",
+    "sample",
+    "left_pad",
+    "generate_stream",
+    "generate",
+]
+
+
+class KVCache(NamedTuple):
+    """预分配的键值缓存（一个 pytree：NamedTuple 的每个字段都是张量）。"""
+
+    k: Float[Tensor, "l b k s e"]  # 各层 RoPE 之后的键
+    v: Float[Tensor, "l b k s e"]  # 各层的值
+    mask: Bool[Tensor, "b s"]  # 槽位是否存着真实 token
+    positions: Int[Tensor, "b"]  # 每行下一个 token 的 RoPE 位置
+    index: Int[Tensor, ""]  # 下一个写入的槽位（全批共用）
+
+    @property
+    def max_len(self) -> int:
+        """缓存槽位数 S。"""
+        return self.k.shape[3]
+
+
+def init_cache(
+    cfg: ModelConfig,
+    batch_size: int,
+    max_len: int,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device | str] = None,
+) -> KVCache:
+    """全零的空缓存：S = max_len 个槽位，全部标记为空。"""
+    if max_len < 1 or batch_size < 1:
+        raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return KVCache(
+        k=torch.zeros(shape, dtype=dtype, device=device),
+        v=torch.zeros(shape, dtype=dtype, device=device),
+        mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+        positions=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        index=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def _cache_mask(new_mask: Tensor, slots: Tensor) -> Tensor:
+    """查询 i（槽位 slots[i]）可看键槽位 j ⇔ j 存着真实 token 且 j ≤ slots[i]；另外总可看自己。
+
+    “总可看自己”只影响左填充位置上的查询（否则整行被遮、softmax 得 NaN），其输出无人使用。
+    返回 (b, 1, t, S)。
+    """
+    key_slots = torch.arange(new_mask.shape[1], device=new_mask.device)
+    causal = key_slots[None, :] <= slots[:, None]  # (t, S)
+    keep = causal & rearrange(new_mask, "b s -> b 1 1 s")
+    return keep | (key_slots[None, :] == slots[:, None])
+
+
+@typechecked
+def extend(
+    params: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    input_ids: Integer[Tensor, "b t"],
+    cache: KVCache,
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+) -> tuple[Float[Tensor, "b t d"], KVCache]:
+    """把 t 个新 token 写进缓存槽位 index … index+t−1，返回最终 RMSNorm 后的隐藏状态与新缓存。
+
+    prefill（t = 提示长度）与 decode_step（t = 1）共用这一个函数。
+    attention_mask：1 = 真实 token，0 = 左填充；缺省全为真实 token。
+    """
+    b, t = input_ids.shape
+    if not torch.compiler.is_compiling() and int(cache.index) + t > cache.max_len:
+        raise ValueError(
+            f"KV cache is full: writing {t} token(s) at slot {int(cache.index)} overflows max_len={cache.max_len}"
+        )
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    slots = cache.index + torch.arange(t, device=input_ids.device)  # (t,)
+    new_mask = cache.mask.index_copy(1, slots, real)
+    # 位置：接着每行已有的真实 token 数往下数；左填充位置取 0（其输出不被使用）
+    positions = cache.positions[:, None] + (real.long().cumsum(dim=-1) - 1).clamp(min=0)
+    mask = _cache_mask(new_mask, slots)
+    x = embed(input_ids, params[EMBED_KEY])
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)  # 所有层共用
+    keys, values = [], []
+    for i in range(cfg.num_layers):
+        layer = layer_params(params, cfg, i)
+        attn = {name.removeprefix("self_attn."): w for name, w in layer.items() if name.startswith("self_attn.")}
+        q, k, v = project_qkv(rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps), attn, cfg, cos, sin)
+        k_all = cache.k[i].index_copy(2, slots, k)  # (b, k, S, e)：新键写到各自的槽位
+        v_all = cache.v[i].index_copy(2, slots, v)
+        keys.append(k_all)
+        values.append(v_all)
+        out = rearrange(attend(q, k_all, v_all, mask), "b h t e -> b t (h e)")
+        x = x + linear(out, attn["o_proj.weight"])
+        ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)
+        x = x + swiglu(
+            ffn_in, layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"], layer["mlp.down_proj.weight"]
+        )
+    new_cache = KVCache(
+        k=torch.stack(keys),
+        v=torch.stack(values),
+        mask=new_mask,
+        positions=cache.positions + real.long().sum(dim=-1),
+        index=cache.index + t,
+    )
+    return rms_norm(x, params[FINAL_NORM_KEY], cfg.norm_eps), new_cache
+
+
+@typechecked
+def prefill(
+    params: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    prompt_ids: Integer[Tensor, "b t"],
+    cache: KVCache,
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+) -> tuple[Float[Tensor, "b v"], KVCache]:
+    """处理整段提示（可左填充）：写入缓存，只对最后一个位置做输出投影，返回其 logits 与新缓存。"""
+    check_params(params, cfg)
+    check_input_ids(prompt_ids, cfg)
+    free = cache.max_len - int(cache.index)
+    if prompt_ids.shape[1] > free:
+        raise ValueError(
+            f"prompt of length {prompt_ids.shape[1]} does not fit the KV cache "
+            f"(max_len={cache.max_len}, {free} free slot(s))"
+        )
+    if prompt_ids.shape[0] != cache.mask.shape[0]:
+        raise ValueError(f"prompt batch {prompt_ids.shape[0]} != cache batch {cache.mask.shape[0]}")
+    hidden, cache = extend(params, cfg, prompt_ids, cache, attention_mask)
+    return linear(hidden[:, -1], output_weight(params, cfg)), cache
+
+
+@typechecked
+def decode_step(
+    params: Mapping[str, Tensor], cfg: ModelConfig, token: Integer[Tensor, "b"], cache: KVCache
+) -> tuple[Float[Tensor, "b v"], KVCache]:
+    """解码一步：一个新 token/行 → 下一位置的 logits (b, v) 与新缓存；形状静态，可整图编译。"""
+    hidden, cache = extend(params, cfg, token[:, None], cache)
+    return linear(hidden[:, 0], output_weight(params, cfg)), cache
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_step(mode: Optional[str] = None):
+    """``torch.compile(decode_step, fullgraph=True)``（按 mode 缓存，同一进程里只编译一次）。
+
+    CPU 上用缺省 mode；CUDA 上可传 ``"reduce-overhead"``（CUDA graphs）。
+    """
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+
+# ---------------------------------------------------------------- 采样
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+@typechecked
+def logits_to_probs(
+    logits: Float[Tensor, "*b v"],
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+) -> Float[Tensor, "*b v"]:
+    """logits → 采样分布：先除以温度 T，再 top-k 截断，再 top-p（核）截断，最后重新归一化。
+
+    top-p：按概率降序排列，保留“排在它前面的累计概率 < p”的 token，
+    即累计概率首次达到 p 的最小前缀（第一个 token 的前缀和为 0，所以至少保留一个）。
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("logits_to_probs: temperature 0 means greedy decoding; use sample() or argmax")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # 第 k 大的值（并列者都保留）
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # 排在前面的累计概率（不含自己）
+        drop_sorted = before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # 放回原来的词表顺序
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+@typechecked
+def sample(
+    logits: Float[Tensor, "b v"],
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Int[Tensor, "b"]:
+    """从 logits 取下一个 token：温度 0 为 argmax，否则按 logits_to_probs 的分布抽样。"""
+    if temperature == 0:
+        _check_sampling(temperature, top_k, top_p)
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------- 提示整理
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[Tensor, Tensor]:
+    """把长短不一的 token 列表左填充成 (b, T) 的 ids 与 attention_mask（1 = 真实 token）。"""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad: every prompt must have at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.int64)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _prepare_prompt(prompt_ids, attention_mask, device) -> tuple[Tensor, Tensor]:
+    """接受 (t,) / (b, t) 张量或 list[int] / list[list[int]]；核对掩码是左填充、每行至少一个真实 token。"""
+    if not isinstance(prompt_ids, Tensor):
+        rows = list(prompt_ids)
+        if rows and not isinstance(rows[0], (list, tuple)):
+            rows = [rows]
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only accepted together with a prompt tensor")
+        return left_pad(rows, device=device)
+    ids = (prompt_ids[None] if prompt_ids.ndim == 1 else prompt_ids).to(device)
+    if ids.ndim != 2:
+        raise ValueError(f"prompt_ids must have shape (t,) or (b, t), got {tuple(prompt_ids.shape)}")
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.device).long()
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} != prompt shape {tuple(ids.shape)}")
+    if bool((mask.sum(dim=-1) == 0).any()):
+        raise ValueError("a prompt row has no real token (attention_mask all zero)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left padding (zeros before ones in every row); got right padding")
+    return ids, mask
+
+
+def _eos_tensor(eos_token_id, device) -> Optional[Tensor]:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.int64, device=device) if ids else None
+
+
+# ---------------------------------------------------------------- 生成循环
+def generate_stream(
+    params: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int | Sequence[int]] = None,
+    pad_token_id: Optional[int] = None,
+    seed: int = 0,
+    max_cache_len: Optional[int] = None,
+    compile: bool = False,
+) -> Iterator[Int[Tensor, "b"]]:
+    """逐步产出新 token（每步一个 (b,) 张量），参数含义见 ``generate``。"""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p)
+    device = params[EMBED_KEY].device
+    ids, mask = _prepare_prompt(prompt_ids, attention_mask, device)
+    t = ids.shape[1]
+    max_len = t + max_new_tokens if max_cache_len is None else max_cache_len
+    if t > max_len:
+        raise ValueError(f"prompt of length {t} does not fit the KV cache of max_len={max_len}")
+    if t + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} overflows "
+            f"the KV cache of max_len={max_len}"
+        )
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    eos = _eos_tensor(eos_token_id, device)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    step = compiled_decode_step() if compile else decode_step
+    cache = init_cache(cfg, ids.shape[0], max_len, params[EMBED_KEY].dtype, device)
+    logits, cache = prefill(params, cfg, ids, cache, attention_mask=mask)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        if eos is not None:
+            token = torch.where(finished, torch.full_like(token, pad), token)  # 已结束的行输出 pad
+            finished = finished | torch.isin(token, eos)
+        yield token
+        if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+            return
+        logits, cache = step(params, cfg, token, cache)
+
+
+def generate(
+    params: Mapping[str, Tensor],
+    cfg: ModelConfig,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int | Sequence[int]] = None,
+    pad_token_id: Optional[int] = None,
+    seed: int = 0,
+    max_cache_len: Optional[int] = None,
+    compile: bool = False,
+) -> Int[Tensor, "b n"]:
+    """自回归生成，返回 ``[提示, 新 token]`` 拼接的 (b, t + n)（与 transformers 的 generate 相同）。
+
+    参数：
+        prompt_ids: (b, t) 或 (t,) 张量（配 attention_mask 表示左填充），或 token 列表 / 列表的列表（自动左填充）。
+        temperature: 0 为贪心；> 0 时按温度 / top_k / top_p 采样，seed 决定随机数（结果确定）。
+        eos_token_id: 一个或多个 eos；遇到后该行此后输出 pad_token_id（缺省为第一个 eos），全部结束即停止，
+            所以 n ≤ max_new_tokens。
+        max_cache_len: 预分配的缓存槽位数 S（缺省 t + max_new_tokens）；固定它可让编译的解码步跨调用复用。
+        compile: 用 ``torch.compile`` 编译解码步（首次调用有编译开销）。
+    """
+    device = params[EMBED_KEY].device
+    ids, mask = _prepare_prompt(prompt_ids, attention_mask, device)
+    steps = list(
+        generate_stream(
+            params, cfg, ids, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
+            top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
+            max_cache_len=max_cache_len, compile=compile,
+        )
+    )
+    return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)
