@@ -1,0 +1,562 @@
+"""蒸馏损失的测试：散度公式（float64 直接求值）、约定（T²、归一化、掩码、填充词表列）、
+稀疏教师目标、分块损失与普通实现在数值和梯度上一致。
+
+约定：P 是教师分布，Q 是学生分布，均在温度 T 下、只在真实词表列上取 softmax。
+所有尺寸都很小（词表 40–300、几十个 token），整个文件应在数秒内跑完。
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from functional_lm.losses import (
+    DIVERGENCES,
+    chunked_distillation_loss,
+    distillation_loss,
+    sparse_distillation_loss,
+    teacher_topk,
+    temperature_log_softmax,
+    token_divergence,
+)
+
+# ----------------------------------------------------------------------------------------------
+# 参考实现：直接在概率空间里按公式计算（float64），与被测代码的 log 空间写法相互独立。
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_probs(logits, temperature, real_vocab=None):
+    """真实词表上的 softmax(z / T)，float64。"""
+    v = logits.shape[-1] if real_vocab is None else real_vocab
+    return torch.softmax(logits[..., :v].double() / temperature, dim=-1)
+
+
+def ref_kl(p, q):
+    """KL(p‖q) = Σ p·log(p/q)。"""
+    return (p * torch.log(p / q)).sum(-1)
+
+
+def ref_divergence(name, p, q, beta=0.5, skew_lambda=0.1):
+    """按文档中的公式逐条求值：p = 教师，q = 学生。"""
+    if name == "forward_kl":
+        return ref_kl(p, q)
+    if name == "reverse_kl":
+        return ref_kl(q, p)
+    if name == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
+    if name == "skew_forward_kl":
+        return ref_kl(p, skew_lambda * p + (1 - skew_lambda) * q)
+    if name == "skew_reverse_kl":
+        return ref_kl(q, skew_lambda * q + (1 - skew_lambda) * p)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise AssertionError(name)
+
+
+def ref_loss(s, t, labels, *, alpha, temperature, divergence, real_vocab=None, mask=None, num_tokens=None):
+    """规格书的目标函数：α·T²·mean(D) + (1−α)·mean(CE)，在有效 token 上取平均。"""
+    valid = labels != -100
+    if mask is not None:
+        valid = valid & mask
+    p = ref_probs(t, temperature, real_vocab)
+    q = ref_probs(s, temperature, real_vocab)
+    kd = ref_divergence(divergence, p, q)
+    q1 = ref_probs(s, 1.0, real_vocab)
+    ce = -torch.log(q1.gather(-1, labels.clamp(min=0)[..., None])[..., 0])
+    n = valid.sum() if num_tokens is None else num_tokens
+    kd_mean = torch.where(valid, kd, 0).sum() / n
+    ce_mean = torch.where(valid, ce, 0).sum() / n
+    return alpha * temperature**2 * kd_mean + (1 - alpha) * ce_mean
+
+
+def make_logits(*shape, seed=0, dtype=torch.float64, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g)).to(dtype)
+
+
+def make_labels(b, t, v, seed=0, ignore_frac=0.25):
+    g = torch.Generator().manual_seed(seed + 1000)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    drop = torch.rand(b, t, generator=g) < ignore_frac
+    labels[drop] = -100
+    labels[0, 0] = 1  # 保证至少一个有效 token
+    return labels
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 散度族
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_divergence_matches_float64_formula(name, temperature):
+    s, t = make_logits(3, 5, 37, seed=1), make_logits(3, 5, 37, seed=2)
+    got = token_divergence(s, t, divergence=name, temperature=temperature, beta=0.3, skew_lambda=0.2)
+    p, q = ref_probs(t, temperature), ref_probs(s, temperature)
+    want = ref_divergence(name, p, q, beta=0.3, skew_lambda=0.2)
+    assert got.shape == (3, 5)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergence_zero_iff_equal_and_nonnegative(name):
+    s = make_logits(4, 6, 50, seed=3)
+    same = token_divergence(s, s.clone(), divergence=name)
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-12, rtol=0)
+    for seed in range(5):
+        t = make_logits(4, 6, 50, seed=10 + seed)
+        d = token_divergence(s, t, divergence=name)
+        assert (d > 0).all(), f"{name} must be strictly positive for different distributions"
+
+
+def test_divergence_float32_matches_float64():
+    s, t = make_logits(4, 8, 200, seed=4), make_logits(4, 8, 200, seed=5)
+    for name in DIVERGENCES:
+        d32 = token_divergence(s.float(), t.float(), divergence=name)
+        d64 = token_divergence(s, t, divergence=name)
+        assert d32.dtype == torch.float32
+        torch.testing.assert_close(d32.double(), d64, rtol=1e-4, atol=1e-5)
+
+
+def test_jsd_beta_limits_are_the_two_kls():
+    """约定（Agarwal et al. GKD / TRL）：M = βP + (1−β)Q，JSD_β = β·KL(P‖M) + (1−β)·KL(Q‖M)。
+    β→0 时 JSD_β/β → KL(P‖Q)（前向），β→1 时 JSD_β/(1−β) → KL(Q‖P)（反向）；
+    端点 β=0 与 β=1 直接定义为这两个 KL 本身。"""
+    s, t = make_logits(2, 3, 40, seed=6), make_logits(2, 3, 40, seed=7)
+    fkl = token_divergence(s, t, divergence="forward_kl")
+    rkl = token_divergence(s, t, divergence="reverse_kl")
+    torch.testing.assert_close(token_divergence(s, t, divergence="jsd", beta=0.0), fkl)
+    torch.testing.assert_close(token_divergence(s, t, divergence="jsd", beta=1.0), rkl)
+    eps = 1e-6
+    near0 = token_divergence(s, t, divergence="jsd", beta=eps) / eps
+    near1 = token_divergence(s, t, divergence="jsd", beta=1 - eps) / eps
+    torch.testing.assert_close(near0, fkl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(near1, rkl, rtol=1e-4, atol=0)
+    # β = 1/2 是对称的经典 JSD：交换师生不变，且不超过 log 2。
+    sym = token_divergence(s, t, divergence="jsd", beta=0.5)
+    torch.testing.assert_close(sym, token_divergence(t, s, divergence="jsd", beta=0.5))
+    assert (sym <= math.log(2)).all()
+
+
+@pytest.mark.parametrize("skew,plain", [("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
+def test_skew_lambda_to_zero_recovers_kl(skew, plain):
+    s, t = make_logits(2, 3, 40, seed=8), make_logits(2, 3, 40, seed=9)
+    kl = token_divergence(s, t, divergence=plain)
+    torch.testing.assert_close(token_divergence(s, t, divergence=skew, skew_lambda=0.0), kl)
+    errs = [
+        (token_divergence(s, t, divergence=skew, skew_lambda=lam) - kl).abs().max().item()
+        for lam in (1e-1, 1e-2, 1e-3, 1e-6)
+    ]
+    assert errs == sorted(errs, reverse=True), errs
+    assert errs[-1] < 1e-4 * kl.max().item()
+
+
+def test_temperature_log_softmax_padded_columns_are_zero_probability():
+    logits = make_logits(2, 3, 30, seed=11)
+    logits[..., 25:] = 50.0  # 若不排除，填充列会吸走几乎全部概率
+    logp = temperature_log_softmax(logits, temperature=2.0, real_vocab_size=25)
+    assert logp.shape == logits.shape
+    probs = logp.exp()
+    assert (probs[..., 25:] == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(probs[..., :25], ref_probs(logits, 2.0, 25))
+
+
+# ----------------------------------------------------------------------------------------------
+# 完整目标函数的约定
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_distillation_loss_matches_reference_objective(name):
+    s, t = make_logits(2, 7, 45, seed=12), make_logits(2, 7, 45, seed=13)
+    labels = make_labels(2, 7, 45, seed=12)
+    got = distillation_loss(s, t, labels, divergence=name)  # 默认 α = 0.5，T = 2
+    want = ref_loss(s, t, labels, alpha=0.5, temperature=2.0, divergence=name)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_defaults_and_parts_apply_t_squared_exactly_once():
+    s, t = make_logits(2, 6, 33, seed=14), make_logits(2, 6, 33, seed=15)
+    labels = make_labels(2, 6, 33, seed=14)
+    loss, parts = distillation_loss(s, t, labels, return_parts=True)
+    assert set(parts) == {"kd", "ce"}
+    # kd 与 ce 是未加权的平均散度与平均交叉熵；T² 只乘一次，且只乘在 kd 上。
+    torch.testing.assert_close(loss, 0.5 * 4.0 * parts["kd"] + 0.5 * parts["ce"])
+    valid = labels != -100
+    kd_ref = ref_kl(ref_probs(t, 2.0), ref_probs(s, 2.0))[valid].mean()
+    ce_ref = F.cross_entropy(s[valid], labels[valid])
+    torch.testing.assert_close(parts["kd"], kd_ref)
+    torch.testing.assert_close(parts["ce"], ce_ref)
+    # α = 1 只剩 T²·KD，α = 0 只剩 CE（交叉熵在 T = 1，与温度无关）。
+    torch.testing.assert_close(distillation_loss(s, t, labels, alpha=1.0), 4.0 * kd_ref)
+    torch.testing.assert_close(distillation_loss(s, t, labels, alpha=0.0, temperature=5.0), ce_ref)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_forward_kl_gradient_is_analytic(alpha):
+    """∂loss/∂s = α·T²·(softmax(s/T) − softmax(t/T))/T / N + (1−α)·(softmax(s) − onehot)/N（有效 token）。"""
+    temperature = 2.0
+    s, t = make_logits(2, 5, 31, seed=16), make_logits(2, 5, 31, seed=17)
+    labels = make_labels(2, 5, 31, seed=16)
+    valid = (labels != -100)[..., None]
+    n = valid.sum()
+
+    def loss_fn(student_logits):
+        return distillation_loss(student_logits, t, labels, alpha=alpha, temperature=temperature)
+
+    grad = torch.func.grad(loss_fn)(s)
+    q_t, p_t = torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1)
+    onehot = F.one_hot(labels.clamp(min=0), 31).double()
+    analytic = alpha * temperature**2 * (q_t - p_t) / temperature + (1 - alpha) * (torch.softmax(s, -1) - onehot)
+    analytic = torch.where(valid, analytic, 0) / n
+    torch.testing.assert_close(grad, analytic, rtol=1e-10, atol=1e-13)
+
+
+def test_gradient_accumulation_with_global_token_count_equals_full_batch():
+    torch.manual_seed(0)
+    s = make_logits(8, 6, 40, seed=18).requires_grad_()
+    t = make_logits(8, 6, 40, seed=19)
+    labels = make_labels(8, 6, 40, seed=18, ignore_frac=0.5)
+    labels[:2, :] = -100  # 让各微批的有效 token 数明显不同
+    labels[0, 0] = 3
+    full = distillation_loss(s, t, labels)
+    (g_full,) = torch.autograd.grad(full, s)
+
+    total = int((labels != -100).sum())
+    acc_loss, g_acc, g_naive = 0.0, torch.zeros_like(s), torch.zeros_like(s)
+    for rows in torch.arange(8).chunk(4):
+        lm = distillation_loss(s[rows], t[rows], labels[rows], num_tokens=total)
+        acc_loss = acc_loss + lm.detach()
+        g_acc += torch.autograd.grad(lm, s)[0]
+        naive = distillation_loss(s[rows], t[rows], labels[rows]) / 4  # 各自按本微批计数：错误做法
+        g_naive += torch.autograd.grad(naive, s)[0]
+    torch.testing.assert_close(acc_loss, full.detach())
+    torch.testing.assert_close(g_acc, g_full, rtol=1e-12, atol=1e-15)
+    assert rel_err(g_naive, g_full) > 1e-2  # 对照：不传全局计数确实会得到不同的梯度
+    # 张量形式的计数（例如跨进程 all_reduce 得到的）同样可用。
+    as_tensor = distillation_loss(s, t, labels, num_tokens=torch.tensor(total))
+    torch.testing.assert_close(as_tensor, full)
+
+
+def test_ignore_index_and_loss_mask_tokens_contribute_nothing():
+    s = make_logits(2, 6, 30, seed=20).requires_grad_()
+    t = make_logits(2, 6, 30, seed=21)
+    labels = make_labels(2, 6, 30, seed=20)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    base = distillation_loss(s, t, labels, loss_mask=mask)
+    (g,) = torch.autograd.grad(base, s)
+    excluded = (labels == -100) | ~mask
+    assert excluded.any() and (~excluded).any()
+    assert (g[excluded] == 0).all()
+    # 被排除位置上的 logits 取任何（有限）值，损失都不变。
+    s2, t2 = s.detach().clone(), t.clone()
+    s2[excluded] = make_logits(int(excluded.sum()), 30, seed=99, scale=20.0)
+    t2[excluded] = -s2[excluded]
+    torch.testing.assert_close(distillation_loss(s2, t2, labels, loss_mask=mask), base.detach())
+    want = ref_loss(s.detach(), t, labels, alpha=0.5, temperature=2.0, divergence="forward_kl", mask=mask)
+    torch.testing.assert_close(base.detach(), want)
+    # 自定义 ignore_index。
+    labels7 = torch.where(labels == -100, torch.full_like(labels, 7777), labels)
+    torch.testing.assert_close(
+        distillation_loss(s, t, labels7, ignore_index=7777, loss_mask=mask).detach(), base.detach()
+    )
+
+
+def test_no_valid_tokens_gives_zero_not_nan():
+    s = make_logits(2, 3, 20, seed=22).requires_grad_()
+    t = make_logits(2, 3, 20, seed=23)
+    labels = torch.full((2, 3), -100)
+    loss = distillation_loss(s, t, labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert (s.grad == 0).all()
+
+
+def test_padded_vocab_columns_get_zero_probability_and_zero_gradient():
+    """学生 40 列、教师 48 列，真实词表 33：两边都只在前 33 列上取 softmax。"""
+    real = 33
+    s = make_logits(2, 5, 40, seed=24).requires_grad_()
+    t = make_logits(2, 5, 48, seed=25)
+    labels = make_labels(2, 5, real, seed=24)
+    for name in DIVERGENCES:
+        loss = distillation_loss(s, t, labels, divergence=name, real_vocab_size=real)
+        want = ref_loss(s.detach(), t, labels, alpha=0.5, temperature=2.0, divergence=name, real_vocab=real)
+        torch.testing.assert_close(loss.detach(), want, rtol=1e-10, atol=1e-12)
+        (g,) = torch.autograd.grad(loss, s)
+        assert (g[..., real:] == 0).all()
+        # 填充列取很大的值（若不排除就会占据几乎全部概率），损失不变。
+        s_big, t_big = s.detach().clone(), t.clone()
+        s_big[..., real:], t_big[..., real:] = 60.0, -60.0
+        torch.testing.assert_close(
+            distillation_loss(s_big, t_big, labels, divergence=name, real_vocab_size=real), loss.detach()
+        )
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "skew_forward_kl", "tvd"])
+def test_teacher_minus_inf_columns_are_exact_zeros_not_nan(name):
+    """教师把某些 token 禁掉（logit = −∞，P = 0）：0·log 0 项贡献恰为 0，数值与梯度都有限。
+    （反向 KL 在 P = 0 而 Q > 0 处数学上就是 +∞，故不在此列。）"""
+    s = make_logits(2, 4, 30, seed=35).requires_grad_()
+    t = make_logits(2, 4, 30, seed=36)
+    t[..., 5:12] = float("-inf")
+    labels = make_labels(2, 4, 30, seed=35)
+    loss = distillation_loss(s, t, labels, divergence=name)
+    (g,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    p, q = ref_probs(t, 2.0), ref_probs(s.detach(), 2.0)
+    safe_p = p.clamp(min=1e-300)  # 参考实现里用 0·log(1e-300/q) = 0 规避 0·log 0
+    want = ref_divergence(name, safe_p, q)
+    got = token_divergence(s.detach(), t, divergence=name)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_vocab_size_validation():
+    s, t = make_logits(1, 2, 40), make_logits(1, 2, 48)
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="40.*48|48.*40"):
+        distillation_loss(s, t, labels)  # 列数不同又没给真实词表大小
+    with pytest.raises(ValueError, match="41"):
+        distillation_loss(s, t, labels, real_vocab_size=41)  # 学生只有 40 列
+    with pytest.raises(ValueError, match="label"):
+        distillation_loss(s, t, torch.full((1, 2), 35), real_vocab_size=33)  # 标签落在填充列
+
+
+def test_argument_validation_messages():
+    s, t = make_logits(1, 2, 10), make_logits(1, 2, 10)
+    labels = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="forward_kl.*reverse_kl.*jsd.*tvd"):
+        distillation_loss(s, t, labels, divergence="kl")
+    with pytest.raises(ValueError, match="alpha"):
+        distillation_loss(s, t, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(s, t, labels, temperature=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        distillation_loss(s, t, labels, divergence="jsd", beta=-0.1)
+    with pytest.raises(ValueError, match="skew_lambda"):
+        distillation_loss(s, t, labels, divergence="skew_forward_kl", skew_lambda=1.0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        distillation_loss(s, t, labels, num_tokens=-1)
+    with pytest.raises(Exception, match="labels|dimension|shape|size"):
+        distillation_loss(s, t, torch.zeros(1, 3, dtype=torch.long))  # 形状不符（jaxtyping 报错）
+
+
+def test_low_precision_logits_are_upcast():
+    s, t = make_logits(2, 4, 64, seed=26), make_logits(2, 4, 64, seed=27)
+    labels = make_labels(2, 4, 64, seed=26)
+    bf = distillation_loss(s.bfloat16(), t.bfloat16(), labels)
+    assert bf.dtype == torch.float32
+    want = ref_loss(s.bfloat16().double(), t.bfloat16().double(), labels, alpha=0.5, temperature=2.0,
+                    divergence="forward_kl")
+    torch.testing.assert_close(bf.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# 稀疏（top-k）教师目标
+# ----------------------------------------------------------------------------------------------
+
+
+def test_teacher_topk_returns_log_probs_at_temperature_and_tail_mass():
+    t = make_logits(2, 3, 50, seed=28)
+    ids, logp, tail = teacher_topk(t, 5, temperature=2.0, real_vocab_size=45)
+    p = ref_probs(t, 2.0, 45)
+    want_p, want_ids = p.topk(5, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(logp.exp(), want_p)
+    torch.testing.assert_close(tail, 1 - want_p.sum(-1))
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_sparse_full_k_equals_dense(name):
+    v = 40
+    s, t = make_logits(2, 4, v, seed=29), make_logits(2, 4, v, seed=30)
+    labels = make_labels(2, 4, v, seed=29)
+    ids, logp, tail = teacher_topk(t, v, temperature=2.0)
+    dense = distillation_loss(s, t, labels, divergence=name)
+    sparse = sparse_distillation_loss(s, ids, logp, labels, teacher_tail_mass=tail, divergence=name)
+    torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_sparse_converges_to_dense_as_k_grows(name):
+    """稀疏版把非 top-k 的概率并成一个"尾部"桶：按数据处理不等式，它不超过稠密散度，
+    且 k 越大（划分越细）越接近，k = V 时相等。"""
+    v = 64
+    s, t = make_logits(3, 4, v, seed=31), make_logits(3, 4, v, seed=32, scale=4.0)
+    labels = make_labels(3, 4, v, seed=31)
+    kw = dict(divergence=name, alpha=1.0, temperature=1.5)
+    dense = distillation_loss(s, t, labels, **kw)
+    gaps = []
+    for k in (1, 4, 16, 48, 63, 64):
+        ids, logp, tail = teacher_topk(t, k, temperature=1.5)
+        sparse = sparse_distillation_loss(s, ids, logp, labels, teacher_tail_mass=tail, **kw)
+        assert sparse <= dense + 1e-12
+        gaps.append((dense - sparse).item())
+    assert all(a >= b - 1e-12 for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[0] > 1e-3 and abs(gaps[-1]) < 1e-12
+
+
+def test_sparse_tail_mass_defaults_to_remainder_and_gradients_flow():
+    v = 30
+    s = make_logits(2, 3, v, seed=33).requires_grad_()
+    t = make_logits(2, 3, v, seed=34)
+    labels = make_labels(2, 3, v, seed=33)
+    ids, logp, tail = teacher_topk(t, 8, temperature=2.0)
+    a = sparse_distillation_loss(s, ids, logp, labels, teacher_tail_mass=tail)
+    b = sparse_distillation_loss(s, ids, logp, labels)
+    torch.testing.assert_close(a, b)
+    (g,) = torch.autograd.grad(b, s)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 分块损失：不物化整批 logits，数值和梯度与普通实现一致
+# ----------------------------------------------------------------------------------------------
+
+
+def chunked_case(seed=40, b=2, t=9, d=16, dt=24, vs=70, vt=76, real=64):
+    g = torch.Generator().manual_seed(seed)
+    emb = (0.5 * torch.randn(vs, d, generator=g)).requires_grad_()  # 共享的嵌入 / 输出投影
+    ids = torch.randint(0, real, (b, t), generator=g)
+    proj = torch.randn(d, d, generator=g) / math.sqrt(d)
+    th = torch.randn(b, t, dt, generator=g)
+    tw = 0.5 * torch.randn(vt, dt, generator=g)
+    labels = make_labels(b, t, real, seed=seed)
+    return emb, ids, proj, th, tw, labels, real
+
+
+def student_hidden(emb, ids, proj):
+    """一个玩具"学生主干"：嵌入 → 线性 → tanh；让梯度经由隐藏状态和输出投影两路到达嵌入。"""
+    return torch.tanh(emb[ids] @ proj)
+
+
+def plain_reference(emb, ids, proj, th, tw, labels, real, **kw):
+    h = student_hidden(emb, ids, proj)
+    loss = distillation_loss(F.linear(h, emb), F.linear(th, tw), labels, real_vocab_size=real, **kw)
+    return loss, torch.autograd.grad(loss, emb)[0]
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("chunk_size", [6, 18, 5, 64])  # 18 = 全部 token；6 整除；5 不整除；64 > token 数
+def test_chunked_equals_plain_value_and_gradient(name, chunk_size):
+    emb, ids, proj, th, tw, labels, real = chunked_case()
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[1, -2:] = False
+    kw = dict(divergence=name, loss_mask=mask, temperature=1.7, alpha=0.4)
+    want, g_want = plain_reference(emb, ids, proj, th, tw, labels, real, **kw)
+    h = student_hidden(emb, ids, proj)
+    got = chunked_distillation_loss(
+        h, emb, labels, teacher_hidden=th, teacher_weight=tw, real_vocab_size=real, chunk_size=chunk_size, **kw
+    )
+    (g_got,) = torch.autograd.grad(got, emb)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(g_got, g_want) <= 1e-5
+    assert (g_got[real:] == 0).all()  # 填充行（嵌入的多余行）梯度为零
+
+
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 1.0), (3.0, 0.0), (1.0, 0.0)])
+def test_chunked_forward_kl_fast_path_edge_hyperparameters(temperature, alpha):
+    """前向 KL 走解析梯度的快速路径：T = 1（两个 softmax 重合）与 α 取端点时也要与普通版一致。"""
+    emb, ids, proj, th, tw, labels, real = chunked_case(seed=44)
+    kw = dict(temperature=temperature, alpha=alpha)
+    want, g_want = plain_reference(emb, ids, proj, th, tw, labels, real, **kw)
+    h = student_hidden(emb, ids, proj)
+    got = chunked_distillation_loss(h, emb, labels, teacher_hidden=th, teacher_weight=tw, real_vocab_size=real,
+                                    chunk_size=7, **kw)
+    (g_got,) = torch.autograd.grad(got, emb)
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(g_got, g_want) <= 1e-5
+
+
+def test_chunked_teacher_callable_parts_and_hidden_gradient():
+    emb, ids, proj, th, tw, labels, real = chunked_case(seed=41)
+    flat_teacher = F.linear(th, tw).reshape(-1, tw.shape[0])
+    seen = []
+
+    def teacher_fn(rows):
+        seen.append((rows.start, rows.stop))
+        return flat_teacher[rows]
+
+    h_leaf = student_hidden(emb, ids, proj).detach().requires_grad_()
+    got, parts = chunked_distillation_loss(
+        h_leaf, emb, labels, teacher_logits_fn=teacher_fn, real_vocab_size=real, chunk_size=4, return_parts=True
+    )
+    assert seen == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 18)]
+    torch.testing.assert_close(flat_teacher, F.linear(th, tw).reshape(-1, tw.shape[0]), rtol=0, atol=0)  # 缓存未被改写
+    (3.0 * got).backward()  # 上游梯度不为 1（如损失缩放）也要正确传递
+    h_ref = h_leaf.detach().clone().requires_grad_()
+    emb_ref = emb.detach().clone().requires_grad_()
+    want, want_parts = distillation_loss(
+        F.linear(h_ref, emb_ref), F.linear(th, tw), labels, real_vocab_size=real, return_parts=True
+    )
+    (3.0 * want).backward()
+    assert rel_err(got.detach(), want.detach()) <= 1e-5
+    for key in ("kd", "ce"):
+        assert rel_err(parts[key], want_parts[key]) <= 1e-5
+    assert rel_err(h_leaf.grad, h_ref.grad) <= 1e-5
+    assert rel_err(emb.grad, emb_ref.grad) <= 1e-5
+
+
+def test_chunked_gradient_accumulation_and_empty_batch():
+    emb, ids, proj, th, tw, labels, real = chunked_case(seed=42, b=4)
+    h = student_hidden(emb, ids, proj).detach()
+    total = int((labels != -100).sum())
+    full = chunked_distillation_loss(h, emb, labels, teacher_hidden=th, teacher_weight=tw, real_vocab_size=real)
+    (g_full,) = torch.autograd.grad(full, emb)
+    g_acc = torch.zeros_like(emb)
+    for rows in torch.arange(4).chunk(2):
+        part = chunked_distillation_loss(
+            h[rows], emb, labels[rows], teacher_hidden=th[rows], teacher_weight=tw, real_vocab_size=real,
+            num_tokens=total, chunk_size=7,
+        )
+        g_acc += torch.autograd.grad(part, emb)[0]
+    assert rel_err(g_acc, g_full) <= 1e-5
+    empty = chunked_distillation_loss(
+        h, emb, torch.full_like(labels, -100), teacher_hidden=th, teacher_weight=tw, real_vocab_size=real
+    )
+    assert empty.item() == 0.0
+    (g_empty,) = torch.autograd.grad(empty, emb)
+    assert (g_empty == 0).all()
+
+
+def test_chunked_bfloat16_weights():
+    """bf16 的隐藏状态与权重：损失在 float32 中计算，∂W 在 float32 中累加后再转回 bf16。"""
+    emb, ids, proj, th, tw, labels, real = chunked_case(seed=45)
+    h16 = student_hidden(emb, ids, proj).detach().bfloat16().requires_grad_()
+    emb16 = emb.detach().bfloat16().requires_grad_()
+    th16, tw16 = th.bfloat16(), tw.bfloat16()
+    for name in ("forward_kl", "jsd"):  # 快速路径与通用路径各一
+        h16.grad = emb16.grad = None
+        got = chunked_distillation_loss(h16, emb16, labels, teacher_hidden=th16, teacher_weight=tw16,
+                                        real_vocab_size=real, chunk_size=5, divergence=name)
+        got.backward()
+        assert got.dtype == torch.float32 and emb16.grad.dtype == h16.grad.dtype == torch.bfloat16
+        h64, e64 = h16.detach().double().requires_grad_(), emb16.detach().double().requires_grad_()
+        want = distillation_loss(F.linear(h64, e64), F.linear(th16.double(), tw16.double()), labels,
+                                 real_vocab_size=real, divergence=name)
+        want.backward()
+        assert rel_err(got.double(), want) < 1e-2
+        assert rel_err(emb16.grad.double(), e64.grad) < 3e-2
+        assert rel_err(h16.grad.double(), h64.grad) < 3e-2
+
+
+def test_chunked_validation():
+    emb, ids, proj, th, tw, labels, real = chunked_case(seed=43)
+    h = student_hidden(emb, ids, proj)
+    with pytest.raises(ValueError, match="teacher"):
+        chunked_distillation_loss(h, emb, labels, real_vocab_size=real)
+    with pytest.raises(ValueError, match="teacher"):
+        chunked_distillation_loss(
+            h, emb, labels, teacher_hidden=th, teacher_weight=tw, teacher_logits_fn=lambda r: th, real_vocab_size=real
+        )
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_distillation_loss(h, emb, labels, teacher_hidden=th, teacher_weight=tw, real_vocab_size=real,
+                                  chunk_size=0)
