@@ -10,7 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset"]
+__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES"]
+
+# 蒸馏散度的名字（与 functional_lm.losses.DIVERGENCES 相同；配置层不依赖损失模块，测试保证两者一致）。
+DIVERGENCE_NAMES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 
 
 def _require_positive(obj: Any, names: tuple[str, ...]) -> None:
@@ -123,7 +126,16 @@ class TrainingConfig:
     eval_interval: int = 500  # 每隔多少步做一次验证
     save_interval: int = 1000  # 每隔多少步保存一次检查点
     seed: int = 0  # 随机种子（初始化、数据打乱、采样）
-    gradient_accumulation_steps: int = 1  # 梯度累积的微批个数
+    gradient_accumulation_steps: int = 1  # 梯度累积的微批个数（每个优化步消耗的批数）
+    max_steps: int = 0  # 优化步数上限；0 表示由 num_epochs 决定
+    keep_last: int = 3  # 只保留最近的几个检查点
+    divergence: str = "forward_kl"  # 蒸馏散度，见 functional_lm.losses
+    loss_chunk_size: int = 1024  # 分块蒸馏损失每块的 token 数
+    eval_batches: int = 8  # 每次验证最多使用的批数
+    bf16: bool = False  # 学生前向用 bfloat16 autocast
+    teacher_bf16: bool = False  # 教师以 bfloat16 权重运行
+    compile: bool = False  # 用 torch.compile 编译学生 / 教师的前向
+    val_fraction: float = 0.05  # 按文档划出的验证集比例
 
     def __post_init__(self) -> None:
         ints = (
@@ -133,13 +145,29 @@ class TrainingConfig:
             "eval_interval",
             "save_interval",
             "gradient_accumulation_steps",
+            "keep_last",
+            "loss_chunk_size",
+            "eval_batches",
         )
-        _require_int(self, ints + ("warmup_steps", "seed"))
+        _require_int(self, ints + ("warmup_steps", "seed", "max_steps"))
         _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
         if self.warmup_steps < 0:
             raise ValueError(f"TrainingConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if self.seed < 0:
             raise ValueError(f"TrainingConfig.seed must be >= 0, got {self.seed!r}")
+        if self.max_steps < 0:
+            raise ValueError(f"TrainingConfig.max_steps must be >= 0 (0 = use num_epochs), got {self.max_steps!r}")
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(
+                f"TrainingConfig.divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.divergence!r}"
+            )
+        for name in ("bf16", "teacher_bf16", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainingConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)):
+            raise ValueError(f"TrainingConfig.val_fraction must be a number, got {self.val_fraction!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"TrainingConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         for name in ("weight_decay", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -175,6 +203,26 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=2,
         intermediate_size=128,
         vocab_size=256,
+        max_seq_len=128,
+        rope_theta=10000.0,
+    ),
+    # 离线演示（functional-lm distill 不带参数）：在内置语料上几分钟内训练完的小教师与更小的学生。
+    # 词表保持 Qwen2.5 的 151,936 行，离线分词器的 id 直接可用。
+    "demo-teacher": ModelConfig(
+        hidden_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=384,
+        max_seq_len=128,
+        rope_theta=10000.0,
+    ),
+    "demo-student": ModelConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=192,
         max_seq_len=128,
         rope_theta=10000.0,
     ),

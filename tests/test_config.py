@@ -82,6 +82,13 @@ def test_model_config_error_names_the_value():
         ({"save_interval": 0}, "save_interval"),
         ({"checkpoint_dir": ""}, "checkpoint_dir"),
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+        ({"max_steps": -1}, "max_steps"),
+        ({"keep_last": 0}, "keep_last"),
+        ({"divergence": "kl"}, "divergence"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"eval_batches": 0}, "eval_batches"),
+        ({"bf16": 1}, "bf16"),
+        ({"val_fraction": 1.0}, "val_fraction"),
     ],
 )
 def test_training_config_rejects_invalid(changes, field):
@@ -107,3 +114,10 @@ def test_replace_revalidates():
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig().replace(num_kv_heads=3)
     assert ModelConfig().replace(num_layers=2).num_layers == 2
+
+
+def test_divergence_names_match_the_loss_module():
+    from functional_lm.config import DIVERGENCE_NAMES
+    from functional_lm.losses import DIVERGENCES
+
+    assert DIVERGENCE_NAMES == DIVERGENCES

