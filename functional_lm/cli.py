@@ -157,7 +157,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- 入口
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_generate]
+def _register_distill(subparsers: argparse._SubParsersAction) -> None:
+    from functional_lm.distill import register
+
+    register(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_generate, _register_distill]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,3 +20,5 @@ def test_readme_setup_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert 'pip install torch==2.13.0 -e ".[test]"' in text and 'pip install torch==2.13.0 -e ".[test]"' in ci
     assert "python -m pytest -q" in text and "python -m pytest -q" in ci
+    # 第三条命令：离线默认主任务。
+    assert "```bash\nfunctional-lm distill\n```" in text
