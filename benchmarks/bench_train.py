@@ -1,0 +1,182 @@
+"""蒸馏训练步基准：本项目的训练步 vs 由 transformers 模型 + 普通（完整 logits）KD 损失搭成的基线。
+
+设定（issue 6）：学生 student-123m，教师为 Qwen2.5-0.5B 形状的随机模型（隐藏 896、24 层、14 头、2 个 KV 头、
+前馈 4864、词表 151,936、共享嵌入），float32，CPU。一个训练步 = 教师前向（no_grad）+ 学生前向 +
+损失 α·T²·KL(教师‖学生, T) + (1−α)·CE + 反向 + 梯度裁剪 + AdamW。
+
+    ours      functional_lm.train：forward_hidden + 分块蒸馏损失（从不物化整批 logits）
+    baseline  transformers 的 Qwen2ForCausalLM（学生训练、教师 no_grad）+ 教科书式的完整 logits 损失：
+              F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy
+
+每个变体在独立子进程中运行；峰值内存取子进程自身的 max RSS，时间取若干步中最快的一步（首步预热不计）。
+最后打印一行 JSON：各自的 tokens/s、峰值内存与比值（ours / baseline）。
+
+    python benchmarks/bench_train.py                       # 缺省 4 × 512 个 token
+    python benchmarks/bench_train.py --batch 1 --seq 128   # 快速试跑
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+TEACHER_SHAPE = dict(
+    hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+    vocab_size=151936, max_seq_len=32768, rope_theta=1e6, tie_word_embeddings=True,
+)
+REAL_VOCAB = 151665
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="每个变体的训练步数（第一步为预热）")
+    p.add_argument("--teacher-layers", type=int, default=24, help="教师层数（调小可快速试跑）")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _configs(args):
+    from functional_lm import ModelConfig, get_preset
+
+    student = get_preset("student-123m")
+    teacher = ModelConfig(**{**TEACHER_SHAPE, "num_layers": args.teacher_layers})
+    return student, teacher
+
+
+def _batch(args):
+    from functional_lm.data.loader import Batch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, REAL_VOCAB, (args.batch, args.seq + 1), generator=g)
+    return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(args.batch, args.seq, dtype=torch.bool))
+
+
+def _ours(args):
+    """本项目的训练步（与 functional_lm.train.train 中的一步相同的组成）。"""
+    from functional_lm import TrainingConfig, init_params
+    from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
+
+    scfg, tcfg_model = _configs(args)
+    tcfg = TrainingConfig(loss_chunk_size=256)
+    params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0).items()}
+    teacher = Model(init_params(tcfg_model, seed=1), tcfg_model)
+    optimizer = build_optimizer(params, tcfg)
+    batch = _batch(args)
+
+    def step():
+        t_hidden = teacher_hidden_states(teacher, batch.input_ids)
+        loss, _ = distill_loss(params, scfg, batch, teacher, t_hidden, tcfg, real_vocab_size=REAL_VOCAB)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), tcfg.gradient_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def _hf_model(cfg):
+    import transformers
+
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    return transformers.Qwen2ForCausalLM(hf_cfg)
+
+
+def _baseline(args, alpha=0.5, temperature=2.0):
+    """基线：transformers 模型 + 完整 logits 的 KD 损失（常见写法）。"""
+    scfg, tcfg_model = _configs(args)
+    student = _hf_model(scfg).train()
+    teacher = _hf_model(tcfg_model).eval().requires_grad_(False)
+    decay = [p for n, p in student.named_parameters() if not (n.endswith("bias") or n.endswith("norm.weight"))]
+    keep = [p for n, p in student.named_parameters() if n.endswith("bias") or n.endswith("norm.weight")]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": keep, "weight_decay": 0.0}], lr=3e-4, betas=(0.9, 0.95)
+    )
+    batch = _batch(args)
+
+    def step():
+        with torch.no_grad():
+            t_logits = teacher(batch.input_ids).logits[..., :REAL_VOCAB]
+        s_logits = student(batch.input_ids).logits[..., :REAL_VOCAB]
+        kd = F.kl_div(
+            F.log_softmax(s_logits / temperature, -1).flatten(0, 1),
+            F.log_softmax(t_logits / temperature, -1).flatten(0, 1),
+            log_target=True, reduction="batchmean",
+        )
+        ce = F.cross_entropy(s_logits.flatten(0, 1), batch.labels.flatten())
+        loss = alpha * temperature**2 * kd + (1 - alpha) * ce
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def worker(args):
+    torch.set_num_threads(args.threads)
+    try:  # 让内核在内存不足时优先杀掉这个进程（普通 KD 损失的峰值很高）
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
+    except OSError:
+        pass
+    setup = _ours(args) if args.worker == "ours" else _baseline(args)
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(setup())
+        times.append(time.perf_counter() - start)
+    timed = times[1:] or times
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_s": min(timed), "all_step_s": times, "peak_rss_mib": peak_mib, "losses": losses}))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    results = {}
+    for variant in ("ours", "baseline"):
+        cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--steps", str(args.steps), "--teacher-layers", str(args.teacher_layers), "--threads", str(args.threads)]
+        print(f"running {variant} …", file=sys.stderr)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
+            continue
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    tokens = args.batch * args.seq
+    summary = {
+        "bench": "distill_train_step", "device": "cpu", "threads": args.threads, "batch": args.batch, "seq": args.seq,
+        "student": "student-123m", "teacher": f"Qwen2.5-0.5B-shaped ({args.teacher_layers} layers), random",
+        "results": results,
+    }
+    if all("step_s" in r for r in results.values()):
+        ours, base = results["ours"], results["baseline"]
+        summary |= {
+            "ours_tokens_per_s": round(tokens / ours["step_s"], 1),
+            "baseline_tokens_per_s": round(tokens / base["step_s"], 1),
+            "speed_ratio": round(base["step_s"] / ours["step_s"], 3),
+            "memory_ratio": round(ours["peak_rss_mib"] / base["peak_rss_mib"], 3),
+            "targets": {"speed_ratio_min": 1.5, "memory_ratio_max": 0.5},
+        }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
