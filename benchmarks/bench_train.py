@@ -5,7 +5,8 @@
 损失 α·T²·KL(教师‖学生, T) + (1−α)·CE + 反向 + 梯度裁剪 + AdamW。
 
     ours      functional_lm.train：forward_hidden + 分块蒸馏损失（从不物化整批 logits），教师 float32
-    ours_teacher_bf16  同上，但教师以 bfloat16 权重运行（TrainingConfig.teacher_bf16，训练器的选项）
+    ours_compile       同上，打开 TrainingConfig.compile：torch.compile 编译师生前向与分块损失的逐元素部分
+    ours_teacher_bf16  ours_compile 再加上教师以 bfloat16 权重运行（TrainingConfig.teacher_bf16）
     baseline  transformers 的 Qwen2ForCausalLM（学生训练、教师 no_grad）+ 教科书式的完整 logits 损失：
               F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy
 
@@ -32,6 +33,7 @@ TEACHER_SHAPE = dict(
     vocab_size=151936, max_seq_len=32768, rope_theta=1e6, tie_word_embeddings=True,
 )
 REAL_VOCAB = 151665
+VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline")
 
 
 def parse_args(argv=None):
@@ -41,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="每个变体的训练步数（第一步为预热）")
     p.add_argument("--teacher-layers", type=int, default=24, help="教师层数（调小可快速试跑）")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--worker", choices=["ours", "ours_teacher_bf16", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -61,13 +63,16 @@ def _batch(args):
     return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(args.batch, args.seq, dtype=torch.bool))
 
 
-def _ours(args, teacher_bf16=False):
+def _ours(args, teacher_bf16=False, compile=False):
     """本项目的训练步（与 functional_lm.train.train 中的一步相同的组成）。"""
     from functional_lm import TrainingConfig, init_params
+    from functional_lm.model import forward_hidden
     from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
-    tcfg = TrainingConfig(loss_chunk_size=256, teacher_bf16=teacher_bf16)
+    tcfg = TrainingConfig(loss_chunk_size=256, teacher_bf16=teacher_bf16, compile=compile)
+    student_fwd = torch.compile(forward_hidden) if compile else forward_hidden
+    teacher_fwd = torch.compile(forward_hidden) if compile else forward_hidden
     params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0).items()}
     dtype = torch.bfloat16 if teacher_bf16 else torch.float32
     teacher = Model(init_params(tcfg_model, seed=1, dtype=dtype), tcfg_model)
@@ -75,8 +80,10 @@ def _ours(args, teacher_bf16=False):
     batch = _batch(args)
 
     def step():
-        t_hidden = teacher_hidden_states(teacher, batch.input_ids)
-        loss, _ = distill_loss(params, scfg, batch, teacher, t_hidden, tcfg, real_vocab_size=REAL_VOCAB)
+        t_hidden = teacher_hidden_states(teacher, batch.input_ids, teacher_fwd)
+        loss, _ = distill_loss(
+            params, scfg, batch, teacher, t_hidden, tcfg, real_vocab_size=REAL_VOCAB, forward_fn=student_fwd
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), tcfg.gradient_clip)
         optimizer.step()
@@ -140,7 +147,8 @@ def worker(args):
     if args.worker == "baseline":
         setup = _baseline(args)
     else:
-        setup = _ours(args, teacher_bf16=args.worker == "ours_teacher_bf16")
+        bf16 = args.worker == "ours_teacher_bf16"
+        setup = _ours(args, teacher_bf16=bf16, compile=bf16 or args.worker == "ours_compile")
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -156,7 +164,7 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     results = {}
-    for variant in ("ours", "ours_teacher_bf16", "baseline"):
+    for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--seq", str(args.seq),
                "--steps", str(args.steps), "--teacher-layers", str(args.teacher_layers), "--threads", str(args.threads)]
         print(f"running {variant} …", file=sys.stderr)
@@ -174,7 +182,7 @@ def main(argv=None):
     if all("step_s" in r for r in results.values()):
         base = results["baseline"]
         summary["baseline_tokens_per_s"] = round(tokens / base["step_s"], 1)
-        for name in ("ours", "ours_teacher_bf16"):
+        for name in VARIANTS[:-1]:
             mine = results[name]
             summary[name] = {
                 "tokens_per_s": round(tokens / mine["step_s"], 1),

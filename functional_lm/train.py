@@ -169,6 +169,7 @@ def distill_loss(
         loss_mask=batch.loss_mask,
         num_tokens=num_tokens,
         return_parts=True,
+        compile=tcfg.compile,
     )
 
 
