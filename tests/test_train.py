@@ -2,6 +2,7 @@
 SIGINT 干净退出、NaN 停止。模型极小（词表必须容纳 Qwen2.5 的 151,665 个真实 token）。"""
 
 import json
+import math
 import os
 import signal
 
@@ -246,3 +247,16 @@ def test_chunked_cross_entropy_matches_plain():
     for a, b in zip(g_chunked, g_plain):
         torch.testing.assert_close(a, b)
     assert g_chunked[1][45:].abs().max() == 0  # 填充行没有梯度
+
+
+def test_compile_and_bf16_options(tokenizer, cache_dir, teacher_dir, tmp_path):
+    # TrainingConfig.compile：编译的前向与分块损失给出与 eager 相同的损失轨迹；bf16 autocast 与 bf16 教师可运行且有限。
+    torch._dynamo.reset()
+    base = _tcfg(max_steps=3, log_interval=1, save_interval=100, eval_interval=100)
+    eager = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "eager", base)
+    compiled = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "compiled", base.replace(compile=True))
+    for a, b in zip(eager.history, compiled.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    low = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "bf16", base.replace(bf16=True, teacher_bf16=True))
+    assert all(math.isfinite(r["loss"]) for r in low.history)
+    assert low.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=0.05)
