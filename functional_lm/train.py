@@ -307,6 +307,14 @@ class _Metrics:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
+    def truncate_after(self, step: int) -> None:
+        """恢复训练时丢掉检查点之后（崩溃前已写出、恢复后会重算）的记录，避免同一步出现两次。"""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -391,6 +399,8 @@ def train(
     teacher_fwd = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
 
     metrics = _Metrics(run_dir / "metrics.jsonl")
+    if resume:
+        metrics.truncate_after(step)
     result = TrainResult(step=step, total_steps=total, interrupted=False, last_checkpoint=last_ckpt)
     window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
 

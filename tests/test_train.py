@@ -143,7 +143,7 @@ def test_keep_last_rotates_checkpoints(tokenizer, cache_dir, teacher_dir, tmp_pa
 
 
 def test_resume_after_crash_is_bit_identical(tokenizer, cache_dir, teacher_dir, tmp_path):
-    tcfg = _tcfg(max_steps=6, save_interval=2, gradient_accumulation_steps=2)
+    tcfg = _tcfg(max_steps=6, save_interval=2, gradient_accumulation_steps=2, log_interval=1)
     straight = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "a", tcfg)
 
     class Crash(Exception):
@@ -158,6 +158,9 @@ def test_resume_after_crash_is_bit_identical(tokenizer, cache_dir, teacher_dir, 
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000002"]
     resumed = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "b", tcfg, resume=True)
     assert resumed.step == 6
+    logged = [r["step"] for r in _metrics(tmp_path / "b") if r["kind"] == "train"]
+    assert logged == [1, 2, 3, 4, 5, 6]  # 崩溃前写出的第 3 步记录被丢掉后重算，没有重复
+    assert [r["step"] for r in _metrics(tmp_path / "b") if r["kind"] == "eval"] == [3, 6]
     for key, value in straight.params.items():
         assert torch.equal(value, resumed.params[key]), key
     _, _, tensors, state = load_checkpoint(resumed.last_checkpoint)
