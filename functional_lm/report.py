@@ -37,7 +37,7 @@ def plot_loss_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, key
             ax.plot(*zip(*points), label=name)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
-    ax.set_title("training loss")
+    ax.set_title(f"training {key}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -75,11 +75,15 @@ def write_report(
     curves: Mapping[str, list[dict[str, Any]]],
     samples: Optional[Mapping[str, str]] = None,
     notes: Optional[list[str]] = None,
+    curve_key: str = "loss",
 ) -> Path:
-    """写出 run_dir/report.md（和 loss_curve.png），返回报告路径。"""
+    """写出 run_dir/report.md（和 loss_curve.png），返回报告路径。
+
+    curve_key：画哪一个训练指标（比较不同 α 的运行时用 "ce"，因为总损失的量纲随 α 变化）。
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_loss_curves(curves, run_dir / "loss_curve.png")
+    png = plot_loss_curves(curves, run_dir / "loss_curve.png", key=curve_key)
     parts = [f"# {title}", ""]
     parts += ["## 最终指标 / Final metrics", "", _table(final_metrics), ""]
     if png is not None:
