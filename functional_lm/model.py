@@ -30,6 +30,7 @@ __all__ = [
     "forward_hidden",
     "forward",
     "count_parameters",
+    "unique_tensors",
 ]
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -256,13 +257,14 @@ def forward(
     return linear(hidden, output_weight(params, cfg))
 
 
+def unique_tensors(params: Mapping[str, Tensor]) -> list[Tensor]:
+    """字典里的不同张量（同一个张量出现在多个键下时只取一次，按首次出现的顺序）。"""
+    first: dict[int, Tensor] = {}
+    for value in params.values():
+        first.setdefault(id(value), value)
+    return list(first.values())
+
+
 def count_parameters(params: Mapping[str, Tensor]) -> int:
     """参数总数；同一个张量（共享嵌入）只计一次。"""
-    seen: set[int] = set()
-    total = 0
-    for value in params.values():
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        total += value.numel()
-    return total
+    return sum(value.numel() for value in unique_tensors(params))

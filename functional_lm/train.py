@@ -40,7 +40,7 @@ from functional_lm.checkpoint import (
 )
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
-from functional_lm.model import check_params, forward_hidden, output_weight
+from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
 
 __all__ = [
     "Model",
@@ -449,7 +449,7 @@ def train(
                     loss_sum += float(loss.detach())
                     kd_sum += float(parts["kd"])
                     ce_sum += float(parts["ce"])
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(list(names_to_unique(params)), tcfg.gradient_clip))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(unique_tensors(params), tcfg.gradient_clip))
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     where = last_ckpt if last_ckpt is not None else "none (no checkpoint was written yet)"
                     raise NonFiniteLossError(
@@ -504,15 +504,6 @@ def train(
         bar.close()
         result.params = {k: v.detach() for k, v in params.items()}
     return result
-
-
-def names_to_unique(params: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
-    """去重后的参数张量（共享嵌入只出现一次，梯度裁剪不重复计入）。"""
-    seen: set[int] = set()
-    for value in params.values():
-        if id(value) not in seen:
-            seen.add(id(value))
-            yield value
 
 
 def _restore(
