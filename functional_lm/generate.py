@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 
 from functional_lm.config import ModelConfig
-from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, swiglu
+from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, sub_params, swiglu
 from functional_lm.model import (
     EMBED_KEY,
     FINAL_NORM_KEY,
@@ -128,7 +128,7 @@ def extend(
     keys, values = [], []
     for i in range(cfg.num_layers):
         layer = layer_params(params, cfg, i)
-        attn = {name.removeprefix("self_attn."): w for name, w in layer.items() if name.startswith("self_attn.")}
+        attn = sub_params(layer, "self_attn.")
         q, k, v = project_qkv(rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps), attn, cfg, cos, sin)
         k_all = cache.k[i].index_copy(2, slots, k)  # (b, k, S, e)：新键写到各自的槽位
         v_all = cache.v[i].index_copy(2, slots, v)

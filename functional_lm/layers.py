@@ -35,6 +35,7 @@ __all__ = [
     "attention_bias_mask",
     "gqa_attention",
     "swiglu",
+    "sub_params",
     "transformer_block",
 ]
 
@@ -247,8 +248,8 @@ def swiglu(
     return linear(gate * linear(x, up_w), down_w)
 
 
-def _sub(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """取出以 prefix 开头的参数并去掉前缀（只是引用，不复制张量）。"""
+def sub_params(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """取出以 prefix 开头的参数并去掉前缀（只是引用，不复制张量），例如一层里的 ``self_attn.``。"""
     return {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
 
 
@@ -270,7 +271,7 @@ def transformer_block(
     attn_in = rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps)
     x = x + gqa_attention(
         attn_in,
-        _sub(layer, "self_attn."),
+        sub_params(layer, "self_attn."),
         cfg,
         rope=rope,
         attention_mask=attention_mask,

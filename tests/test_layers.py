@@ -15,6 +15,7 @@ from functional_lm.layers import (
     gqa_attention,
     rms_norm,
     rope_tables,
+    sub_params,
     swiglu,
     transformer_block,
 )
@@ -29,7 +30,7 @@ CFG = ModelConfig(
 def _attn_weights(cfg, seed=0):
     params = init_params(cfg, seed=seed)
     layer = layer_params(params, cfg, 0)
-    attn = {k.removeprefix("self_attn."): v for k, v in layer.items() if k.startswith("self_attn.")}
+    attn = sub_params(layer, "self_attn.")
     # 偏置默认为 0，这里给非零值，让偏置路径真正参与比较。
     gen = torch.Generator().manual_seed(seed + 1)
     for name in ("q_proj.bias", "k_proj.bias", "v_proj.bias"):
