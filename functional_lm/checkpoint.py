@@ -141,7 +141,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _all_finite(params: Mapping[str, torch.Tensor]) -> Optional[str]:
+def _first_non_finite(params: Mapping[str, torch.Tensor]) -> Optional[str]:
     """第一个含 NaN / inf 的参数名；全部有限时为 None。"""
     for key, value in params.items():
         if not torch.isfinite(value).all():
@@ -166,7 +166,7 @@ def save_checkpoint(
 
     任何参数含 NaN / inf 时拒绝保存（抛 ValueError），保证磁盘上的检查点都是好的。
     """
-    bad = _all_finite(params)
+    bad = _first_non_finite(params)
     if bad is not None:
         raise ValueError(f"refusing to save a checkpoint at step {step}: parameter {bad} is not finite")
     root = Path(root)
@@ -194,14 +194,15 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """读取检查点，返回 (模型配置, 参数, 训练器张量（含 RNG 状态）, 训练器 JSON 状态)。"""
+    """读取检查点，返回 (模型配置, 参数, 训练器张量（含 RNG 状态）, 训练器 JSON 状态)。
+
+    恢复训练时参数被原地拷贝进训练器自己的叶子张量，所以这里不必先克隆一份。
+    """
     path = Path(path)
     for name in (STATE_JSON, STATE_TENSORS):
         if not (path / name).is_file():
             raise ValueError(f"{path} is not a trainer checkpoint: {name} is missing")
-    cfg, params = load_pretrained(path)
-    # 参数从 mmap 读出；克隆成独立的内存，之后原地更新不会碰到文件。
-    params = {k: v.clone() for k, v in params.items()}
+    cfg, params = load_pretrained(path)  # 与 load_pretrained 相同：张量直接从文件映射读出，不另做整份拷贝
     try:
         tensors = load_file(str(path / STATE_TENSORS))
     except Exception as err:  # safetensors 对损坏文件抛出多种异常

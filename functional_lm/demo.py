@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -120,7 +121,7 @@ def run_demo(
     """离线演示的完整流程，返回运行目录。"""
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.hf import load_pretrained, save_pretrained
-    from functional_lm.model import count_parameters, init_params
+    from functional_lm.model import count_parameters, init_params, param_shapes
     from functional_lm.report import read_metrics, write_report
     from functional_lm.train import Model, evaluate, train
 
@@ -141,7 +142,7 @@ def run_demo(
 
     print(
         f"[demo] teacher {count_parameters(teacher_params):,} params ({'trained now' if fresh else 'cached'}: "
-        f"{teacher_dir}); student {count_parameters(init_params(student_cfg)):,} params; "
+        f"{teacher_dir}); student {sum(math.prod(s) for s in param_shapes(student_cfg).values()):,} params; "
         f"{tcfg.max_steps} steps of {tcfg.batch_size}×{seq_len} tokens",
         file=sys.stderr,
     )

@@ -59,7 +59,12 @@ def _convert(name: str, kind: str, value: Any, source: str) -> Any:
         if isinstance(value, bool):
             raise ValueError(f"{source}: {name} expects {kind}, got {value!r}")
         try:
-            number = float(value) if kind == "float" else int(str(value).strip()) if isinstance(value, str) else value
+            if kind == "float":
+                number = float(value)
+            elif isinstance(value, str):
+                number = int(value.strip())
+            else:
+                number = value  # 配置文件里的数字；整数字段的 12.0 在下面转换，12.5 报错
         except ValueError:
             raise ValueError(f"{source}: {name} expects {kind}, got {value!r}") from None
         if kind == "int" and isinstance(number, float):
@@ -213,6 +218,8 @@ def run_distill(
     student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], *, resume: bool, progress: bool
 ) -> Path:
     """加载教师与数据，蒸馏，保存学生（HF 格式）并写报告；返回运行目录。"""
+    import torch
+
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.hf import config_from_hf, load_pretrained, resolve_checkpoint, save_pretrained
     from functional_lm.model import init_params
@@ -236,8 +243,8 @@ def run_distill(
         val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
         model_config=student_cfg, progress=progress,
     )
-    teacher_cfg, teacher_params = load_pretrained(teacher_dir)
-    teacher_params = {k: v.float() for k, v in teacher_params.items()} if not tcfg.teacher_bf16 else teacher_params
+    teacher_dtype = torch.bfloat16 if tcfg.teacher_bf16 else torch.float32
+    teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=teacher_dtype)
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
     result = train(
         student, Model(teacher_params, teacher_cfg), data, tcfg, out, resume=resume,

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from functional_lm.checkpoint import (
+    checkpoint_name,
     finite_or_none,
     latest_checkpoint,
     load_checkpoint,
@@ -147,16 +148,18 @@ def distill_loss(
     """
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.bf16):
         hidden = forward_fn(params, batch.input_ids, cfg, training=True)
+    if tcfg.bf16:
+        hidden = hidden.float()  # 损失（softmax over vocab）始终在 float32 中计算
     if teacher is None:
         if tcfg.alpha != 0.0:
             raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
         ce = chunked_cross_entropy(
-            hidden.float() if tcfg.bf16 else hidden, output_weight(params, cfg), batch.labels, batch.loss_mask,
+            hidden, output_weight(params, cfg), batch.labels, batch.loss_mask,
             real_vocab_size=real_vocab_size, chunk_size=tcfg.loss_chunk_size, num_tokens=num_tokens,
         )
         return ce, {"kd": torch.zeros(()), "ce": ce.detach()}
     return chunked_distillation_loss(
-        hidden.float() if tcfg.bf16 else hidden,
+        hidden,
         output_weight(params, cfg),
         batch.labels,
         teacher_hidden=teacher_hidden,
@@ -498,7 +501,7 @@ def train(
                     bar.write(f"{stop.requested} received: saved {last_ckpt} at step {step}; resume with --resume")
                     return result
             result.final_eval = run_eval(step)
-            if last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}"):
+            if last_ckpt is None or last_ckpt.name != checkpoint_name(step):
                 last_ckpt = result.last_checkpoint = save(step)
     finally:
         bar.close()

@@ -90,7 +90,6 @@ def typechecked(fn: F) -> F:
             return fn(*args, **kwargs)
         return checked(*args, **kwargs)
 
-    wrapper.__wrapped_checked__ = checked  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
