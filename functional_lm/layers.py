@@ -29,6 +29,7 @@ __all__ = [
     "rope_tables",
     "apply_rope",
     "linear",
+    "streaming_linear",
     "expand_kv",
     "project_qkv",
     "attend",
@@ -100,12 +101,53 @@ def apply_rope(
     return (x * cos) + (_rotate_half(x) * sin)
 
 
+# 行数不超过它的 linear 在 torch.compile（CPU）之下改用 streaming_linear（见其说明）。
+STREAMING_MAX_ROWS = 8
+
+
 @typechecked
 def linear(
     x: Float[Tensor, "*batch i"], weight: Float[Tensor, "o i"], bias: Optional[Float[Tensor, "o"]] = None
 ) -> Float[Tensor, "*batch o"]:
-    """y = x Wᵀ + b；权重保持 (out, in) 布局，与 nn.Linear / HF 检查点一致。"""
+    """y = x Wᵀ + b；权重保持 (out, in) 布局，与 nn.Linear / HF 检查点一致。
+
+    eager 下总是 ``F.linear``（与 transformers 逐位一致）。在 torch.compile 追踪 CPU 代码、且输入只有
+    几行（≤ STREAMING_MAX_ROWS，即解码步）时改写成 ``streaming_linear``：数学相同，只是求和顺序不同
+    （差在 float32 舍入量级），读权重的速度约为 MKL 矩阵-向量乘的 3 倍。行数在编译时是静态的，
+    这个分支在图里被常量折叠。
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and 0 < rows <= STREAMING_MAX_ROWS:
+        return streaming_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@typechecked
+def streaming_linear(
+    x: Float[Tensor, "*batch i"], weight: Float[Tensor, "o i"], bias: Optional[Float[Tensor, "o"]] = None
+) -> Float[Tensor, "*batch o"]:
+    """y = x Wᵀ + b 的“逐权重行流式”写法，供只有几行输入的解码步在 torch.compile 下使用。
+
+    数学与 ``linear`` 相同：y[r, o] = Σ_i x[r, i] · W[o, i] (+ b[o])。每个输入行写成一次
+    “逐元素乘 + 末维求和” (W ⊙ x_r).sum(−1)；inductor 把它编译成一个不落中间张量的循环：
+    按顺序扫过权重行 o，与 x_r 做一次向量化点积。几行输入的这些归约迭代空间相同、读同一个 W，
+    inductor 可以把它们横向融合进同一个循环（实测 r = 2 的解码步只比 r = 1 慢约 6%）。
+
+    为什么更快：解码时每读 4 字节权重只做 2r 次浮点运算，速度由读权重的带宽决定。
+    MKL 的 sgemm 在 r = 1…8 时在 2 核 AVX-512 CPU 上只跑出约 10 GB/s，这个融合循环约 25–30 GB/s
+    （151936×512 的输出投影：约 29 ms → 10–13 ms）。
+    为什么不写成一次广播乘 W[o, 1, i] · x[1, r, i]：实测 r ≥ 2 时完整解码步反而慢几十倍——生成的
+    代码把上游的逐元素计算（连同嵌入查表）内联进了归约循环，对每个权重元素重算；逐行写法没有这个问题。
+    代价：eager 下逐元素乘会真的物化 (o, i) 的中间张量，所以 eager 代码不要直接调用它，
+    ``linear`` 只在编译时选它。累加至少在 float32 中进行（bf16 权重的上转融合在读取里，不多占内存）。
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    rows = rearrange(x, "... i -> (...) i").to(acc)  # (r, i)
+    w = weight.to(acc)
+    out = torch.stack([(w * row).sum(dim=-1) for row in rows.unbind(0)])  # (r, o)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 @typechecked

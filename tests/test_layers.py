@@ -10,11 +10,14 @@ from jaxtyping import TypeCheckError
 
 from functional_lm.config import ModelConfig
 from functional_lm.layers import (
+    STREAMING_MAX_ROWS,
     apply_rope,
     attend,
     gqa_attention,
+    linear,
     rms_norm,
     rope_tables,
+    streaming_linear,
     sub_params,
     swiglu,
     transformer_block,
@@ -248,3 +251,49 @@ def test_block_residual_carries_gradient():
     x = torch.randn(1, 3, 32, requires_grad=True)
     transformer_block(x, zero, CFG, rope=_rope_for(x, CFG)).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+# ---------------------------------------------------------------- 解码步的流式矩阵-向量乘
+@pytest.mark.parametrize("rows", [1, 3])
+def test_streaming_linear_equals_torch_linear(rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 48, generator=gen)
+    w = torch.randn(80, 48, generator=gen)
+    b = torch.randn(80, generator=gen)
+    torch.testing.assert_close(streaming_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streaming_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_linear_accumulates_bf16_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, generator=gen).bfloat16()
+    w = torch.randn(64, 256, generator=gen).bfloat16()
+    out = streaming_linear(x, w)
+    assert out.dtype == torch.bfloat16
+    # float32 累加后只在最后舍入一次：与 float64 参考之差不超过 bf16 的半个最低位（相对 2⁻⁸）
+    exact = x.double() @ w.double().T
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+
+
+def _compiled_code(fn, *args):
+    from torch._inductor.utils import run_and_get_code
+
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), *args)
+    return out, "\n".join(code)
+
+
+def test_compiled_linear_streams_few_rows_and_keeps_gemm_for_many():
+    """编译时：行数 ≤ STREAMING_MAX_ROWS 的 linear 不再调用 GEMM（融合成一次读权重的循环），结果不变；
+    行数更多时仍是 GEMM。"""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=gen)
+    b = torch.randn(96, generator=gen)
+    few = torch.randn(STREAMING_MAX_ROWS, 64, generator=gen)
+    many = torch.randn(STREAMING_MAX_ROWS + 1, 64, generator=gen)
+    torch._dynamo.reset()
+    out, code = _compiled_code(lambda x: linear(torch.tanh(x), w, b), few)
+    torch.testing.assert_close(out, F.linear(torch.tanh(few), w, b), rtol=1e-5, atol=1e-5)
+    assert "extern_kernels.mm" not in code and "extern_kernels.addmm" not in code
+    out, code = _compiled_code(lambda x: linear(torch.tanh(x), w, b), many)
+    torch.testing.assert_close(out, F.linear(torch.tanh(many), w, b), rtol=1e-5, atol=1e-5)
+    assert "extern_kernels.addmm" in code or "extern_kernels.mm" in code
