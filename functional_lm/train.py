@@ -231,7 +231,7 @@ def evaluate(
     tokens = 0
     limit = max_batches if max_batches is not None else len(loader)
     for index in range(min(limit, len(loader))):
-        batch = loader._make_batch(0, index)  # 固定的验证批，不推进任何状态
+        batch = loader.batch_at(0, index)  # 固定的验证批，不推进任何状态
         for row in range(batch.input_ids.shape[0]):
             one = type(batch)(*(x[row : row + 1] for x in batch))
             n = count_valid_tokens(one)

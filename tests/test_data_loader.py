@@ -106,3 +106,20 @@ def test_next_batch_rolls_over_epochs(dataset):
 def test_batch_size_too_large_is_refused(dataset):
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(dataset, batch_size=len(dataset) + 1)
+
+
+def test_batch_at_reads_without_moving_the_position(dataset):
+    loader = BatchLoader(dataset, batch_size=4, seed=3)
+    first_two = _collect(loader, 2)
+    state = loader.state_dict()
+    again = loader.batch_at(0, 1)
+    assert torch.equal(again.input_ids, first_two[1].input_ids)
+    assert torch.equal(again.labels, first_two[1].labels)
+    assert loader.state_dict() == state  # 位置不变
+    later = loader.batch_at(1, 0)  # 下一轮的第一批：与真正走到那里时相同
+    walker = BatchLoader(dataset, batch_size=4, seed=3)
+    for _ in range(len(walker)):
+        walker.next_batch()
+    assert torch.equal(walker.next_batch().input_ids, later.input_ids)
+    with pytest.raises(IndexError, match="out of range"):
+        loader.batch_at(0, len(loader))

@@ -5,6 +5,7 @@
 看到完全相同的批。
     * ``for batch in loader``：从当前位置取到本轮结束（本轮已取完则开始下一轮）；
     * ``loader.next_batch()``：无限地取下一批，自动跨轮；
+    * ``loader.batch_at(epoch, position)``：随机读取某一批，不改变位置；
     * ``state_dict()`` / ``load_state_dict()``：{epoch, position, seed, batch_size, num_blocks, shuffle, drop_last}。
 """
 
@@ -74,7 +75,12 @@ class BatchLoader:
         self._order_cache = (epoch, order)
         return order
 
-    def _make_batch(self, epoch: int, position: int) -> Batch:
+    def batch_at(self, epoch: int, position: int) -> Batch:
+        """第 epoch 轮的第 position 批（纯读取：不改变加载器的位置；验证用它取固定的批）。"""
+        if not 0 <= position < len(self):
+            raise IndexError(f"batch position {position} out of range: an epoch has {len(self)} batches")
+        if epoch < 0:
+            raise IndexError(f"epoch must be >= 0, got {epoch}")
         order = self.epoch_order(epoch)
         indices = order[position * self.batch_size : (position + 1) * self.batch_size]
         x, y, m = self.dataset.examples(indices)
@@ -86,7 +92,7 @@ class BatchLoader:
         if self.position >= len(self):
             self.epoch += 1
             self.position = 0
-        batch = self._make_batch(self.epoch, self.position)
+        batch = self.batch_at(self.epoch, self.position)
         self.position += 1  # 先更新状态再交出：交出 k 批后 state_dict 的 position 就是 k
         return batch
 
