@@ -52,6 +52,17 @@ def test_prompt_ids_stream_the_greedy_continuation(model_dir, capsys):
     assert [int(x) for x in out.split()] == expected
 
 
+def test_compile_flag_gives_the_same_greedy_continuation(model_dir, capsys):
+    """--compile 走编译的解码步（CPU 上少行 linear 改为流式求和）：贪心结果与 eager 相同。"""
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
+               "--compile"])
+    out = capsys.readouterr().out
+    expected = generate(_params(), CFG, [[1, 2, 3]], max_new_tokens=6)[0, 3:].tolist()
+    assert rc == 0
+    assert [int(x) for x in out.split()] == expected
+
+
 def test_sampling_options_are_passed_through(model_dir, capsys):
     root, _ = model_dir
     args = ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "5"]
