@@ -13,6 +13,7 @@ from functional_lm.layers import (
     STREAMING_MAX_ROWS,
     apply_rope,
     attend,
+    fusion_barrier,
     gqa_attention,
     linear,
     rms_norm,
@@ -297,3 +298,27 @@ def test_compiled_linear_streams_few_rows_and_keeps_gemm_for_many():
     out, code = _compiled_code(lambda x: linear(torch.tanh(x), w, b), many)
     torch.testing.assert_close(out, F.linear(torch.tanh(many), w, b), rtol=1e-5, atol=1e-5)
     assert "extern_kernels.addmm" in code or "extern_kernels.mm" in code
+
+
+def test_fusion_barrier_is_identity_with_identity_gradient():
+    x = torch.randn(3, 5, requires_grad=True)
+    y = fusion_barrier(x)
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()  # 值相同、是新的一块内存
+    (y * torch.arange(5.0)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(5.0).expand(3, 5))
+
+
+def test_compiled_streaming_linear_gradients_match_eager():
+    """少行 linear 在编译下走流式求和（含 fusion_barrier）：对输入、权重、偏置的梯度与 eager 的 F.linear 相同。"""
+    gen = torch.Generator().manual_seed(1)
+    x0, w0, b0 = torch.randn(3, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+
+    def loss(fn, x, w, b):
+        return (fn(torch.sin(x), w, b) ** 2).sum()
+
+    eager = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    loss(F.linear, *eager).backward()
+    compiled = [t.clone().requires_grad_() for t in (x0, w0, b0)]
+    torch.compile(lambda *a: loss(linear, *a), fullgraph=True)(*compiled).backward()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
