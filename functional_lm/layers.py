@@ -14,6 +14,7 @@ g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
 仅在显式传入 dropout_p > 0 时使用 torch 的随机数生成器）。
 """
 
+import math
 from collections.abc import Mapping
 from typing import Optional
 
@@ -135,8 +136,7 @@ def linear(
     （差在 float32 舍入量级），读权重的速度约为 MKL 矩阵-向量乘的 3 倍。行数在编译时是静态的，
     这个分支在图里被常量折叠。
     """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and 0 < rows <= STREAMING_MAX_ROWS:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and 0 < math.prod(x.shape[:-1]) <= STREAMING_MAX_ROWS:
         return streaming_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
