@@ -7,6 +7,7 @@
 同一个字典可以原样交给 ``torch.func.functional_call(Qwen2ForCausalLM(...), params, ...)``。
 """
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Optional
 
@@ -99,27 +100,83 @@ def init_params(
     return params
 
 
+def _listed(keys: list[str], limit: int = 5) -> str:
+    """键列表的简短写法：最多列出 limit 个，其余以 … 表示。"""
+    return f"{keys[:limit]}{' …' if len(keys) > limit else ''}"
+
+
+def _majority_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """出现最多的 dtype；票数相同时取嵌入矩阵的 dtype。"""
+    counts = Counter(value.dtype for value in tensors.values())
+    embed_dtype = tensors[EMBED_KEY].dtype if EMBED_KEY in tensors else None
+    return max(counts, key=lambda dtype: (counts[dtype], dtype == embed_dtype))
+
+
+def _odd_ones(tensors: Mapping[str, Tensor], attribute: str, reference: object, verb: str = "is") -> str:
+    """属性（dtype / device）与参照不同的键，写成 ``key is value``，最多列 5 个；没有时为空串。"""
+    odd = [f"{key} {verb} {getattr(value, attribute)}" for key, value in tensors.items()
+           if getattr(value, attribute) != reference]
+    return ", ".join(odd[:5]) + (f" (and {len(odd) - 5} more)" if len(odd) > 5 else "")
+
+
+def _mixed_dtype_problem(tensors: Mapping[str, Tensor]) -> Optional[str]:
+    """点名 dtype 与多数不同的键（例如 float32 参数中混进一个 float64）；全部一致时为 None。"""
+    if not tensors:
+        return None
+    majority = _majority_dtype(tensors)
+    odd = _odd_ones(tensors, "dtype", majority)
+    if not odd:
+        return None
+    return f"mixed dtypes: most parameters are {majority}, but {odd}; cast all parameters to one dtype"
+
+
+def _device_problem(tensors: Mapping[str, Tensor]) -> Optional[str]:
+    """点名与嵌入矩阵不在同一设备上的键；全部一致（或缺嵌入）时为 None。"""
+    if EMBED_KEY not in tensors:
+        return None
+    device = tensors[EMBED_KEY].device
+    odd = _odd_ones(tensors, "device", device, verb="is on")
+    if not odd:
+        return None
+    return f"mixed devices: {EMBED_KEY} is on {device}, but {odd}"
+
+
+def _tensor_problem(key: str, value: object, shape: tuple[int, ...]) -> Optional[str]:
+    """单个参数的问题（类型、形状、非浮点 dtype）；没有问题时为 None。"""
+    if not isinstance(value, Tensor):
+        return f"{key} is {type(value).__name__}, expected a Tensor"
+    if tuple(value.shape) != shape:
+        return f"{key} has shape {tuple(value.shape)}, expected {shape}"
+    if not value.dtype.is_floating_point:
+        return f"{key} has dtype {value.dtype}, expected a floating dtype"
+    return None
+
+
 def check_params(params: Mapping[str, Tensor], cfg: ModelConfig) -> None:
-    """显式核对参数字典与配置：缺键、多键、形状不符、非浮点 dtype 都给出点名的 ValueError。"""
+    """显式核对参数字典与配置，所有问题合成一条点名的 ValueError。
+
+    检查：缺键、多键、形状不符、非浮点 dtype，以及 dtype 不一致（点名少数派的键与多数 dtype）、
+    设备与嵌入矩阵不一致的键——否则这些错误要到 ``F.linear`` 深处才以难懂的消息出现。
+    """
     expected = param_shapes(cfg)
     missing = [key for key in expected if key not in params]
     extra = [key for key in params if key not in expected]
     problems = []
     if missing:
-        problems.append(f"missing keys {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        problems.append(f"missing keys {_listed(missing)}")
     if extra:
         hint = " (lm_head.weight present but cfg.tie_word_embeddings=True)" if LM_HEAD_KEY in extra else ""
-        problems.append(f"unexpected keys {extra[:5]}{' …' if len(extra) > 5 else ''}{hint}")
+        problems.append(f"unexpected keys {_listed(extra)}{hint}")
+    good: dict[str, Tensor] = {}
     for key, shape in expected.items():
-        value = params.get(key)
-        if value is None:
+        if key not in params:
             continue
-        if not isinstance(value, Tensor):
-            problems.append(f"{key} is {type(value).__name__}, expected a Tensor")
-        elif tuple(value.shape) != shape:
-            problems.append(f"{key} has shape {tuple(value.shape)}, expected {shape}")
-        elif not value.dtype.is_floating_point:
-            problems.append(f"{key} has dtype {value.dtype}, expected a floating dtype")
+        problem = _tensor_problem(key, params[key], shape)
+        if problem is None:
+            good[key] = params[key]
+        else:
+            problems.append(problem)
+    problems += [p for p in (_mixed_dtype_problem(good), _device_problem(good)) if p is not None]
     if problems:
         raise ValueError("params do not match the ModelConfig: " + "; ".join(problems))
 

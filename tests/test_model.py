@@ -154,13 +154,41 @@ def test_params_missing_or_misshaped_key_raise():
         check_params(extra, CFG)
 
 
+def test_one_float64_param_among_float32_is_named():
+    params = init_params(CFG)
+    key = "model.layers.1.mlp.up_proj.weight"
+    params[key] = params[key].double()
+    with pytest.raises(ValueError) as info:
+        forward(params, _ids(), CFG)
+    message = str(info.value)
+    assert f"{key} is torch.float64" in message and "most parameters are torch.float32" in message
+    assert message.count("model.layers") == 1  # 只点名那一个键
+
+
+def test_majority_dtype_wins_even_when_the_embedding_is_the_odd_one():
+    params = init_params(CFG, dtype=torch.bfloat16)
+    params["model.embed_tokens.weight"] = params["model.embed_tokens.weight"].float()
+    expected = r"most parameters are torch\.bfloat16, but model\.embed_tokens\.weight is torch\.float32"
+    with pytest.raises(ValueError, match=expected):
+        check_params(params, CFG)
+
+
+def test_param_on_another_device_is_named():
+    params = init_params(CFG)
+    params["model.norm.weight"] = params["model.norm.weight"].to("meta")
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight is on cpu, but model\.norm\.weight is on meta"):
+        check_params(params, CFG)
+    check_params(init_params(CFG), CFG)  # 一致的字典不报错
+
+
 def test_wrong_hidden_shape_raises_type_check_error_naming_dimension():
     from functional_lm.layers import rms_norm
 
     with pytest.raises(TypeCheckError) as info:
         rms_norm(torch.randn(2, 3, 64), torch.ones(32), 1e-6)
     message = str(info.value)
-    assert "rms_norm" in message and "weight" in message and "d" in message
+    assert message.startswith("functional_lm.layers.rms_norm: argument 'weight'")
+    assert "f32[32]" in message and "d=64" in message
 
 
 def test_typecheck_switch():
