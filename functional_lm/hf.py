@@ -2,7 +2,10 @@
 
 读入 ``load_pretrained(path)``：
     * ``config.json`` → ``ModelConfig``：新旧两种布局（``rope_parameters.rope_theta`` 或顶层 ``rope_theta``）都认；
-      只支持 ``rope_type == "default"``（yarn 等缩放明确拒绝）；启用且小于位置上限的滑动窗口明确拒绝
+      ``hidden_act`` 为 ``"silu"`` 或其别名 ``"swish"``；只支持 plain RoPE（``rope_type == "default"``）
+      与因子恰为 1.0 的线性缩放（两者数值相同），yarn、dynamic 等缩放明确拒绝；
+      启用且小于位置上限的滑动窗口 W：照常加载，但 ``max_seq_len`` 设为 W 并发出警告——
+      长度 ≤ W 的序列上滑窗注意力与全因果注意力完全相同
       （``use_sliding_window: false`` 时 transformers 也忽略 ``sliding_window``，我们同样忽略）；
     * 权重：单个 ``model.safetensors`` 或带 ``model.safetensors.index.json`` 的分片集合，
       用 ``safe_open`` 逐个张量读取（内存映射，不先把整个文件读进内存），只有显式给出 dtype 时才转换；
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -43,7 +47,9 @@ __all__ = [
     "TOKENIZER_FILES",
     "config_from_hf",
     "config_to_hf",
+    "load_config",
     "load_pretrained",
+    "replace_dir",
     "resolve_checkpoint",
     "save_pretrained",
 ]
@@ -89,40 +95,67 @@ def _parse_dtype(value: Any, source: str) -> Optional[torch.dtype]:
     return _DTYPES[name]
 
 
+_SILU_NAMES = ("silu", "swish")  # transformers 的 ACT2FN 中 "swish" 就是 SiLU
+
+
+def _check_rope_block(block: Mapping[str, Any], source: str) -> None:
+    """一段 RoPE 缩放设置：plain RoPE 或因子恰为 1 的线性缩放（数值完全相同）通过，其余点名拒绝。"""
+    rope_type = block.get("rope_type", block.get("type", "default"))
+    if rope_type == "default":
+        return
+    if rope_type == "linear":
+        factor = block.get("factor")
+        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and float(factor) == 1.0:
+            return  # 线性缩放把位置除以 factor：factor = 1 时 inv_freq 不变，与 plain RoPE 逐位相同
+        raise ValueError(
+            f"{source}: linear rope scaling with factor {factor!r} is not supported "
+            f"(only factor 1.0, which equals plain RoPE)"
+        )
+    raise ValueError(
+        f"{source}: rope_type {rope_type!r} is not supported (only plain RoPE, rope_type 'default', "
+        f"or 'linear' with factor 1.0); long-context scaling such as yarn must be removed from the config "
+        f"to load this model"
+    )
+
+
 def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
     """取 RoPE 基数 θ：新布局 ``rope_parameters``，旧布局顶层 ``rope_theta`` + ``rope_scaling``。"""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for block in (params, scaling):
-        rope_type = block.get("rope_type", block.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(
-                f"{source}: rope_type {rope_type!r} is not supported (only plain RoPE, rope_type 'default'); "
-                f"long-context scaling such as yarn must be removed from the config to load this model"
-            )
+    for block in (params, hf.get("rope_scaling") or {}):
+        _check_rope_block(block, source)
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))  # transformers 的缺省 θ 也是 10000
     return float(theta)
 
 
-def _check_sliding_window(hf: Mapping[str, Any], source: str) -> None:
-    """启用的滑动窗口（且窗口小于位置上限、确有层使用它）我们不实现，明确拒绝。"""
+def _uses_sliding_layers(hf: Mapping[str, Any]) -> bool:
+    """是否有层使用滑动窗口：``layer_types`` 优先，否则按 transformers 的规则（层号 ≥ max_window_layers）。"""
+    layers = hf.get("layer_types")
+    if layers is not None:
+        return any(t == "sliding_attention" for t in layers)
+    return hf.get("num_hidden_layers", 0) > hf.get("max_window_layers", 28)
+
+
+def _check_sliding_window(hf: Mapping[str, Any], source: str) -> Optional[int]:
+    """启用且确有层使用、又短于位置上限的滑动窗口 W：返回 W 作为序列长度上限，否则返回 None。
+
+    transformers 的滑窗遮罩（masking_utils.sliding_window_overlay）允许 ``kv_idx > q_idx - W``，
+    即每个查询看见包括自己在内的最近 W 个位置。序列长度 ≤ W 时最早的位置 0 也在窗口内，
+    滑窗注意力与全因果注意力完全相同；更长的序列才不同，所以把 max_seq_len 限制为 W 即可照常加载。
+    """
     window = hf.get("sliding_window")
     if not hf.get("use_sliding_window", False) or window is None:
-        return  # 与 transformers 相同：use_sliding_window 为假时 sliding_window 被忽略
-    if window >= hf.get("max_position_embeddings", 32768):
-        return  # 窗口覆盖所有位置，等价于全注意力
-    layers = hf.get("layer_types")
-    n_layers = hf.get("num_hidden_layers", 0)
-    sliding = (
-        any(t == "sliding_attention" for t in layers)
-        if layers is not None
-        else n_layers > hf.get("max_window_layers", 28)
+        return None  # 与 transformers 相同：use_sliding_window 为假时 sliding_window 被忽略
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"{source}: sliding_window must be a positive integer, got {window!r}")
+    if window >= hf.get("max_position_embeddings", 32768) or not _uses_sliding_layers(hf):
+        return None  # 窗口覆盖所有位置，或没有层用它：等价于全注意力
+    warnings.warn(
+        f"{source}: sliding-window attention (sliding_window={window}) is used by some layers; "
+        f"sequences are limited to {window} tokens (max_seq_len={window}), where it equals full causal attention",
+        UserWarning,
+        stacklevel=3,
     )
-    if sliding:
-        raise ValueError(
-            f"{source}: sliding-window attention (use_sliding_window=true, sliding_window={window}) "
-            f"is not supported; only full causal attention is implemented"
-        )
+    return window
 
 
 def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
@@ -134,9 +167,11 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
             f"{source}: architecture {archs or model_type!r} (model_type {model_type!r}) is not supported; "
             f"only {ARCHITECTURE} checkpoints can be loaded"
         )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
-    _check_sliding_window(hf, source)
+    if hf.get("hidden_act", "silu") not in _SILU_NAMES:
+        raise ValueError(
+            f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses 'silu', alias 'swish')"
+        )
+    window = _check_sliding_window(hf, source)
     required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     missing = [name for name in required if hf.get(name) is None]
     if missing:
@@ -150,7 +185,7 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> Model
             num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             intermediate_size=hf["intermediate_size"],
             vocab_size=hf["vocab_size"],
-            max_seq_len=hf.get("max_position_embeddings", 32768),
+            max_seq_len=window or hf.get("max_position_embeddings", 32768),
             rope_theta=_rope_theta(hf, source),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             dropout=float(hf.get("attention_dropout", 0.0)),
@@ -317,6 +352,13 @@ def _drop_zero_biases(tensors: dict[str, Tensor], owner: Mapping[str, str]) -> N
         del tensors[key]
 
 
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """只读检查点目录的 config.json（不读权重）：坏 JSON、不支持的结构都是点名该文件的 ValueError。"""
+    directory = resolve_checkpoint(path)
+    config_file = directory / CONFIG_FILE
+    return config_from_hf(_read_json(config_file), source=str(config_file))
+
+
 def load_pretrained(
     path: str | os.PathLike,
     dtype: Optional[torch.dtype] = None,
@@ -422,7 +464,7 @@ def _tokenizer_files(directory: Path) -> list[Path]:
     return files
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """把写好的临时目录换到目标名：已有目标先改名挪开，换好后再删除旧的。"""
     if target.exists() and not target.is_dir():
         raise ValueError(f"save_pretrained: {target} exists and is not a directory")
@@ -477,7 +519,7 @@ def save_pretrained(
             shutil.copyfile(file, tmp / file.name)
             _fsync(tmp / file.name)
         _fsync(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

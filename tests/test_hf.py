@@ -7,6 +7,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,40 @@ from functional_lm.model import forward, init_params
 transformers = pytest.importorskip("transformers")
 
 
+# ---------------------------------------------------------------- 与 transformers 版本相关的小工具
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def _rope_kwargs(theta, scaling=None):
+    """按 transformers 版本传 RoPE 设置：5.x 读 ``rope_parameters``；4.x 读顶层 ``rope_theta`` + ``rope_scaling``。
+
+    4.x 不认识 ``rope_parameters``，会把它当作无关属性静默忽略（θ 退回缺省值），所以必须分开写。
+    """
+    if _TRANSFORMERS_MAJOR >= 5:
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta, **(scaling or {})}}
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _config_theta(config):
+    """从 transformers 的配置对象读回 θ（5.x 在 rope_parameters 里，4.x 在顶层）。"""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params["rope_theta"]
+    return config.rope_theta
+
+
+def _auto_dtype():
+    """from_pretrained 按检查点自身 dtype 加载：5.x 的参数名是 dtype，4.x 是 torch_dtype（缺省还是 float32）。"""
+    return {"dtype": "auto"} if _TRANSFORMERS_MAJOR >= 5 else {"torch_dtype": "auto"}
+
+
+def _saved_dtype(config_json):
+    """config.json 里记录的 dtype：5.x 写 ``dtype``，4.x 写 ``torch_dtype``。"""
+    return config_json.get("dtype", config_json.get("torch_dtype"))
+
+
 # ---------------------------------------------------------------- 构造检查点的工具
-def _hf_config(**overrides):
+def _hf_config(rope_scaling=None, **overrides):
     base = dict(
         vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -30,7 +63,9 @@ def _hf_config(**overrides):
     )
     base.update(overrides)
     theta = base.pop("rope_theta")
-    return transformers.Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": theta}, **base)
+    config = transformers.Qwen2Config(**_rope_kwargs(theta, rope_scaling), **base)
+    assert _config_theta(config) == theta, "transformers ignored the RoPE θ we passed"
+    return config
 
 
 def _hf_checkpoint(path, dtype=torch.float32, seed=0, **overrides):
@@ -54,6 +89,13 @@ def _ids(vocab, b=2, t=7, seed=0):
 
 def _max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
+
+
+def _assert_bit_identical(theirs, ours, what="logits"):
+    """README 承诺 float32 eager 下与 transformers 逐位一致：torch.equal，失败时报告最大差。"""
+    assert theirs.dtype == ours.dtype == torch.float32
+    assert theirs.shape == ours.shape
+    assert torch.equal(theirs, ours), f"{what}: max abs difference {_max_diff(theirs, ours):.3e}"
 
 
 def _rewrite_config(path, **changes):
@@ -105,13 +147,12 @@ def test_logits_match_transformers_float32(tmp_path, shape):
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         theirs = model(ids).logits
-    diff = _max_diff(theirs, forward(params, ids, cfg))
-    assert diff <= 1e-5, f"{shape}: max abs difference {diff:.3e}"
+    _assert_bit_identical(theirs, forward(params, ids, cfg), shape)
 
 
 def test_bfloat16_checkpoint_loads_as_bfloat16_and_matches(tmp_path):
     model = _hf_checkpoint(tmp_path, dtype=torch.bfloat16)
-    assert json.loads((tmp_path / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert _saved_dtype(json.loads((tmp_path / "config.json").read_text())) == "bfloat16"
     cfg, params = load_pretrained(tmp_path)
     assert {v.dtype for v in params.values()} == {torch.bfloat16}
     ids = _ids(cfg.vocab_size)
@@ -139,7 +180,7 @@ def test_older_config_layout_with_top_level_rope_theta(tmp_path):
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         theirs = model(ids).logits
-    assert _max_diff(theirs, forward(params, ids, cfg)) <= 1e-5
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
 
 
 def test_config_mapping_fields():
@@ -177,7 +218,7 @@ def test_round_trip_is_bit_identical_and_transformers_loads_it(tmp_path):
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         theirs = model(ids).logits
-    assert _max_diff(theirs, forward(params, ids, cfg)) <= 1e-5
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,13 +229,15 @@ def test_save_our_params_tied_is_loaded_by_transformers(tmp_path, dtype):
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys  # 共享嵌入只存一份
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, **_auto_dtype()).eval()
     assert model.dtype == dtype
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         theirs = model(ids).logits
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert _max_diff(theirs, forward(params, ids, cfg)) <= tol
+    if dtype == torch.float32:
+        _assert_bit_identical(theirs, forward(params, ids, cfg))
+    else:  # README 只承诺 float32 逐位一致；bf16 给 bf16 量级的容差
+        assert _max_diff(theirs, forward(params, ids, cfg)) <= 2e-2
     cfg2, params2 = load_pretrained(tmp_path)
     assert cfg2 == cfg and all(torch.equal(params2[k], params[k]) for k in params)
 
@@ -208,7 +251,7 @@ def test_bias_free_config_is_saved_with_zero_biases_and_reloads_bias_free(tmp_pa
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
         theirs = model(ids).logits
-    assert _max_diff(theirs, forward(params, ids, cfg)) <= 1e-5
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
     cfg2, params2 = load_pretrained(tmp_path)
     assert cfg2 == cfg and params2.keys() == params.keys()
 
@@ -228,7 +271,7 @@ def test_sharded_save_and_load(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = _ids(cfg.vocab_size)
     with torch.no_grad():
-        assert _max_diff(model(ids).logits, forward(params, ids, cfg)) <= 1e-5
+        _assert_bit_identical(model(ids).logits, forward(params, ids, cfg))
 
 
 def test_save_copies_tokenizer_files(tmp_path):
@@ -348,14 +391,118 @@ def test_refuses_invalid_config(ckpt):
         load_pretrained(ckpt)
 
 
-def test_refuses_unsupported_rope_and_sliding_window(ckpt):
-    _rewrite_config(ckpt, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0})
-    with pytest.raises(ValueError, match=r"config\.json.*yarn"):
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), r"rope_type 'yarn'"),
+        (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e6, "factor": 1.0}), r"rope_type 'dynamic'"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}), r"linear.*factor 2\.0"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e6}), r"linear.*factor None"),
+        # 旧布局：顶层 rope_theta + rope_scaling
+        (dict(rope_parameters=_DELETE, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 4.0}),
+         r"linear.*factor 4\.0"),
+        (dict(hidden_act="gelu"), r"hidden_act 'gelu'"),
+        (dict(use_sliding_window=True, sliding_window=0, max_window_layers=0), r"sliding_window must be a positive"),
+    ],
+)
+def test_refuses_configs_that_would_compute_something_else(ckpt, changes, field):
+    _rewrite_config(ckpt, **changes)
+    with pytest.raises(ValueError, match=r"config\.json.*" + field):
         load_pretrained(ckpt)
-    _rewrite_config(ckpt, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                    use_sliding_window=True, sliding_window=16, max_window_layers=0, layer_types=_DELETE)
-    with pytest.raises(ValueError, match=r"config\.json.*sliding"):
-        load_pretrained(ckpt)
+
+
+# ---------------------------------------------------------------- 能跑就接受：与 transformers 逐位一致
+def test_swish_is_silu(tmp_path):
+    model = _hf_checkpoint(tmp_path, hidden_act="swish")
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_act"] == "swish"
+    cfg, params = load_pretrained(tmp_path)
+    ids = _ids(cfg.vocab_size)
+    with torch.no_grad():
+        theirs = model(ids).logits
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
+
+
+def _rope_blocks(config_json):
+    """config.json 里所有 RoPE 设置块（新布局 rope_parameters、旧布局 rope_scaling）。"""
+    return [b for b in (config_json.get("rope_parameters"), config_json.get("rope_scaling")) if b]
+
+
+@pytest.mark.parametrize("factor", [1.0, 1])
+def test_linear_rope_with_factor_one_matches_transformers(tmp_path, factor):
+    model = _hf_checkpoint(tmp_path, rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": factor})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert any(b.get("rope_type", b.get("type")) == "linear" for b in _rope_blocks(saved))  # 真的写进了检查点
+    cfg, params = load_pretrained(tmp_path)
+    assert cfg.rope_theta == 5e5
+    ids = _ids(cfg.vocab_size, t=20)  # 位置越多，错误的缩放越容易显出来
+    with torch.no_grad():
+        theirs = model(ids).logits
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
+
+
+def test_linear_rope_with_factor_one_in_the_older_layout(tmp_path):
+    _hf_checkpoint(tmp_path, rope_theta=5e5)
+    _rewrite_config(tmp_path, rope_parameters=_DELETE, rope_theta=5e5, rope_scaling={"type": "linear", "factor": 1.0})
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # transformers 读同一个 config.json
+    cfg, params = load_pretrained(tmp_path)
+    assert cfg.rope_theta == 5e5
+    ids = _ids(cfg.vocab_size, t=20)
+    with torch.no_grad():
+        theirs = model(ids).logits
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
+
+
+WINDOW = 5
+
+
+def _sliding_checkpoint(path):
+    """第 1 层（max_window_layers=1 之后的层）用宽 WINDOW 的滑窗；sdpa 与 eager 在 transformers 5 中都实现滑窗。"""
+    return _hf_checkpoint(
+        path, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+
+
+def test_sliding_window_checkpoint_loads_limited_to_the_window(tmp_path):
+    model = _sliding_checkpoint(tmp_path)
+    with pytest.warns(UserWarning, match=rf"sliding_window={WINDOW}\).*limited to {WINDOW} tokens"):
+        cfg, params = load_pretrained(tmp_path)
+    assert cfg.max_seq_len == WINDOW
+    ids = _ids(cfg.vocab_size, t=WINDOW)
+    with torch.no_grad():
+        theirs = model(ids).logits
+    _assert_bit_identical(theirs, forward(params, ids, cfg))
+    with pytest.raises(ValueError, match=rf"sequence length {WINDOW + 1} exceeds ModelConfig\.max_seq_len={WINDOW}"):
+        forward(params, _ids(cfg.vocab_size, t=WINDOW + 1), cfg)
+
+
+@pytest.mark.skipif(_TRANSFORMERS_MAJOR < 5, reason="transformers 4.x 的 sdpa 路径忽略滑窗（4.45.2 实测），无从对照")
+def test_sliding_window_starts_to_differ_one_token_past_the_limit(tmp_path):
+    # 钉住边界：transformers 的滑窗在长度 WINDOW + 1 时才与全因果注意力不同，所以 max_seq_len = WINDOW 恰好。
+    model = _sliding_checkpoint(tmp_path)
+    with pytest.warns(UserWarning):
+        cfg, params = load_pretrained(tmp_path)
+    ids = _ids(cfg.vocab_size, t=WINDOW + 1)
+    full = forward(params, ids, cfg.replace(max_seq_len=WINDOW + 1))  # 解除限制后的全因果注意力
+    with torch.no_grad():
+        theirs = model(ids).logits
+    _assert_bit_identical(theirs[:, :WINDOW], full[:, :WINDOW], "positions inside the window")
+    assert _max_diff(theirs[:, WINDOW], full[:, WINDOW]) > 1e-3
+
+
+def test_sliding_window_layers_follow_transformers_rules():
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50,
+                max_position_embeddings=4096, use_sliding_window=True, sliding_window=1024)
+    with pytest.warns(UserWarning, match="limited to 1024 tokens"):
+        assert config_from_hf(dict(base, max_window_layers=1)).max_seq_len == 1024  # 第 1 层用滑窗
+    with pytest.warns(UserWarning, match="limited to 1024 tokens"):  # layer_types 优先于 max_window_layers
+        layer_types = ["full_attention", "sliding_attention"]
+        assert config_from_hf(dict(base, max_window_layers=2, layer_types=layer_types)).max_seq_len == 1024
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 下面这些都等价于全注意力：不限制、不警告
+        assert config_from_hf(dict(base, max_window_layers=2)).max_seq_len == 4096  # 没有层用滑窗
+        assert config_from_hf(dict(base, max_window_layers=0, use_sliding_window=False)).max_seq_len == 4096
+        assert config_from_hf(dict(base, max_window_layers=0, sliding_window=4096)).max_seq_len == 4096
 
 
 def test_refuses_missing_config_field(ckpt):
