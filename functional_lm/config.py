@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES"]
+__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "cache_root"]
 
 # 蒸馏散度的名字（与 functional_lm.losses.DIVERGENCES 相同；配置层不依赖损失模块，测试保证两者一致）。
 DIVERGENCE_NAMES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
@@ -40,18 +42,18 @@ def _require_int(obj: Any, names: tuple[str, ...]) -> None:
 class ModelConfig:
     """Qwen2 / Qwen2.5 解码器的结构超参数；默认值即规格书中约 123M 参数的学生模型。"""
 
-    hidden_size: int = 512  # 隐藏维度 d
-    num_layers: int = 12  # Transformer 块的层数
-    num_heads: int = 8  # 查询头数 h
-    num_kv_heads: int = 2  # 键值头数 k（GQA：每 g = h/k 个查询头共享一组 K/V）
-    intermediate_size: int = 2048  # SwiGLU 前馈隐藏维度 f
-    vocab_size: int = 151936  # 嵌入矩阵的行数 v（Qwen2.5 的嵌入行数；真实 token 151,665 个）
-    max_seq_len: int = 512  # 最大序列长度（位置数上限）
-    rope_theta: float = 1e6  # RoPE 基数 θ
-    norm_eps: float = 1e-6  # RMSNorm 的 ε
-    dropout: float = 0.0  # 注意力概率上的 dropout（仅训练时生效）
-    qkv_bias: bool = True  # Qwen2.5 在 q/k/v 投影上有偏置，o 投影没有
-    tie_word_embeddings: bool = True  # 输出投影是否直接复用嵌入矩阵
+    hidden_size: int = 512  # 隐藏维度 d / hidden size d
+    num_layers: int = 12  # Transformer 块的层数 / number of transformer blocks
+    num_heads: int = 8  # 查询头数 h / query heads h
+    num_kv_heads: int = 2  # 键值头数 k（GQA：每 g = h/k 个查询头共享一组 K/V）/ key-value heads k (GQA: g = h/k query heads share one)
+    intermediate_size: int = 2048  # SwiGLU 前馈隐藏维度 f / SwiGLU hidden size f
+    vocab_size: int = 151936  # 嵌入矩阵的行数 v（Qwen2.5：151,665 个真实 token）/ embedding rows v (Qwen2.5: 151,665 real tokens)
+    max_seq_len: int = 512  # 最大序列长度（位置数上限）/ maximum sequence length (positions)
+    rope_theta: float = 1e6  # RoPE 基数 θ / RoPE base θ
+    norm_eps: float = 1e-6  # RMSNorm 的 ε / RMSNorm epsilon
+    dropout: float = 0.0  # 注意力概率上的 dropout（仅训练时）/ dropout on attention probabilities (training only)
+    qkv_bias: bool = True  # q/k/v 投影带偏置（Qwen2.5 如此）/ bias on the q/k/v projections (as in Qwen2.5)
+    tie_word_embeddings: bool = True  # 输出投影直接复用嵌入矩阵 / output projection reuses the embedding matrix
 
     def __post_init__(self) -> None:
         ints = (
@@ -113,29 +115,29 @@ class ModelConfig:
 class TrainingConfig:
     """蒸馏训练的超参数；默认值即规格书中的取值。"""
 
-    batch_size: int = 8  # 每步的序列条数
-    learning_rate: float = 3e-4  # AdamW 峰值学习率
-    weight_decay: float = 0.01  # AdamW 权重衰减（范数与偏置不衰减）
-    warmup_steps: int = 500  # 线性预热步数，之后余弦衰减
-    num_epochs: int = 3  # 训练轮数
-    gradient_clip: float = 1.0  # 全局梯度范数裁剪阈值
-    alpha: float = 0.5  # 蒸馏项权重：loss = α·T²·KD + (1−α)·CE
-    temperature: float = 2.0  # 蒸馏温度 T
-    checkpoint_dir: str = "checkpoints"  # 检查点目录
-    log_interval: int = 50  # 每隔多少步记录一次日志
-    eval_interval: int = 500  # 每隔多少步做一次验证
-    save_interval: int = 1000  # 每隔多少步保存一次检查点
-    seed: int = 0  # 随机种子（初始化、数据打乱、采样）
-    gradient_accumulation_steps: int = 1  # 梯度累积的微批个数（每个优化步消耗的批数）
-    max_steps: int = 0  # 优化步数上限；0 表示由 num_epochs 决定
-    keep_last: int = 3  # 只保留最近的几个检查点
-    divergence: str = "forward_kl"  # 蒸馏散度，见 functional_lm.losses
-    loss_chunk_size: int = 1024  # 分块蒸馏损失每块的 token 数
-    eval_batches: int = 8  # 每次验证最多使用的批数
-    bf16: bool = False  # 学生前向用 bfloat16 autocast
-    teacher_bf16: bool = False  # 教师以 bfloat16 权重运行
-    compile: bool = False  # 用 torch.compile 编译学生 / 教师的前向
-    val_fraction: float = 0.05  # 按文档划出的验证集比例
+    batch_size: int = 8  # 每个微批的序列条数 / sequences per micro-batch
+    learning_rate: float = 3e-4  # AdamW 峰值学习率 / peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW 权重衰减（范数与偏置不衰减）/ AdamW weight decay (not on norms and biases)
+    warmup_steps: int = 500  # 线性预热步数，之后余弦衰减 / linear warm-up steps, then cosine decay
+    num_epochs: int = 3  # 训练轮数（max_steps 为 0 时）/ epochs (when max_steps is 0)
+    gradient_clip: float = 1.0  # 全局梯度范数裁剪阈值 / global gradient-norm clip
+    alpha: float = 0.5  # 蒸馏项权重：loss = α·T²·KD + (1−α)·CE / weight of the distillation term
+    temperature: float = 2.0  # 蒸馏温度 T / distillation temperature T
+    checkpoint_dir: str = "checkpoints"  # 检查点目录（相对运行目录）/ checkpoint folder (relative to the run)
+    log_interval: int = 50  # 每隔多少步记录一次 / steps between log records
+    eval_interval: int = 500  # 每隔多少步验证一次 / steps between evaluations
+    save_interval: int = 1000  # 每隔多少步保存检查点 / steps between checkpoints
+    seed: int = 0  # 随机种子（初始化、数据划分与打乱）/ random seed (init, data split and order)
+    gradient_accumulation_steps: int = 1  # 每个优化步累积的微批数 / micro-batches accumulated per optimizer step
+    max_steps: int = 0  # 优化步数；0 = 由 num_epochs 决定 / optimizer steps; 0 = from num_epochs
+    keep_last: int = 3  # 只保留最近的几个检查点 / checkpoints to keep
+    divergence: str = "forward_kl"  # 蒸馏散度 / distillation divergence
+    loss_chunk_size: int = 1024  # 分块损失每块的 token 数 / tokens per chunk of the chunked loss
+    eval_batches: int = 8  # 每次验证最多用几批 / at most this many validation batches
+    bf16: bool = False  # 学生前向用 bfloat16 autocast / bfloat16 autocast for the student
+    teacher_bf16: bool = False  # 教师以 bfloat16 权重运行 / run the teacher in bfloat16
+    compile: bool = False  # 用 torch.compile 编译前向与损失 / torch.compile the forwards and the loss
+    val_fraction: float = 0.05  # 按文档划出的验证集比例 / fraction of documents held out for validation
 
     def __post_init__(self) -> None:
         ints = (
@@ -235,3 +237,10 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+def cache_root() -> Path:
+    """本项目所有缓存（分词缓存 tokens/、演示教师 demo/、导出的分词器 tokenizer/）的根目录：
+    环境变量 FUNCTIONAL_LM_CACHE，缺省 ~/.cache/functional_lm。每次调用时读取环境变量。"""
+    root = os.environ.get("FUNCTIONAL_LM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "functional_lm"
