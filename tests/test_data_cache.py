@@ -94,3 +94,42 @@ def test_cache_bad_input_raises_or_counts(tok, tmp_path):
     store = build_token_cache([bad], tok, tmp_path / "c", num_workers=0, progress=False, skip_errors=True)
     assert store.num_documents == 2 and store.meta["skipped"] == 1
     assert store.tokens.tolist() == tok.encode("ok") + [151643] + tok.encode("fine") + [151643]
+
+
+def test_text_split_changes_documents_and_cache_key(tok, tmp_path):
+    txt = tmp_path / "notes.txt"
+    txt.write_text("one\ntwo\n\nthree\n\n\nfour\n", encoding="utf-8")
+    cache = tmp_path / "c"
+    build = lambda split: build_token_cache(  # noqa: E731
+        [txt], tok, cache, num_workers=0, progress=False, text_split=split
+    )
+    para, whole, lines = build("paragraph"), build("file"), build("line")
+    assert [para.num_documents, whole.num_documents, lines.num_documents] == [3, 1, 4]
+    assert len({para.path, whole.path, lines.path}) == 3  # 切法进了缓存键：各建各的
+    sep = tok.separator_token_id
+    assert para.tokens.tolist() == (
+        tok.encode("one\ntwo") + [sep] + tok.encode("three") + [sep] + tok.encode("four") + [sep]
+    )
+    assert build("file").meta["reused"] is True and build("paragraph").meta["reused"] is True
+    with pytest.raises(ValueError, match=r"text_split='lines'.*expected one of"):
+        build("lines")
+
+
+def test_single_txt_file_with_val_fraction_is_accepted(tok, tmp_path):
+    from functional_lm.data import prepare_data
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"Paragraph {i}: some notes about topic {i}." for i in range(40)), encoding="utf-8")
+    data = prepare_data(
+        [notes], tokenizer=tok, seq_len=8, batch_size=2, val_fraction=0.05, cache_dir=tmp_path / "c",
+        num_workers=0, progress=False,
+    )
+    assert data.store.num_documents == 40
+    assert len(data.val.doc_ids) == 2 and len(data.train.doc_ids) == 38
+    with pytest.raises(ValueError, match="leaves no training documents out of 1"):
+        prepare_data(
+            [notes], tokenizer=tok, seq_len=8, batch_size=2, val_fraction=0.05, cache_dir=tmp_path / "c",
+            num_workers=0, progress=False, text_split="file",
+        )
+    with pytest.raises(ValueError, match=r"text_split='para'"):
+        prepare_data([notes], tokenizer="/nonexistent/tokenizer", text_split="para")  # 先于加载分词器报错

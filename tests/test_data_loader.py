@@ -53,34 +53,62 @@ def test_epoch_covers_each_block_once_and_shuffle_depends_on_seed(dataset):
     assert np.array_equal(plain.epoch_order(5), np.arange(len(dataset)))
 
 
-@pytest.mark.parametrize("k", [0, 1, 5, 9, 23])
-def test_resume_after_k_batches_yields_same_next_batches(dataset, k):
-    reference = BatchLoader(dataset, batch_size=4, seed=7)
-    stream = []
-    it = iter(reference)
-    for _ in range(30):  # 跨过轮边界（每轮 len(reference) 个批）
-        try:
-            stream.append(next(it))
-        except StopIteration:
-            it = iter(reference)
-            stream.append(next(it))
-    run = BatchLoader(dataset, batch_size=4, seed=7)
-    consumed = 0
-    it = iter(run)
-    while consumed < k:
-        try:
-            next(it)
-            consumed += 1
-        except StopIteration:
-            it = iter(run)
-    state = run.state_dict()
-    resumed = BatchLoader(dataset, batch_size=4, seed=0)  # 种子随状态恢复
-    resumed.load_state_dict(state)
-    got = [resumed.next_batch() for _ in range(4)]
-    for a, b in zip(got, stream[k : k + 4]):
+def _take(loader, k, style):
+    """从 loader 取 k 批：style="next" 用 next_batch；"iter" 用 for 循环式的迭代，每轮结束时重新 iter。"""
+    if style == "next":
+        return [loader.next_batch() for _ in range(k)]
+    taken = []
+    while len(taken) < k:
+        before = len(taken)
+        for batch in loader:
+            taken.append(batch)
+            if len(taken) == k:
+                break
+        # 一轮取完后新的 for 循环必须开始下一轮；什么也没给出就是加载器坏了（否则这里会死循环）。
+        assert len(taken) > before or k == 0, "iter(loader) yielded nothing at an epoch boundary"
+    return taken
+
+
+def _assert_same_batches(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
         assert torch.equal(a.input_ids, b.input_ids)
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.loss_mask, b.loss_mask)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 9, 23])
+def test_resume_within_the_first_epoch_yields_same_next_batches(dataset, k):
+    # k 与后面的 4 批都在第 0 轮之内（每轮 len(loader) = 55 批）；跨轮的情形见下一个测试。
+    reference = _take(BatchLoader(dataset, batch_size=4, seed=7), k + 4, "next")
+    run = BatchLoader(dataset, batch_size=4, seed=7)
+    assert k + 4 < len(run)
+    _take(run, k, "iter")
+    resumed = BatchLoader(dataset, batch_size=4, seed=0)  # 种子随状态恢复
+    resumed.batch_at(0, 0)  # 先按旧种子排过第 0 轮：恢复后必须按存下的种子重新排
+    resumed.load_state_dict(run.state_dict())
+    _assert_same_batches([resumed.next_batch() for _ in range(4)], reference[k:])
+
+
+@pytest.mark.parametrize("style", ["next", "iter"])
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_resume_at_the_epoch_boundary_crosses_into_the_next_epoch(dataset, delta, style):
+    after = 6  # 恢复后再取 6 批：k = len-1 时含第 0 轮最后一批与第 1 轮前 5 批
+    n = len(BatchLoader(dataset, batch_size=4, seed=7))
+    k = n + delta
+    uninterrupted = BatchLoader(dataset, batch_size=4, seed=7)
+    reference = _take(uninterrupted, k + after, "next")
+    # 第 1 轮的第一批确实换了顺序：若恢复后错误地重走第 0 轮，下面的比较必然失败。
+    assert not torch.equal(reference[n].input_ids, reference[0].input_ids)
+    run = BatchLoader(dataset, batch_size=4, seed=7)
+    _take(run, k, style)
+    state = run.state_dict()
+    assert (state["epoch"], state["position"]) == ((0, k) if k <= n else (1, k - n))
+    resumed = BatchLoader(dataset, batch_size=4, seed=0)
+    resumed.load_state_dict(state)
+    _assert_same_batches(_take(resumed, after, style), reference[k:])
+    assert (resumed.state_dict()["epoch"], resumed.state_dict()["position"]) == (1, k + after - n)
+    assert resumed.state_dict() == uninterrupted.state_dict()
 
 
 def test_state_dict_roundtrip_and_mismatch(dataset):

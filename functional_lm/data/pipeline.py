@@ -4,7 +4,8 @@
                         val_fraction=0.01, seed=0, cache_dir=".cache/tokens", model_config=cfg)
     batch = data.train_loader.next_batch()        # Batch(input_ids, labels, loss_mask)，形状 (8, 512)
 
-sources 为 None 时使用内置默认语料（pydoc_data.topics）。
+sources 为 None 时使用内置默认语料（pydoc_data.topics）。text_split 决定纯文本文件怎样切成文档
+（"paragraph" 默认：空白行分段；"file"：整文件一篇；"line"：每个非空白行一篇），见 sources.TEXT_SPLITS。
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from functional_lm.config import cache_root
 from functional_lm.data.cache import build_token_cache
 from functional_lm.data.corpus import default_corpus_source
 from functional_lm.data.loader import BatchLoader
 from functional_lm.data.packing import PackedDataset, pack
+from functional_lm.data.sources import DEFAULT_TEXT_SPLIT, check_text_split
 from functional_lm.data.store import TokenStore
 from functional_lm.data.tokenizer import Tokenizer, check_vocab_compat, load_tokenizer
 
-__all__ = ["DataBundle", "prepare_data", "DEFAULT_CACHE_DIR"]
+__all__ = ["DataBundle", "prepare_data", "default_cache_dir"]
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("FUNCTIONAL_LM_CACHE", Path.home() / ".cache" / "functional_lm" / "tokens"))
+def default_cache_dir() -> Path:
+    """分词缓存的默认目录：缓存根目录（FUNCTIONAL_LM_CACHE，缺省 ~/.cache/functional_lm）下的 tokens/。"""
+    return cache_root() / "tokens"
 
 
 @dataclass
@@ -51,15 +56,17 @@ def prepare_data(
     num_workers: int | None = None,
     skip_errors: bool = False,
     progress: bool = True,
+    text_split: str = DEFAULT_TEXT_SPLIT,
 ) -> DataBundle:
     """分词（复用缓存）→ 检查词表与块长 → 划分打包 → 构造加载器。"""
+    check_text_split(text_split)  # 先于加载分词器：参数写错立刻报，不等几秒
     tok = load_tokenizer(tokenizer)
     if model_config is not None:
         check_vocab_compat(tok, model_config.vocab_size)
     srcs = [default_corpus_source()] if sources is None else list(sources)
     store = build_token_cache(
-        srcs, tok, cache_dir or DEFAULT_CACHE_DIR, num_workers=num_workers,
-        skip_errors=skip_errors, progress=progress,
+        srcs, tok, cache_dir or default_cache_dir(), num_workers=num_workers,
+        skip_errors=skip_errors, progress=progress, text_split=text_split,
     )
     train, val = pack(store, seq_len, val_fraction=val_fraction, seed=seed, model_config=model_config)
     train_loader = BatchLoader(train, batch_size, seed=seed, shuffle=True, drop_last=True)

