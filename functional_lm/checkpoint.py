@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from functional_lm.config import ModelConfig
-from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.hf import load_pretrained, replace_dir, save_pretrained, write_safetensors
 
 __all__ = [
     "STATE_JSON",
@@ -178,13 +178,13 @@ def save_checkpoint(
     try:
         tensors, groups = optimizer_to_tensors(optimizer, names)
         tensors[_RNG_KEY] = torch.get_rng_state()
-        save_file(tensors, str(tmp / STATE_TENSORS))
+        write_safetensors(tensors, tmp / STATE_TENSORS)
         payload = dict(state, step=step, optimizer_param_groups=groups)
         (tmp / STATE_JSON).write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
         _fsync_dir(tmp)
-        if final.exists():  # 同一步再次保存（例如恢复后）：先移走旧的再改名
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        # 同一步再次保存（例如恢复后）：旧目录先改名挪开，新目录到位后才删除——这一步唯一的一份
+        # 检查点在替换品就位之前绝不删除。
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

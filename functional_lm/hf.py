@@ -52,6 +52,7 @@ __all__ = [
     "replace_dir",
     "resolve_checkpoint",
     "save_pretrained",
+    "write_safetensors",
 ]
 
 ARCHITECTURE = "Qwen2ForCausalLM"
@@ -446,10 +447,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_shard(tensors: dict[str, Tensor], file: Path) -> None:
-    """写一个 safetensors 文件（metadata format=pt，transformers 要求）并 fsync。"""
-    save_file(tensors, str(file), metadata={"format": "pt"})
+def write_safetensors(tensors: Mapping[str, Tensor], file: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    """写一个 safetensors 文件并 fsync。
+
+    safetensors 把写盘失败（磁盘满、文件过大……）报成 SafetensorError("... (os error 28)")；这里还原成
+    带 errno 的 OSError，调用方因此能像对待任何写盘失败一样说清楚“磁盘满了”。
+    """
+    try:
+        save_file(dict(tensors), str(file), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(file)) from err
     _fsync(file)
+
+
+def _write_shard(tensors: dict[str, Tensor], file: Path) -> None:
+    """写一个 safetensors 文件（metadata format=pt，transformers 要求）。"""
+    write_safetensors(tensors, file, metadata={"format": "pt"})
 
 
 def _write_json(data: Any, file: Path) -> None:

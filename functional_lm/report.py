@@ -10,19 +10,55 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["read_metrics", "plot_loss_curves", "write_report"]
+__all__ = ["read_metrics", "read_metrics_file", "plot_loss_curves", "write_report"]
+
+
+def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """读取一个 metrics.jsonl，返回 (记录列表, 最后一行是否被截断而丢掉)。
+
+    追加写入时崩溃（例如磁盘满）会留下写了一半的最后一行：丢掉它、照常返回其余记录；
+    中间某行损坏则不是崩溃能造成的，报 ValueError 并点名文件与行号。
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                return records, True
+            raise ValueError(f"{path}:{number}: not a JSON record; the metrics file is damaged") from None
+    return records, False
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """读取 run_dir/metrics.jsonl 的全部记录（文件不存在时为空列表）。"""
+    """读取 run_dir/metrics.jsonl 的全部记录（文件不存在时为空列表；被截断的最后一行被丢掉）。"""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_metrics_file(path)[0]
 
 
-def plot_loss_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, key: str = "loss") -> Optional[Path]:
-    """把若干条训练曲线（名字 → 训练记录）画进一张 PNG；没有 matplotlib 时返回 None。"""
+def _points(records: list[dict[str, Any]], kind: str, key: str) -> list[tuple[Any, Any]]:
+    return [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
+
+
+def plot_loss_curves(
+    curves: Mapping[str, list[dict[str, Any]]],
+    file: Path,
+    key: str = "loss",
+    *,
+    val_key: Optional[str] = None,
+    reference: Optional[tuple[str, float]] = None,
+) -> Optional[Path]:
+    """把若干条训练曲线（名字 → 记录）画进一张 PNG；没有 matplotlib 时返回 None。
+
+    每条曲线画训练记录的 key（点带标记，只有一个点时也看得见）；给了 val_key 时同色画出验证点；
+    reference = (名字, 数值) 画一条水平参照线（例如教师在验证集上的交叉熵）。
+    """
     try:
         import matplotlib
 
@@ -32,9 +68,14 @@ def plot_loss_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, key
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, records in curves.items():
-        points = [(r["step"], r[key]) for r in records if r.get("kind") == "train" and r.get(key) is not None]
+        points = _points(records, "train", key)
         if points:
-            ax.plot(*zip(*points), label=name)
+            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=f"{name} (train)")
+            val = _points(records, "eval", val_key) if val_key else []
+            if val:
+                ax.plot(*zip(*val), marker="s", linestyle="--", color=line.get_color(), label=f"{name} (val)")
+    if reference is not None and reference[1] is not None:
+        ax.axhline(reference[1], color="gray", linestyle=":", label=reference[0])
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.set_title(f"training {key}")
@@ -76,14 +117,17 @@ def write_report(
     samples: Optional[Mapping[str, str]] = None,
     notes: Optional[list[str]] = None,
     curve_key: str = "loss",
+    val_key: Optional[str] = None,
+    reference: Optional[tuple[str, float]] = None,
 ) -> Path:
     """写出 run_dir/report.md（和 loss_curve.png），返回报告路径。
 
-    curve_key：画哪一个训练指标（比较不同 α 的运行时用 "ce"，因为总损失的量纲随 α 变化）。
+    curve_key：画哪一个训练指标（比较不同 α 的运行时用 "ce"，因为总损失的量纲随 α 变化）；
+    val_key：同图画出的验证指标（如 "val_ce"）；reference：水平参照线 (名字, 数值)。
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    png = plot_loss_curves(curves, run_dir / "loss_curve.png", key=curve_key)
+    png = plot_loss_curves(curves, run_dir / "loss_curve.png", key=curve_key, val_key=val_key, reference=reference)
     parts = [f"# {title}", ""]
     parts += ["## 最终指标 / Final metrics", "", _table(final_metrics), ""]
     if png is not None:

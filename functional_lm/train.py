@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +35,7 @@ from functional_lm.checkpoint import (
     checkpoint_name,
     finite_or_none,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     optimizer_from_tensors,
     restore_rng,
@@ -42,6 +44,8 @@ from functional_lm.checkpoint import (
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
+from functional_lm.report import read_metrics_file
+from functional_lm.rundir import Interrupted, RunDirError, write_failure, writing
 
 __all__ = [
     "Model",
@@ -55,6 +59,9 @@ __all__ = [
     "distill_loss",
     "teacher_hidden_states",
     "evaluate",
+    "StepStats",
+    "optimizer_step",
+    "total_training_steps",
     "train",
 ]
 
@@ -78,10 +85,6 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # 每次记录的训练指标
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # 训练后的学生参数（已 detach）
-
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM 之后，训练已保存进度并停下；命令行以退出码 130 结束。"""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -268,24 +271,44 @@ def evaluate(
         scores |= {
             "val_loss": mean["loss"],
             "val_kd": mean["kd"],
+            "teacher_ce": mean["teacher_ce"],
             "teacher_ppl": math.exp(min(mean["teacher_ce"], 50.0)),
             "kl_teacher_student": mean["kl_t1"],
             "top1_agreement": mean["agree"],
         }
     return scores
 
-
 # ---------------------------------------------------------------- 信号
 class _StopFlag:
-    """SIGINT / SIGTERM 只置位；训练循环在一步结束时检查它，保存后退出。第二次 Ctrl-C 立即中断。"""
+    """SIGINT / SIGTERM 只置位；训练循环在一步结束时检查它，保存后退出。
+
+    第二次 Ctrl-C 立即中断（KeyboardInterrupt）——但保存进行中时不打断它：记下来，保存完成后再中断，
+    这样磁盘上永远只有完整的检查点。
+    """
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
+        self.saving = False
+        self.abort_after_save = False
 
     def __call__(self, signum: int, _frame: Any) -> None:
         if self.requested is not None and signum == signal.SIGINT:
+            if self.saving:
+                self.abort_after_save = True
+                return
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """保存期间推迟第二次 Ctrl-C 的中断。"""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.abort_after_save:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -306,22 +329,56 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
 class _Metrics:
     """metrics.jsonl：每行一个 JSON 对象（训练记录与验证记录用 "kind" 区分），追加写入并立即落盘。"""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, last_good: Callable[[], Optional[Path]]) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.last_good = last_good  # 写失败时报告最后一个完好的检查点
 
     def truncate_after(self, step: int) -> None:
-        """恢复训练时丢掉检查点之后（崩溃前已写出、恢复后会重算）的记录，避免同一步出现两次。"""
+        """恢复训练时丢掉检查点之后（崩溃前已写出、恢复后会重算）的记录，避免同一步出现两次。
+
+        崩溃（例如磁盘满）时写了一半的最后一行也在这里丢掉，并给出点名文件的警告。
+        """
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        records, torn = read_metrics_file(self.path)
+        if torn:
+            print(f"warning: {self.path}: dropped a cut-off last line (a crash while writing it)", file=sys.stderr)
+        keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
+        with writing("the training metrics", self.path, self.last_good()):
+            self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(clean) + "\n")
+        with writing("the training metrics", self.path, self.last_good()), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+class _Window:
+    """两次记录之间的滑动统计：逐步累加损失各部分与 token 数，记录时取平均并清零。"""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.kd = self.ce = 0.0
+        self.tokens = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: "StepStats") -> None:
+        self.loss, self.kd, self.ce = self.loss + stats.loss, self.kd + stats.kd, self.ce + stats.ce
+        self.tokens += stats.tokens
+        self.steps += 1
+
+    def record(self, step: int, stats: "StepStats") -> dict[str, Any]:
+        """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
+        elapsed = time.perf_counter() - self.start
+        n = max(self.steps, 1)
+        logged = {
+            "kind": "train", "step": step, "loss": self.loss / n, "kd": self.kd / n, "ce": self.ce / n,
+            "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+        }
+        self.reset()
+        return logged
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -330,7 +387,12 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
 
 
-# ---------------------------------------------------------------- 训练主循环
+def _say(message: str) -> None:
+    """训练器对用户说的话（恢复位置、改动的设置）：写到 stderr。"""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- 一个优化步
 def _leaf_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """拷贝成独立的 float 叶子张量（requires_grad），共享嵌入保持为同一个张量。"""
     out: dict[str, torch.Tensor] = {}
@@ -347,6 +409,96 @@ def total_training_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
     if tcfg.max_steps > 0:
         return tcfg.max_steps
     return max(1, tcfg.num_epochs * batches_per_epoch // tcfg.gradient_accumulation_steps)
+
+
+@dataclass
+class StepStats:
+    """一个优化步的结果（各部分是本步全部微批之和，即全局有效 token 上的平均）。"""
+
+    loss: float
+    kd: float
+    ce: float
+    grad_norm: float
+    lr: float
+    tokens: int  # 本步读入的 token 数（含不计损失的），用于吞吐
+
+
+@dataclass
+class _Stepper:
+    """一个优化步所需的全部东西：学生叶子参数、优化器、（可选的）教师与两边的前向函数。"""
+
+    params: dict[str, torch.Tensor]
+    cfg: ModelConfig
+    optimizer: torch.optim.Optimizer
+    teacher: Optional[Model]  # α = 0 时为 None：训练不跑教师
+    tcfg: TrainingConfig
+    real_vocab_size: int
+    student_fwd: Callable = forward_hidden
+    teacher_fwd: Callable = forward_hidden
+
+
+def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
+    """微批 → 梯度（按全局有效 token 数归一化后逐微批累加）→ 全局范数裁剪 → AdamW 一步。
+
+    损失或梯度范数非有限时不更新参数，抛 NonFiniteLossError（由调用方补上最后一个好的检查点）。
+    """
+    for group in stepper.optimizer.param_groups:
+        group["lr"] = lr
+    num_tokens = max(sum(count_valid_tokens(b) for b in micro), 1)
+    loss_sum = kd_sum = ce_sum = 0.0
+    for batch in micro:
+        t_hidden = None
+        if stepper.teacher is not None:
+            t_hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd)
+        loss, parts = distill_loss(
+            stepper.params, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
+            real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
+        )
+        loss.backward()
+        loss_sum += float(loss.detach())
+        kd_sum += float(parts["kd"])
+        ce_sum += float(parts["ce"])
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(unique_tensors(stepper.params), stepper.tcfg.gradient_clip))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        stepper.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(f"non-finite loss {loss_sum} (grad norm {grad_norm})")
+    stepper.optimizer.step()
+    stepper.optimizer.zero_grad(set_to_none=True)
+    tokens = sum(b.input_ids.numel() for b in micro)
+    return StepStats(loss_sum, kd_sum, ce_sum, grad_norm, lr, tokens)
+
+
+# ---------------------------------------------------------------- 训练主循环
+def _check_models(student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int]) -> int:
+    """训练前的一次性核对；返回真实词表大小。"""
+    if teacher is None and tcfg.alpha != 0.0:
+        raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
+    vocab_rows = [student.cfg.vocab_size] + ([teacher.cfg.vocab_size] if teacher is not None else [])
+    real_vocab_size = real_vocab_size or min(vocab_rows)
+    if real_vocab_size > min(vocab_rows):
+        raise ValueError(f"real_vocab_size={real_vocab_size} exceeds the embedding rows {vocab_rows}")
+    check_params(student.params, student.cfg)
+    if teacher is not None:
+        check_params(teacher.params, teacher.cfg)
+    return real_vocab_size
+
+
+def _refuse_foreign_run(run_dir: Path, ckpt_root: Path) -> None:
+    """resume=False 却指向已有检查点或指标的目录：拒绝，免得新旧两次运行混在一起。"""
+    found = [p.name for p in list_checkpoints(ckpt_root)]
+    if found or (run_dir / "metrics.jsonl").is_file():
+        what = f"checkpoints {found[-1]}…" if found else "metrics.jsonl"
+        raise RunDirError(
+            f"{run_dir} already holds a training run ({what}); resume it (resume=True, or --resume on the command "
+            f"line) or train into a new directory (--overwrite clears it first)"
+        )
+
+
+def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig) -> Optional[Model]:
+    """按配置准备教师：可选 bfloat16 权重（只转换一次）。"""
+    if teacher is not None and tcfg.teacher_bf16:
+        return Model({k: v.to(torch.bfloat16) for k, v in teacher.params.items()}, teacher.cfg)
+    return teacher
 
 
 def train(
@@ -369,144 +521,131 @@ def train(
             teacher 给出而 α = 0 时，训练不跑教师（省下它的前向），验证仍报告与教师的比较。
         data：``functional_lm.data.prepare_data`` 的结果（train_loader / val_loader）。
         run_dir：运行目录；检查点在 ``run_dir/checkpoints``，指标在 ``run_dir/metrics.jsonl``。
-        resume：从 ``run_dir/checkpoints`` 的最新检查点继续（没有检查点时从头开始）。
+        resume：从 ``run_dir/checkpoints`` 的最新检查点继续（没有检查点时从头开始）。为假而目录里已有
+            检查点或指标时拒绝（RunDirError），免得两次运行混在一起。
         real_vocab_size：真实词表大小（分词器的 id 数）；两边 logits 在它之后的列被排除。
+        tokenizer_dir：分词器目录，复制进每个检查点（学生因此可以独立使用）。
         on_step_end：每步结束时的回调 (step, 指标)，测试用它模拟崩溃。
     """
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
-    if teacher is None and tcfg.alpha != 0.0:
-        raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
-    vocab_rows = [student.cfg.vocab_size] + ([teacher.cfg.vocab_size] if teacher is not None else [])
-    real_vocab_size = real_vocab_size or min(vocab_rows)
-    if real_vocab_size > min(vocab_rows):
-        raise ValueError(f"real_vocab_size={real_vocab_size} exceeds the embedding rows {vocab_rows}")
-    check_params(student.params, student.cfg)
-    if teacher is not None:
-        check_params(teacher.params, teacher.cfg)
+    real_vocab_size = _check_models(student, teacher, tcfg, real_vocab_size)
+    if not resume:
+        _refuse_foreign_run(run_dir, ckpt_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
     loader = data.train_loader
     total = total_training_steps(tcfg, len(loader))
-
     params = _leaf_params(student.params)
     names = {id(p): k for k, p in params.items()}
-    optimizer = build_optimizer(params, tcfg)
-    step = 0
-    last_ckpt: Optional[Path] = None
+    teacher_model = _teacher_for_training(teacher, tcfg)
+    stepper = _Stepper(
+        params, student.cfg, build_optimizer(params, tcfg), teacher_model if tcfg.alpha > 0.0 else None, tcfg,
+        real_vocab_size,
+        student_fwd=torch.compile(forward_hidden) if tcfg.compile else forward_hidden,
+        teacher_fwd=torch.compile(forward_hidden) if tcfg.compile else forward_hidden,
+    )
     torch.manual_seed(tcfg.seed)
+    result = TrainResult(step=0, total_steps=total, interrupted=False, last_checkpoint=None)
     if resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        step, last_ckpt = _restore(found, params, optimizer, names, loader, student.cfg)
-    student_fwd = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
-    teacher_model = teacher
-    if teacher is not None and tcfg.teacher_bf16:
-        teacher_model = Model({k: v.to(torch.bfloat16) for k, v in teacher.params.items()}, teacher.cfg)
-    teacher_fwd = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
-
-    metrics = _Metrics(run_dir / "metrics.jsonl")
+        result.step, result.last_checkpoint = _restore(found, params, stepper.optimizer, names, loader, student.cfg)
+        _say(f"resumed from step {result.step} of {total} ({found})")
+    metrics = _Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint)
     if resume:
-        metrics.truncate_after(step)
-    result = TrainResult(step=step, total_steps=total, interrupted=False, last_checkpoint=last_ckpt)
-    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
+        metrics.truncate_after(result.step)
+    saver = _Saver(ckpt_root, stepper, names, loader, student.cfg, tcfg, total, real_vocab_size, tokenizer_dir, result)
 
-    def save(at_step: int) -> Path:
-        state = {
-            "loader": loader.state_dict(),
-            "training_config": tcfg.to_dict(),
-            "total_steps": total,
-            "real_vocab_size": real_vocab_size,
-        }
-        return save_checkpoint(
-            ckpt_root, at_step, params, student.cfg, optimizer, names, state,
-            keep_last=tcfg.keep_last, tokenizer_dir=tokenizer_dir,
-        )
-
-    def run_eval(at_step: int) -> dict[str, float]:
+    def run_eval(at_step: int, bar: Any) -> dict[str, float]:
         if data.val_loader is None:
             return {}
+        bar.set_description("distill (evaluating)")
         scores = evaluate(
             Model(params, student.cfg), teacher_model, data.val_loader, tcfg,
             real_vocab_size=real_vocab_size, max_batches=tcfg.eval_batches,
         )
+        bar.set_description("distill")
         metrics.write({"kind": "eval", "step": at_step, **scores})
         return scores
 
-    bar = _progress(total, step, progress)
+    bar = _progress(total, result.step, progress)
     try:
         with _stop_on_signals() as stop:
-            while step < total:
-                lr = learning_rate(step, tcfg, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                micro = [loader.next_batch() for _ in range(tcfg.gradient_accumulation_steps)]
-                num_tokens = sum(count_valid_tokens(b) for b in micro)
-                loss_sum, kd_sum, ce_sum = 0.0, 0.0, 0.0
-                train_teacher = teacher_model if tcfg.alpha > 0.0 else None
-                for batch in micro:
-                    t_hidden = None
-                    if train_teacher is not None:
-                        t_hidden = teacher_hidden_states(train_teacher, batch.input_ids, teacher_fwd)
-                    loss, parts = distill_loss(
-                        params, student.cfg, batch, train_teacher, t_hidden, tcfg,
-                        real_vocab_size=real_vocab_size, num_tokens=max(num_tokens, 1), forward_fn=student_fwd,
-                    )
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    kd_sum += float(parts["kd"])
-                    ce_sum += float(parts["ce"])
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(unique_tensors(params), tcfg.gradient_clip))
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                    where = last_ckpt if last_ckpt is not None else "none (no checkpoint was written yet)"
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss_sum} (grad norm {grad_norm}) at step {step + 1}; "
-                        f"training stopped, nothing was saved for this step; last good checkpoint: {where}"
-                    )
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                result.step = step
-                bar.update(1)
-                window["loss"] += loss_sum
-                window["kd"] += kd_sum
-                window["ce"] += ce_sum
-                window["tokens"] += sum(b.input_ids.numel() for b in micro)
-                window["steps"] += 1
-                record = {"loss": loss_sum, "kd": kd_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm}
-                if step % tcfg.log_interval == 0 or step == total:
-                    elapsed = time.perf_counter() - window["start"]
-                    logged = {
-                        "kind": "train",
-                        "step": step,
-                        "loss": window["loss"] / window["steps"],
-                        "kd": window["kd"] / window["steps"],
-                        "ce": window["ce"] / window["steps"],
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                    }
-                    metrics.write(logged)
-                    result.history.append(logged)
-                    bar.set_postfix(
-                        loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}", ce=f"{logged['ce']:.4f}",
-                        lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
-                    )
-                    window.update(loss=0.0, kd=0.0, ce=0.0, tokens=0, steps=0, start=time.perf_counter())
-                if step % tcfg.eval_interval == 0 and step != total:
-                    run_eval(step)
-                if step % tcfg.save_interval == 0 and step != total:
-                    last_ckpt = result.last_checkpoint = save(step)
-                if on_step_end is not None:
-                    on_step_end(step, record)
-                if stop.requested is not None:
-                    last_ckpt = result.last_checkpoint = save(step)
-                    result.interrupted = True
-                    bar.write(f"{stop.requested} received: saved {last_ckpt} at step {step}; resume with --resume")
-                    return result
-            result.final_eval = run_eval(step)
-            if last_ckpt is None or last_ckpt.name != checkpoint_name(step):
-                last_ckpt = result.last_checkpoint = save(step)
+            _loop(stepper, loader, total, result, metrics, saver, run_eval, bar, stop, on_step_end)
+            if not result.interrupted:
+                result.final_eval = run_eval(result.step, bar)
+                saver.save(result.step, stop)
     finally:
         bar.close()
         result.params = {k: v.detach() for k, v in params.items()}
     return result
+
+
+def _loop(stepper, loader, total, result, metrics, saver, run_eval, bar, stop, on_step_end) -> None:
+    """训练循环本身：取微批 → 一个优化步 → 记录 / 验证 / 保存 → 响应信号。"""
+    tcfg = stepper.tcfg
+    window = _Window()
+    while result.step < total:
+        lr = learning_rate(result.step, tcfg, total)
+        micro = [loader.next_batch() for _ in range(tcfg.gradient_accumulation_steps)]
+        try:
+            stats = optimizer_step(stepper, micro, lr)
+        except NonFiniteLossError as err:
+            where = result.last_checkpoint or "none (no checkpoint was written yet)"
+            raise NonFiniteLossError(
+                f"{err} at step {result.step + 1}; training stopped, nothing was saved for this step; "
+                f"last good checkpoint: {where}"
+            ) from None
+        step = result.step = result.step + 1
+        bar.update(1)
+        window.add(stats)
+        if step % tcfg.log_interval == 0 or step == total:
+            logged = window.record(step, stats)
+            metrics.write(logged)
+            result.history.append(logged)
+            bar.set_postfix(
+                loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}", ce=f"{logged['ce']:.4f}",
+                lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
+            )
+        if step % tcfg.eval_interval == 0 and step != total:
+            run_eval(step, bar)
+        if step % tcfg.save_interval == 0 and step != total:
+            saver.save(step, stop)
+        if on_step_end is not None:
+            on_step_end(step, {"loss": stats.loss, "kd": stats.kd, "ce": stats.ce, "lr": lr, "grad_norm": stats.grad_norm})
+        if stop.requested is not None:
+            saver.save(step, stop)
+            result.interrupted = True
+            bar.write(f"{stop.requested} received: saved {result.last_checkpoint} at step {step}; resume with --resume")
+            return
+
+
+class _Saver:
+    """原子保存检查点；同一步不重复保存（例如信号恰好落在保存步上），写盘失败说成一段话。"""
+
+    def __init__(self, root, stepper, names, loader, cfg, tcfg, total, real_vocab_size, tokenizer_dir, result) -> None:
+        self.root, self.stepper, self.names, self.loader = root, stepper, names, loader
+        self.cfg, self.tcfg, self.total, self.real_vocab_size = cfg, tcfg, total, real_vocab_size
+        self.tokenizer_dir, self.result = tokenizer_dir, result
+
+    def save(self, step: int, stop: _StopFlag) -> Path:
+        last = self.result.last_checkpoint
+        if last is not None and last.name == checkpoint_name(step):
+            return last  # 这一步已经存过了
+        state = {
+            "loader": self.loader.state_dict(),
+            "training_config": self.tcfg.to_dict(),
+            "total_steps": self.total,
+            "real_vocab_size": self.real_vocab_size,
+        }
+        try:
+            with stop.protect():
+                path = save_checkpoint(
+                    self.root, step, self.stepper.params, self.cfg, self.stepper.optimizer, self.names, state,
+                    keep_last=self.tcfg.keep_last, tokenizer_dir=self.tokenizer_dir,
+                )
+        except OSError as err:
+            raise write_failure(err, f"the checkpoint of step {step}", self.root, last) from err
+        self.result.last_checkpoint = path
+        return path
 
 
 def _restore(
@@ -520,7 +659,10 @@ def _restore(
     """把检查点装回：参数原地拷贝、优化器状态、数据位置、RNG。返回 (步数, 检查点路径)。"""
     saved_cfg, saved, tensors, state = load_checkpoint(path)
     if saved_cfg != cfg:
-        raise ValueError(f"cannot resume from {path}: its model config {saved_cfg} differs from {cfg}")
+        changed = ", ".join(
+            f"{k} {v} → {getattr(cfg, k)}" for k, v in saved_cfg.to_dict().items() if getattr(cfg, k) != v
+        )
+        raise ValueError(f"cannot resume from {path}: the student's model config changed ({changed})")
     with torch.no_grad():
         for key, value in params.items():
             value.copy_(saved[key])

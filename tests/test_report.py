@@ -43,3 +43,32 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     path = write_report(tmp_path, title="T", configs={}, final_metrics={"m": {"x": 1.0}}, curves={"m": _records()})
     assert "matplotlib not installed" in path.read_text(encoding="utf-8")
     assert not (tmp_path / "loss_curve.png").exists()
+
+
+def test_plot_marks_points_and_draws_validation_and_teacher_reference(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from functional_lm.report import plot_loss_curves
+
+    captured = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: captured.append(fig))
+    records = [{"kind": "train", "step": 4, "ce": 3.0}, {"kind": "eval", "step": 4, "val_ce": 3.2}]
+    plot_loss_curves({"s": records}, tmp_path / "x.png", key="ce", val_key="val_ce", reference=("teacher", 2.5))
+    (ax,) = captured[0].axes
+    train, val, ref = ax.lines
+    assert train.get_marker() == "o" and list(train.get_xdata()) == [4]  # 只有一个点也画得出来
+    assert val.get_marker() == "s" and list(val.get_ydata()) == [3.2] and val.get_color() == train.get_color()
+    assert list(ref.get_ydata()) == [2.5, 2.5] and ref.get_label() == "teacher"
+
+
+def test_torn_last_line_is_dropped_but_a_damaged_middle_line_is_named(tmp_path):
+    from functional_lm.report import read_metrics_file
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert read_metrics_file(path) == ([{"step": 1}, {"step": 2}], True)
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics_file(path)

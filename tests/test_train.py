@@ -263,3 +263,45 @@ def test_compile_and_bf16_options(tokenizer, cache_dir, teacher_dir, tmp_path):
     low = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "bf16", base.replace(bf16=True, teacher_bf16=True))
     assert all(math.isfinite(r["loss"]) for r in low.history)
     assert low.history[0]["loss"] == pytest.approx(eager.history[0]["loss"], rel=0.05)
+
+
+def test_training_into_a_directory_that_holds_a_run_is_refused(tokenizer, cache_dir, teacher_dir, tmp_path):
+    from functional_lm.rundir import RunDirError
+
+    _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, save_interval=2))
+    with pytest.raises(RunDirError, match=r"already holds a training run \(checkpoints step-00000002"):
+        _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, save_interval=2))
+    assert [r["step"] for r in _metrics(tmp_path) if r["kind"] == "train"] == [2]
+
+
+def test_progress_bar_says_when_it_pauses_to_evaluate(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
+    import functional_lm.train as train_module
+
+    descriptions = []
+
+    class Bar:
+        def update(self, n=1): descriptions.append(("step",))
+        def set_description(self, text): descriptions.append(text)
+        def set_postfix(self, **kw): pass
+        def write(self, text): pass
+        def close(self): pass
+
+    monkeypatch.setattr(train_module, "_progress", lambda *a, **k: Bar())
+    _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, eval_interval=1, save_interval=100))
+    # 第 1 步之后验证一次（说明暂停、再恢复），结束时的最终验证同样如此。
+    assert descriptions == [("step",), "distill (evaluating)", "distill", ("step",), "distill (evaluating)", "distill"]
+
+
+def test_a_signal_on_a_save_step_saves_once(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
+    import functional_lm.train as train_module
+
+    saved = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda root, step, *a, **k: saved.append(step) or real_save(root, step, *a, **k))
+
+    def interrupt_at_2(step, _record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=6, save_interval=2), on_step_end=interrupt_at_2)
+    assert result.interrupted and result.step == 2 and saved == [2]
