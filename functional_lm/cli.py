@@ -1,18 +1,22 @@
 """``functional-lm`` 命令行：argparse 子命令结构。
 
 每个子命令是一个 ``register(subparsers)`` 函数：建子解析器、声明参数、``set_defaults(func=...)``；
-新增子命令（例如后续的 ``distill``）只需写一个这样的函数并加入 ``SUBCOMMANDS``。
+新增子命令只需写一个这样的函数并加入 ``SUBCOMMANDS``。
 
     functional-lm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                            [--temperature T --top-k K --top-p P --seed S --dtype D --device DEV --compile]
+    functional-lm distill  [--teacher DIR --data FILES ...]（见 functional_lm/distill.py）
 
-错误（坏参数、坏检查点）打印到 stderr 并返回退出码 2。
+错误处理：任何失败都只打印一段话（命令名 + 原因），从不打印 Python 回溯；``--debug`` 或环境变量
+``FUNCTIONAL_LM_DEBUG=1`` 时照常抛出、显示回溯。退出码：0 成功；2 输入或参数错误；
+130 被 Ctrl-C / SIGTERM 打断；1 其他失败（NaN 损失、磁盘满、内部错误）。
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+EXIT_INTERRUPTED = 130  # 与 shell 对 SIGINT 的约定相同：128 + 2
 
 
 # ---------------------------------------------------------------- 分词器
@@ -83,22 +88,31 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _register_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="从检查点目录流式生成续写", description="流式生成：边生成边打印。")
-    p.add_argument("--model", required=True, help="Qwen2 检查点目录（config.json + *.safetensors）或 hub id")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="文本提示（需要目录里有分词器）")
-    prompt.add_argument("--prompt-ids", help="token id 提示，例如 1,2,3")
-    p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="最多生成多少个新 token（默认 64，且不超出 max_seq_len）"
+    p = subparsers.add_parser(
+        "generate", help="从检查点目录流式生成续写 / stream a continuation from a checkpoint",
+        description="流式生成：边生成边打印 / streaming generation: tokens are printed as they are produced.",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="采样温度；0 为贪心（默认）")
-    p.add_argument("--top-k", type=int, default=None, help="只在概率最高的 k 个 token 中采样")
-    p.add_argument("--top-p", type=float, default=None, help="核采样：累计概率达到 p 的最小集合")
-    p.add_argument("--seed", type=int, default=0, help="采样随机种子")
-    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="参数 dtype；auto = 检查点自己的 dtype")
-    p.add_argument("--device", default="cpu", help="设备，例如 cpu、cuda")
-    p.add_argument("--compile", action="store_true", help="用 torch.compile 编译解码步")
-    p.add_argument("--ignore-eos", action="store_true", help="不在 eos 处停止")
+    p.add_argument("--model", required=True, help="Qwen2 检查点目录（config.json + *.safetensors）或 hub id / "
+                   "Qwen2 checkpoint directory (config.json + *.safetensors) or hub id")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="文本提示（需要目录里有分词器）/ text prompt (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="token id 提示，例如 1,2,3 / prompt as token ids, e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="最多生成多少个新 token（默认 64）；超出模型的"
+                   "最大长度时在那里停下 / at most this many new tokens (default 64); stops at the model's maximum "
+                   "length")
+    p.add_argument("--temperature", type=float, default=0.0, help="采样温度；0 为贪心（默认）/ sampling "
+                   "temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="只在概率最高的 k 个 token 中采样 / sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="核采样：累计概率达到 p 的最小集合 / nucleus sampling threshold p")
+    p.add_argument("--seed", type=int, default=0, help="采样随机种子（默认 0）/ sampling seed (default 0)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto", help="参数 dtype；auto = 检查点自己的 / parameter "
+                   "dtype; auto = the checkpoint's own")
+    p.add_argument("--device", default="auto", help="设备：auto（有 CUDA 用 CUDA）、cpu、cuda、cuda:N / device: "
+                   "auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="用 torch.compile 编译解码步 / torch.compile the decode step")
+    p.add_argument("--ignore-eos", action="store_true", help="不在 eos 处停止 / do not stop at eos")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="出错时显示 Python 回溯 / show Python tracebacks on errors")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -117,29 +131,58 @@ class _TextStream:
         return new
 
 
+def _new_token_budget(requested: Optional[int], prompt_len: int, max_len: int) -> int:
+    """新 token 数：默认 64；不超过模型剩下的位置（超出时在 stderr 说明并截短）。"""
+    if requested is not None and requested < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {requested}")
+    room = max_len - prompt_len
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens, but this model reads at most {max_len} (max_position_embeddings); "
+            f"shorten the prompt"
+        )
+    if requested is None:
+        return min(64, room)
+    if requested > room:
+        print(
+            f"note: generating at most {room} new tokens: the prompt has {prompt_len} tokens and the model "
+            f"reads at most {max_len}",
+            file=sys.stderr,
+        )
+    return min(requested, room)
+
+
+def _stop_ids(tokenizer: Any, directory: Path) -> Optional[list[int]]:
+    """停止的 token：分词器的 eos 与 generation_config.json / config.json 里的 eos_token_id 的并集。"""
+    ids = list(_config_eos(directory) or [])
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in ids:
+        ids.insert(0, tok_eos)
+    return ids or None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from functional_lm.devices import resolve_device
     from functional_lm.generate import generate_stream
     from functional_lm.hf import load_pretrained, resolve_checkpoint
 
+    device = resolve_device(args.device)
     directory = resolve_checkpoint(args.model)
     tokenizer = _load_tokenizer(directory)
     if args.prompt is not None:
         if tokenizer is None:
             raise ValueError(f"{directory} has no tokenizer (tokenizer.json); pass token ids with --prompt-ids")
         prompt = list(tokenizer.encode(args.prompt))
+        if not prompt:
+            raise ValueError("--prompt is empty: it encodes to no tokens")
     else:
         prompt = _parse_ids(args.prompt_ids)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    cfg, params = load_pretrained(directory, dtype=dtype, device=args.device)
-    max_new = args.max_new_tokens
-    if max_new is None:  # 缺省 64，但不超出模型的位置上限
-        max_new = max(1, min(64, cfg.max_seq_len - len(prompt)))
-    eos = None
-    if not args.ignore_eos:
-        tok_eos = getattr(tokenizer, "eos_token_id", None)
-        eos = [tok_eos] if tok_eos is not None else _config_eos(directory)
+    cfg, params = load_pretrained(directory, dtype=dtype, device=device)
+    max_new = _new_token_budget(args.max_new_tokens, len(prompt), cfg.max_seq_len)
+    eos = None if args.ignore_eos else _stop_ids(tokenizer, directory)
     stream = _TextStream(tokenizer) if tokenizer is not None else None
     out = sys.stdout
     for token in generate_stream(
@@ -169,23 +212,72 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_gen
 def build_parser() -> argparse.ArgumentParser:
     """顶层解析器：每个子命令由 SUBCOMMANDS 中的一个注册函数加入。"""
     parser = argparse.ArgumentParser(
-        prog="functional-lm", description="函数式 Qwen2 / Qwen2.5：生成与知识蒸馏 / functional Qwen2 tools"
+        prog="functional-lm", description="函数式 Qwen2 / Qwen2.5：生成与知识蒸馏 / functional Qwen2 / Qwen2.5: "
+        "generation and knowledge distillation"
     )
+    parser.add_argument("--debug", action="store_true", help="出错时显示 Python 回溯 / show Python tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(subparsers)
     return parser
 
 
+def _debug(argv: Sequence[str]) -> bool:
+    """是否显示回溯：命令行有 --debug，或环境变量 FUNCTIONAL_LM_DEBUG 为真。"""
+    env = os.environ.get("FUNCTIONAL_LM_DEBUG", "").strip().lower()
+    return "--debug" in argv or env in {"1", "true", "yes", "on"}
+
+
+def _one_paragraph(err: BaseException) -> tuple[str, int]:
+    """异常 → (一段话, 退出码)。输入错误为 2，运行中的失败为 1；意外的异常提示用 --debug 看回溯。"""
+    from functional_lm.rundir import StorageError
+
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, FileNotFoundError, ImportError, NotADirectoryError, IsADirectoryError)):
+        return text, 2
+    if isinstance(err, (StorageError, PermissionError)) or type(err).__name__ == "NonFiniteLossError":
+        return text, 1
+    if isinstance(err, OSError):
+        return f"{text} ({type(err).__name__})", 1
+    return f"unexpected {type(err).__name__}: {text} (this is probably a bug; rerun with --debug for the traceback)", 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """命令行入口；返回退出码（0 成功，2 参数或输入错误）。"""
-    args = build_parser().parse_args(argv)
+    """命令行入口；返回退出码（0 成功，2 输入错误，130 被打断，1 其他失败）。"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = build_parser().parse_args(argv)
+        command = args.command
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"functional-lm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as err:  # 也包括 rundir.Interrupted：训练已保存并停下，消息说明在哪里继续
+        if debug:
+            raise
+        print(f"functional-lm {command}: stopped: {err or 'interrupted; nothing was saved'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - 命令行的最后一道：一段话，不打印回溯
+        if debug:
+            raise
+        text, code = _one_paragraph(err)
+        print(f"functional-lm {command}: error: {text}", file=sys.stderr)
+        return code
+
+
+def entry() -> None:
+    """控制台脚本 ``functional-lm`` 与 ``python -m functional_lm`` 的入口：运行 main 并以它的退出码结束。
+
+    被打断（130）时用 ``os._exit``：CPython 在 KeyboardInterrupt 穿过 C 扩展内部的 PyRun_* 之后会记下
+    “未处理的 Ctrl-C”，即使 Python 代码已经处理了它，解释器退出时仍会以 SIGINT 自杀（退出状态 −2 而不是 130）。
+    此时进度已保存、锁由操作系统释放，只需先把输出刷出去。
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -20,18 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from functional_lm.config import ModelConfig, TrainingConfig, get_preset
-from functional_lm.train import Interrupted
+from functional_lm.config import ModelConfig, TrainingConfig, cache_root, get_preset
+from functional_lm.rundir import Interrupted, materialize_tokenizer, writing
 
-__all__ = ["demo_training_defaults", "teacher_training_config", "run_demo", "DEMO_CACHE"]
+__all__ = ["demo_training_defaults", "teacher_training_config", "run_demo", "DEMO_SEQ_LEN"]
 
-DEMO_CACHE = Path(os.environ.get("FUNCTIONAL_LM_CACHE", Path.home() / ".cache" / "functional_lm")) / "demo"
+DEMO_SEQ_LEN = 64  # 演示的训练块长度
 
 
 def _demo_cache() -> Path:
-    """演示教师的缓存目录（环境变量 FUNCTIONAL_LM_DEMO_CACHE 可改，测试用它隔离）。"""
-    return Path(os.environ.get("FUNCTIONAL_LM_DEMO_CACHE", DEMO_CACHE))
-DEMO_SEQ_LEN = 64
+    """演示教师的缓存目录：缓存根目录下的 demo/（环境变量 FUNCTIONAL_LM_DEMO_CACHE 可改，测试用它隔离）。"""
+    return Path(os.environ.get("FUNCTIONAL_LM_DEMO_CACHE", cache_root() / "demo"))
 
 
 def demo_training_defaults() -> dict[str, Any]:
@@ -65,7 +64,7 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _demo_teacher(
-    tokenizer: Any, seq_len: int, seed: int, progress: bool, cache_dir: Any = None
+    tokenizer: Any, seq_len: int, seed: int, progress: bool, cache_dir: Any = None, tokenizer_dir: Any = None
 ) -> tuple[Path, bool]:
     """返回演示教师的检查点目录（没有缓存时先训练）与“是否新训练”。"""
     from functional_lm.data import prepare_data
@@ -92,7 +91,7 @@ def _demo_teacher(
     )
     if result.interrupted:
         raise Interrupted(f"demo teacher training interrupted at step {result.step}; run again to continue")
-    save_pretrained(result.params, cfg, target)
+    save_pretrained(result.params, cfg, target, tokenizer=tokenizer_dir)
     shutil.rmtree(scratch, ignore_errors=True)
     return target, True
 
@@ -115,29 +114,66 @@ def _samples(models: Mapping[str, Any], tokenizer: Any, prompts: list[list[int]]
     return texts
 
 
+def _announce(tcfg: TrainingConfig, seq_len: int) -> None:
+    """开始时把演示自己的训练设置打印出来（它们不同于 TrainingConfig 的默认值）。"""
+    shown = ", ".join(f"{k}={getattr(tcfg, k)}" for k in demo_training_defaults())
+    print(f"[demo] settings: seq_len={seq_len}, {shown} (override any with --field-name)", file=sys.stderr)
+
+
+def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress) -> dict[str, Any]:
+    """蒸馏学生与只用 CE 的对照学生：同样的初始化、数据、步数与学习率表，只有 α 不同。"""
+    from functional_lm.model import init_params
+    from functional_lm.train import Model, train
+
+    runs = {}
+    for name, cfg in (("distilled", tcfg), ("ce_only", tcfg.replace(alpha=0.0))):
+        print(f"[demo] training the {name} student (alpha={cfg.alpha}, T={cfg.temperature})", file=sys.stderr)
+        student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
+        runs[name] = train(
+            student, teacher, make_data(), cfg, out / name, resume=resume,
+            real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress,
+        )
+        if runs[name].interrupted:
+            raise Interrupted(f"the {name} student stopped at step {runs[name].step}; continue with: functional-lm distill --resume")
+    return runs
+
+
+def _save_students(runs: Mapping[str, Any], student_cfg: ModelConfig, tok_dir: Path, out: Path) -> dict[str, Path]:
+    """每个学生连同分词器存成 Hugging Face 目录（``functional-lm generate --prompt`` 直接可用）。"""
+    from functional_lm.hf import save_pretrained
+
+    paths = {}
+    for name, result in runs.items():
+        with writing(f"the {name} student", out / name / "student", result.last_checkpoint):
+            paths[name] = save_pretrained(result.params, student_cfg, out / name / "student", tokenizer=tok_dir)
+    return paths
+
+
 def run_demo(
-    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], *, resume: bool, progress: bool
+    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool, progress: bool
 ) -> Path:
     """离线演示的完整流程，返回运行目录。"""
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
-    from functional_lm.hf import load_pretrained, save_pretrained
-    from functional_lm.model import count_parameters, init_params, param_shapes
+    from functional_lm.hf import load_pretrained
+    from functional_lm.model import count_parameters, param_shapes
     from functional_lm.report import read_metrics, write_report
-    from functional_lm.train import Model, evaluate, train
+    from functional_lm.train import Model, evaluate
 
     tokenizer = load_tokenizer(run.get("tokenizer"))
     seq_len = int(run.get("seq_len") or min(DEMO_SEQ_LEN, student_cfg.max_seq_len))
-    teacher_dir, fresh = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress, run.get("cache_dir"))
+    _announce(tcfg, seq_len)
+    with writing("the tokenizer files", out / "tokenizer"):
+        tok_dir = materialize_tokenizer(tokenizer, run.get("tokenizer"), out / "tokenizer")
+    teacher_dir, fresh = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress, run.get("cache_dir"), tok_dir)
     teacher_cfg, teacher_params = load_pretrained(teacher_dir)
     teacher = Model(teacher_params, teacher_cfg)
     check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
-    out = Path(run.get("output_dir") or "runs/demo")
 
-    def data():
+    def make_data():
         return prepare_data(
             run.get("data"), tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size,
             val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
-            model_config=student_cfg, progress=progress,
+            model_config=student_cfg, progress=progress, text_split=run.get("text_split", "paragraph"),
         )
 
     print(
@@ -146,49 +182,45 @@ def run_demo(
         f"{tcfg.max_steps} steps of {tcfg.batch_size}×{seq_len} tokens",
         file=sys.stderr,
     )
-    runs = {}
-    for name, cfg in (("distilled", tcfg), ("ce_only", tcfg.replace(alpha=0.0))):
-        print(f"[demo] training the {name} student (alpha={cfg.alpha}, T={cfg.temperature})", file=sys.stderr)
-        student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
-        runs[name] = train(
-            student, teacher, data(), cfg, out / name, resume=resume,
-            real_vocab_size=tokenizer.real_vocab_size, progress=progress,
-        )
-        if runs[name].interrupted:
-            raise Interrupted(f"the {name} student stopped at step {runs[name].step}; continue with: functional-lm distill --resume")
-    bundle = data()
+    runs = _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress)
+    bundle = make_data()
     teacher_eval = evaluate(teacher, None, bundle.val_loader, tcfg, real_vocab_size=tokenizer.real_vocab_size,
                             max_batches=tcfg.eval_batches) if bundle.val_loader is not None else {}
     final = {"teacher": {"student_ppl": teacher_eval.get("student_ppl"), "val_ce": teacher_eval.get("val_ce")}}
     final |= {f"student ({name})": result.final_eval for name, result in runs.items()}
-    for name, result in runs.items():
-        save_pretrained(result.params, student_cfg, out / name / "student")
+    students = _save_students(runs, student_cfg, tok_dir, out)
     prompts = [bundle.val.example(i)[0][:12].tolist() for i in range(min(2, len(bundle.val)))]
     models = {"teacher": teacher} | {f"student ({n})": Model(r.params, student_cfg) for n, r in runs.items()}
     samples = _samples(models, tokenizer, prompts, tcfg.seed)
-    report = write_report(
-        out,
-        title="functional_lm offline demo: distillation vs cross-entropy only",
-        configs={
-            "teacher": teacher_cfg.to_dict(), "student": student_cfg.to_dict(), "training": tcfg.to_dict(),
-            "teacher_training": teacher_training_config().to_dict(), "seq_len": seq_len,
-        },
-        final_metrics=final,
-        curves={f"student ({n})": read_metrics(out / n) for n in runs},
-        curve_key="ce",  # 两个学生的总损失 α 不同、不可比；交叉熵可比
-        samples=samples,
-        notes=[
-            "student_ppl column for the teacher row is the teacher's own perplexity",
-            "the CE-only student is trained with the same data, steps and schedule, alpha = 0",
-            "the curve shows the training cross-entropy of both students (their total losses use different alpha)",
-            f"teacher checkpoint: {teacher_dir}",
-        ],
-    )
-    _print_summary(final, samples, report)
+    with writing("the report", out / "report.md"):
+        report = write_report(
+            out,
+            title="functional_lm offline demo: distillation vs cross-entropy only",
+            configs={
+                "teacher": teacher_cfg.to_dict(), "student": student_cfg.to_dict(), "training": tcfg.to_dict(),
+                "teacher_training": teacher_training_config().to_dict(), "seq_len": seq_len,
+            },
+            final_metrics=final,
+            curves={f"student ({n})": read_metrics(out / n) for n in runs},
+            curve_key="ce",  # 两个学生的总损失 α 不同、不可比；交叉熵可比
+            val_key="val_ce",
+            reference=("teacher (val CE)", teacher_eval.get("val_ce")),
+            samples=samples,
+            notes=[
+                "student_ppl column for the teacher row is the teacher's own perplexity",
+                "the CE-only student is trained with the same data, steps and schedule, alpha = 0",
+                "the curve shows the training cross-entropy of both students (their total losses use different "
+                "alpha), their validation cross-entropy (squares) and the teacher's (dotted line)",
+                f"teacher checkpoint: {teacher_dir}",
+            ] + [f"{name} student: {path}" for name, path in students.items()],
+        )
+    _print_summary(final, samples, report, students)
     return out
 
 
-def _print_summary(final: Mapping[str, Mapping[str, Any]], samples: Mapping[str, str], report: Path) -> None:
+def _print_summary(
+    final: Mapping[str, Mapping[str, Any]], samples: Mapping[str, str], report: Path, students: Mapping[str, Path]
+) -> None:
     print("\n== validation ==")
     for name, metrics in final.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "val_tokens")
@@ -196,5 +228,10 @@ def _print_summary(final: Mapping[str, Mapping[str, Any]], samples: Mapping[str,
     print("\n== sampled continuations (T=0.8, top-k 50) ==")
     for name, text in samples.items():
         print(f"-- {name}\n{text}")
+    print("\n== students (Hugging Face format, with tokenizer) ==")
+    for name, path in students.items():
+        print(f"{name:>10}: {path}")
+    first = next(iter(students.values()))
+    print(f'try: functional-lm generate --model {first} --prompt "The for statement"')
     print(f"\nreport: {report}")
     sys.stdout.flush()

@@ -1,265 +1,320 @@
-"""``functional-lm distill``：参数与配置文件解析、真实教师的蒸馏流程、离线默认演示。
+"""``functional-lm distill``：命令行参数、运行目录的规矩（锁、已有运行、恢复）、真实教师的蒸馏流程。
 
-配置的优先级（后者覆盖前者）：字段默认值 < 预设 (--preset) < 配置文件 (--config) < 命令行 (--field-name)。
-ModelConfig 与 TrainingConfig 的每个字段都可以写在配置文件里（平铺，或放在 [model] / [training] 小节中），
-也可以在命令行上用 ``--字段名``（下划线换成短横线）覆盖。坏值在加载任何模型之前就以配置校验的
-消息报错。
+配置的优先级（后者覆盖前者）：字段默认值 < 预设 (--preset) < 配置文件 (--config) < 命令行 (--field-name)；
+恢复运行时以 run.json 中保存的设置为底（见 functional_lm/settings.py）。
 
-不带 --teacher 运行时是离线演示（见 functional_lm/demo.py）：在内置语料上训练一个小教师（缓存复用），
-再把它蒸馏进更小的学生，并训练一个只用交叉熵的对照学生。
+运行目录的规矩（见 functional_lm/rundir.py）：
+    * 开始前先确认目录能写（加载教师之前）；整个运行期间持有目录的独占锁；
+    * 目录里已有一次运行时，不带 --resume / --overwrite 就拒绝；--resume 找不到检查点时报错，
+      --resume auto 有检查点就继续、否则从头开始；
+    * 被打断的保存留下的临时目录在开始时清理。
+
+不带 --teacher 运行时是离线演示（见 functional_lm/demo.py）。
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from functional_lm.config import ModelConfig, TrainingConfig, get_preset
+from functional_lm.config import DIVERGENCE_NAMES, PRESETS, ModelConfig, TrainingConfig
+from functional_lm.rundir import (
+    SETTINGS_FILE,
+    Interrupted,
+    RunDirError,
+    RunLock,
+    clear_run,
+    ensure_output_dir,
+    read_settings,
+    remove_stale_temps,
+    run_markers,
+    write_json_atomic,
+    writing,
+)
+from functional_lm.settings import (
+    RUN_KEYS,
+    RunSettings,
+    compare_settings,
+    field_help,
+    load_config_file,
+    resolve_configs,
+    resolve_settings,
+    settings_from_checkpoint,
+)
 
-__all__ = ["register", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS"]
+__all__ = ["register", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
 
-# 配置文件里允许的顶层运行选项（不属于两个配置类）。
-RUN_KEYS = ("teacher", "data", "preset", "output_dir", "seq_len", "tokenizer", "cache_dir")
-
-
-# ---------------------------------------------------------------- 字段说明（取自 config.py 的行尾注释）
-def field_help(cls: type) -> dict[str, str]:
-    """从 dataclass 源码中每个字段的行尾注释取出帮助文字（配置字段只在一处写说明）。"""
-    pattern = re.compile(r"^\s+(\w+):\s*[^=]+=\s*.+?#\s*(.+)$")
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = pattern.match(line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
-    return helps
-
-
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _convert(name: str, kind: str, value: Any, source: str) -> Any:
-    """把命令行字符串或配置文件值转成字段类型；类型不对时报错并点名来源与字段。"""
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in {"1", "true", "yes", "on"}:
-            return True
-        if text in {"0", "false", "no", "off"}:
-            return False
-        raise ValueError(f"{source}: {name} expects true/false, got {value!r}")
-    if kind in ("int", "float"):
-        if isinstance(value, bool):
-            raise ValueError(f"{source}: {name} expects {kind}, got {value!r}")
-        try:
-            if kind == "float":
-                number = float(value)
-            elif isinstance(value, str):
-                number = int(value.strip())
-            else:
-                number = value  # 配置文件里的数字；整数字段的 12.0 在下面转换，12.5 报错
-        except ValueError:
-            raise ValueError(f"{source}: {name} expects {kind}, got {value!r}") from None
-        if kind == "int" and isinstance(number, float):
-            if not number.is_integer():
-                raise ValueError(f"{source}: {name} expects int, got {value!r}")
-            number = int(number)
-        return number
-    return str(value)
-
-
-# ---------------------------------------------------------------- 配置文件
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """读取 TOML / YAML / JSON 配置文件，返回平铺的字典（[model] / [training] 小节会被展开）。"""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib as parser_module
-        except ImportError:  # Python 3.10
-            import tomli as parser_module
-
-        parse, errors = parser_module.loads, (parser_module.TOMLDecodeError,)
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use TOML/JSON") from None
-        parse, errors = (lambda t: yaml.safe_load(t) or {}), (yaml.YAMLError,)
-    elif suffix == ".json":
-        parse, errors = json.loads, (json.JSONDecodeError,)
-    else:
-        raise ValueError(f"{path}: unknown config format {suffix!r}; use .toml, .yaml/.yml or .json")
-    try:
-        data = parse(text)
-    except errors as err:
-        raise ValueError(f"{path}: cannot parse ({err})") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a table/mapping, got {type(data).__name__}")
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("model", "training") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    known = set(_fields(ModelConfig)) | set(_fields(TrainingConfig)) | set(RUN_KEYS)
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are {sorted(known)}")
-    return flat
-
-
-def resolve_configs(
-    preset: str, file_values: Mapping[str, Any], cli_values: Mapping[str, Any], *, source: str = "config"
-) -> tuple[ModelConfig, TrainingConfig]:
-    """按 默认 < 预设 < 文件 < 命令行 合并出两份配置；任何坏值都以配置校验消息报 ValueError。"""
-    base_model = get_preset(preset)
-    model_changes: dict[str, Any] = {}
-    train_changes: dict[str, Any] = {}
-    for values, where in ((file_values, source), (cli_values, "command line")):
-        for name, value in values.items():
-            if name in RUN_KEYS:
-                continue
-            for cls, changes in ((ModelConfig, model_changes), (TrainingConfig, train_changes)):
-                fields = _fields(cls)
-                if name in fields:
-                    changes[name] = _convert(name, str(fields[name].type), value, where)
-    return dataclasses.replace(base_model, **model_changes), TrainingConfig(**train_changes)
+TEXT_SPLITS = ("paragraph", "file", "line")
+_TYPES = {"int": "INT", "float": "FLOAT", "bool": "true/false", "str": "TEXT"}
 
 
 # ---------------------------------------------------------------- 命令行
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _demo_note() -> str:
+    from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
+
+    shown = ", ".join(f"{k}={v}" for k, v in demo_training_defaults().items())
+    return (
+        f"不给 --teacher 时运行离线演示，它使用自己的训练设置 / without --teacher the offline demo runs with its own "
+        f"settings: preset demo-student, seq_len {DEMO_SEQ_LEN}, {shown} (flags below override them)."
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    run = p.add_argument_group("run / 运行")
+    run.add_argument("--teacher", help="教师检查点目录（Qwen2ForCausalLM）或 hub id；不给时运行离线演示 / teacher "
+                     "checkpoint directory (Qwen2ForCausalLM) or hub id; without it the offline demo runs")
+    run.add_argument("--data", nargs="+", help="训练数据：.txt/.md（按空行分篇）、.jsonl（text 或 messages）、.parquet"
+                     "；缺省为内置语料 / training data: .txt/.md (split at blank lines), .jsonl (text or messages), "
+                     ".parquet; default: the embedded corpus")
+    run.add_argument("--text-split", choices=TEXT_SPLITS, help="纯文本怎样分成文档（默认 paragraph：空行处）/ how "
+                     "plain text splits into documents (default: paragraph, at blank lines)")
+    run.add_argument("--preset", choices=sorted(PRESETS), help="学生预设（有教师时默认 student-123m，演示默认 "
+                     "demo-student）/ student preset (default: student-123m; demo: demo-student)")
+    run.add_argument("--output-dir", help="运行目录（默认 runs/distill，演示 runs/demo）/ run directory "
+                     "(default: runs/distill; demo: runs/demo)")
+    run.add_argument("--seq-len", type=_positive_int, help="训练块的 token 数（默认为学生的 max_seq_len，演示 64）/ "
+                     "tokens per training block (default: the student's max_seq_len; demo: 64)")
+    run.add_argument("--tokenizer", help="分词器目录（默认用教师目录里的，没有时用离线 Qwen2.5 词表）/ tokenizer "
+                     "directory (default: the teacher's, else the offline Qwen2.5 vocabulary)")
+    run.add_argument("--cache-dir", help="分词缓存目录（默认 ~/.cache/functional_lm/tokens）/ token cache "
+                     "directory (default: ~/.cache/functional_lm/tokens)")
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), help="从运行目录最新的检查点"
+                        "继续，设置取自 run.json（没有检查点时报错）；--resume auto：有检查点就继续，否则从头开始 / "
+                        "continue from the latest checkpoint with the run's saved settings (an error when there "
+                        "is none); --resume auto: continue if a checkpoint exists, else start")
+    resume.add_argument("--overwrite", action="store_true", help="先删除运行目录里上一次运行的产物 / first delete "
+                        "a previous run in the output directory")
+    run.add_argument("--config", help="配置文件（.toml / .yaml / .json），字段平铺或放在 [model]/[training] 中 / "
+                     "config file; fields flat or under [model]/[training]")
+    run.add_argument("--no-progress", action="store_true", help="不显示进度条 / no progress bar")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="出错时显示 Python 回溯 / show Python tracebacks on errors")
+
+
+def _add_field_options(p: argparse.ArgumentParser) -> None:
+    """ModelConfig 与 TrainingConfig 的每个字段一个 --选项；帮助文字取自 config.py 的行尾注释。"""
+    for title, cls in (("model (ModelConfig) / 模型", ModelConfig), ("training (TrainingConfig) / 训练", TrainingConfig)):
+        group = p.add_argument_group(title)
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            kind = str(f.type)
+            extra = {"choices": DIVERGENCE_NAMES} if f.name == "divergence" else {"metavar": _TYPES.get(kind, kind)}
+            group.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f"field_{f.name}", default=argparse.SUPPRESS,
+                help=f"{helps.get(f.name, f.name)} (默认 / default: {f.default})", **extra,
+            )
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """注册 distill 子命令。"""
     p = subparsers.add_parser(
         "distill",
-        help="把 Qwen2 教师蒸馏进学生；不带参数时运行离线演示",
+        help="把 Qwen2 教师蒸馏进学生；不带参数时运行离线演示 / distil a Qwen2 teacher into a student; "
+        "without arguments, the offline demo",
         description=(
-            "知识蒸馏：loss = α·T²·KL(教师‖学生, T) + (1−α)·CE。"
-            "不给 --teacher 时运行离线演示：在内置语料上训练小教师（缓存），蒸馏出更小的学生，并与只用 CE 的学生对照。"
+            "知识蒸馏 / knowledge distillation: loss = α·T²·KL(teacher‖student, T) + (1−α)·CE. "
+            + _demo_note()
+            + " 布尔字段写 true/false / boolean fields take true/false."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    run = p.add_argument_group("run")
-    run.add_argument("--teacher", help="教师检查点目录（Qwen2ForCausalLM：config.json + *.safetensors）或 hub id")
-    run.add_argument("--data", nargs="+", help="训练数据：文本、JSON lines（text 或 messages）、parquet；缺省为内置语料")
-    run.add_argument("--preset", help="学生预设（有教师时缺省 student-123m，演示时缺省 demo-student）")
-    run.add_argument("--output-dir", help="运行目录（检查点、指标、报告）；缺省 runs/distill 或 runs/demo")
-    run.add_argument("--seq-len", type=int, help="训练块长度；缺省为学生的 max_seq_len")
-    run.add_argument("--tokenizer", help="分词器目录；缺省用教师目录里的，没有时用离线 Qwen2.5 词表")
-    run.add_argument("--cache-dir", help="分词缓存目录（缺省 ~/.cache/functional_lm/tokens）")
-    run.add_argument("--resume", action="store_true", help="从运行目录中最新的检查点继续")
-    run.add_argument("--config", help="配置文件（.toml / .yaml / .json）：字段平铺或放在 [model]/[training] 中")
-    run.add_argument("--no-progress", action="store_true", help="不显示进度条")
-    for title, cls in (("model (ModelConfig)", ModelConfig), ("training (TrainingConfig)", TrainingConfig)):
-        group = p.add_argument_group(title)
-        helps = field_help(cls)
-        for name, f in _fields(cls).items():
-            flag = "--" + name.replace("_", "-")
-            group.add_argument(
-                flag, dest=f"field_{name}", default=argparse.SUPPRESS, metavar=str(f.type).upper(),
-                help=f"{helps.get(name, name)} (default: {f.default!r})",
-            )
+    _add_run_options(p)
+    _add_field_options(p)
     p.set_defaults(func=_cmd_distill)
 
 
-def _cli_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {k[len("field_") :]: v for k, v in vars(args).items() if k.startswith("field_")}
+# ---------------------------------------------------------------- 运行目录：新开、恢复或清空
+def _checkpoints_in(out: Path) -> list[Path]:
+    """运行目录里所有完整的检查点（演示运行的两个学生各自有 checkpoints/）。"""
+    return sorted(p.parent for p in out.glob("**/step-*/trainer_state.json"))
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    file_values = load_config_file(args.config) if args.config else {}
-    # 命令行运行选项覆盖文件中的同名选项。
-    run = {k: file_values.get(k) for k in RUN_KEYS}
+def _decide_resume(out: Path, resume: Optional[str], overwrite: bool) -> bool:
+    """按 --resume / --overwrite 与目录现状决定是恢复（True）还是新开（False）；不能开始时抛 RunDirError。"""
+    markers = run_markers(out)
+    if overwrite:
+        if markers:
+            clear_run(out)
+            print(f"[distill] --overwrite: cleared the previous run in {out} ({', '.join(markers)})", file=sys.stderr)
+        return False
+    has_checkpoint = bool(_checkpoints_in(out))
+    if resume == "yes":
+        if not has_checkpoint:
+            raise RunDirError(
+                f"--resume: there is no checkpoint to resume from in {out}; check the --output-dir path, or use "
+                f"--resume auto to start a new run when there is none"
+            )
+        return True
+    if resume == "auto":
+        if not has_checkpoint and markers:
+            clear_run(out)  # 第一次保存之前就停下的运行：没有可以接着跑的东西
+        return has_checkpoint
+    if markers:
+        raise RunDirError(
+            f"{out} already holds a run ({', '.join(markers)}); continue it with --resume, start over with "
+            f"--overwrite (deletes it), or choose another --output-dir"
+        )
+    return False
+
+
+def _saved_settings(out: Path) -> Optional[dict[str, Any]]:
+    """恢复用的设置：run.json；旧版本留下的运行没有它时，从最新检查点还原模型与训练配置。"""
+    saved = read_settings(out)
+    if saved is None:
+        found = _checkpoints_in(out)
+        if found:
+            mode = "demo" if (out / "distilled").is_dir() else "distill"
+            saved = settings_from_checkpoint(found[-1], mode)
+    return saved
+
+
+def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings) -> None:
+    """恢复时：无法恢复的改动拒绝并点名；改变轨迹的改动逐个列出；其余改动简单提一句。"""
+    fixed, trajectory, neutral = compare_settings(saved, settings)
+    if fixed:
+        raise RunDirError(
+            f"cannot resume {out}: {'; '.join(fixed)}. A resumed run keeps the student's architecture, the data "
+            f"(files, --seq-len, --text-split, --tokenizer), the split and order (--seed, --val-fraction) and the "
+            f"batch layout (--batch-size, --gradient-accumulation-steps); start a new run for these "
+            f"(--overwrite or another --output-dir)"
+        )
+    if trajectory:
+        print(f"[distill] resuming with changed settings that alter the training trajectory: {'; '.join(trajectory)}",
+              file=sys.stderr)
+    if neutral:
+        print(f"[distill] also changed: {'; '.join(neutral)}", file=sys.stderr)
+
+
+def _explicit_run_options(args: argparse.Namespace, file_values: Mapping[str, Any]) -> dict[str, Any]:
+    """明确给出的运行选项：配置文件里的，再被命令行上的覆盖。"""
+    run = {k: file_values[k] for k in RUN_KEYS if file_values.get(k) is not None}
     for key in RUN_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             run[key] = value
-    if isinstance(run.get("data"), str):
-        run["data"] = [run["data"]]
-    demo = run.get("teacher") is None
-    preset = run.get("preset") or ("demo-student" if demo else "student-123m")
-    if demo:
-        from functional_lm.demo import demo_training_defaults
+    return run
 
-        file_values = {**demo_training_defaults(), **file_values}
-    student_cfg, tcfg = resolve_configs(preset, file_values, _cli_fields(args), source=args.config or "config")
-    progress = not args.no_progress
-    from functional_lm.train import Interrupted
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    file_values = load_config_file(args.config) if args.config else {}
+    explicit = _explicit_run_options(args, file_values)
+    cli_fields = {k[len("field_"):]: v for k, v in vars(args).items() if k.startswith("field_")}
+    from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
+
+    def settings_on(saved: Optional[Mapping[str, Any]]) -> RunSettings:
+        return resolve_settings(
+            saved, explicit, file_values, cli_fields, demo_defaults=demo_training_defaults(),
+            demo_seq_len=DEMO_SEQ_LEN, source=args.config or "config",
+        )
+
+    out = Path(explicit.get("output_dir") or ("runs/demo" if explicit.get("teacher") is None else "runs/distill"))
+    if not out.expanduser().exists():
+        settings_on(None)  # 新目录：先校验所有值，坏值不留下任何目录
+    out = ensure_output_dir(out)
     try:
-        if demo:
-            from functional_lm.demo import run_demo
-
-            run_demo(student_cfg, tcfg, run, resume=args.resume, progress=progress)
-        else:
-            run_distill(student_cfg, tcfg, run, resume=args.resume, progress=progress)
-    except Interrupted as err:
-        print(f"functional-lm distill: stopped: {err}", file=sys.stderr)
-        return 130
+        with RunLock(out):
+            remove_stale_temps(out)
+            resuming = _decide_resume(out, args.resume, args.overwrite)
+            saved = _saved_settings(out) if resuming else None
+            settings = settings_on(saved)
+            if saved is not None:
+                _report_changes(out, saved, settings)
+            with writing("the run settings", out / SETTINGS_FILE):
+                write_json_atomic(settings.to_json(), out / SETTINGS_FILE)
+            _run(settings, out, resuming, progress=not args.no_progress)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        found = _checkpoints_in(out)
+        where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        raise Interrupted(f"interrupted; {where}; continue with --resume") from None
     return 0
 
 
+def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool) -> None:
+    if settings.mode == "demo":
+        from functional_lm.demo import run_demo
+
+        run_demo(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress)
+    else:
+        run_distill(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress)
+
+
 # ---------------------------------------------------------------- 真实教师的蒸馏
-def _has_tokenizer(directory: Path) -> bool:
-    return (directory / "tokenizer.json").is_file()
+def _tokenizer_source(run: Mapping[str, Any], teacher_dir: Path) -> Optional[Path]:
+    """分词器来源：--tokenizer，否则教师目录（有 tokenizer.json 时），否则 None（离线默认）。"""
+    if run.get("tokenizer"):
+        return Path(run["tokenizer"])
+    return teacher_dir if (teacher_dir / "tokenizer.json").is_file() else None
 
 
 def run_distill(
-    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], *, resume: bool, progress: bool
+    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
+    progress: bool,
 ) -> Path:
-    """加载教师与数据，蒸馏，保存学生（HF 格式）并写报告；返回运行目录。"""
+    """加载教师与数据，蒸馏，保存学生（HF 格式，带分词器）并写报告；返回运行目录。"""
     import torch
 
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
-    from functional_lm.hf import config_from_hf, load_pretrained, resolve_checkpoint, save_pretrained
+    from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint, save_pretrained
     from functional_lm.model import init_params
     from functional_lm.report import read_metrics, write_report
-    from functional_lm.train import Interrupted, Model, train
+    from functional_lm.rundir import materialize_tokenizer
+    from functional_lm.train import Model, train
 
     teacher_dir = resolve_checkpoint(run["teacher"])
-    config_file = teacher_dir / "config.json"
-    teacher_cfg = config_from_hf(json.loads(config_file.read_text(encoding="utf-8")), source=str(config_file))
-    tok_source = run.get("tokenizer") or (teacher_dir if _has_tokenizer(teacher_dir) else None)
+    teacher_cfg = load_config(teacher_dir)
+    tok_source = _tokenizer_source(run, teacher_dir)
     tokenizer = load_tokenizer(tok_source)
-    # 词表契约：在加载任何权重之前拒绝不相容的组合。
+    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
     check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
-    seq_len = int(run.get("seq_len") or student_cfg.max_seq_len)
+    seq_len = int(run["seq_len"])
     for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
         if seq_len > cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq_len} exceeds the {name}'s max_seq_len={cfg.max_seq_len}")
-    out = Path(run.get("output_dir") or "runs/distill")
+    with writing("the tokenizer files", out / "tokenizer"):
+        tok_dir = materialize_tokenizer(tokenizer, tok_source, out / "tokenizer")
     data = prepare_data(
         run.get("data"), tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size,
         val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
-        model_config=student_cfg, progress=progress,
+        model_config=student_cfg, progress=progress, text_split=run.get("text_split", "paragraph"),
     )
     teacher_dtype = torch.bfloat16 if tcfg.teacher_bf16 else torch.float32
     teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=teacher_dtype)
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
     result = train(
         student, Model(teacher_params, teacher_cfg), data, tcfg, out, resume=resume,
-        real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_source, progress=progress,
+        real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress,
     )
     if result.interrupted:
         raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
-    final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_source)
-    write_report(
-        out,
-        title="functional_lm distillation report",
-        configs={"student": student_cfg.to_dict(), "teacher": teacher_cfg.to_dict(), "training": tcfg.to_dict(), "run": dict(run)},
-        final_metrics={"student (distilled)": result.final_eval},
-        curves={"distilled student": read_metrics(out)},
-        notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
-    )
+    with writing("the final student", out / "student", result.last_checkpoint):
+        final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_dir)
+        write_report(
+            out,
+            title="functional_lm distillation report",
+            configs={"student": student_cfg.to_dict(), "teacher": teacher_cfg.to_dict(),
+                     "training": tcfg.to_dict(), "run": dict(run)},
+            final_metrics={"student (distilled)": result.final_eval},
+            curves={"distilled student": read_metrics(out)},
+            val_key="val_ce",
+            reference=("teacher (val CE)", result.final_eval.get("teacher_ce")),
+            curve_key="ce",
+            notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
+        )
     print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)
     return out
+

@@ -20,3 +20,14 @@ def _deterministic_threads():
     # 机器只有 2 个核；固定线程数让数值与耗时都更稳定。
     torch.manual_seed(0)
     yield
+
+
+def _isolated_cache() -> None:
+    """测试不写用户的 ~/.cache/functional_lm：整个测试会话（及其子进程）用一个临时缓存根目录。"""
+    import os
+    import tempfile
+
+    os.environ["FUNCTIONAL_LM_CACHE"] = tempfile.mkdtemp(prefix="flm-test-cache-")
+
+
+_isolated_cache()

@@ -192,11 +192,19 @@ def test_offline_demo_runs_end_to_end_at_toy_scale(tmp_path, monkeypatch, capsys
     assert main(argv) == 0
     printed = capsys.readouterr()
     assert "trained now" in printed.err and "== validation ==" in printed.out
+    # 演示自己的设置在开始时打印出来（命令行的覆盖已生效）。
+    assert "[demo] settings: seq_len=32, batch_size=2, learning_rate=0.003, warmup_steps=20, max_steps=2" in printed.err
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "student (distilled)" in report and "student (ce_only)" in report and "teacher" in report
     for name in ("distilled", "ce_only"):
         cfg, _ = load_pretrained(out / name / "student")
         assert cfg == get_preset("demo-student")
+        assert f"{name}: {out / name / 'student'}" in printed.out  # 学生的位置打印在最后
+        for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            assert (out / name / "student" / file).is_file(), (name, file)
+    assert main(["generate", "--model", str(out / "distilled" / "student"), "--prompt", "The for statement",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
     teachers = list((tmp_path / "demo-cache").glob("teacher-*"))
     assert len(teachers) == 1 and (teachers[0] / "model.safetensors").is_file()
     # 第二次运行复用缓存的教师。

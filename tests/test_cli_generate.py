@@ -99,13 +99,40 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model_dir, capsys):
         (["--prompt-ids", "1,x,3"], "prompt-ids"),
         (["--prompt-ids", "1,999"], "vocab_size"),
         (["--prompt-ids", "1", "--top-p", "1.5"], "top_p"),
-        (["--prompt-ids", "1", "--max-new-tokens", "500"], "max_seq_len"),
+        (["--prompt-ids", ",".join(["1"] * 64)], "the prompt has 64 tokens, but this model reads at most 64"),
+        (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt-ids", "1", "--device", "tpu9"], "'tpu9' is not a device name"),
     ],
 )
 def test_bad_arguments_exit_with_2(model_dir, capsys, extra, match):
     root, _ = model_dir
     rc = main(["generate", "--model", str(root / "plain"), *extra])
-    assert rc == 2 and match in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1  # 一段话，没有回溯
+
+
+def test_cuda_request_without_cuda_says_so(model_dir, capsys):
+    # 没有 CUDA 的机器上 --device cuda：直说 CUDA 不可用，而不是怪罪 safetensors 文件。
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "CUDA is not available" in err and "safetensors" not in err
+
+
+def test_too_many_new_tokens_stop_at_the_model_length_with_a_note(model_dir, capsys):
+    # 请求 500 个新 token，但 1 个 token 的提示之后只剩 63 个位置：生成 63 个，并在 stderr 说明。
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1", "--max-new-tokens", "500"])
+    captured = capsys.readouterr()
+    expected = generate(_params(), CFG, [[1]], max_new_tokens=63)[0, 1:].tolist()
+    assert rc == 0 and [int(x) for x in captured.out.split()] == expected
+    assert "at most 63 new tokens" in captured.err and "prompt has 1 tokens" in captured.err
+    assert "cache" not in captured.err and "left_pad" not in captured.err
 
 
 def test_missing_model_dir_exits_with_2(tmp_path, capsys):
