@@ -38,8 +38,23 @@
 ``tvd``               TVD = ½ · Σ_v |P_v − Q_v|
 ====================  ======================================================================
 
-全部非负，且当且仅当 P = Q 时为 0。KL(A‖B) 写成 Σ a·log a − Σ a·log b，两个点积用 einsum 计算，
-避免 (tokens × vocab) 的临时张量；a = 0 的项（概率下溢）贡献恰为 0。
+全部非负，且当且仅当 P = Q 时为 0。KL 逐元素计算（见 ``_kl_terms``）::
+
+    KL(A‖B) = Σ_v a·(log a − log b) + Σ_v (b − a)        （第二项精确为 0，用来抵消归一化常数的舍入）
+
+而不是 Σ a·log a − Σ a·log b：后者是两个约 10 的数相减，float32、V = 32768、KL ≈ 5e-5 时相对误差中位数达
+10%–20%，KL 更小时还会出现负值；新写法中位数约 3e-6。报告值再夹到 ≥ 0（梯度直通，不截断）。
+
+被屏蔽的列（logit = −∞，概率恰为 0）
+-----------------------------------
+* 约定 0·log 0 = 0（两侧都是）：a = 0 的项贡献恰为 0。实现上先把这些位置的输入换成安全值（torch.where /
+  masked_fill）再做运算、需要时最后再换回，所以前向没有 0·∞，反向也不会经未选分支流回 NaN；数值与梯度都有限。
+* 教师的 log P 夹到 dtype 最小值（P 仍恰为 0），学生的 log Q 保持 −∞。于是两侧都为 −∞ 的列
+  完全等同于把这些列从词表中删去；只有学生为 −∞ 的列，结果等于 Q 在这些列上为 0 时的公式值。
+* 真正无穷的 KL 不做修饰：教师有质量而学生为 −∞（前向 KL、β = 0 的 JSD）时值为 +∞，梯度仍是有限的
+  解析式 α·T·(Q − P)/N；反过来学生有质量而教师为 −∞（反向 KL）时，由于教师被夹到最小值，值是一个
+  巨大的数（float32 下约 Q_屏蔽·3.4e38，可能溢出为 +∞），不应当拿来训练——请在两侧同时屏蔽。
+  混合分布（JSD、偏斜 KL）与 TVD 在这些情形下都有限。
 
 公开函数
 --------
@@ -188,7 +203,8 @@ def _teacher_log_probs(
     teacher_logits: Tensor, real_vocab: int, temperature: float, dtype: torch.dtype, *, inplace: bool = False
 ) -> Tensor:
     """log P = log_softmax(z_t / T)，原地计算以省内存（默认先复制；inplace=True 时直接改写调用方
-    自己刚算出的教师 logits）；−∞ 夹到 dtype 最小值，避免 0·∞ = NaN。"""
+    自己刚算出的教师 logits）；−∞ 夹到 dtype 最小值：P = exp(最小值) 仍恰为 0，但 log P 有限，
+    于是与学生的 −∞ 相减、与之 logaddexp 时前向和反向都不会出现 ∞ − ∞。"""
     view = teacher_logits[..., :real_vocab]
     logp = view if inplace and view.dtype == dtype else view.to(dtype, copy=True)
     if temperature != 1.0:
@@ -197,19 +213,58 @@ def _teacher_log_probs(
     return logp.clamp_(min=torch.finfo(dtype).min)
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """逐 token 点积 Σ_v a_v·b_v；einsum 走 bmm，不产生 (tokens × vocab) 的临时张量。"""
-    return torch.einsum("...v,...v->...", a, b)
+def _nonnegative(x: Tensor) -> Tensor:
+    """值为 max(x, 0)、梯度与 x 相同（直通）：散度数学上 ≥ 0，舍入不应让报告值变负，也不应截断梯度。
+    写成 x − min(x, 0).detach()：x = +∞ 时仍是 +∞ − 0 = +∞，不会出现 ∞ − ∞。"""
+    return x - x.detach().clamp(max=0.0)
+
+
+def _mass_correction(a: Tensor, log_b: Tensor, d: Tensor) -> Tensor:
+    """Σ_v (b − a)（d = log a − log b，未做掩码），精确算术下为 0；只取值、不建图（A、B 都归一化，真实梯度恒为 0）。
+
+    它抵消第一项 Σ a·d 的舍入误差：
+    * 归一化常数（logsumexp）偏 δ 时整行 log a（或 log b）同移，Σ a·d 偏 ≈ δ_b − δ_a，本项偏 ≈ δ_a − δ_b；
+    * exp 的舍入使 a、b 与各自的 log 略不一致：d ≤ 1 处把 a − b 写成 b·expm1(d)（数学上相等），两项合起来是
+      Σ b·(d·e^d − expm1(d))，只依赖同一个 d，不再受 a、b 各自约 1 ulp 的舍入影响。
+    逐元素写成 a − b = b·expm1(min(d, 1)) + max(a − e·b, 0)：d ≤ 1 时后一项为 0（a = b·e^d ≤ e·b）；d > 1 时两项之和
+    b·(e − 1) + a − e·b = a − b（此时它不是小量，没有抵消问题）。只用算术、不用布尔掩码挑选（CPU 上掩码慢数倍），
+    也避开了 expm1 的上溢。被屏蔽的列：a = 0 时 d = −∞（或极负），expm1 = −1，得 a − b = −b；b = 0 而 a > 0 时
+    d = +∞，min(d, 1) = 1，得 a；两侧都为 −∞ 时 d = NaN，先换成 0，得 0。
+    """
+    b = log_b.detach().exp()
+    near = d.detach().nan_to_num(nan=0.0).clamp_(max=1.0).expm1_().mul_(b).sum(dim=-1)  # 原地改写新建的临时张量
+    far = torch.add(a.detach(), b, alpha=-math.e).clamp_(min=0.0).sum(dim=-1)
+    return -(near + far)
+
+
+def _kl_terms(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(A‖B) = Σ_v a·(log a − log b) + Σ_v (b − a)，其中 a = exp(log a) 由调用方给出（最后一维是词表）。
+
+    * 逐元素先相减再加权：不让两个约 10 的大数 Σa·log a 与 Σa·log b 相减；求和用 torch.sum（成对/分段累加），
+      不用 einsum：后者走 bmm，在 float32 中顺序累加 V 项，KL ≈ 5e-5 时误差大一个数量级以上。
+    * 0·log 0 = 0：a = 0 处先用 torch.where 把差换成 0 再乘（0 用同 dtype 的 0 维张量，避开混合类型的慢路径），
+      前向没有 0·∞（含 −∞ − (−∞)），反向里减法是线性的、未选分支只收到 0，不会有 NaN 流回；
+      a > 0 而 b = 0 时该项为 +∞（KL 真为无穷）。
+    * 第二项见 ``_mass_correction``：float32、V = 32768、KL ≈ 5e-5 时把相对误差中位数从约 4e-3 降到约 3e-6。
+    梯度就是 Σ a·(log a − log b) 的梯度（第二项不建图）；报告值夹到 ≥ 0（梯度直通）。
+    """
+    d = log_a - log_b
+    correction = _mass_correction(a, log_b, d)  # 先求修正项，之后 d 只剩一个用处、可以尽早释放（省一块词表大小的内存）
+    diff = torch.where(a > 0, d, d.new_zeros(()))
+    del d
+    return _nonnegative((a * diff).sum(dim=-1) + correction)
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(A‖B) = Σ a·log a − Σ a·log b（a = exp(log a)；a = 0 的项贡献恰为 0）。"""
-    a = log_a.exp()
-    return _dot(a, log_a) - _dot(a, log_b)
+    """KL(A‖B)，a = exp(log a)；公式与约定见 ``_kl_terms``。"""
+    return _kl_terms(log_a.exp(), log_a, log_b)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
-    """log(w·A + (1−w)·B) = logaddexp(log a + log w, log b + log(1−w))，0 < w < 1。"""
+    """log(w·A + (1−w)·B) = logaddexp(log a + log w, log b + log(1−w))，0 < w < 1。
+
+    调用方保证两个参数中有一个是教师（已夹到有限的最小值），所以不会两侧同为 −∞；
+    logaddexp(x, −∞) = x，对 −∞ 一侧的梯度 1/(1 + e^{x−(−∞)}) = 0，有限。"""
     return torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
 
 
@@ -408,19 +463,37 @@ def teacher_topk(
     return ids, top_log_p, tail
 
 
+def _logsumexp_or_neginf(x: Tensor) -> Tensor:
+    """log Σ_v exp(x_v)（最后一维，keepdim）；整行都是 −∞ 时结果为 −∞ 且梯度为 0。
+
+    torch.logsumexp 在整行 −∞ 时反向要算 exp(−∞ − (−∞)) = NaN，所以先把这些行换成 0（有限的安全值，
+    masked_fill 与 torch.where 等价）再求，最后把结果换回 −∞：被换掉的位置只收到 0 梯度，乘以有限的 softmax 仍为 0。"""
+    empty = torch.isneginf(x).all(dim=-1, keepdim=True)
+    lse = x.masked_fill(empty, 0.0).logsumexp(dim=-1, keepdim=True)  # 即 torch.where(empty, 0, x)
+    return lse.masked_fill(empty, float("-inf"))
+
+
 def _coarse_student(log_q: Tensor, ids: Tensor) -> Tensor:
     """学生在"top-k 各一桶 + 其余并成一桶"划分上的 log 概率，形状 (..., k+1)。"""
     top = log_q.gather(-1, ids)
-    rest = log_q.scatter(-1, ids, float("-inf")).logsumexp(dim=-1, keepdim=True)  # log Σ_{v∉topk} Q_v
+    rest = _logsumexp_or_neginf(log_q.scatter(-1, ids, float("-inf")))  # log Σ_{v∉topk} Q_v（可为 −∞）
     return torch.cat([top, rest], dim=-1)
 
 
 def _coarse_teacher(top_log_p: Tensor, tail_mass: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """教师在同一划分上的 log 概率；尾部质量缺省为 1 − Σ_topk P，并夹到 ≥ 最小正规数以免 log 0。"""
-    top_log_p = top_log_p.detach().to(dtype)
+    """教师在同一划分上的 log 概率，与稠密教师同一约定：夹到 ≥ dtype 最小值（P = 0 时 log P 有限）。
+
+    给出的尾部质量按原值取 log（恰为 0 → P_尾 = 0，学生尾部也为 0 时该桶贡献 0·log 0 = 0）；
+    缺省时估计为 1 − Σ_topk P，这个差的舍入误差无法区分 0 与很小的质量，沿用夹到 ≥ 最小正规数的做法。
+    教师屏蔽了列时请传 ``teacher_topk`` 给出的精确尾部质量。
+    """
+    finfo = torch.finfo(dtype)
+    top_log_p = top_log_p.detach().to(dtype).clamp(min=finfo.min)
     if tail_mass is None:
-        tail_mass = 1.0 - top_log_p.exp().sum(dim=-1)
-    log_tail = tail_mass.detach().to(dtype).clamp(min=torch.finfo(dtype).tiny).log()
+        tail = (1.0 - top_log_p.exp().sum(dim=-1)).clamp(min=finfo.tiny)
+    else:
+        tail = tail_mass.detach().to(dtype).clamp(min=0.0)
+    log_tail = tail.log().clamp(min=finfo.min)
     return torch.cat([top_log_p, log_tail.unsqueeze(-1)], dim=-1)
 
 
@@ -463,7 +536,8 @@ def sparse_distillation_loss(
     log_q = _student_log_probs(student_real, spec.temperature)
     ids = teacher_topk_ids.long()
     if k == real:  # 没有尾部：两边都是完整分布（只是列的顺序按 ids 重排）
-        coarse_q, coarse_p = log_q.gather(-1, ids), teacher_topk_log_probs.detach().to(dtype)
+        coarse_q = log_q.gather(-1, ids)
+        coarse_p = teacher_topk_log_probs.detach().to(dtype).clamp(min=torch.finfo(dtype).min)
     else:
         coarse_q = _coarse_student(log_q, ids)
         coarse_p = _coarse_teacher(teacher_topk_log_probs, teacher_tail_mass, dtype)
@@ -538,6 +612,45 @@ def _chunk_logits(ctx: _ChunkContext, h_chunk: Tensor, rows: slice) -> tuple[Ten
     return student, teacher, real
 
 
+_CPU_BLOCK_ELEMS = 1 << 18  # CPU 上每个行块的元素预算（float32 1 MiB）
+_ACCEL_SUB_BLOCKS = 16  # 其他设备上一块至多再切成 16 个行块
+
+
+def _sub_blocks(x: Tensor) -> list[slice]:
+    """快速路径里逐行归约（KL、logsumexp）用的行块划分，使临时张量远小于一块 (c × V) 缓冲区。
+
+    CPU：每块 ≤ 2^18 个元素（V = 151,665 时 1 行）——临时张量留在缓存里，而且 glibc 的堆能反复复用这些小块，
+    不会被撑大（基准尺寸下实测 c/16 行的块使峰值 RSS 多约 120 MiB）。
+    GPU 等：至多 16 块（每块 ⌈c/16⌉ 行），控制核启动次数；缓存分配器没有上面的问题。"""
+    rows, cols = x.shape[0], x.shape[-1]
+    per_block = max(1, _CPU_BLOCK_ELEMS // cols) if x.device.type == "cpu" else -(-rows // _ACCEL_SUB_BLOCKS)
+    return _row_chunks(rows, per_block)
+
+
+def _blocked_logsumexp(x: Tensor) -> Tensor:
+    """logsumexp(x, dim=-1, keepdim=True)，按行块求：torch.logsumexp 内部要一个与输入一样大的临时张量
+    (x − max)，分块后它只有一个行块大，快速路径的峰值因此保持在 3 个 (c × V) 缓冲区。"""
+    out = x.new_empty(x.shape[0], 1)
+    for rows in _sub_blocks(x):
+        torch.logsumexp(x[rows], dim=-1, keepdim=True, out=out[rows])
+    return out
+
+
+@torch.no_grad()
+def _kl_rows_then_probs_(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """按行块求 KL(P‖Q)（公式同 ``_kl_terms``），并把 log_p 原地换成 p = exp(log p)。
+
+    每块的 p 只求一次 exp：先用它算 KL，再写回 log_p 的位置；临时张量只有一个行块大（见 ``_sub_blocks``），
+    因此不会在已有的 (c × V) 缓冲区之外再多占一整块。"""
+    kd = log_p.new_empty(log_p.shape[0])  # 预先分配结果：循环里不留小张量，免得把 glibc 堆切碎
+    for rows in _sub_blocks(log_p):
+        block = log_p[rows]
+        p = block.exp()
+        kd[rows] = _kl_terms(p, block, log_q[rows])
+        block.copy_(p)
+    return kd
+
+
 @torch.no_grad()
 def _fused_forward_kl_chunk(
     ctx: _ChunkContext, h_chunk: Tensor, rows: slice, labels: Tensor, valid: Tensor
@@ -548,7 +661,8 @@ def _fused_forward_kl_chunk(
         ∂[α·T²·KL(P‖Q)/N]/∂z_s = α·T·(Q − P)/N           （Q = softmax(z_s/T)，P = softmax(z_t/T)）
         ∂[(1−α)·CE/N]/∂z_s     = (1−α)·(softmax(z_s) − onehot(label))/N
 
-    数值与 ``_dense_token_terms`` 的公式逐项相同（KL = Σp·log p − Σp·log q，CE = lse(z) − z[label]）。
+    数值与 ``_dense_token_terms`` 的公式逐项相同（KL 用同一个 ``_kl_terms``，CE = lse(z) − z[label]）。
+    缓冲区顺序：学生 z、教师 log P、log Q 三块；KL 按行块求值的同时把 log P 原地换成 P，再把 log Q 原地换成梯度。
     返回 (D, CE, ∂loss/∂z_s 的真实词表列部分, V)。
     """
     spec, temperature = ctx.spec, ctx.spec.temperature
@@ -561,17 +675,16 @@ def _fused_forward_kl_chunk(
     dtype = _compute_dtype(student)
     log_p = _teacher_log_probs(teacher, real, temperature, dtype, inplace=ctx.teacher_owned)
     del teacher
-    p = log_p.exp()
-    neg_entropy = _dot(p, log_p)  # Σ p·log p
-    del log_p  # 教师 logits 的缓冲区到此释放
     z = student[:, :real].to(dtype)
     del student
     log_q = z / temperature
-    lse_t = torch.logsumexp(log_q, dim=-1, keepdim=True)
+    lse_t = _blocked_logsumexp(log_q)
     log_q.sub_(lse_t)  # log Q = z/T − logsumexp(z/T)
-    kd = neg_entropy - _dot(p, log_q)
+    kd = _kl_rows_then_probs_(log_p, log_q)  # KL(P‖Q)；此后 log_p 的缓冲区里是 P
+    p = log_p
+    del log_p
     safe = torch.where(valid, labels, 0).unsqueeze(-1)
-    lse_1 = lse_t if temperature == 1.0 else torch.logsumexp(z, dim=-1, keepdim=True)
+    lse_1 = lse_t if temperature == 1.0 else _blocked_logsumexp(z)
     ce = (lse_1 - z.gather(-1, safe)).squeeze(-1)
     scale = valid.to(dtype) / ctx.divisor  # 有效 token 为 1/N，其余为 0
     grad = log_q.exp_().sub_(p).mul_((spec.alpha * temperature * scale).unsqueeze(-1))  # α·T·(Q − P)/N
@@ -597,12 +710,13 @@ def _forward_kl_terms(
     log_p = torch.log_softmax(t / temperature, dim=-1).clamp(min=torch.finfo(dtype).min)
     p = log_p.exp()
     log_q = torch.log_softmax(z / temperature, dim=-1)
-    kd = (p * (log_p - log_q)).sum(dim=-1)  # KL(P‖Q) = Σ p·(log p − log q)
+    q = log_q.exp()
+    kd = _kl_terms(p, log_p, log_q)  # KL(P‖Q)，与其他路径同一个公式
     lse_1 = torch.logsumexp(z, dim=-1, keepdim=True)
     safe = torch.where(valid, labels, 0).unsqueeze(-1)
     ce = (lse_1 - z.gather(-1, safe)).squeeze(-1)  # CE = lse(z) − z[label]
     scale = (valid.to(dtype) / divisor).unsqueeze(-1)  # 有效 token 为 1/N，其余为 0
-    grad = (alpha * temperature) * scale * (log_q.exp() - p) + (1.0 - alpha) * scale * (z - lse_1).exp()
+    grad = (alpha * temperature) * scale * (q - p) + (1.0 - alpha) * scale * (z - lse_1).exp()
     grad = grad.scatter_add(-1, safe, -(1.0 - alpha) * scale)
     return torch.where(valid, kd, 0.0), torch.where(valid, ce, 0.0), grad
 

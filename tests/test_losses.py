@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import functional_lm.losses as losses
 from functional_lm.losses import (
     DIVERGENCES,
     chunked_distillation_loss,
@@ -37,22 +38,28 @@ def ref_kl(p, q):
     return (p * torch.log(p / q)).sum(-1)
 
 
-def ref_divergence(name, p, q, beta=0.5, skew_lambda=0.1):
-    """按文档中的公式逐条求值：p = 教师，q = 学生。"""
+def ref_divergence(name, p, q, beta=0.5, skew_lambda=0.1, kl=None):
+    """按文档中的公式逐条求值：p = 教师，q = 学生；kl 缺省为 ref_kl（概率里有 0 时传 zero_safe_kl）。"""
+    kl = ref_kl if kl is None else kl
     if name == "forward_kl":
-        return ref_kl(p, q)
+        return kl(p, q)
     if name == "reverse_kl":
-        return ref_kl(q, p)
+        return kl(q, p)
     if name == "jsd":
         m = beta * p + (1 - beta) * q
-        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
     if name == "skew_forward_kl":
-        return ref_kl(p, skew_lambda * p + (1 - skew_lambda) * q)
+        return kl(p, skew_lambda * p + (1 - skew_lambda) * q)
     if name == "skew_reverse_kl":
-        return ref_kl(q, skew_lambda * q + (1 - skew_lambda) * p)
+        return kl(q, skew_lambda * q + (1 - skew_lambda) * p)
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     raise AssertionError(name)
+
+
+def zero_safe_kl(p, q):
+    """KL(p‖q) = Σ [xlogy(p, p) − xlogy(p, q)]：p = 0 的项按 0·log 0 = 0 取 0，p > 0 而 q = 0 时为 +∞。"""
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
 
 
 def ref_loss(s, t, labels, *, alpha, temperature, divergence, real_vocab=None, mask=None, num_tokens=None):
@@ -585,3 +592,267 @@ def test_chunked_forward_kl_compiled_terms_match_eager():
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert results[1][2][37:].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 被屏蔽的列（logit = −∞）：0·log 0 = 0，数值与梯度有限，且等于删去这些列后的答案
+# ----------------------------------------------------------------------------------------------
+
+MASKED = [2, 7, 8, 19]  # 被屏蔽的列（词表 30 列）
+MASK_CASES = ["student", "both"]  # 只有学生为 −∞ / 师生两侧同一些列为 −∞
+
+
+def kept_columns(v):
+    return torch.tensor([i for i in range(v) if i not in MASKED])
+
+
+def masked_case(case, seed=50, b=2, t=5, v=30):
+    """学生（case = "both" 时还有教师）在 MASKED 列上为 −∞；标签只取未屏蔽的列。
+    教师在这些列上的 logit 先减 10：只屏蔽学生时教师仍有质量，但不进稀疏版的 top-5。"""
+    s, te = make_logits(b, t, v, seed=seed), make_logits(b, t, v, seed=seed + 1)
+    te[..., MASKED] -= 10.0
+    kept = kept_columns(v)
+    g = torch.Generator().manual_seed(seed + 2)
+    labels = kept[torch.randint(0, len(kept), (b, t), generator=g)]
+    labels[0, 1] = -100
+    s[..., MASKED] = float("-inf")
+    if case == "both":
+        te[..., MASKED] = float("-inf")
+    return s, te, labels, kept
+
+
+def masked_reference_probs(s_kept, t, kept, case, temperature):
+    """参考分布（float64，概率空间）：两侧都屏蔽时把这些列从两侧删去；只屏蔽学生时教师保留完整分布，
+    学生在这些列上的概率是常数 0（不依赖学生 logits，所以对 s_kept 的梯度只来自未屏蔽列）。"""
+    q_kept = ref_probs(s_kept, temperature)
+    if case == "both":
+        return ref_probs(t[..., kept], temperature), q_kept
+    q = torch.zeros(*q_kept.shape[:-1], t.shape[-1], dtype=q_kept.dtype).index_copy(-1, kept, q_kept)
+    return ref_probs(t, temperature), q
+
+
+def masked_reference_loss(s_kept, t, labels, kept, case, name, *, alpha=0.5, temperature=2.0, coarse_ids=None):
+    """α·T²·mean D + (1−α)·mean CE，全部在删去被屏蔽列后的学生 logits 上算（标签换成删列后的下标）。
+    coarse_ids 给出时 D 在"top-k 各一桶 + 其余一桶"的划分上算（稀疏版）。"""
+    p, q = masked_reference_probs(s_kept, t, kept, case, temperature)
+    if coarse_ids is not None:
+        if case == "both":  # 删列后的下标
+            coarse_ids = torch.searchsorted(kept, coarse_ids)
+        p, q = (torch.cat([x.gather(-1, coarse_ids), x.scatter(-1, coarse_ids, 0.0).sum(-1, keepdim=True)], -1)
+                for x in (p, q))
+    kd = ref_divergence(name, p, q, kl=zero_safe_kl)
+    valid = labels != -100
+    position = torch.searchsorted(kept, labels.clamp(min=0))
+    ce = -torch.log(ref_probs(s_kept, 1.0).gather(-1, position[..., None])[..., 0])
+    kd_mean, ce_mean = (torch.where(valid, x, 0).sum() / valid.sum() for x in (kd, ce))
+    return alpha * temperature**2 * kd_mean + (1 - alpha) * ce_mean
+
+
+def forward_kl_analytic_grad(s, t, labels, alpha, temperature):
+    """∂loss/∂s = [α·T·(softmax(s/T) − softmax(t/T)) + (1−α)·(softmax(s) − onehot)]/N（有效 token）。"""
+    valid = (labels != -100)[..., None]
+    q_t, p_t = torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1)
+    onehot = F.one_hot(labels.clamp(min=0), s.shape[-1]).to(s.dtype)
+    grad = alpha * temperature * (q_t - p_t) + (1 - alpha) * (torch.softmax(s, -1) - onehot)
+    return torch.where(valid, grad, 0) / valid.sum()
+
+
+FINITE_MASK_CASES = [(n, c) for n in DIVERGENCES for c in MASK_CASES if (n, c) != ("forward_kl", "student")]
+
+
+@pytest.mark.parametrize("name,case", FINITE_MASK_CASES)
+def test_minus_inf_columns_plain_equals_columns_removed(name, case):
+    """普通版与 token_divergence：−∞ 列按 0·log 0 = 0 处理，值与梯度有限，等于删去这些列后的 float64 参考；
+    被屏蔽列上的梯度恰为 0。（只屏蔽学生的前向 KL 真为无穷，见下一个测试。）"""
+    s, t, labels, kept = masked_case(case)
+    s = s.requires_grad_()
+    s_kept = s.detach()[..., kept].clone().requires_grad_()
+    p, q = masked_reference_probs(s_kept.detach(), t, kept, case, 2.0)
+    got_kd = token_divergence(s.detach(), t, divergence=name)
+    torch.testing.assert_close(got_kd, ref_divergence(name, p, q, kl=zero_safe_kl), rtol=1e-10, atol=1e-12)
+    loss = distillation_loss(s, t, labels, divergence=name)
+    (g,) = torch.autograd.grad(loss, s)
+    want = masked_reference_loss(s_kept, t, labels, kept, case, name)
+    (g_want,) = torch.autograd.grad(want, s_kept)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g[..., kept], g_want, rtol=1e-9, atol=1e-12)
+    assert (g[..., MASKED] == 0).all()
+
+
+def test_forward_kl_teacher_mass_on_student_minus_inf_is_inf_with_analytic_gradient():
+    """教师在学生为 −∞ 的列上有质量：KL(P‖Q) 真为 +∞（不修饰），梯度仍是有限的解析式 α·T·(Q − P)/N + …。"""
+    s, t, labels, _ = masked_case("student")
+    s = s.requires_grad_()
+    assert torch.isinf(token_divergence(s.detach(), t)).all()
+    loss = distillation_loss(s, t, labels, alpha=0.3, temperature=1.5)
+    (g,) = torch.autograd.grad(loss, s)
+    assert loss.item() == math.inf
+    torch.testing.assert_close(g, forward_kl_analytic_grad(s.detach(), t, labels, 0.3, 1.5), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("case,k", [("student", 5), ("both", 5), ("both", 26)])  # 26 = 未屏蔽列数：尾部只剩被屏蔽列
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_minus_inf_columns_sparse_equals_columns_removed(name, case, k):
+    """稀疏版：−∞ 列在学生的 top-k 或尾部桶里（k = 26 时两侧尾部质量都恰为 0），值与梯度都有限，
+    等于在删去这些列后的同一划分上求的 float64 参考。"""
+    s, t, labels, kept = masked_case(case)
+    ids, logp, tail = teacher_topk(t, k, temperature=2.0)
+    assert not torch.isin(ids, torch.tensor(MASKED)).any()  # 前提：教师的 top-k 都是未屏蔽列
+    s = s.requires_grad_()
+    s_kept = s.detach()[..., kept].clone().requires_grad_()
+    loss = sparse_distillation_loss(s, ids, logp, labels, teacher_tail_mass=tail, divergence=name)
+    (g,) = torch.autograd.grad(loss, s)
+    want = masked_reference_loss(s_kept, t, labels, kept, case, name, coarse_ids=ids)
+    (g_want,) = torch.autograd.grad(want, s_kept)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g[..., kept], g_want, rtol=1e-9, atol=1e-12)
+    assert (g[..., MASKED] == 0).all()
+
+
+def chunked_masked_case(case, seed=60, n=11, d=6, v=30):
+    """分块版的学生 logits 是 h·Wᵀ：h 的第 0 维恒为 1、W 的被屏蔽行为 (−∞, 0, …, 0)，这些列的 logit 就恰为 −∞。
+    教师 logits 经 teacher_logits_fn 给出；case = "none" 时不屏蔽任何列。"""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    h[:, 0] = 1.0
+    w = torch.randn(v, d, generator=g, dtype=torch.float64)
+    t = 3.0 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    t[:, MASKED] -= 4.0
+    if case != "none":
+        w[MASKED] = 0.0
+        w[MASKED, 0] = float("-inf")
+    if case == "both":
+        t[:, MASKED] = float("-inf")
+    kept = kept_columns(v)
+    labels = kept[torch.randint(0, len(kept), (n,), generator=g)]
+    labels[3] = -100
+    return h, w.requires_grad_(), t, labels, kept
+
+
+@pytest.mark.parametrize("case", ["none", *MASK_CASES])
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_chunked_with_minus_inf_columns_equals_plain(name, case, monkeypatch):
+    """分块版（前向 KL 走写解析梯度的快速路径，其余散度走 autograd 的通用路径）与普通版的值和 ∂W 相同，
+    有 −∞ 列时也有限；行块切成每块 2 行，使快速路径的逐行块归约确实分成多块。
+    h 不求梯度：h·Wᵀ 的反向 g·W 含 0·(−∞)，那是矩阵乘法本身的事，与损失无关。"""
+    monkeypatch.setattr(losses, "_CPU_BLOCK_ELEMS", 2 * 30)
+    h, w, t, labels, kept = chunked_masked_case(case)
+    kw = dict(divergence=name, temperature=1.7, alpha=0.4)
+    plain = distillation_loss(F.linear(h, w), t, labels, **kw)
+    (g_plain,) = torch.autograd.grad(plain, w)
+    got = chunked_distillation_loss(h, w, labels, teacher_logits_fn=lambda rows: t[rows], chunk_size=5, **kw)
+    (g_got,) = torch.autograd.grad(got, w)
+    assert torch.isfinite(g_got).all()
+    torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-12)  # 只屏蔽学生的前向 KL：两边都是 +∞
+    torch.testing.assert_close(g_got, g_plain, rtol=1e-10, atol=1e-13)
+    with torch.no_grad():  # 不需要梯度时前向 KL 也走通用路径
+        no_grad = chunked_distillation_loss(h, w, labels, teacher_logits_fn=lambda rows: t[rows], chunk_size=5, **kw)
+    torch.testing.assert_close(no_grad, plain.detach(), rtol=1e-10, atol=1e-12)
+    if case != "none" and (name, case) != ("forward_kl", "student"):
+        w_kept = w.detach()[kept].clone().requires_grad_()
+        want = masked_reference_loss(F.linear(h, w_kept), t, labels, kept, case, name, alpha=0.4, temperature=1.7)
+        (g_want,) = torch.autograd.grad(want, w_kept)
+        torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_got[kept], g_want, rtol=1e-9, atol=1e-12)
+        assert (g_got[MASKED] == 0).all()
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_chunked_compiled_forward_kl_with_minus_inf_columns(case):
+    """compile=True（torch.compile 融合的 _forward_kl_terms）在 −∞ 列上与普通版一致：值有限（只屏蔽学生时为 +∞），
+    ∂W 有限且等于普通版的 autograd 梯度。"""
+    h, w, t, labels, _ = chunked_masked_case(case)
+    plain = distillation_loss(F.linear(h, w), t, labels, temperature=1.7, alpha=0.4)
+    (g_plain,) = torch.autograd.grad(plain, w)
+    got = chunked_distillation_loss(h, w, labels, teacher_logits_fn=lambda rows: t[rows], chunk_size=5,
+                                    temperature=1.7, alpha=0.4, compile=True)
+    (g_got,) = torch.autograd.grad(got, w)
+    assert torch.isfinite(g_got).all()
+    assert torch.isfinite(got) == (case == "both")
+    torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_got, g_plain, rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# 小 KL 的精度：float32、V = 32768、教师 ≈ 学生
+# ----------------------------------------------------------------------------------------------
+
+
+def near_identical_float32(noise, n=16, v=32768, seed=70):
+    """float32 学生 logits（h·Wᵀ，std ≈ 3）与只差 noise·N(0, 1) 的教师 logits；noise = 0.01 时 KL ≈ 5e-5。"""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, 16, generator=g)
+    w = 0.75 * torch.randn(v, 16, generator=g)
+    s = F.linear(h, w)
+    t = s + noise * torch.randn(n, v, generator=g)
+    labels = torch.randint(0, v, (n,), generator=g)
+    return h, w, s, t, labels
+
+
+def float64_kl(s, t):
+    """同一组 float32 logits 在 float64 中的 (前向 KL, 反向 KL)，T = 1。"""
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    return {"forward_kl": ref_kl(p, q), "reverse_kl": ref_kl(q, p)}
+
+
+# 实测（3 个种子 × 64 token）：新写法逐 token 相对误差中位数约 3e-6、最大约 3e-5；
+# 旧写法 Σa·log a − Σa·log b 中位数约 13%（还出现负值）；逐元素但不加 Σ(b − a) 修正时中位数约 4e-3。
+SMALL_KL_RTOL = 2e-4
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_small_kl_float32_matches_float64(name):
+    h, w, s, t, labels = near_identical_float32(noise=0.01)
+    want = float64_kl(s, t)[name]
+    assert 2e-5 < want.median() < 1e-4  # 前提：确实是 KL ≈ 5e-5 的情形
+    got = token_divergence(s, t, divergence=name, temperature=1.0)
+    assert got.dtype == torch.float32 and (got >= 0).all()
+    assert ((got.double() - want).abs() / want).max() < SMALL_KL_RTOL
+    kw = dict(divergence=name, temperature=1.0, alpha=1.0, return_parts=True)
+    _, plain = distillation_loss(s, t, labels, **kw)
+    # 分块版：前向 KL 走快速路径（逐行块求值），反向 KL 走通用路径
+    _, chunked = chunked_distillation_loss(h.requires_grad_(), w, labels, teacher_logits_fn=lambda rows: t[rows],
+                                           chunk_size=8, **kw)
+    for parts in (plain, chunked):
+        assert abs(parts["kd"].double() - want.mean()) / want.mean() < SMALL_KL_RTOL
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl"])
+def test_tiny_kl_float32_is_never_negative(name):
+    """KL ≈ 5e-9 时舍入误差与 KL 本身同量级：报告值仍 ≥ 0，且量级正确。"""
+    h, w, s, t, labels = near_identical_float32(noise=1e-4)
+    want = float64_kl(s, t)[name]
+    got = token_divergence(s, t, divergence=name, temperature=1.0)
+    assert (got >= 0).all()
+    assert ((got.double() - want).abs() / want).median() < 1e-2
+    _, parts = chunked_distillation_loss(h.requires_grad_(), w, labels, teacher_logits_fn=lambda rows: t[rows],
+                                         chunk_size=8, divergence=name, temperature=1.0, return_parts=True)
+    assert parts["kd"] >= 0
+
+
+def test_fast_path_sub_blocks_policy():
+    """快速路径的行块：CPU 上每块 ≤ 2^18 个元素（V = 151,665 → 1 行，V = 32,768 → 8 行），
+    其他设备上一块 c 行至多切 16 块；各块首尾相接、覆盖全部行。"""
+    def sizes(rows, cols, device):
+        x = torch.empty(1, device=device).expand(rows, cols)  # 不分配 (rows × cols) 内存
+        blocks = losses._sub_blocks(x)
+        assert blocks[0].start == 0 and blocks[-1].stop == rows
+        assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        return [b.stop - b.start for b in blocks]
+
+    assert sizes(256, 151665, "cpu") == [1] * 256
+    assert sizes(20, 32768, "cpu") == [8, 8, 4]
+    assert sizes(256, 151665, "meta") == [16] * 16
+    assert sizes(40, 151665, "meta") == [3] * 13 + [1]
+
+
+def test_reported_divergence_clamp_keeps_gradient():
+    """报告值夹到 ≥ 0（舍入造成的微小负值变成 0，+∞ 保持 +∞），梯度原样直通（不被夹断）。"""
+    x = torch.tensor([-1e-12, 0.0, 0.25, math.inf], dtype=torch.float64, requires_grad=True)
+    y = losses._nonnegative(x)
+    assert y.tolist() == [0.0, 0.0, 0.25, math.inf]
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    (g,) = torch.autograd.grad((y * weights).sum(), x)
+    assert g.tolist() == weights.tolist()
