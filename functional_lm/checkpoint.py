@@ -39,6 +39,8 @@ __all__ = [
     "optimizer_from_tensors",
     "save_checkpoint",
     "load_checkpoint",
+    "restore_rng",
+    "rng_state",
 ]
 
 STATE_JSON = "trainer_state.json"
@@ -86,7 +88,7 @@ def optimizer_to_tensors(
             for key, value in optimizer.state.get(p, {}).items():
                 if not isinstance(value, torch.Tensor):
                     raise ValueError(f"optimizer state {names[id(p)]}/{key} is not a tensor: {value!r}")
-                tensors[f"{names[id(p)]}/{key}"] = value.detach().contiguous().clone()
+                tensors[f"{names[id(p)]}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
     return tensors, groups
 
 
@@ -161,6 +163,7 @@ def save_checkpoint(
     *,
     keep_last: int = 3,
     tokenizer_dir: Optional[str | os.PathLike] = None,
+    rng_states: Optional[list[dict[str, torch.Tensor]]] = None,
 ) -> Path:
     """原子地写出第 step 步的检查点并轮换旧检查点，返回最终目录。
 
@@ -177,7 +180,7 @@ def save_checkpoint(
     save_pretrained(detached, cfg, tmp, tokenizer=tokenizer_dir)
     try:
         tensors, groups = optimizer_to_tensors(optimizer, names)
-        tensors[_RNG_KEY] = torch.get_rng_state()
+        tensors.update(_rng_tensors(rng_states if rng_states is not None else [rng_state()]))
         write_safetensors(tensors, tmp / STATE_TENSORS)
         payload = dict(state, step=step, optimizer_param_groups=groups)
         (tmp / STATE_JSON).write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
@@ -215,10 +218,34 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     return cfg, params, tensors, state
 
 
-def restore_rng(tensors: Mapping[str, torch.Tensor]) -> None:
-    """恢复 torch 的全局 RNG 状态（dropout 等使用它）。"""
-    if _RNG_KEY in tensors:
-        torch.set_rng_state(tensors[_RNG_KEY])
+def rng_state() -> dict[str, torch.Tensor]:
+    """本进程的随机数状态：CPU 上的 torch 生成器，有 CUDA 时再加当前设备的生成器（dropout 用它们）。"""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _rng_key(kind: str, rank: int) -> str:
+    """秩 0 的 CPU 状态沿用旧名 ``__rng__/torch``；其余为 ``__rng__/{kind}.{rank}``。"""
+    return _RNG_KEY if (kind, rank) == ("torch", 0) else f"__rng__/{kind}.{rank}"
+
+
+def _rng_tensors(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """各进程（按秩）的随机数状态 → 检查点里的张量。"""
+    return {_rng_key(kind, rank): value for rank, state in enumerate(states) for kind, value in state.items()}
+
+
+def restore_rng(tensors: Mapping[str, torch.Tensor], rank: int = 0) -> bool:
+    """恢复本进程（第 rank 个）保存时的随机数状态；检查点里没有这个秩的状态时返回 False（调用方另行播种）。"""
+    key = _rng_key("torch", rank)
+    if key not in tensors:
+        return False
+    torch.set_rng_state(tensors[key])
+    cuda = _rng_key("cuda", rank)
+    if cuda in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[cuda])
+    return True
 
 
 def finite_or_none(value: float) -> Optional[float]:

@@ -230,12 +230,12 @@ def _debug(argv: Sequence[str]) -> bool:
 
 def _one_paragraph(err: BaseException) -> tuple[str, int]:
     """异常 → (一段话, 退出码)。输入错误为 2，运行中的失败为 1；意外的异常提示用 --debug 看回溯。"""
-    from functional_lm.rundir import StorageError
+    from functional_lm.rundir import RunFailure
 
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, (ValueError, FileNotFoundError, ImportError, NotADirectoryError, IsADirectoryError)):
         return text, 2
-    if isinstance(err, (StorageError, PermissionError)) or type(err).__name__ == "NonFiniteLossError":
+    if isinstance(err, (RunFailure, PermissionError)):  # 磁盘满、NaN、另一个进程死了……：消息本身说清了
         return text, 1
     if isinstance(err, OSError):
         return f"{text} ({type(err).__name__})", 1
@@ -247,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
+    rank = int(os.environ.get("RANK", "0") or 0)  # torchrun 下的秩：只有秩 0 说话，其余只报告自己独有的错误
     try:
         args = build_parser().parse_args(argv)
         command = args.command
@@ -254,14 +255,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt as err:  # 也包括 rundir.Interrupted：训练已保存并停下，消息说明在哪里继续
         if debug:
             raise
-        print(f"functional-lm {command}: stopped: {err or 'interrupted; nothing was saved'}", file=sys.stderr)
+        if rank == 0:
+            print(f"functional-lm {command}: stopped: {err or 'interrupted; nothing was saved'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - 命令行的最后一道：一段话，不打印回溯
         if debug:
             raise
+        if _peer_failure(err):
+            return 1  # 秩 0 已经打印了原因
         text, code = _one_paragraph(err)
-        print(f"functional-lm {command}: error: {text}", file=sys.stderr)
+        where = f"functional-lm {command}" + (f" [rank {rank}]" if rank else "")
+        print(f"{where}: error: {text}", file=sys.stderr)
         return code
+
+
+def _peer_failure(err: BaseException) -> bool:
+    """另一个进程（秩 0）失败导致的退出：它已经说过原因，这里不再重复。"""
+    module = sys.modules.get("functional_lm.distributed")
+    return module is not None and isinstance(err, module.PeerFailure)
 
 
 def entry() -> None:

@@ -10,12 +10,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "cache_root"]
+__all__ = [
+    "ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "TEACHER_SHARDINGS", "cache_root",
+]
 
 # 蒸馏散度的名字（与 functional_lm.losses.DIVERGENCES 相同；配置层不依赖损失模块，测试保证两者一致）。
 DIVERGENCE_NAMES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+# 多进程训练时教师的放置：每个进程一份完整副本，或用 FSDP2 按层切分到各进程（放不进单个设备的教师）。
+TEACHER_SHARDINGS: tuple[str, ...] = ("replicate", "shard")
 
 
 def _require_positive(obj: Any, names: tuple[str, ...]) -> None:
@@ -135,9 +139,11 @@ class TrainingConfig:
     loss_chunk_size: int = 1024  # 分块损失每块的 token 数 / tokens per chunk of the chunked loss
     eval_batches: int = 8  # 每次验证最多用几批 / at most this many validation batches
     bf16: bool = False  # 学生前向用 bfloat16 autocast / bfloat16 autocast for the student
-    teacher_bf16: bool = False  # 教师以 bfloat16 权重运行 / run the teacher in bfloat16
+    teacher_bf16: Optional[bool] = None  # 教师以 bfloat16 运行；auto = CUDA 上是、CPU 上否 / teacher in bfloat16; auto = on CUDA only
     compile: bool = False  # 用 torch.compile 编译前向与损失 / torch.compile the forwards and the loss
     val_fraction: float = 0.05  # 按文档划出的验证集比例 / fraction of documents held out for validation
+    device: str = "auto"  # 设备：auto（有 CUDA 用 CUDA）、cpu、cuda、cuda:N / device: auto (CUDA when present), cpu, cuda, cuda:N
+    teacher_sharding: str = "replicate"  # 多进程时教师每进程一份或用 FSDP2 切分 / teacher per process: replicate or shard (FSDP2)
 
     def __post_init__(self) -> None:
         ints = (
@@ -163,9 +169,17 @@ class TrainingConfig:
             raise ValueError(
                 f"TrainingConfig.divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.divergence!r}"
             )
-        for name in ("bf16", "teacher_bf16", "compile"):
+        for name in ("bf16", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainingConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.teacher_bf16 is not None and not isinstance(self.teacher_bf16, bool):
+            raise ValueError(f"TrainingConfig.teacher_bf16 must be true, false or auto (None), got {self.teacher_bf16!r}")
+        if self.teacher_sharding not in TEACHER_SHARDINGS:
+            raise ValueError(
+                f"TrainingConfig.teacher_sharding must be one of {list(TEACHER_SHARDINGS)}, got {self.teacher_sharding!r}"
+            )
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError(f"TrainingConfig.device must be a device name such as auto, cpu or cuda, got {self.device!r}")
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)):
             raise ValueError(f"TrainingConfig.val_fraction must be a number, got {self.val_fraction!r}")
         if not 0.0 <= self.val_fraction < 1.0:

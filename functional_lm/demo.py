@@ -64,9 +64,10 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _demo_teacher(
-    tokenizer: Any, seq_len: int, seed: int, progress: bool, cache_dir: Any = None, tokenizer_dir: Any = None
+    tokenizer: Any, seq_len: int, seed: int, progress: bool, cache_dir: Any = None, tokenizer_dir: Any = None,
+    device: Any = None,
 ) -> tuple[Path, bool]:
-    """返回演示教师的检查点目录（没有缓存时先训练）与“是否新训练”。"""
+    """返回演示教师的检查点目录（没有缓存时先在本进程训练）与“是否新训练”。多进程时只由秩 0 调用。"""
     from functional_lm.data import prepare_data
     from functional_lm.hf import save_pretrained
     from functional_lm.model import init_params
@@ -85,9 +86,13 @@ def _demo_teacher(
     )
     # 训练目录名固定：被中断的教师预训练下次自动从它的最新检查点继续。
     scratch = target.parent / f".{target.name}-run"
+    import torch
+
+    from functional_lm.distributed import Dist
+
     result = train(
         Model(init_params(cfg, seed=seed + 1), cfg), None, data, tcfg, scratch, resume=True,
-        real_vocab_size=tokenizer.real_vocab_size, progress=progress,
+        real_vocab_size=tokenizer.real_vocab_size, progress=progress, info=Dist(device=device or torch.device("cpu")),
     )
     if result.interrupted:
         raise Interrupted(f"demo teacher training interrupted at step {result.step}; run again to continue")
@@ -120,7 +125,7 @@ def _announce(tcfg: TrainingConfig, seq_len: int) -> None:
     print(f"[demo] settings: seq_len={seq_len}, {shown} (override any with --field-name)", file=sys.stderr)
 
 
-def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress) -> dict[str, Any]:
+def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress, info) -> dict[str, Any]:
     """蒸馏学生与只用 CE 的对照学生：同样的初始化、数据、步数与学习率表，只有 α 不同。"""
     from functional_lm.model import init_params
     from functional_lm.train import Model, train
@@ -131,7 +136,7 @@ def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, o
         student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
         runs[name] = train(
             student, teacher, make_data(), cfg, out / name, resume=resume,
-            real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress,
+            real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress, info=info,
         )
         if runs[name].interrupted:
             raise Interrupted(f"the {name} student stopped at step {runs[name].step}; continue with: functional-lm distill --resume")
@@ -150,22 +155,30 @@ def _save_students(runs: Mapping[str, Any], student_cfg: ModelConfig, tok_dir: P
 
 
 def run_demo(
-    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool, progress: bool
+    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
+    progress: bool, info: Any = None,
 ) -> Path:
-    """离线演示的完整流程，返回运行目录。"""
+    """离线演示的完整流程，返回运行目录。多进程时学生数据并行训练，教师、评估、采样与报告只在秩 0 上做。"""
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
+    from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_pretrained
     from functional_lm.model import count_parameters, param_shapes
-    from functional_lm.report import read_metrics, write_report
-    from functional_lm.train import Model, evaluate
+    from functional_lm.train import Model
 
+    info = info or SINGLE
     tokenizer = load_tokenizer(run.get("tokenizer"))
     seq_len = int(run.get("seq_len") or min(DEMO_SEQ_LEN, student_cfg.max_seq_len))
-    _announce(tcfg, seq_len)
-    with writing("the tokenizer files", out / "tokenizer"):
-        tok_dir = materialize_tokenizer(tokenizer, run.get("tokenizer"), out / "tokenizer")
-    teacher_dir, fresh = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress, run.get("cache_dir"), tok_dir)
-    teacher_cfg, teacher_params = load_pretrained(teacher_dir)
+    if info.is_main:
+        _announce(tcfg, seq_len)
+
+    def prepare_teacher() -> tuple[Path, Path, bool]:
+        with writing("the tokenizer files", out / "tokenizer"):
+            tok_dir = materialize_tokenizer(tokenizer, run.get("tokenizer"), out / "tokenizer")
+        found = _demo_teacher(tokenizer, seq_len, tcfg.seed, progress, run.get("cache_dir"), tok_dir, info.device)
+        return tok_dir, *found
+
+    tok_dir, teacher_dir, fresh = on_main(prepare_teacher, info)
+    teacher_cfg, teacher_params = load_pretrained(teacher_dir, device=info.device)
     teacher = Model(teacher_params, teacher_cfg)
     check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
 
@@ -173,19 +186,33 @@ def run_demo(
         return prepare_data(
             run.get("data"), tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size,
             val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
-            model_config=student_cfg, progress=progress, text_split=run.get("text_split", "paragraph"),
+            model_config=student_cfg, progress=progress and info.is_main, text_split=run.get("text_split", "paragraph"),
         )
 
-    print(
-        f"[demo] teacher {count_parameters(teacher_params):,} params ({'trained now' if fresh else 'cached'}: "
-        f"{teacher_dir}); student {sum(math.prod(s) for s in param_shapes(student_cfg).values()):,} params; "
-        f"{tcfg.max_steps} steps of {tcfg.batch_size}×{seq_len} tokens",
-        file=sys.stderr,
-    )
-    runs = _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress)
-    bundle = make_data()
+    with main_first(info):  # 秩 0 先分词建缓存
+        make_data()
+    if info.is_main:
+        print(
+            f"[demo] teacher {count_parameters(teacher_params):,} params ({'trained now' if fresh else 'cached'}: "
+            f"{teacher_dir}); student {sum(math.prod(s) for s in param_shapes(student_cfg).values()):,} params; "
+            f"{tcfg.max_steps} steps of {tcfg.batch_size}×{seq_len} tokens",
+            file=sys.stderr,
+        )
+    runs = _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress, info)
+    if info.is_main:
+        _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, make_data(), out)
+    return out
+
+
+def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, bundle, out) -> None:
+    """秩 0：评估教师、保存两个学生、采样续写、写报告并打印摘要。"""
+    from functional_lm.distributed import Dist
+    from functional_lm.report import read_metrics, write_report
+    from functional_lm.train import Model, evaluate
+
+    device = next(iter(teacher.params.values())).device
     teacher_eval = evaluate(teacher, None, bundle.val_loader, tcfg, real_vocab_size=tokenizer.real_vocab_size,
-                            max_batches=tcfg.eval_batches) if bundle.val_loader is not None else {}
+                            max_batches=tcfg.eval_batches, info=Dist(device=device)) if bundle.val_loader else {}
     final = {"teacher": {"student_ppl": teacher_eval.get("student_ppl"), "val_ce": teacher_eval.get("val_ce")}}
     final |= {f"student ({name})": result.final_eval for name, result in runs.items()}
     students = _save_students(runs, student_cfg, tok_dir, out)
@@ -197,7 +224,7 @@ def run_demo(
             out,
             title="functional_lm offline demo: distillation vs cross-entropy only",
             configs={
-                "teacher": teacher_cfg.to_dict(), "student": student_cfg.to_dict(), "training": tcfg.to_dict(),
+                "teacher": teacher.cfg.to_dict(), "student": student_cfg.to_dict(), "training": tcfg.to_dict(),
                 "teacher_training": teacher_training_config().to_dict(), "seq_len": seq_len,
             },
             final_metrics=final,
@@ -215,7 +242,6 @@ def run_demo(
             ] + [f"{name} student: {path}" for name, path in students.items()],
         )
     _print_summary(final, samples, report, students)
-    return out
 
 
 def _print_summary(

@@ -18,9 +18,9 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from functional_lm.config import DIVERGENCE_NAMES, PRESETS, ModelConfig, TrainingConfig
+from functional_lm.config import DIVERGENCE_NAMES, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
 from functional_lm.rundir import (
     SETTINGS_FILE,
     Interrupted,
@@ -48,7 +48,7 @@ from functional_lm.settings import (
 __all__ = ["register", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
 
 TEXT_SPLITS = ("paragraph", "file", "line")
-_TYPES = {"int": "INT", "float": "FLOAT", "bool": "true/false", "str": "TEXT"}
+_TYPES = {"int": "INT", "float": "FLOAT", "bool": "true/false", "Optional[bool]": "true/false/auto", "str": "TEXT"}
 
 
 # ---------------------------------------------------------------- 命令行
@@ -112,10 +112,12 @@ def _add_field_options(p: argparse.ArgumentParser) -> None:
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
             kind = str(f.type)
-            extra = {"choices": DIVERGENCE_NAMES} if f.name == "divergence" else {"metavar": _TYPES.get(kind, kind)}
+            choices = {"divergence": DIVERGENCE_NAMES, "teacher_sharding": TEACHER_SHARDINGS}.get(f.name)
+            extra = {"choices": choices} if choices else {"metavar": _TYPES.get(kind, kind)}
             group.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f"field_{f.name}", default=argparse.SUPPRESS,
-                help=f"{helps.get(f.name, f.name)} (默认 / default: {f.default})", **extra,
+                help=f"{helps.get(f.name, f.name)} (默认 / default: {'auto' if f.default is None else f.default})",
+                **extra,
             )
 
 
@@ -187,8 +189,8 @@ def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings) 
     if fixed:
         raise RunDirError(
             f"cannot resume {out}: {'; '.join(fixed)}. A resumed run keeps the student's architecture, the data "
-            f"(files, --seq-len, --text-split, --tokenizer), the split and order (--seed, --val-fraction) and the "
-            f"batch layout (--batch-size, --gradient-accumulation-steps); start a new run for these "
+            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--seed, --val-fraction); start "
+            f"a new run for these "
             f"(--overwrite or another --output-dir)"
         )
     if trajectory:
@@ -208,11 +210,29 @@ def _explicit_run_options(args: argparse.Namespace, file_values: Mapping[str, An
     return run
 
 
+def _open_run(out: Path, lock: RunLock, args: argparse.Namespace, settings_on: Callable) -> tuple[bool, dict]:
+    """秩 0 上：确认目录、拿锁、清理临时目录、决定新开还是恢复、合并并写出设置。返回 (是否恢复, 设置)。"""
+    if not out.expanduser().exists():
+        settings_on(None)  # 新目录：先校验所有值，坏值不留下任何目录
+    out = ensure_output_dir(out)
+    lock.acquire()
+    remove_stale_temps(out)
+    resuming = _decide_resume(out, args.resume, args.overwrite)
+    saved = _saved_settings(out) if resuming else None
+    settings = settings_on(saved)
+    if saved is not None:
+        _report_changes(out, saved, settings)
+    with writing("the run settings", out / SETTINGS_FILE):
+        write_json_atomic(settings.to_json(), out / SETTINGS_FILE)
+    return resuming, settings.to_json()
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
     file_values = load_config_file(args.config) if args.config else {}
     explicit = _explicit_run_options(args, file_values)
     cli_fields = {k[len("field_"):]: v for k, v in vars(args).items() if k.startswith("field_")}
     from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
+    from functional_lm.distributed import on_main, setup, teardown
 
     def settings_on(saved: Optional[Mapping[str, Any]]) -> RunSettings:
         return resolve_settings(
@@ -221,36 +241,49 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         )
 
     out = Path(explicit.get("output_dir") or ("runs/demo" if explicit.get("teacher") is None else "runs/distill"))
-    if not out.expanduser().exists():
-        settings_on(None)  # 新目录：先校验所有值，坏值不留下任何目录
-    out = ensure_output_dir(out)
+    out = out.expanduser()
+    info = setup(str(cli_fields.get("device", file_values.get("device", "auto"))))  # torchrun 下加入进程组
+    lock = RunLock(out)
     try:
-        with RunLock(out):
-            remove_stale_temps(out)
-            resuming = _decide_resume(out, args.resume, args.overwrite)
-            saved = _saved_settings(out) if resuming else None
-            settings = settings_on(saved)
-            if saved is not None:
-                _report_changes(out, saved, settings)
-            with writing("the run settings", out / SETTINGS_FILE):
-                write_json_atomic(settings.to_json(), out / SETTINGS_FILE)
-            _run(settings, out, resuming, progress=not args.no_progress)
+        resuming, saved = on_main(lambda: _open_run(out, lock, args, settings_on), info)
+        settings = RunSettings.from_json(saved)
+        _run(settings, out, resuming, progress=not args.no_progress, info=_same_device(info, settings))
     except Interrupted:
         raise
     except KeyboardInterrupt:
         found = _checkpoints_in(out)
         where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written"
         raise Interrupted(f"interrupted; {where}; continue with --resume") from None
+    finally:
+        lock.release()
+        teardown()
     return 0
 
 
-def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool) -> None:
+def _same_device(info: Any, settings: RunSettings) -> Any:
+    """恢复的运行以保存的 device 为准：单进程时按它重新解析；多进程时它必须与启动时选的设备同类。"""
+    from functional_lm.devices import resolve_device
+
+    wanted = resolve_device(settings.training.device)
+    if wanted.type == info.device.type:
+        return info
+    if info.enabled:
+        raise ValueError(
+            f"this run is set to --device {settings.training.device}, but the processes started on "
+            f"{info.device.type}; pass --device {settings.training.device} to every process"
+        )
+    return dataclasses.replace(info, device=wanted)
+
+
+def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool, info: Any) -> None:
     if settings.mode == "demo":
         from functional_lm.demo import run_demo
 
-        run_demo(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress)
+        run_demo(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress, info=info)
     else:
-        run_distill(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress)
+        run_distill(
+            settings.model, settings.training, settings.run, out, resume=resuming, progress=progress, info=info,
+        )
 
 
 # ---------------------------------------------------------------- 真实教师的蒸馏
@@ -261,46 +294,18 @@ def _tokenizer_source(run: Mapping[str, Any], teacher_dir: Path) -> Optional[Pat
     return teacher_dir if (teacher_dir / "tokenizer.json").is_file() else None
 
 
-def run_distill(
-    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
-    progress: bool,
-) -> Path:
-    """加载教师与数据，蒸馏，保存学生（HF 格式，带分词器）并写报告；返回运行目录。"""
-    import torch
-
-    from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
-    from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint, save_pretrained
-    from functional_lm.model import init_params
-    from functional_lm.report import read_metrics, write_report
-    from functional_lm.rundir import materialize_tokenizer
-    from functional_lm.train import Model, train
-
-    teacher_dir = resolve_checkpoint(run["teacher"])
-    teacher_cfg = load_config(teacher_dir)
-    tok_source = _tokenizer_source(run, teacher_dir)
-    tokenizer = load_tokenizer(tok_source)
-    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
-    check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
-    seq_len = int(run["seq_len"])
+def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
     for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
         if seq_len > cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq_len} exceeds the {name}'s max_seq_len={cfg.max_seq_len}")
-    with writing("the tokenizer files", out / "tokenizer"):
-        tok_dir = materialize_tokenizer(tokenizer, tok_source, out / "tokenizer")
-    data = prepare_data(
-        run.get("data"), tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size,
-        val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
-        model_config=student_cfg, progress=progress, text_split=run.get("text_split", "paragraph"),
-    )
-    teacher_dtype = torch.bfloat16 if tcfg.teacher_bf16 else torch.float32
-    teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=teacher_dtype)
-    student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
-    result = train(
-        student, Model(teacher_params, teacher_cfg), data, tcfg, out, resume=resume,
-        real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress,
-    )
-    if result.interrupted:
-        raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
+
+
+def _finish(result: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig, tcfg: TrainingConfig,
+            run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
+    """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
+    from functional_lm.hf import save_pretrained
+    from functional_lm.report import read_metrics, write_report
+
     with writing("the final student", out / "student", result.last_checkpoint):
         final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_dir)
         write_report(
@@ -316,5 +321,57 @@ def run_distill(
             notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
         )
     print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)
-    return out
+    return final
 
+
+def run_distill(
+    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
+    progress: bool, info: Any = None,
+) -> Path:
+    """加载教师与数据，蒸馏，保存学生（HF 格式，带分词器）并写报告；返回运行目录。
+
+    多进程时每个进程都运行它：秩 0 先写分词器、建分词缓存，其余进程复用；只有秩 0 保存学生与报告。
+    """
+    import torch
+
+    from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
+    from functional_lm.distributed import SINGLE, main_first, on_main
+    from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
+    from functional_lm.model import init_params
+    from functional_lm.rundir import materialize_tokenizer
+    from functional_lm.train import Model, teacher_dtype, train
+
+    info = info or SINGLE
+    teacher_dir = resolve_checkpoint(run["teacher"])
+    teacher_cfg = load_config(teacher_dir)
+    tok_source = _tokenizer_source(run, teacher_dir)
+    tokenizer = load_tokenizer(tok_source)
+    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
+    check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
+    _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
+
+    def write_tokenizer() -> Path:
+        with writing("the tokenizer files", out / "tokenizer"):
+            return materialize_tokenizer(tokenizer, tok_source, out / "tokenizer")
+
+    tok_dir = on_main(write_tokenizer, info)
+    with main_first(info):  # 秩 0 分词并写缓存，其余进程直接复用
+        data = prepare_data(
+            run.get("data"), tokenizer=tokenizer, seq_len=int(run["seq_len"]), batch_size=tcfg.batch_size,
+            val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
+            model_config=student_cfg, progress=progress and info.is_main,
+            text_split=run.get("text_split", "paragraph"),
+        )
+    # 教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。
+    dtype = teacher_dtype(tcfg, info.device) or torch.float32
+    teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=dtype)
+    student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
+    result = train(
+        student, Model(teacher_params, teacher_cfg), data, tcfg, out, resume=resume,
+        real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress, info=info,
+    )
+    if result.interrupted:
+        raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
+    if info.is_main:
+        _finish(result, student_cfg, teacher_cfg, tcfg, run, out, tok_dir)
+    return out

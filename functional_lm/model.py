@@ -278,13 +278,17 @@ def forward_hidden(
     position_ids: Optional[Integer[Tensor, "b t"]] = None,
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
     training: bool = False,
+    check: bool = True,
 ) -> Float[Tensor, "b t d"]:
     """最终 RMSNorm 之后的隐藏状态 (b, t, d)；分块蒸馏损失直接使用它和输出投影矩阵。
 
     attention_mask: 1 = 真实 token，0 = 填充；缺省时为纯因果注意力（最快的路径）。
     training: 为真且 cfg.dropout > 0 时在注意力概率上做 dropout。
+    check: 逐键核对参数字典与 token id（缺省开启）；训练器在开始时核对过一次后传 False——
+        对按层 all-gather 的切分教师，逐键核对会把每一层多取一遍。
     """
-    _validate(params, input_ids, cfg, position_ids, attention_mask)
+    if check:
+        _validate(params, input_ids, cfg, position_ids, attention_mask)
     if position_ids is None:
         position_ids = default_position_ids(input_ids, attention_mask)
     x = embed(input_ids, params[EMBED_KEY])

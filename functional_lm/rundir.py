@@ -35,6 +35,7 @@ __all__ = [
     "RUN_MARKERS",
     "SETTINGS_FILE",
     "RunDirError",
+    "RunFailure",
     "StorageError",
     "RunLock",
     "ensure_output_dir",
@@ -71,7 +72,11 @@ class Interrupted(KeyboardInterrupt):
     """
 
 
-class StorageError(RuntimeError):
+class RunFailure(RuntimeError):
+    """运行中途的失败（不是输入错误）：消息是完整的一段话，命令行照印、退出码 1。"""
+
+
+class StorageError(RunFailure):
     """写盘失败（磁盘满、配额、只读）：消息说明在写什么、写到哪里、最后一个完好的检查点。"""
 
 

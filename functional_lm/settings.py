@@ -37,9 +37,13 @@ SETTINGS_FORMAT = 1
 
 # 恢复时不能改的设置：检查点里的数据位置与参数形状都以它们为前提。
 _FIXED_RUN = ("data", "seq_len", "tokenizer", "text_split")
-_FIXED_TRAINING = ("seed", "val_fraction", "batch_size", "gradient_accumulation_steps", "checkpoint_dir")
+# batch_size、gradient_accumulation_steps 可以改：只要全局批 batch_size × 进程数 × 累积不变（训练器核对）。
+_FIXED_TRAINING = ("seed", "val_fraction", "checkpoint_dir")
 # 改了也不影响训练轨迹的设置（只影响记录、验证、保存的频率与位置）。
-_NEUTRAL = ("log_interval", "eval_interval", "save_interval", "keep_last", "eval_batches", "cache_dir", "preset")
+_NEUTRAL = (
+    "log_interval", "eval_interval", "save_interval", "keep_last", "eval_batches", "cache_dir", "preset",
+    "teacher_sharding",
+)
 
 
 # ---------------------------------------------------------------- 字段说明（取自 config.py 的行尾注释）
@@ -59,7 +63,14 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 
 
 def _convert(name: str, kind: str, value: Any, source: str) -> Any:
-    """把命令行字符串或配置文件值转成字段类型；类型不对时报错并点名来源与字段。"""
+    """把命令行字符串或配置文件值转成字段类型；类型不对时报错并点名来源与字段。
+
+    ``Optional[bool]`` 字段另外接受 auto / none（None，即“按设备自动决定”）。
+    """
+    if kind == "Optional[bool]":
+        if value is None or str(value).strip().lower() in {"auto", "none"}:
+            return None
+        kind = "bool"
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -177,6 +188,10 @@ class RunSettings:
             "format": SETTINGS_FORMAT, "mode": self.mode, "run": self.run,
             "model": self.model.to_dict(), "training": self.training.to_dict(),
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RunSettings":
+        return cls(data["mode"], dict(data["run"]), ModelConfig(**data["model"]), TrainingConfig(**data["training"]))
 
 
 def _absolute(item: Any) -> Any:

@@ -18,12 +18,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,19 +28,34 @@ import torch
 
 from functional_lm.checkpoint import (
     checkpoint_name,
-    finite_or_none,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     optimizer_from_tensors,
     restore_rng,
+    rng_state,
     save_checkpoint,
 )
 from functional_lm.config import ModelConfig, TrainingConfig
+from functional_lm.distributed import (
+    SINGLE,
+    Dist,
+    GatheredParams,
+    ParamShell,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    on_main,
+    peer_loss_explained,
+    setup,
+    shard_teacher,
+    wrap_student,
+)
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
-from functional_lm.report import read_metrics_file
-from functional_lm.rundir import Interrupted, RunDirError, write_failure, writing
+from functional_lm.monitor import Metrics, NullMetrics, StopFlag, Window, progress_bar, say, stop_on_signals
+from functional_lm.rundir import Interrupted, RunDirError, RunFailure, write_failure
+from functional_lm.typing import typecheck
 
 __all__ = [
     "Model",
@@ -61,6 +71,7 @@ __all__ = [
     "evaluate",
     "StepStats",
     "optimizer_step",
+    "teacher_dtype",
     "total_training_steps",
     "train",
 ]
@@ -87,7 +98,7 @@ class TrainResult:
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # 训练后的学生参数（已 detach）
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailure):
     """损失或梯度出现 NaN / inf：训练停止，消息中给出步数与最后一个好的检查点。"""
 
 
@@ -97,15 +108,15 @@ def no_weight_decay(name: str) -> bool:
     return name.endswith(".bias") or name.endswith("norm.weight")
 
 
-def build_optimizer(params: Mapping[str, torch.Tensor], tcfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW，分两组：矩阵与嵌入衰减 weight_decay，范数与偏置不衰减。"""
+def build_optimizer(params: Mapping[str, torch.Tensor], tcfg: TrainingConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW，分两组：矩阵与嵌入衰减 weight_decay，范数与偏置不衰减；fused=True（CUDA）用融合内核。"""
     decay = [p for name, p in params.items() if not no_weight_decay(name)]
     keep = [p for name, p in params.items() if no_weight_decay(name)]
     groups = [
         {"params": decay, "weight_decay": tcfg.weight_decay},
         {"params": keep, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def learning_rate(step: int, tcfg: TrainingConfig, total_steps: int) -> float:
@@ -127,9 +138,9 @@ def count_valid_tokens(batch: Any, ignore_index: int = -100) -> int:
 
 # ---------------------------------------------------------------- 损失（纯函数）
 def teacher_hidden_states(teacher: Model, input_ids: torch.Tensor, forward_fn: Callable = forward_hidden) -> torch.Tensor:
-    """教师最终隐藏状态（不求梯度）；输出投影留给分块损失逐块去乘。"""
+    """教师最终隐藏状态（不求梯度）；输出投影留给分块损失逐块去乘。参数已在训练开始时核对过一次。"""
     with torch.no_grad():
-        return forward_fn(teacher.params, input_ids, teacher.cfg)
+        return forward_fn(teacher.params, input_ids, teacher.cfg, check=False)
 
 
 def distill_loss(
@@ -149,7 +160,7 @@ def distill_loss(
     分块计算：学生 logits 与教师 logits 都只按 loss_chunk_size 个 token 一块临时生成。
     teacher 为 None 时只训练交叉熵（要求 α = 0）：用于预训练演示教师与“只用 CE”的对照学生。
     """
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tcfg.bf16):
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
         hidden = forward_fn(params, batch.input_ids, cfg, training=True)
     if tcfg.bf16:
         hidden = hidden.float()  # 损失（softmax over vocab）始终在 float32 中计算
@@ -215,59 +226,49 @@ def chunked_cross_entropy(
 
 
 # ---------------------------------------------------------------- 验证
-@torch.no_grad()
-def evaluate(
-    student: Model,
-    teacher: Optional[Model],
-    loader: Any,
-    tcfg: TrainingConfig,
-    *,
-    real_vocab_size: int,
-    max_batches: Optional[int] = None,
-) -> dict[str, float]:
-    """验证：损失各部分、学生与教师困惑度、KL(教师 ‖ 学生)（T = 1）、top-1 与教师一致率。
+def _teacher_scope(teacher: Optional[Model]) -> contextlib.AbstractContextManager:
+    """切分的教师只在这个上下文里可读（逐层 all-gather）；普通字典的教师什么都不用做。"""
+    if teacher is not None and isinstance(teacher.params, GatheredParams):
+        return teacher.params.gathered()
+    return contextlib.nullcontext()
 
-    逐条序列计算完整 logits（一次只有 t × vocab 的张量），按有效 token 汇总。
-    不改变 loader 的训练状态：验证加载器是独立的、不打乱的。teacher 为 None 时只报告学生的交叉熵与困惑度。
-    """
-    totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "teacher_ce": 0.0, "kl_t1": 0.0, "agree": 0.0}
-    tokens = 0
-    limit = max_batches if max_batches is not None else len(loader)
-    for index in range(min(limit, len(loader))):
-        batch = loader.batch_at(0, index)  # 固定的验证批，不推进任何状态
-        for row in range(batch.input_ids.shape[0]):
-            one = type(batch)(*(x[row : row + 1] for x in batch))
-            n = count_valid_tokens(one)
-            if n == 0:
-                continue
-            s_logits = forward_hidden(student.params, one.input_ids, student.cfg) @ output_weight(student.params, student.cfg).T
-            if teacher is None:
-                t_logits = s_logits  # 没有教师：KD 相关的量恒为 0，最后不报告
-            else:
-                t_logits = forward_hidden(teacher.params, one.input_ids, teacher.cfg).float() @ output_weight(
-                    teacher.params, teacher.cfg
-                ).float().T
-            common = dict(real_vocab_size=real_vocab_size, loss_mask=one.loss_mask, return_parts=True)
-            loss, parts = distillation_loss(
-                s_logits, t_logits, one.labels, alpha=tcfg.alpha, temperature=tcfg.temperature,
-                divergence=tcfg.divergence, **common,
-            )
-            _, kl1 = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, temperature=1.0, **common)
-            _, tparts = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, temperature=1.0, **common)
-            valid = (one.labels != -100) & one.loss_mask
-            agree = (s_logits[..., :real_vocab_size].argmax(-1) == t_logits[..., :real_vocab_size].argmax(-1))
-            totals["loss"] += float(loss) * n
-            totals["kd"] += float(parts["kd"]) * n
-            totals["ce"] += float(parts["ce"]) * n
-            totals["teacher_ce"] += float(tparts["ce"]) * n
-            totals["kl_t1"] += float(kl1["kd"]) * n
-            totals["agree"] += float(agree[valid].sum())
-            tokens += n
-    if tokens == 0:
-        return {}
+
+def _sharded(teacher: Optional[Model]) -> bool:
+    return teacher is not None and isinstance(teacher.params, GatheredParams)
+
+
+def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: TrainingConfig, real: int) -> dict[str, float]:
+    """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）。"""
+    n = count_valid_tokens(one)
+    s_logits = forward_hidden(student.params, one.input_ids, student.cfg) @ output_weight(student.params, student.cfg).T
+    if teacher is None:
+        t_logits = s_logits  # 没有教师：KD 相关的量恒为 0，最后不报告
+    else:
+        with _teacher_scope(teacher), typecheck(not _sharded(teacher)):
+            t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False)
+            t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
+    common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True)
+    loss, parts = distillation_loss(
+        s_logits, t_logits, one.labels, alpha=tcfg.alpha, temperature=tcfg.temperature,
+        divergence=tcfg.divergence, **common,
+    )
+    _, kl1 = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, temperature=1.0, **common)
+    _, tparts = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, temperature=1.0, **common)
+    valid = (one.labels != -100) & one.loss_mask
+    agree = s_logits[..., :real].argmax(-1) == t_logits[..., :real].argmax(-1)
+    return {
+        "loss": float(loss) * n, "kd": float(parts["kd"]) * n, "ce": float(parts["ce"]) * n,
+        "teacher_ce": float(tparts["ce"]) * n, "kl_t1": float(kl1["kd"]) * n, "agree": float(agree[valid].sum()),
+        "tokens": float(n),
+    }
+
+
+def _scores(totals: Mapping[str, float], with_teacher: bool) -> dict[str, float]:
+    """各项之和 → 按有效 token 的平均与困惑度。"""
+    tokens = totals["tokens"]
     mean = {k: v / tokens for k, v in totals.items()}
-    scores = {"val_ce": mean["ce"], "student_ppl": math.exp(min(mean["ce"], 50.0)), "val_tokens": float(tokens)}
-    if teacher is not None:
+    scores = {"val_ce": mean["ce"], "student_ppl": math.exp(min(mean["ce"], 50.0)), "val_tokens": tokens}
+    if with_teacher:
         scores |= {
             "val_loss": mean["loss"],
             "val_kd": mean["kd"],
@@ -278,132 +279,45 @@ def evaluate(
         }
     return scores
 
-# ---------------------------------------------------------------- 信号
-class _StopFlag:
-    """SIGINT / SIGTERM 只置位；训练循环在一步结束时检查它，保存后退出。
 
-    第二次 Ctrl-C 立即中断（KeyboardInterrupt）——但保存进行中时不打断它：记下来，保存完成后再中断，
-    这样磁盘上永远只有完整的检查点。
+@torch.no_grad()
+def evaluate(
+    student: Model,
+    teacher: Optional[Model],
+    loader: Any,
+    tcfg: TrainingConfig,
+    *,
+    real_vocab_size: int,
+    max_batches: Optional[int] = None,
+    info: Dist = SINGLE,
+) -> dict[str, float]:
+    """验证：损失各部分、学生与教师困惑度、KL(教师 ‖ 学生)（T = 1）、top-1 与教师一致率。
+
+    逐条序列计算完整 logits（一次只有 t × vocab 的张量），按有效 token 汇总。
+    不改变 loader 的训练状态：验证加载器是独立的、不打乱的。teacher 为 None 时只报告学生的交叉熵与困惑度。
+    多进程时各进程轮流分担验证批（第 i 批归第 i mod W 个进程），各项之和 all-reduce；
+    教师按层切分时每个进程都算全部批（all-gather 必须一一对上），结果相同、不再相加。
     """
-
-    def __init__(self) -> None:
-        self.requested: Optional[str] = None
-        self.saving = False
-        self.abort_after_save = False
-
-    def __call__(self, signum: int, _frame: Any) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            if self.saving:
-                self.abort_after_save = True
-                return
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def protect(self) -> Iterator[None]:
-        """保存期间推迟第二次 Ctrl-C 的中断。"""
-        self.saving = True
-        try:
-            yield
-        finally:
-            self.saving = False
-        if self.abort_after_save:
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_StopFlag]:
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # 只有主线程能装信号处理器
-        return
-    previous = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------- 日志
-class _Metrics:
-    """metrics.jsonl：每行一个 JSON 对象（训练记录与验证记录用 "kind" 区分），追加写入并立即落盘。"""
-
-    def __init__(self, path: Path, last_good: Callable[[], Optional[Path]]) -> None:
-        self.path = path
-        self.last_good = last_good  # 写失败时报告最后一个完好的检查点
-
-    def truncate_after(self, step: int) -> None:
-        """恢复训练时丢掉检查点之后（崩溃前已写出、恢复后会重算）的记录，避免同一步出现两次。
-
-        崩溃（例如磁盘满）时写了一半的最后一行也在这里丢掉，并给出点名文件的警告。
-        """
-        if not self.path.is_file():
-            return
-        records, torn = read_metrics_file(self.path)
-        if torn:
-            print(f"warning: {self.path}: dropped a cut-off last line (a crash while writing it)", file=sys.stderr)
-        keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
-        with writing("the training metrics", self.path, self.last_good()):
-            self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
-        with writing("the training metrics", self.path, self.last_good()), open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(clean) + "\n")
-
-
-class _Window:
-    """两次记录之间的滑动统计：逐步累加损失各部分与 token 数，记录时取平均并清零。"""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = self.kd = self.ce = 0.0
-        self.tokens = self.steps = 0
-        self.start = time.perf_counter()
-
-    def add(self, stats: "StepStats") -> None:
-        self.loss, self.kd, self.ce = self.loss + stats.loss, self.kd + stats.kd, self.ce + stats.ce
-        self.tokens += stats.tokens
-        self.steps += 1
-
-    def record(self, step: int, stats: "StepStats") -> dict[str, Any]:
-        """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
-        elapsed = time.perf_counter() - self.start
-        n = max(self.steps, 1)
-        logged = {
-            "kind": "train", "step": step, "loss": self.loss / n, "kd": self.kd / n, "ce": self.ce / n,
-            "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
-        }
-        self.reset()
-        return logged
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
-
-
-def _say(message: str) -> None:
-    """训练器对用户说的话（恢复位置、改动的设置）：写到 stderr。"""
-    print(message, file=sys.stderr, flush=True)
+    keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens")
+    totals = dict.fromkeys(keys, 0.0)
+    count = min(max_batches if max_batches is not None else len(loader), len(loader))
+    striped = info.enabled and not _sharded(teacher)
+    mine = range(info.rank, count, info.world_size) if striped else range(count)
+    device = info.device
+    for index in mine:
+        batch = loader.batch_at(0, index).to(device)  # 固定的验证批，不推进任何状态
+        for row in range(batch.input_ids.shape[0]):
+            one = type(batch)(*(x[row : row + 1] for x in batch))
+            if count_valid_tokens(one) == 0:
+                continue
+            for key, value in _eval_row(student, teacher, one, tcfg, real_vocab_size).items():
+                totals[key] += value
+    if striped:
+        totals = dict(zip(keys, all_reduce_sum([totals[k] for k in keys], info)))
+    return _scores(totals, teacher is not None) if totals["tokens"] > 0 else {}
 
 
 # ---------------------------------------------------------------- 一个优化步
-def _leaf_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """拷贝成独立的 float 叶子张量（requires_grad），共享嵌入保持为同一个张量。"""
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[int, torch.Tensor] = {}
-    for key, value in params.items():
-        if id(value) not in seen:
-            seen[id(value)] = value.detach().clone().requires_grad_(True)
-        out[key] = seen[id(value)]
-    return out
-
-
 def total_training_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
     """计划的优化步数：max_steps（若给出）或 num_epochs 轮数据所能构成的步数。"""
     if tcfg.max_steps > 0:
@@ -413,59 +327,78 @@ def total_training_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
 
 @dataclass
 class StepStats:
-    """一个优化步的结果（各部分是本步全部微批之和，即全局有效 token 上的平均）。"""
+    """一个优化步的结果（各部分是全局有效 token 上的平均，所有进程相同）。"""
 
     loss: float
     kd: float
     ce: float
     grad_norm: float
     lr: float
-    tokens: int  # 本步读入的 token 数（含不计损失的），用于吞吐
+    tokens: int  # 本步所有进程读入的 token 数（含不计损失的），用于吞吐
 
 
 @dataclass
 class _Stepper:
-    """一个优化步所需的全部东西：学生叶子参数、优化器、（可选的）教师与两边的前向函数。"""
+    """一个优化步所需的全部东西：学生（参数壳，多进程时包成 DDP）、优化器、（可选的）教师与前向函数。"""
 
-    params: dict[str, torch.Tensor]
+    student: torch.nn.Module  # ParamShell，或包着它的 DDP
+    params: dict[str, torch.Tensor]  # 壳里登记的参数（优化器与检查点看到的正是它们）
     cfg: ModelConfig
     optimizer: torch.optim.Optimizer
     teacher: Optional[Model]  # α = 0 时为 None：训练不跑教师
     tcfg: TrainingConfig
     real_vocab_size: int
+    info: Dist = SINGLE
     student_fwd: Callable = forward_hidden
     teacher_fwd: Callable = forward_hidden
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """梯度累积：只在最后一个微批的反向里做 all-reduce（DDP 的 no_sync）。"""
+        if last or not self.info.enabled:
+            return contextlib.nullcontext()
+        return self.student.no_sync()
+
+
+def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> tuple[float, float, float]:
+    """一个微批：教师隐藏状态 → 学生的分块损失（经过参数壳的 forward）→ 反向。返回本进程的三项。"""
+    batch = batch.to(stepper.info.device, non_blocking=True)
+    with stepper.no_sync(last), _teacher_scope(stepper.teacher):
+        t_hidden = None
+        if stepper.teacher is not None:
+            with typecheck(not _sharded(stepper.teacher)):
+                t_hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd)
+        loss, parts = stepper.student(
+            distill_loss, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
+            real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
+        )
+        # DDP 对各进程的梯度求平均；本进程的损失先乘进程数，平均后正是 Σ_全局 ℓ / N_全局 的梯度。
+        (loss * stepper.info.world_size).backward()
+    return float(loss.detach()), float(parts["kd"]), float(parts["ce"])
 
 
 def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
     """微批 → 梯度（按全局有效 token 数归一化后逐微批累加）→ 全局范数裁剪 → AdamW 一步。
 
-    损失或梯度范数非有限时不更新参数，抛 NonFiniteLossError（由调用方补上最后一个好的检查点）。
+    单进程、多进程（DDP）与之后的在线蒸馏共用这一个函数。全局有效 token 数 N 在所有进程、所有微批上
+    求和（all-reduce）；损失或梯度范数非有限时不更新参数，抛 NonFiniteLossError（调用方补上最后一个好的检查点）。
     """
+    info = stepper.info
     for group in stepper.optimizer.param_groups:
         group["lr"] = lr
-    num_tokens = max(sum(count_valid_tokens(b) for b in micro), 1)
-    loss_sum = kd_sum = ce_sum = 0.0
-    for batch in micro:
-        t_hidden = None
-        if stepper.teacher is not None:
-            t_hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd)
-        loss, parts = distill_loss(
-            stepper.params, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
-            real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
-        )
-        loss.backward()
-        loss_sum += float(loss.detach())
-        kd_sum += float(parts["kd"])
-        ce_sum += float(parts["ce"])
+    local = [float(sum(count_valid_tokens(b) for b in micro)), float(sum(b.input_ids.numel() for b in micro))]
+    num_tokens, tokens = all_reduce_sum(local, info)
+    sums = [0.0, 0.0, 0.0]
+    for index, batch in enumerate(micro):
+        parts = _micro_step(stepper, batch, max(int(num_tokens), 1), last=index == len(micro) - 1)
+        sums = [a + b for a, b in zip(sums, parts)]
+    loss_sum, kd_sum, ce_sum = all_reduce_sum(sums, info)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(unique_tensors(stepper.params), stepper.tcfg.gradient_clip))
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
         stepper.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(f"non-finite loss {loss_sum} (grad norm {grad_norm})")
     stepper.optimizer.step()
     stepper.optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b.input_ids.numel() for b in micro)
-    return StepStats(loss_sum, kd_sum, ce_sum, grad_norm, lr, tokens)
+    return StepStats(loss_sum, kd_sum, ce_sum, grad_norm, lr, int(tokens))
 
 
 # ---------------------------------------------------------------- 训练主循环
@@ -494,11 +427,36 @@ def _refuse_foreign_run(run_dir: Path, ckpt_root: Path) -> None:
         )
 
 
-def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig) -> Optional[Model]:
-    """按配置准备教师：可选 bfloat16 权重（只转换一次）。"""
-    if teacher is not None and tcfg.teacher_bf16:
-        return Model({k: v.to(torch.bfloat16) for k, v in teacher.params.items()}, teacher.cfg)
-    return teacher
+def teacher_dtype(tcfg: TrainingConfig, device: torch.device) -> Optional[torch.dtype]:
+    """教师的权重 dtype：teacher_bf16 为真（或 auto 且在 CUDA 上）时 bfloat16，否则 None（保持加载时的 dtype）。"""
+    bf16 = tcfg.teacher_bf16 if tcfg.teacher_bf16 is not None else device.type == "cuda"
+    return torch.bfloat16 if bf16 else None
+
+
+def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig, info: Dist) -> Optional[Model]:
+    """按配置与设备准备教师：bfloat16（teacher_bf16；auto = CUDA 上是），放到设备上，可选 FSDP2 按层切分。"""
+    if teacher is None:
+        return None
+    dtype = teacher_dtype(tcfg, info.device) or next(iter(teacher.params.values())).dtype
+    params = {k: v.to(device=info.device, dtype=dtype) for k, v in teacher.params.items()}
+    if info.enabled and tcfg.teacher_sharding == "shard":
+        return Model(shard_teacher(params, teacher.cfg.num_layers, info), teacher.cfg)
+    if all(params[k] is v for k, v in teacher.params.items()):
+        return teacher  # 设备与 dtype 都没变：沿用调用方的字典，不复制
+    return Model(params, teacher.cfg)
+
+
+def _build_stepper(student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist) -> _Stepper:
+    """学生参数放进参数壳（多进程时包成 DDP）、优化器（CUDA 上 fused）、教师与前向函数。"""
+    shell = ParamShell({k: v.to(info.device) for k, v in student.params.items()})
+    params = shell.params()
+    optimizer = build_optimizer(params, tcfg, fused=info.device.type == "cuda")
+    compiled = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
+    return _Stepper(
+        wrap_student(shell, info), params, student.cfg, optimizer,
+        teacher if tcfg.alpha > 0.0 else None, tcfg, real, info,
+        student_fwd=compiled, teacher_fwd=forward_hidden if _sharded(teacher) else compiled,  # 切分的教师不编译
+    )
 
 
 def train(
@@ -513,6 +471,7 @@ def train(
     tokenizer_dir: Optional[str | Path] = None,
     progress: bool = True,
     on_step_end: Optional[Callable[[int, dict[str, float]], None]] = None,
+    info: Optional[Dist] = None,
 ) -> TrainResult:
     """把教师蒸馏进学生，返回 TrainResult。
 
@@ -526,63 +485,94 @@ def train(
         real_vocab_size：真实词表大小（分词器的 id 数）；两边 logits 在它之后的列被排除。
         tokenizer_dir：分词器目录，复制进每个检查点（学生因此可以独立使用）。
         on_step_end：每步结束时的回调 (step, 指标)，测试用它模拟崩溃。
+        info：本进程在多进程运行中的位置（缺省按 torchrun 的环境变量与 tcfg.device 建立，见 distributed.setup）。
+            多进程时每个进程都调用 train()；只有秩 0 显示进度、写指标与检查点。
     """
+    info = info if info is not None else setup(tcfg.device)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
-    real_vocab_size = _check_models(student, teacher, tcfg, real_vocab_size)
+    real = _check_models(student, teacher, tcfg, real_vocab_size)
     if not resume:
-        _refuse_foreign_run(run_dir, ckpt_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    loader = data.train_loader
-    total = total_training_steps(tcfg, len(loader))
-    params = _leaf_params(student.params)
-    names = {id(p): k for k, p in params.items()}
-    teacher_model = _teacher_for_training(teacher, tcfg)
-    stepper = _Stepper(
-        params, student.cfg, build_optimizer(params, tcfg), teacher_model if tcfg.alpha > 0.0 else None, tcfg,
-        real_vocab_size,
-        student_fwd=torch.compile(forward_hidden) if tcfg.compile else forward_hidden,
-        teacher_fwd=torch.compile(forward_hidden) if tcfg.compile else forward_hidden,
+        on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    loader = data.train_loader.relayout(
+        rank=info.rank, world_size=info.world_size, accumulation=tcfg.gradient_accumulation_steps,
+        pin_memory=info.device.type == "cuda",
     )
-    torch.manual_seed(tcfg.seed)
+    total = total_training_steps(tcfg, len(loader))
+    if info.is_main:
+        say(_layout_line(info, loader, tcfg, teacher))
+    teacher_model = _teacher_for_training(teacher, tcfg, info)
+    stepper = _build_stepper(student, teacher_model, tcfg, real, info)
+    torch.manual_seed(tcfg.seed + info.rank)
     result = TrainResult(step=0, total_steps=total, interrupted=False, last_checkpoint=None)
     if resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        result.step, result.last_checkpoint = _restore(found, params, stepper.optimizer, names, loader, student.cfg)
-        _say(f"resumed from step {result.step} of {total} ({found})")
-    metrics = _Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint)
+        result.step, result.last_checkpoint = _restore(found, stepper, loader, tcfg)
+        if info.is_main:
+            say(f"resumed from step {result.step} of {total} ({found})")
+    metrics = Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint) if info.is_main else NullMetrics()
     if resume:
         metrics.truncate_after(result.step)
-    saver = _Saver(ckpt_root, stepper, names, loader, student.cfg, tcfg, total, real_vocab_size, tokenizer_dir, result)
-
-    def run_eval(at_step: int, bar: Any) -> dict[str, float]:
-        if data.val_loader is None:
-            return {}
-        bar.set_description("distill (evaluating)")
-        scores = evaluate(
-            Model(params, student.cfg), teacher_model, data.val_loader, tcfg,
-            real_vocab_size=real_vocab_size, max_batches=tcfg.eval_batches,
-        )
-        bar.set_description("distill")
-        metrics.write({"kind": "eval", "step": at_step, **scores})
-        return scores
-
-    bar = _progress(total, result.step, progress)
+    names = {id(p): k for k, p in stepper.params.items()}
+    saver = _Saver(ckpt_root, stepper, names, loader, total, tokenizer_dir, result)
+    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics)
+    bar = progress_bar(total, result.step, progress and info.is_main)
     try:
-        with _stop_on_signals() as stop:
-            _loop(stepper, loader, total, result, metrics, saver, run_eval, bar, stop, on_step_end)
+        with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
+            _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, on_step_end)
             if not result.interrupted:
-                result.final_eval = run_eval(result.step, bar)
+                result.final_eval = evaluator(result.step, bar)
                 saver.save(result.step, stop)
     finally:
         bar.close()
-        result.params = {k: v.detach() for k, v in params.items()}
+        result.params = {k: v.detach() for k, v in stepper.params.items()}
     return result
 
 
-def _loop(stepper, loader, total, result, metrics, saver, run_eval, bar, stop, on_step_end) -> None:
+def _layout_line(info: Dist, loader: Any, tcfg: TrainingConfig, teacher: Optional[Model]) -> str:
+    """开始时的一行说明：设备、进程数、全局批怎样构成、教师怎样放置。"""
+    procs = f"{info.world_size} processes" if info.enabled else "1 process"
+    placement = ""
+    if teacher is not None and info.enabled:
+        placement = "; teacher sharded across processes (FSDP2)" if tcfg.teacher_sharding == "shard" else \
+            "; teacher replicated on every process"
+    return (
+        f"[train] {info.device} × {procs}; global batch {loader.global_batch} sequences per step "
+        f"(batch_size {loader.batch_size} × {info.world_size} × {loader.accumulation} accumulation){placement}"
+    )
+
+
+class _Evaluator:
+    """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”。"""
+
+    def __init__(self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any) -> None:
+        self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
+
+    def __call__(self, step: int, bar: Any) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        bar.set_description("distill (evaluating)")
+        s = self.stepper
+        scores = evaluate(
+            Model(s.params, s.cfg), self.teacher, self.val_loader, s.tcfg,
+            real_vocab_size=s.real_vocab_size, max_batches=s.tcfg.eval_batches, info=s.info,
+        )
+        bar.set_description("distill")
+        self.metrics.write({"kind": "eval", "step": step, **scores})
+        return scores
+
+
+def _stop_agreed(stop: StopFlag, info: Dist) -> bool:
+    """任何一个进程收到 SIGINT / SIGTERM，所有进程在同一步一起停下（一次 all-reduce）。"""
+    flag = 1.0 if stop.requested is not None else 0.0
+    return all_reduce_sum([flag], info)[0] > 0 if info.enabled else flag > 0
+
+
+def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, on_step_end) -> None:
     """训练循环本身：取微批 → 一个优化步 → 记录 / 验证 / 保存 → 响应信号。"""
     tcfg = stepper.tcfg
-    window = _Window()
+    window = Window()
     while result.step < total:
         lr = learning_rate(result.step, tcfg, total)
         micro = [loader.next_batch() for _ in range(tcfg.gradient_accumulation_steps)]
@@ -606,67 +596,74 @@ def _loop(stepper, loader, total, result, metrics, saver, run_eval, bar, stop, o
                 lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
             )
         if step % tcfg.eval_interval == 0 and step != total:
-            run_eval(step, bar)
+            evaluator(step, bar)
         if step % tcfg.save_interval == 0 and step != total:
             saver.save(step, stop)
         if on_step_end is not None:
             on_step_end(step, {"loss": stats.loss, "kd": stats.kd, "ce": stats.ce, "lr": lr, "grad_norm": stats.grad_norm})
-        if stop.requested is not None:
+        if _stop_agreed(stop, stepper.info):
             saver.save(step, stop)
             result.interrupted = True
-            bar.write(f"{stop.requested} received: saved {result.last_checkpoint} at step {step}; resume with --resume")
+            if stepper.info.is_main:
+                bar.write(f"{stop.requested or 'stop'} received: saved {result.last_checkpoint} at step {step}; "
+                          f"resume with --resume")
             return
 
 
 class _Saver:
-    """原子保存检查点；同一步不重复保存（例如信号恰好落在保存步上），写盘失败说成一段话。"""
+    """原子保存检查点（秩 0 写；各进程交出自己的随机数状态）；同一步不重复保存，写盘失败说成一段话。"""
 
-    def __init__(self, root, stepper, names, loader, cfg, tcfg, total, real_vocab_size, tokenizer_dir, result) -> None:
+    def __init__(self, root, stepper, names, loader, total, tokenizer_dir, result) -> None:
         self.root, self.stepper, self.names, self.loader = root, stepper, names, loader
-        self.cfg, self.tcfg, self.total, self.real_vocab_size = cfg, tcfg, total, real_vocab_size
-        self.tokenizer_dir, self.result = tokenizer_dir, result
+        self.total, self.tokenizer_dir, self.result = total, tokenizer_dir, result
 
-    def save(self, step: int, stop: _StopFlag) -> Path:
+    def save(self, step: int, stop: StopFlag) -> Optional[Path]:
         last = self.result.last_checkpoint
         if last is not None and last.name == checkpoint_name(step):
             return last  # 这一步已经存过了
-        state = {
-            "loader": self.loader.state_dict(),
-            "training_config": self.tcfg.to_dict(),
-            "total_steps": self.total,
-            "real_vocab_size": self.real_vocab_size,
-        }
-        try:
-            with stop.protect():
-                path = save_checkpoint(
-                    self.root, step, self.stepper.params, self.cfg, self.stepper.optimizer, self.names, state,
-                    keep_last=self.tcfg.keep_last, tokenizer_dir=self.tokenizer_dir,
-                )
-        except OSError as err:
-            raise write_failure(err, f"the checkpoint of step {step}", self.root, last) from err
+        s = self.stepper
+        rng = gather_objects(rng_state(), s.info)  # 所有进程都要参与
+        path = self.root / checkpoint_name(step)
+        if s.info.is_main:
+            state = {
+                "loader": self.loader.state_dict(), "training_config": s.tcfg.to_dict(), "total_steps": self.total,
+                "real_vocab_size": s.real_vocab_size, "world_size": s.info.world_size,
+            }
+            try:
+                with stop.protect():
+                    path = save_checkpoint(
+                        self.root, step, s.params, s.cfg, s.optimizer, self.names, state,
+                        keep_last=s.tcfg.keep_last, tokenizer_dir=self.tokenizer_dir, rng_states=rng,
+                    )
+            except OSError as err:
+                raise write_failure(err, f"the checkpoint of step {step}", self.root, last) from err
+        barrier(s.info)  # 检查点在磁盘上就位之后，各进程才继续（恢复、结束时都以它为准）
         self.result.last_checkpoint = path
         return path
 
 
-def _restore(
-    path: Path,
-    params: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
-    names: Mapping[int, str],
-    loader: Any,
-    cfg: ModelConfig,
-) -> tuple[int, Path]:
-    """把检查点装回：参数原地拷贝、优化器状态、数据位置、RNG。返回 (步数, 检查点路径)。"""
+def _restore(path: Path, stepper: _Stepper, loader: Any, tcfg: TrainingConfig) -> tuple[int, Path]:
+    """把检查点装回：参数原地拷贝、优化器状态、数据位置、随机数。返回 (步数, 检查点路径)。
+
+    检查点可以来自不同的进程数：参数与优化器状态是完整的（秩 0 写出），数据位置按“已消耗的块数”换算；
+    随机数状态按秩恢复，新增的秩按 (seed, 步数, 秩) 播种。
+    """
     saved_cfg, saved, tensors, state = load_checkpoint(path)
-    if saved_cfg != cfg:
+    if saved_cfg != stepper.cfg:
         changed = ", ".join(
-            f"{k} {v} → {getattr(cfg, k)}" for k, v in saved_cfg.to_dict().items() if getattr(cfg, k) != v
+            f"{k} {v} → {getattr(stepper.cfg, k)}" for k, v in saved_cfg.to_dict().items() if getattr(stepper.cfg, k) != v
         )
         raise ValueError(f"cannot resume from {path}: the student's model config changed ({changed})")
     with torch.no_grad():
-        for key, value in params.items():
+        for key, value in stepper.params.items():
             value.copy_(saved[key])
-    optimizer_from_tensors(optimizer, tensors, state["optimizer_param_groups"], names)
-    loader.load_state_dict(state["loader"])
-    restore_rng(tensors)
-    return int(state["step"]), path
+    names = {id(p): k for k, p in stepper.params.items()}
+    optimizer_from_tensors(stepper.optimizer, tensors, state["optimizer_param_groups"], names)
+    try:
+        loader.load_state_dict(state["loader"])
+    except ValueError as err:
+        raise ValueError(f"cannot resume from {path}: {str(err).removeprefix('cannot resume: ')}") from None
+    step = int(state["step"])
+    if not restore_rng(tensors, stepper.info.rank):
+        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + stepper.info.rank)
+    return step, path

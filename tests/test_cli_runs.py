@@ -152,14 +152,14 @@ def test_disk_full_while_saving_a_checkpoint_is_one_paragraph(setup, tmp_path):
 def test_disk_full_while_writing_metrics_names_the_file(setup, tmp_path, capsys, monkeypatch):
     import errno
 
-    import functional_lm.train as train_module
+    import functional_lm.monitor as monitor_module
 
     def full(path, *args, **kwargs):
         if str(path).endswith("metrics.jsonl"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "open", full, raising=False)
+    monkeypatch.setattr(monitor_module, "open", full, raising=False)
     out = tmp_path / "run"
     assert main(_args(setup, out)) == 1
     line = _one_paragraph(capsys.readouterr().err)

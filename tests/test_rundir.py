@@ -24,7 +24,8 @@ from functional_lm.rundir import (
     run_markers,
     write_failure,
 )
-from functional_lm.train import _StopFlag, build_optimizer
+from functional_lm.monitor import StopFlag
+from functional_lm.train import build_optimizer
 from functional_lm.config import TrainingConfig
 
 
@@ -130,7 +131,7 @@ def test_saving_the_same_step_twice_never_deletes_the_only_copy_first(tmp_path, 
 
 
 def test_second_ctrl_c_waits_for_the_save_to_finish():
-    flag = _StopFlag()
+    flag = StopFlag()
     flag(signal.SIGINT, None)
     assert flag.requested == "SIGINT"
     finished = []

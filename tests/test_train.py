@@ -300,7 +300,7 @@ def test_progress_bar_says_when_it_pauses_to_evaluate(tokenizer, cache_dir, teac
         def write(self, text): pass
         def close(self): pass
 
-    monkeypatch.setattr(train_module, "_progress", lambda *a, **k: Bar())
+    monkeypatch.setattr(train_module, "progress_bar", lambda *a, **k: Bar())
     _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, eval_interval=1, save_interval=100))
     # 第 1 步之后验证一次（说明暂停、再恢复），结束时的最终验证同样如此。
     assert descriptions == [("step",), "distill (evaluating)", "distill", ("step",), "distill (evaluating)", "distill"]

@@ -3,10 +3,16 @@
 顺序：第 e 轮的块顺序 = ``np.random.default_rng([seed, e]).permutation(num_blocks)``（shuffle=False 时为原序），
 只由 (seed, epoch) 决定，所以恢复时只需记住 (epoch, position) 两个整数——中断后恢复的运行与不间断的运行
 看到完全相同的批。
+
+多进程与梯度累积（world-size 不变性）：一个优化步消耗一个**全局批** G = batch_size × world_size ×
+accumulation 个块，即本轮顺序中的第 k 段 ``order[k·G : (k+1)·G]``；第 m 个微批里第 r 个进程取
+``order[k·G + m·B·W + r·B : ... + B]``（B = batch_size，W = world_size）。所以只要 G 相同，无论几个进程、
+每个进程几条、累积几次，每个优化步读的都是同一组块；一轮有 ⌊N/G⌋ 个优化步，优化步从不跨轮。
     * ``for batch in loader``：从当前位置取到本轮结束（本轮已取完则开始下一轮）；
-    * ``loader.next_batch()``：无限地取下一批，自动跨轮；
-    * ``loader.batch_at(epoch, position)``：随机读取某一批，不改变位置；
-    * ``state_dict()`` / ``load_state_dict()``：{epoch, position, seed, batch_size, num_blocks, shuffle, drop_last}。
+    * ``loader.next_batch()``：无限地取本进程的下一个微批，自动跨轮；
+    * ``loader.batch_at(epoch, position)``：随机读取某一微批，不改变位置；
+    * ``state_dict()`` / ``load_state_dict()``：位置记成“本轮已消耗的块数”，换一种 (B, W, 累积) 组合、
+      只要 G 不变就能接着读（例如 2 进程的检查点在 1 个进程上恢复）。
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ class Batch(NamedTuple):
 
 
 class BatchLoader:
-    """确定性、可恢复的批加载器（见模块说明）。"""
+    """确定性、可恢复、按进程切分的批加载器（见模块说明）。"""
 
     def __init__(
         self,
@@ -46,25 +52,52 @@ class BatchLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        accumulation: int = 1,
     ) -> None:
-        if batch_size < 1 or batch_size > len(dataset):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        global_batch = batch_size * world_size * accumulation
+        if batch_size < 1 or global_batch > len(dataset):
             raise ValueError(
-                f"batch_size={batch_size} must be between 1 and the number of blocks ({len(dataset)})"
+                f"a global batch of {global_batch} blocks (batch_size={batch_size} × {world_size} process(es) × "
+                f"{accumulation} accumulation step(s)) must fit the {len(dataset)} blocks of the data"
             )
+        if global_batch != batch_size and not drop_last:
+            raise ValueError("drop_last=False is only supported for one process without accumulation")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.pin_memory = pin_memory
+        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
         self.epoch = 0
-        self.position = 0  # 本轮已经交出的批数
+        self.position = 0  # 本轮已经交出的微批数
         self._order_cache: tuple[int, np.ndarray] | None = None
 
+    def relayout(self, *, rank: int = 0, world_size: int = 1, accumulation: int = 1, pin_memory: bool = False) -> "BatchLoader":
+        """同一份数据、种子与位置，换成某个进程在 (world_size, accumulation) 布局下的加载器（训练器用）。"""
+        loader = BatchLoader(
+            self.dataset, self.batch_size, seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last,
+            pin_memory=pin_memory, rank=rank, world_size=world_size, accumulation=accumulation,
+        )
+        loader.epoch = self.epoch
+        loader.position = self.position * self.batch_size * self.world_size // (loader.batch_size * world_size)
+        return loader
+
+    @property
+    def global_batch(self) -> int:
+        """一个优化步消耗的块数 G = batch_size × world_size × accumulation。"""
+        return self.batch_size * self.world_size * self.accumulation
+
     def __len__(self) -> int:
-        """每轮的批数。"""
+        """每轮的微批数（每个进程）：⌊N/G⌋ 个优化步 × accumulation。"""
         n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if not self.drop_last:
+            return math.ceil(n / self.batch_size)
+        return n // self.global_batch * self.accumulation
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """第 epoch 轮的块顺序（只由 seed 与 epoch 决定）。"""
@@ -75,14 +108,19 @@ class BatchLoader:
         self._order_cache = (epoch, order)
         return order
 
+    def _rows(self, position: int) -> slice:
+        """第 position 个微批里本进程的块在本轮顺序中的位置。"""
+        step, micro = divmod(position, self.accumulation)
+        start = step * self.global_batch + micro * self.batch_size * self.world_size + self.rank * self.batch_size
+        return slice(start, start + self.batch_size)
+
     def batch_at(self, epoch: int, position: int) -> Batch:
-        """第 epoch 轮的第 position 批（纯读取：不改变加载器的位置；验证用它取固定的批）。"""
+        """第 epoch 轮的第 position 个微批（本进程的那一份；纯读取，不改变位置；验证用它取固定的批）。"""
         if not 0 <= position < len(self):
             raise IndexError(f"batch position {position} out of range: an epoch has {len(self)} batches")
         if epoch < 0:
             raise IndexError(f"epoch must be >= 0, got {epoch}")
-        order = self.epoch_order(epoch)
-        indices = order[position * self.batch_size : (position + 1) * self.batch_size]
+        indices = self.epoch_order(epoch)[self._rows(position)]
         x, y, m = self.dataset.examples(indices)
         batch = Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m))
         return Batch(*(t.pin_memory() for t in batch)) if self.pin_memory else batch
@@ -105,27 +143,44 @@ class BatchLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int | bool]:
+        """位置以“本轮已消耗的块数”记录（consumed），与进程数、每进程批大小无关。"""
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "consumed": self.position * self.batch_size * self.world_size,
+            "global_batch": self.global_batch,
             "seed": self.seed,
             "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "accumulation": self.accumulation,
             "num_blocks": len(self.dataset),
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """恢复位置与种子；批大小、块数等与当前数据不一致时拒绝（否则恢复后的批不同）。"""
-        for key, current in (
-            ("batch_size", self.batch_size),
-            ("num_blocks", len(self.dataset)),
-            ("drop_last", self.drop_last),
-        ):
+        """恢复位置与种子。块数或全局批 G 不同则拒绝（恢复后的批就不同了）；G 相同时换算微批位置。"""
+        for key, current in (("num_blocks", len(self.dataset)), ("drop_last", self.drop_last)):
             if key in state and state[key] != current:
                 raise ValueError(f"cannot resume: saved {key}={state[key]} but this loader has {key}={current}")
+        saved_global = int(state.get("global_batch", state["batch_size"]))
+        if saved_global != self.global_batch:
+            raise ValueError(
+                f"cannot resume: the global batch changed: the checkpoint consumed {saved_global} blocks per "
+                f"optimizer step ({_layout(state)}), this run would consume {self.global_batch} "
+                f"({_layout(self.state_dict())}); keep batch_size × processes × gradient_accumulation_steps equal"
+            )
+        consumed = int(state.get("consumed", int(state["position"]) * int(state["batch_size"])))
         self.seed = int(state["seed"])
         self.shuffle = bool(state.get("shuffle", self.shuffle))
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.position = consumed // (self.batch_size * self.world_size)
         self._order_cache = None
+
+
+def _layout(state: dict[str, Any]) -> str:
+    """“batch_size B × W 个进程 × A 次累积”的文字说明。"""
+    return (
+        f"batch_size {state['batch_size']} × {state.get('world_size', 1)} process(es) × "
+        f"{state.get('accumulation', 1)} accumulation step(s)"
+    )

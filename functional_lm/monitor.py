@@ -1,0 +1,146 @@
+"""一次训练运行“看得见、听得见”的部分：进度条、metrics.jsonl、滑动统计、对 SIGINT / SIGTERM 的响应。
+
+这些都不参与计算；训练器只在秩 0 上显示与写入（其余进程用 ``NullMetrics`` 与关闭的进度条）。
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from functional_lm.checkpoint import finite_or_none
+from functional_lm.report import read_metrics_file
+from functional_lm.rundir import writing
+
+__all__ = ["StopFlag", "stop_on_signals", "Metrics", "NullMetrics", "Window", "progress_bar", "say"]
+
+
+# ---------------------------------------------------------------- 信号
+class StopFlag:
+    """SIGINT / SIGTERM 只置位；训练循环在一步结束时检查它，保存后退出。
+
+    第二次 Ctrl-C 立即中断（KeyboardInterrupt）——但保存进行中时不打断它：记下来，保存完成后再中断，
+    这样磁盘上永远只有完整的检查点。
+    """
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self.saving = False
+        self.abort_after_save = False
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            if self.saving:
+                self.abort_after_save = True
+                return
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """保存期间推迟第二次 Ctrl-C 的中断。"""
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+        if self.abort_after_save:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # 只有主线程能装信号处理器
+        return
+    previous = {sig: signal.signal(sig, flag) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------- 日志
+class Metrics:
+    """metrics.jsonl：每行一个 JSON 对象（训练记录与验证记录用 "kind" 区分），追加写入并立即落盘。"""
+
+    def __init__(self, path: Path, last_good: Callable[[], Optional[Path]]) -> None:
+        self.path = path
+        self.last_good = last_good  # 写失败时报告最后一个完好的检查点
+
+    def truncate_after(self, step: int) -> None:
+        """恢复训练时丢掉检查点之后（崩溃前已写出、恢复后会重算）的记录，避免同一步出现两次。
+
+        崩溃（例如磁盘满）时写了一半的最后一行也在这里丢掉，并给出点名文件的警告。
+        """
+        if not self.path.is_file():
+            return
+        records, torn = read_metrics_file(self.path)
+        if torn:
+            print(f"warning: {self.path}: dropped a cut-off last line (a crash while writing it)", file=sys.stderr)
+        keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
+        with writing("the training metrics", self.path, self.last_good()):
+            self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
+        with writing("the training metrics", self.path, self.last_good()), open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+class Window:
+    """两次记录之间的滑动统计：逐步累加损失各部分与 token 数，记录时取平均并清零。"""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.kd = self.ce = 0.0
+        self.tokens = self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: Any) -> None:
+        self.loss, self.kd, self.ce = self.loss + stats.loss, self.kd + stats.kd, self.ce + stats.ce
+        self.tokens += stats.tokens
+        self.steps += 1
+
+    def record(self, step: int, stats: Any) -> dict[str, Any]:
+        """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
+        elapsed = time.perf_counter() - self.start
+        n = max(self.steps, 1)
+        logged = {
+            "kind": "train", "step": step, "loss": self.loss / n, "kd": self.kd / n, "ce": self.ce / n,
+            "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
+        }
+        self.reset()
+        return logged
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
+
+
+def say(message: str) -> None:
+    """训练器对用户说的话（恢复位置、改动的设置）：写到 stderr。"""
+    print(message, file=sys.stderr, flush=True)
+
+
+class NullMetrics:
+    """非秩 0 的进程：不写指标文件（接口同 Metrics）。"""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
