@@ -1,0 +1,92 @@
+"""CUDA 上的检查（标记 cuda；没有 CUDA 时跳过——这是测试套件唯一允许的跳过）。
+
+在 GPU 机器上由 ``benchmarks/gpu_check.sh`` 运行：前向与 CPU 一致、bf16 训练几步有限且损失下降、
+贪心生成与 CPU 相同、编译的解码步与 eager 相同，两块卡时 NCCL 上的 2 进程训练与 1 进程相同。
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from functional_lm import ModelConfig, forward, init_params
+from functional_lm.cli import main
+from functional_lm.generate import generate
+from functional_lm.hf import load_pretrained, save_pretrained
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CFG = tiny_config()
+TEACHER = ModelConfig(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4,
+)
+
+
+def test_forward_on_cuda_matches_cpu():
+    params = init_params(CFG, seed=1)
+    ids = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    on_gpu = forward({k: v.cuda() for k, v in params.items()}, ids.cuda(), CFG)
+    torch.testing.assert_close(on_gpu.cpu(), forward(params, ids, CFG), atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_on_cuda_matches_cpu_and_compiled_matches_eager():
+    params = {k: v * 5 for k, v in init_params(CFG, seed=2).items()}
+    gpu = {k: v.cuda() for k, v in params.items()}
+    prompt = [[3, 4, 5, 6]]
+    cpu_tokens = generate(params, CFG, prompt, max_new_tokens=8)
+    assert generate(gpu, CFG, prompt, max_new_tokens=8).cpu().tolist() == cpu_tokens.tolist()
+    assert generate(gpu, CFG, prompt, max_new_tokens=8, compile=True).cpu().tolist() == cpu_tokens.tolist()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    save_pretrained(init_params(TEACHER, seed=4), TEACHER, root / "teacher")
+    rows = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6} for i in range(40)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def _args(root, out, *extra):
+    return [
+        "distill", "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"), "--preset", "tiny",
+        "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads", "1", "--seq-len", "32",
+        "--max-steps", "6", "--save-interval", "3", "--eval-interval", "3", "--log-interval", "1",
+        "--learning-rate", "0.01", "--warmup-steps", "1", "--cache-dir", str(root / "cache"), "--no-progress",
+        "--output-dir", str(out), *extra,
+    ]
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_distillation_on_cuda_runs_and_learns(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--device", "cuda", "--bf16", "true", "--batch-size", "4")) == 0
+    err = capsys.readouterr().err
+    assert "[train] cuda" in err
+    losses = [r["loss"] for r in _records(out) if r["kind"] == "train"]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    cfg, params = load_pretrained(out / "student")
+    assert cfg.hidden_size == 16 and all(torch.isfinite(v).all() for v in params.values())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_with_nccl_match_one(setup, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(setup, one, "--device", "cuda", "--batch-size", "4", "--teacher-bf16", "false")) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "functional_lm", *_args(setup, two, "--device", "cuda", "--batch-size", "2",
+                                              "--teacher-bf16", "false")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_pretrained(one / "student")[1], load_pretrained(two / "student")[1]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
