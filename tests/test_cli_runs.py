@@ -302,3 +302,13 @@ def test_a_single_text_file_splits_into_paragraphs(setup, tmp_path, capsys):
     args[args.index("--output-dir") + 1] = str(tmp_path / "one")
     assert main(args + ["--text-split", "file"]) == 2  # 整个文件一篇：没有文档可留作验证
     assert "leaves no training documents out of 1" in _one_paragraph(capsys.readouterr().err)
+
+
+def test_unknown_or_missing_device_is_one_paragraph(setup, tmp_path, capsys):
+    assert main(_args(setup, tmp_path / "a", "--device", "tpu9")) == 2
+    assert "--device 'tpu9' is not a device name; expected auto, cpu, cuda, cuda:N or mps" in _one_paragraph(
+        capsys.readouterr().err)
+    if not torch.cuda.is_available():
+        assert main(_args(setup, tmp_path / "b", "--device", "cuda")) == 2
+        assert "CUDA is not available on this machine" in _one_paragraph(capsys.readouterr().err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # 在碰运行目录之前就拒绝
