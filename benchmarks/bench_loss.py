@@ -3,12 +3,14 @@
 默认尺寸即 issue 的设定：8 × 512 个 token，词表 151,936 列（真实 151,665），学生隐藏 512，
 教师隐藏 896（Qwen2.5-0.5B）。每个变体在独立子进程中运行，峰值内存取该子进程的 max RSS
 （os.wait4 返回的 ru_maxrss），时间取若干次 "前向 + 反向" 的最小值；两个变体交替运行若干轮以抵消
-机器负载的漂移。最后打印一行 JSON：绝对数值、比值（分块 / 普通），以及两者损失与梯度的相对差。
+机器负载的漂移。最后打印一张比值表（分块 / 普通）与一行 JSON：绝对数值、比值，以及两者损失与梯度的相对差；
+main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
 用法::
 
     python benchmarks/bench_loss.py                      # 完整尺寸（普通版峰值约十几 GB）
     python benchmarks/bench_loss.py --batch 1 --rounds 1 # 快速试跑
+    python benchmarks/bench_loss.py --smoke              # 同一条路径、极小尺寸（2×16 个 token，词表 256），几秒钟
 """
 
 import argparse
@@ -20,8 +22,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _bench_common import print_table, row
 
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
+
+# --smoke 的缺省值：同一条代码路径，极小尺寸；分块 8 个 token，让分块版真的分成几块（显式参数仍然优先）。
+SMOKE = dict(batch=2, seq=16, vocab=256, real_vocab=250, hidden=32, teacher_hidden=48, chunk_size=8,
+             repeats=1, rounds=1)
 
 
 def parse_args(argv=None):
@@ -36,8 +43,13 @@ def parse_args(argv=None):
     p.add_argument("--divergence", default="forward_kl")
     p.add_argument("--repeats", type=int, default=2, help="每个子进程内的 前向+反向 次数")
     p.add_argument("--rounds", type=int, default=2, help="两个变体交替运行的轮数")
+    p.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
     p.add_argument("--worker", choices=["plain", "chunked"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:  # 换上 smoke 缺省值再解析一次（子进程拿到同样的 argv，也会这样做）
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    return args
 
 
 def make_inputs(args):
@@ -122,6 +134,31 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _ratio(a, b):
+    """a / b；分母不为正时（极小尺寸下两者的内存增量可能都是 0）为 None。"""
+    return a / b if b > 0 else None
+
+
+def summarize(results):
+    """一个变体若干轮的结果：峰值内存取最大，时间取最快一次（未取整）。"""
+    return dict(
+        peak_rss_mib=max(r["peak_rss_mib"] for r in results),
+        setup_rss_mib=max(r["setup_rss_mib"] for r in results),
+        time_s=min(t for r in results for t in r["times_s"]),
+        all_times_s=[t for r in results for t in r["times_s"]],
+        loss=results[-1]["loss"],
+    )
+
+
+def _rounded(summary):
+    """JSON 中的显示精度：内存 0.1 MiB，时间 1 µs。"""
+    return dict(
+        peak_rss_mib=round(summary["peak_rss_mib"], 1), setup_rss_mib=round(summary["setup_rss_mib"], 1),
+        time_s=round(summary["time_s"], 6), all_times_s=[round(t, 6) for t in summary["all_times_s"]],
+        loss=summary["loss"],
+    )
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -131,25 +168,17 @@ def main(argv=None):
     for _ in range(args.rounds):
         for variant in ("plain", "chunked"):
             runs[variant].append(run_worker(variant, argv))
-    summary = {}
-    for variant, results in runs.items():
-        summary[variant] = dict(
-            peak_rss_mib=round(max(r["peak_rss_mib"] for r in results), 1),
-            setup_rss_mib=round(max(r["setup_rss_mib"] for r in results), 1),
-            time_s=round(min(t for r in results for t in r["times_s"]), 3),
-            all_times_s=[round(t, 3) for r in results for t in r["times_s"]],
-            loss=results[-1]["loss"],
-        )
+    p, c = summarize(runs["plain"]), summarize(runs["chunked"])
     plain, chunked = runs["plain"][-1], runs["chunked"][-1]
-    p, c = summary["plain"], summary["chunked"]
+    loss_memory_ratio = _ratio(c["peak_rss_mib"] - c["setup_rss_mib"], p["peak_rss_mib"] - p["setup_rss_mib"])
     record = dict(
         benchmark="distillation_loss_plain_vs_chunked",
         tokens=args.batch * args.seq, batch=args.batch, seq=args.seq, vocab=args.vocab, real_vocab=args.real_vocab,
         hidden=args.hidden, teacher_hidden=args.teacher_hidden, chunk_size=args.chunk_size,
         divergence=args.divergence, threads=torch.get_num_threads(), device="cpu",
-        plain=p, chunked=c,
+        plain=_rounded(p), chunked=_rounded(c),
         memory_ratio=round(c["peak_rss_mib"] / p["peak_rss_mib"], 4),
-        loss_memory_ratio=round((c["peak_rss_mib"] - c["setup_rss_mib"]) / (p["peak_rss_mib"] - p["setup_rss_mib"]), 4),
+        loss_memory_ratio=None if loss_memory_ratio is None else round(loss_memory_ratio, 4),
         time_ratio=round(c["time_s"] / p["time_s"], 4),
         loss_rel_diff=abs(c["loss"] - p["loss"]) / abs(p["loss"]),
         grad_weight_norm_rel_diff=abs(chunked["grad_weight"] - plain["grad_weight"]) / plain["grad_weight"],
@@ -158,7 +187,14 @@ def main(argv=None):
         grad_hidden_sample_rel_diff=rel(chunked["grad_hidden_sample"], plain["grad_hidden_sample"]),
         targets=dict(memory_ratio_max=0.2, time_ratio_max=1.0),
     )
+    rows = [
+        row("peak_rss", "MiB", c["peak_rss_mib"], p["peak_rss_mib"], c["peak_rss_mib"] / p["peak_rss_mib"]),
+        row("fwd_bwd_time", "s", c["time_s"], p["time_s"], c["time_s"] / p["time_s"]),
+    ]
+    print_table(f"distillation loss, {args.batch}x{args.seq} tokens, vocab {args.vocab} (ratio = chunked / plain)",
+                rows, ours_label="chunked", reference_label="plain")
     print(json.dumps(record))
+    return {**record, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@
               F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy
 
 每个变体在独立子进程中运行；峰值内存取子进程自身的 max RSS，时间取若干步中最快的一步（首步预热不计）。
-最后打印一行 JSON：各自的 tokens/s、峰值内存与比值（ours / baseline）。
+最后打印一张比值表与一行 JSON：各自的 tokens/s、峰值内存与比值（ours / baseline）；main(argv) 返回 JSON 的
+内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
     python benchmarks/bench_train.py                       # 缺省 4 × 512 个 token
     python benchmarks/bench_train.py --batch 1 --seq 128   # 快速试跑
+    python benchmarks/bench_train.py --smoke               # 同一条路径、极小尺寸（1 层 smoke 学生与 1 层小教师、2×16）
 """
 
 import argparse
@@ -27,13 +29,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _bench_common import SMOKE_MODEL, model_config, print_table, row
 
 TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
     vocab_size=151936, max_seq_len=32768, rope_theta=1e6, tie_word_embeddings=True,
 )
+# --smoke 的教师：smoke 学生的形状，隐藏维度与前馈更宽（96 / 192，与学生不同），层数由 --teacher-layers 决定。
+SMOKE_TEACHER_SHAPE = {**SMOKE_MODEL, "hidden_size": 96, "intermediate_size": 192}
 REAL_VOCAB = 151665
 VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline")
+# --smoke 的缺省值（显式参数仍然优先）：分块 8 个 token，让 32 个 token 真的分成 4 块。
+SMOKE = dict(batch=2, seq=16, steps=2, teacher_layers=1, student="smoke", real_vocab=250, chunk_size=8)
 
 
 def parse_args(argv=None):
@@ -42,16 +49,25 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="每个变体的训练步数（第一步为预热）")
     p.add_argument("--teacher-layers", type=int, default=24, help="教师层数（调小可快速试跑）")
+    p.add_argument("--student", default="student-123m", help="学生的预设名；smoke 为 _bench_common.SMOKE_MODEL")
+    p.add_argument("--real-vocab", type=int, default=REAL_VOCAB, help="真实词表大小（其后的列被排除）")
+    p.add_argument("--chunk-size", type=int, default=256, help="分块损失每块的 token 数")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:  # 换上 smoke 缺省值再解析一次（子进程拿到同样的 argv，也会这样做）
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+    return args
 
 
 def _configs(args):
-    from functional_lm import ModelConfig, get_preset
+    from functional_lm import ModelConfig
 
-    student = get_preset("student-123m")
-    teacher = ModelConfig(**{**TEACHER_SHAPE, "num_layers": args.teacher_layers})
+    student = model_config(args.student)
+    shape = SMOKE_TEACHER_SHAPE if args.smoke else TEACHER_SHAPE
+    teacher = ModelConfig(**{**shape, "num_layers": args.teacher_layers})
     return student, teacher
 
 
@@ -59,7 +75,7 @@ def _batch(args):
     from functional_lm.data.loader import Batch
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, REAL_VOCAB, (args.batch, args.seq + 1), generator=g)
+    ids = torch.randint(0, args.real_vocab, (args.batch, args.seq + 1), generator=g)
     return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(args.batch, args.seq, dtype=torch.bool))
 
 
@@ -70,7 +86,7 @@ def _ours(args, teacher_bf16=False, compile=False):
     from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
-    tcfg = TrainingConfig(loss_chunk_size=256, teacher_bf16=teacher_bf16, compile=compile)
+    tcfg = TrainingConfig(loss_chunk_size=args.chunk_size, teacher_bf16=teacher_bf16, compile=compile)
     student_fwd = torch.compile(forward_hidden) if compile else forward_hidden
     teacher_fwd = torch.compile(forward_hidden) if compile else forward_hidden
     params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0).items()}
@@ -82,7 +98,7 @@ def _ours(args, teacher_bf16=False, compile=False):
     def step():
         t_hidden = teacher_hidden_states(teacher, batch.input_ids, teacher_fwd)
         loss, _ = distill_loss(
-            params, scfg, batch, teacher, t_hidden, tcfg, real_vocab_size=REAL_VOCAB, forward_fn=student_fwd
+            params, scfg, batch, teacher, t_hidden, tcfg, real_vocab_size=args.real_vocab, forward_fn=student_fwd
         )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), tcfg.gradient_clip)
@@ -116,11 +132,12 @@ def _baseline(args, alpha=0.5, temperature=2.0):
         [{"params": decay, "weight_decay": 0.01}, {"params": keep, "weight_decay": 0.0}], lr=3e-4, betas=(0.9, 0.95)
     )
     batch = _batch(args)
+    real_vocab = args.real_vocab
 
     def step():
         with torch.no_grad():
-            t_logits = teacher(batch.input_ids).logits[..., :REAL_VOCAB]
-        s_logits = student(batch.input_ids).logits[..., :REAL_VOCAB]
+            t_logits = teacher(batch.input_ids).logits[..., :real_vocab]
+        s_logits = student(batch.input_ids).logits[..., :real_vocab]
         kd = F.kl_div(
             F.log_softmax(s_logits / temperature, -1).flatten(0, 1),
             F.log_softmax(t_logits / temperature, -1).flatten(0, 1),
@@ -156,29 +173,58 @@ def worker(args):
         times.append(time.perf_counter() - start)
     timed = times[1:] or times
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"step_s": min(timed), "all_step_s": times, "peak_rss_mib": peak_mib, "losses": losses}))
+    graphs = _compiled_graphs()
+    print(json.dumps({"step_s": min(timed), "all_step_s": times, "peak_rss_mib": peak_mib, "losses": losses,
+                      "compiled_graphs": graphs}))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args)
+def _compiled_graphs():
+    """本进程里 dynamo 捕获的计算图个数：编译变体应大于 0（证明没有悄悄退回 eager）。"""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_workers(argv):
+    """每个变体一个子进程（同样的 argv 加 --worker）；失败的变体记下退出码与 stderr 末尾。"""
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--worker", variant, "--batch", str(args.batch), "--seq", str(args.seq),
-               "--steps", str(args.steps), "--teacher-layers", str(args.teacher_layers), "--threads", str(args.threads)]
         print(f"running {variant} …", file=sys.stderr)
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, __file__, *argv, "--worker", variant], capture_output=True, text=True)
         if out.returncode != 0:
             results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
             continue
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def ratio_rows(results, tokens):
+    """每个本项目变体两行：tokens/s 与峰值内存，参照都是 baseline；比值由步时与 RSS 直接算出。"""
+    base = results["baseline"]
+    rows = []
+    for name in VARIANTS[:-1]:
+        mine = results[name]
+        rows.append(row(name, "tok/s", tokens / mine["step_s"], tokens / base["step_s"],
+                        base["step_s"] / mine["step_s"]))
+        rows.append(row(f"{name}_peak_rss", "MiB", mine["peak_rss_mib"], base["peak_rss_mib"],
+                        mine["peak_rss_mib"] / base["peak_rss_mib"]))
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    results = run_workers(argv)
     tokens = args.batch * args.seq
+    teacher = "smoke-shaped" if args.smoke else "Qwen2.5-0.5B-shaped"
     summary = {
         "bench": "distill_train_step", "device": "cpu", "threads": args.threads, "batch": args.batch, "seq": args.seq,
-        "student": "student-123m", "teacher": f"Qwen2.5-0.5B-shaped ({args.teacher_layers} layers), random",
+        "student": args.student, "teacher": f"{teacher} ({args.teacher_layers} layers), random",
         "results": results,
     }
+    rows = []
     if all("step_s" in r for r in results.values()):
         base = results["baseline"]
         summary["baseline_tokens_per_s"] = round(tokens / base["step_s"], 1)
@@ -189,8 +235,12 @@ def main(argv=None):
                 "speed_ratio": round(base["step_s"] / mine["step_s"], 3),
                 "memory_ratio": round(mine["peak_rss_mib"] / base["peak_rss_mib"], 3),
             }
+        rows = ratio_rows(results, tokens)
         summary["targets"] = {"speed_ratio_min": 1.5, "memory_ratio_max": 0.5}
+    print_table(f"distillation train step, {args.student} <- {teacher} teacher, {args.batch}x{args.seq} "
+                "(ratio = ours / baseline)", rows, reference_label="baseline")
     print(json.dumps(summary))
+    return {**summary, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,272 @@
+"""基准脚本不会悄悄失效：每个脚本的 ``--smoke``（同一条代码路径、极小尺寸）在测试里真的跑一遍，
+并核对它交出的数值与打印的比值表。
+
+五个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss`` 与
+``bench_train`` 的父进程照常为每个变体另起子进程（峰值内存取子进程自己的 max RSS，这是脚本的设计）。
+本进程里被脚本改动的全局状态由 ``_run`` 复原：torch 线程数（bench_forward 会设置）与 dynamo 的编译缓存
+（bench_forward、bench_generate 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
+所有测试都只读这份结果。不断言耗时。
+
+冒烟运行的耗时主要是编译：bench_train 的两个编译变体各在新进程里重新追踪、编译（inductor 的磁盘缓存在
+第二次起命中），bench_forward、bench_generate 各编译一次；其余几秒钟。
+"""
+
+import contextlib
+import importlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+# 每个脚本：冒烟运行的额外参数（线程数沿用本进程的设置）、表中应有的行（按顺序），
+# 以及其中带参照与比值的行（缺省为全部行）。
+SCRIPTS = {
+    "bench_forward": dict(argv=["--threads", "{threads}"], rows=["eager", "eager_nocheck", "compiled"]),
+    "bench_loss": dict(argv=[], rows=["peak_rss", "fwd_bwd_time"]),
+    "bench_train": dict(
+        argv=["--threads", "{threads}"],
+        rows=["ours", "ours_peak_rss", "ours_compile", "ours_compile_peak_rss",
+              "ours_teacher_bf16", "ours_teacher_bf16_peak_rss"],
+    ),
+    "bench_generate": dict(argv=[], rows=["b1_eager", "b1_compiled"]),
+    "bench_data": dict(
+        argv=[],
+        rows=["tokenize", "tokenize_batch", "cache_build_w0", "cache_build_w2", "loader",
+              "student_h100_estimate", "student_cpu_step", "loader_vs_student_step"],
+        ratio_rows=["tokenize", "loader_vs_student_step"],
+    ),
+}
+# 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
+PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate")
+
+
+# ---------------------------------------------------------------- 运行与复原
+@pytest.fixture(scope="module")
+def bench_modules():
+    """把 benchmarks/ 放进 sys.path 以便导入脚本（它们彼此共用 _bench_common.py），模块结束时复原。"""
+    sys.path.insert(0, str(BENCH_DIR))
+    before = set(sys.modules)
+    yield importlib.import_module
+    sys.path.remove(str(BENCH_DIR))
+    for name in set(sys.modules) - before:
+        if name == "_bench_common" or name.startswith("bench_"):
+            del sys.modules[name]
+
+
+def _run(module, argv):
+    """运行 main(argv)，返回 (返回值, 打印到 stdout 的文本, dynamo 捕获的图数)；复原线程数与 dynamo 缓存。"""
+    from torch._dynamo.utils import counters
+
+    threads = torch.get_num_threads()
+    torch._dynamo.reset()
+    counters.clear()
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            result = module.main(argv)
+        graphs = int(counters["stats"]["unique_graphs"])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    return result, out.getvalue(), graphs
+
+
+def _smoke(bench_modules, name):
+    spec = SCRIPTS[name]
+    argv = ["--smoke"] + [a.format(threads=torch.get_num_threads()) for a in spec["argv"]]
+    result, printed, graphs = _run(bench_modules(name), argv)
+    return dict(name=name, spec=spec, result=result, printed=printed, graphs=graphs)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(bench_modules):
+    """按名字取某个脚本的冒烟结果；每个脚本只跑一次（失败也只跑一次，之后原样抛出）。"""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            try:
+                cache[name] = _smoke(bench_modules, name)
+            except Exception as err:  # noqa: BLE001 —— 记下失败，别的测试不再重跑这个脚本
+                cache[name] = err
+        if isinstance(cache[name], Exception):
+            raise cache[name]
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(SCRIPTS))
+def smoke(request, smoke_run):
+    return smoke_run(request.param)
+
+
+# ---------------------------------------------------------------- 所有脚本共同的断言
+def _ratio_rows(spec):
+    return spec.get("ratio_rows", spec["rows"])
+
+
+def test_every_expected_row_is_present(smoke):
+    assert [r["name"] for r in smoke["result"]["rows"]] == smoke["spec"]["rows"]
+    with_ratio = [r["name"] for r in smoke["result"]["rows"] if r["ratio"] is not None]
+    assert with_ratio == _ratio_rows(smoke["spec"])
+
+
+def test_every_figure_is_finite_and_positive(smoke):
+    for r in smoke["result"]["rows"]:
+        sides = [r["ours"]] if r["reference"] is None else [r["ours"], r["reference"], r["ratio"]]
+        for value in sides:
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (r["name"], value)
+
+
+def test_ratio_is_ours_over_reference(smoke):
+    # 比值由脚本从原始耗时 / 内存自己算出；这里用表中的两边重算，方向与数值都要一致。
+    for r in smoke["result"]["rows"]:
+        if r["reference"] is None:
+            assert r["ratio"] is None, r["name"]
+        else:
+            assert r["ratio"] == pytest.approx(r["ours"] / r["reference"], rel=1e-9), r["name"]
+
+
+def _table_lines(printed):
+    """比值表的各行（表头 "row unit ..." 之后、JSON 之前），每行拆成各列。"""
+    lines = [line.split() for line in printed.splitlines()]
+    headers = [i for i, cols in enumerate(lines) if cols[:2] == ["row", "unit"]]
+    assert len(headers) == 1, f"exactly one ratio table should be printed:\n{printed}"
+    return [cols for cols in lines[headers[0] + 1:] if cols and not cols[0].startswith("{")]
+
+
+def _table_line(printed, name):
+    """表中第一列为 name 的那一行。"""
+    lines = [cols for cols in _table_lines(printed) if cols[0] == name]
+    assert len(lines) == 1, f"row {name!r} should be printed exactly once:\n{printed}"
+    return lines[0]
+
+
+def test_printed_table_carries_every_row(smoke, bench_modules):
+    parse = bench_modules("_bench_common").parse_number
+    assert [cols[0] for cols in _table_lines(smoke["printed"])] == smoke["spec"]["rows"]
+    for r in smoke["result"]["rows"]:
+        name, unit, ours, reference, ratio = _table_line(smoke["printed"], r["name"])
+        assert unit == r["unit"]
+        assert parse(ours) == pytest.approx(r["ours"], rel=1e-3, abs=1.0)
+        if r["reference"] is None:
+            assert reference == ratio == "-"
+            continue
+        assert ratio.endswith("x")
+        # 打印的比值等于打印的两边之比（4 位有效数字的取整误差之内），也等于返回的比值。
+        assert parse(ratio) == pytest.approx(parse(ours) / parse(reference), rel=3e-3)
+        assert parse(ratio) == pytest.approx(r["ratio"], rel=1e-3)
+
+
+def test_printed_json_is_the_returned_record(smoke):
+    last = smoke["printed"].strip().splitlines()[-1]
+    if smoke["name"] not in PRINTS_JSON:  # bench_data 只打印表：最后一行是表的最后一行
+        assert last.split()[0] == smoke["spec"]["rows"][-1]
+        return
+    record = {k: v for k, v in smoke["result"].items() if k != "rows"}
+    assert json.loads(last) == record
+
+
+def _by_name(result):
+    return {r["name"]: r for r in result["rows"]}
+
+
+def _close_to_rounded(shown, exact, digits):
+    """JSON 里取整后的数与未取整的值一致（差不超过半个末位）。"""
+    return abs(shown - exact) <= 0.5 * 10.0**-digits + 1e-12
+
+
+# ---------------------------------------------------------------- 各脚本自己的断言
+def test_forward_json_matches_rows_and_compile_happened(smoke_run):
+    run = smoke_run("bench_forward")
+    record, rows = run["result"], _by_name(run["result"])
+    assert run["graphs"] >= 1  # 编译变体真的经过 dynamo，而不是悄悄退回 eager
+    for name, key in (("eager", "eager_vs_hf"), ("eager_nocheck", "eager_nocheck_vs_hf"), ("compiled", "compiled_vs_hf")):
+        assert _close_to_rounded(record[key], rows[name]["ratio"], 3), name
+        assert _close_to_rounded(record["tokens_per_s"]["ours_" + name], rows[name]["ours"], 1), name
+        assert _close_to_rounded(record["tokens_per_s"]["hf"], rows[name]["reference"], 1), name
+    assert math.isfinite(record["check_fixed_cost_ms_per_forward"])
+    assert (record["preset"], record["batch"], record["seq"]) == ("smoke", 2, 16)
+
+
+def test_loss_both_sides_compute_the_same_loss(smoke_run):
+    run = smoke_run("bench_loss")
+    record, rows = run["result"], _by_name(run["result"])
+    assert record["chunk_size"] < record["tokens"]  # 分块版真的分了块
+    assert record["loss_rel_diff"] < 1e-6
+    for key in ("grad_weight_norm_rel_diff", "grad_hidden_norm_rel_diff", "grad_sample_rel_diff",
+                "grad_hidden_sample_rel_diff"):
+        assert record[key] < 1e-5, key
+    for side in ("plain", "chunked"):
+        assert record[side]["peak_rss_mib"] >= record[side]["setup_rss_mib"] > 0
+    assert _close_to_rounded(record["memory_ratio"], rows["peak_rss"]["ratio"], 4)
+    assert _close_to_rounded(record["time_ratio"], rows["fwd_bwd_time"]["ratio"], 4)
+
+
+def test_train_every_variant_trains(smoke_run):
+    run = smoke_run("bench_train")
+    record, rows = run["result"], _by_name(run["result"])
+    results = record["results"]
+    for variant, res in results.items():
+        assert "error" not in res, f"{variant}: {res.get('error')}\n{res.get('stderr_tail')}"
+        assert len(res["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in res["losses"]), variant
+    # 编译变体真的编译了，eager 变体没有
+    assert results["ours"]["compiled_graphs"] == results["baseline"]["compiled_graphs"] == 0
+    assert results["ours_compile"]["compiled_graphs"] >= 1 and results["ours_teacher_bf16"]["compiled_graphs"] >= 1
+    # 同一组初始权重与批：编译与否第一步的损失一致，bf16 教师只差舍入
+    first = results["ours"]["losses"][0]
+    assert results["ours_compile"]["losses"][0] == pytest.approx(first, rel=1e-4)
+    assert results["ours_teacher_bf16"]["losses"][0] == pytest.approx(first, rel=1e-2)
+    for name in ("ours", "ours_compile", "ours_teacher_bf16"):
+        assert _close_to_rounded(record[name]["speed_ratio"], rows[name]["ratio"], 3), name
+        assert _close_to_rounded(record[name]["memory_ratio"], rows[name + "_peak_rss"]["ratio"], 3), name
+
+
+def test_generate_every_variant_generates_every_token(smoke_run):
+    run = smoke_run("bench_generate")
+    record, rows = run["result"], _by_name(run["result"])
+    batch = record["results"]["batch_1"]
+    assert batch["new_tokens_out"] == {"hf": 8, "eager": 8, "compiled": 8}  # tok/s 的分子名副其实
+    assert run["graphs"] >= 1
+    assert _close_to_rounded(batch["eager_vs_hf"], rows["b1_eager"]["ratio"], 3)
+    assert _close_to_rounded(batch["compiled_vs_hf"], rows["b1_compiled"]["ratio"], 3)
+    assert _close_to_rounded(batch["compiled_tok_s"], rows["b1_compiled"]["ours"], 2)
+    assert _close_to_rounded(batch["hf_tok_s"], rows["b1_compiled"]["reference"], 2)
+
+
+def test_data_smoke_sizes_reach_the_result(smoke_run):
+    record = smoke_run("bench_data")["result"]
+    assert (record["repeat"], record["seq_len"], record["batch_size"]) == (1, 64, 4)
+
+
+# ---------------------------------------------------------------- 参数：--smoke 只换缺省值
+FULL_DEFAULTS = {
+    "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_calls=20),
+    "bench_loss": dict(batch=8, seq=512, vocab=151936, real_vocab=151665, hidden=512, teacher_hidden=896,
+                       chunk_size=256, repeats=2, rounds=2),
+    "bench_train": dict(batch=4, seq=512, steps=3, teacher_layers=24, student="student-123m", real_vocab=151665,
+                        chunk_size=256),
+    "bench_generate": dict(preset="student-123m", batches="1,8", new_tokens=128, prompt_len=16, repeats=2),
+    "bench_data": dict(repeat=8, workers=2, seq_len=512, batch_size=8, max_batches=400, student_step=False,
+                       student_preset="student-123m"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_smoke_only_changes_defaults(bench_modules, name):
+    module = bench_modules(name)
+    full = vars(module.parse_args([]))
+    assert {k: full[k] for k in FULL_DEFAULTS[name]} == FULL_DEFAULTS[name]  # 完整模式的尺寸不变
+    smoke = vars(module.parse_args(["--smoke"]))
+    assert {k: smoke[k] for k in module.SMOKE} == module.SMOKE
+    assert set(module.SMOKE) <= set(FULL_DEFAULTS[name])  # smoke 改的每个参数都在上面核对过完整值
+    key = next(k for k, v in module.SMOKE.items() if isinstance(v, int) and not isinstance(v, bool))
+    flag = "--" + key.replace("_", "-")
+    assert getattr(module.parse_args(["--smoke", flag, "3"]), key) == 3  # 显式参数优先于 smoke 缺省值
