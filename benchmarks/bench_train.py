@@ -21,6 +21,7 @@
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -35,6 +36,13 @@ TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
     vocab_size=151936, max_seq_len=32768, rope_theta=1e6, tie_word_embeddings=True,
 )
+# GPU 检查用的教师（issue 11）：Qwen2.5-1.5B 的形状（隐藏 1536、28 层、12 头、2 个 KV 头、前馈 8960、共享嵌入）。
+TEACHER_SHAPES = {
+    "0.5b": TEACHER_SHAPE,
+    "1.5b": dict(TEACHER_SHAPE, hidden_size=1536, num_layers=28, num_heads=12, intermediate_size=8960),
+}
+# 每块卡的 bf16 稠密峰值算力（TFLOPS），用于模型算力利用率 MFU；其他卡用 --peak-tflops 指定。
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # --smoke 的教师：smoke 学生的形状，隐藏维度与前馈更宽（96 / 192，与学生不同），层数由 --teacher-layers 决定。
 SMOKE_TEACHER_SHAPE = {**SMOKE_MODEL, "hidden_size": 96, "intermediate_size": 192}
 REAL_VOCAB = 151665
@@ -48,11 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="每个变体的训练步数（第一步为预热）")
-    p.add_argument("--teacher-layers", type=int, default=24, help="教师层数（调小可快速试跑）")
+    p.add_argument("--teacher-layers", type=int, default=None, help="教师层数（缺省为教师形状的层数；调小可快速试跑）")
     p.add_argument("--student", default="student-123m", help="学生的预设名；smoke 为 _bench_common.SMOKE_MODEL")
     p.add_argument("--real-vocab", type=int, default=REAL_VOCAB, help="真实词表大小（其后的列被排除）")
     p.add_argument("--chunk-size", type=int, default=256, help="分块损失每块的 token 数")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu 或 cuda（GPU 检查用）")
+    p.add_argument("--bf16", action="store_true", help="学生 bf16 autocast，两边教师都用 bf16 权重（GPU 检查用）")
+    p.add_argument("--teacher-shape", choices=sorted(TEACHER_SHAPES), default="0.5b", help="教师形状")
+    p.add_argument("--peak-tflops", type=float, default=None, help="设备 bf16 峰值 TFLOPS（缺省按卡名查表）")
     p.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -66,8 +78,9 @@ def _configs(args):
     from functional_lm import ModelConfig
 
     student = model_config(args.student)
-    shape = SMOKE_TEACHER_SHAPE if args.smoke else TEACHER_SHAPE
-    teacher = ModelConfig(**{**shape, "num_layers": args.teacher_layers})
+    shape = SMOKE_TEACHER_SHAPE if args.smoke else TEACHER_SHAPES[args.teacher_shape]
+    layers = args.teacher_layers if args.teacher_layers is not None else shape["num_layers"]
+    teacher = ModelConfig(**{**shape, "num_layers": layers})
     return student, teacher
 
 
@@ -76,7 +89,8 @@ def _batch(args):
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.real_vocab, (args.batch, args.seq + 1), generator=g)
-    return Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(args.batch, args.seq, dtype=torch.bool))
+    batch = Batch(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(args.batch, args.seq, dtype=torch.bool))
+    return batch.to(args.device)
 
 
 def _ours(args, teacher_bf16=False, compile=False):
@@ -86,13 +100,14 @@ def _ours(args, teacher_bf16=False, compile=False):
     from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
-    tcfg = TrainingConfig(loss_chunk_size=args.chunk_size, teacher_bf16=teacher_bf16, compile=compile)
+    teacher_bf16 = teacher_bf16 or args.bf16
+    tcfg = TrainingConfig(loss_chunk_size=args.chunk_size, teacher_bf16=teacher_bf16, compile=compile, bf16=args.bf16)
     student_fwd = torch.compile(forward_hidden) if compile else forward_hidden
     teacher_fwd = torch.compile(forward_hidden) if compile else forward_hidden
-    params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0).items()}
+    params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0, device=args.device).items()}
     dtype = torch.bfloat16 if teacher_bf16 else torch.float32
-    teacher = Model(init_params(tcfg_model, seed=1, dtype=dtype), tcfg_model)
-    optimizer = build_optimizer(params, tcfg)
+    teacher = Model(init_params(tcfg_model, seed=1, dtype=dtype, device=args.device), tcfg_model)
+    optimizer = build_optimizer(params, tcfg, fused=args.device.startswith("cuda"))
     batch = _batch(args)
 
     def step():
@@ -124,8 +139,9 @@ def _hf_model(cfg):
 def _baseline(args, alpha=0.5, temperature=2.0):
     """基线：transformers 模型 + 完整 logits 的 KD 损失（常见写法）。"""
     scfg, tcfg_model = _configs(args)
-    student = _hf_model(scfg).train()
-    teacher = _hf_model(tcfg_model).eval().requires_grad_(False)
+    student = _hf_model(scfg).to(args.device).train()
+    teacher = _hf_model(tcfg_model).to(args.device, torch.bfloat16 if args.bf16 else torch.float32)
+    teacher = teacher.eval().requires_grad_(False)
     decay = [p for n, p in student.named_parameters() if not (n.endswith("bias") or n.endswith("norm.weight"))]
     keep = [p for n, p in student.named_parameters() if n.endswith("bias") or n.endswith("norm.weight")]
     optimizer = torch.optim.AdamW(
@@ -136,8 +152,9 @@ def _baseline(args, alpha=0.5, temperature=2.0):
 
     def step():
         with torch.no_grad():
-            t_logits = teacher(batch.input_ids).logits[..., :real_vocab]
-        s_logits = student(batch.input_ids).logits[..., :real_vocab]
+            t_logits = teacher(batch.input_ids).logits[..., :real_vocab].float()
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            s_logits = student(batch.input_ids).logits[..., :real_vocab].float()
         kd = F.kl_div(
             F.log_softmax(s_logits / temperature, -1).flatten(0, 1),
             F.log_softmax(t_logits / temperature, -1).flatten(0, 1),
@@ -166,13 +183,17 @@ def worker(args):
     else:
         bf16 = args.worker == "ours_teacher_bf16"
         setup = _ours(args, teacher_bf16=bf16, compile=bf16 or args.worker == "ours_compile")
+    cuda = args.device.startswith("cuda")
     times, losses = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        losses.append(setup())
+        losses.append(setup())  # float(loss) 已经等 GPU 算完这一步
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     timed = times[1:] or times
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # 峰值内存：CPU 上是进程的 max RSS；CUDA 上是设备内存的峰值（PyTorch 分配器记账）。
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     graphs = _compiled_graphs()
     print(json.dumps({"step_s": min(timed), "all_step_s": times, "peak_rss_mib": peak_mib, "losses": losses,
                       "compiled_graphs": graphs}))
@@ -198,6 +219,34 @@ def run_workers(argv):
     return results
 
 
+def step_flops(args) -> float:
+    """一个训练步的模型 FLOPs（PaLM 附录 B 的算法）：学生训练 6N + 12·L·d·t、教师前向 2N + 4·L·d·t，每个 token。
+
+    N 含输出投影（共享嵌入时就是嵌入矩阵），不含嵌入查表；t 为序列长度。"""
+    scfg, tcfg_model = _configs(args)
+
+    def matmul_params(cfg):
+        from functional_lm.model import param_shapes
+
+        blocks = sum(math.prod(shape) for key, shape in param_shapes(cfg).items()
+                     if len(shape) == 2 and key not in ("model.embed_tokens.weight", "lm_head.weight"))
+        return blocks + cfg.vocab_size * cfg.hidden_size  # 输出投影：共享与否都是一次 v×d 的乘法
+
+    student = 6 * matmul_params(scfg) + 12 * scfg.num_layers * scfg.hidden_size * args.seq
+    teacher = 2 * matmul_params(tcfg_model) + 4 * tcfg_model.num_layers * tcfg_model.hidden_size * args.seq
+    return float(args.batch * args.seq * (student + teacher))
+
+
+def _peak_tflops(args) -> float | None:
+    """设备的 bf16 峰值算力：--peak-tflops，或按 CUDA 设备名查表；CPU 上为 None（不报告 MFU）。"""
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if not args.device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def ratio_rows(results, tokens):
     """每个本项目变体两行：tokens/s 与峰值内存，参照都是 baseline；比值由步时与 RSS 直接算出。"""
     base = results["baseline"]
@@ -218,12 +267,18 @@ def main(argv=None):
         return worker(args)
     results = run_workers(argv)
     tokens = args.batch * args.seq
-    teacher = "smoke-shaped" if args.smoke else "Qwen2.5-0.5B-shaped"
+    teacher = "smoke-shaped" if args.smoke else f"Qwen2.5-{args.teacher_shape.upper()}-shaped"
+    layers = _configs(args)[1].num_layers
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     summary = {
-        "bench": "distill_train_step", "device": "cpu", "threads": args.threads, "batch": args.batch, "seq": args.seq,
-        "student": args.student, "teacher": f"{teacher} ({args.teacher_layers} layers), random",
+        "bench": "distill_train_step", "device": device, "threads": args.threads, "batch": args.batch, "seq": args.seq,
+        "bf16": args.bf16, "student": args.student, "teacher": f"{teacher} ({layers} layers), random",
         "results": results,
     }
+    peak = _peak_tflops(args)
+    if peak and all("step_s" in r for r in results.values()):  # 模型算力利用率：模型 FLOPs / 步时 / 峰值
+        flops = step_flops(args)
+        summary["mfu"] = {name: round(flops / r["step_s"] / (peak * 1e12), 4) for name, r in results.items()}
     rows = []
     if all("step_s" in r for r in results.values()):
         base = results["baseline"]
@@ -237,8 +292,13 @@ def main(argv=None):
             }
         rows = ratio_rows(results, tokens)
         summary["targets"] = {"speed_ratio_min": 1.5, "memory_ratio_max": 0.5}
-    print_table(f"distillation train step, {args.student} <- {teacher} teacher, {args.batch}x{args.seq} "
-                "(ratio = ours / baseline)", rows, reference_label="baseline")
+    memory = "device peak" if args.device.startswith("cuda") else "peak RSS"
+    print_table(f"distillation train step on {device}, {args.student} <- {teacher} teacher, {args.batch}x{args.seq}, "
+                f"{'bf16' if args.bf16 else 'fp32'}, memory = {memory} (ratio = ours / baseline)", rows,
+                reference_label="baseline")
+    if "mfu" in summary:
+        print("MFU (model FLOPs / step time / peak bf16 FLOPs): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in summary["mfu"].items()))
     print(json.dumps(summary))
     return {**summary, "rows": rows}
 

@@ -251,8 +251,8 @@ FULL_DEFAULTS = {
     "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_calls=20),
     "bench_loss": dict(batch=8, seq=512, vocab=151936, real_vocab=151665, hidden=512, teacher_hidden=896,
                        chunk_size=256, repeats=2, rounds=2),
-    "bench_train": dict(batch=4, seq=512, steps=3, teacher_layers=24, student="student-123m", real_vocab=151665,
-                        chunk_size=256),
+    "bench_train": dict(batch=4, seq=512, steps=3, teacher_layers=None, teacher_shape="0.5b",  # 0.5b 形状：24 层
+                        student="student-123m", real_vocab=151665, chunk_size=256, device="cpu", bf16=False),
     "bench_generate": dict(preset="student-123m", batches="1,8", new_tokens=128, prompt_len=16, repeats=2),
     "bench_data": dict(repeat=8, workers=2, seq_len=512, batch_size=8, max_batches=400, student_step=False,
                        student_preset="student-123m"),
