@@ -448,7 +448,8 @@ def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig, info: 
 
 def _build_stepper(student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist) -> _Stepper:
     """学生参数放进参数壳（多进程时包成 DDP）、优化器（CUDA 上 fused）、教师与前向函数。"""
-    shell = ParamShell({k: v.to(info.device) for k, v in student.params.items()})
+    # 拷贝一份（放到设备上）：训练原地更新壳里的参数，调用方给的张量保持不变。
+    shell = ParamShell({k: v.detach().to(info.device, copy=True) for k, v in student.params.items()})
     params = shell.params()
     optimizer = build_optimizer(params, tcfg, fused=info.device.type == "cuda")
     compiled = torch.compile(forward_hidden) if tcfg.compile else forward_hidden

@@ -570,9 +570,11 @@ def test_chunked_validation():
 
 
 def test_chunked_forward_kl_compiled_terms_match_eager():
-    # compile=True 走 torch.compile 融合的逐元素路径：值与梯度与默认（eager）路径相同。
+    # compile=True 走 torch.compile 融合的逐元素路径：值与梯度与默认（eager）路径相同，且编译真的发生了。
+    from conftest import dynamo_graph_count, fresh_dynamo
     from functional_lm.losses import chunked_distillation_loss
 
+    fresh_dynamo()
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, 8, generator=gen)
     weight = torch.randn(40, 8, generator=gen)
@@ -592,6 +594,7 @@ def test_chunked_forward_kl_compiled_terms_match_eager():
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     assert results[1][2][37:].abs().max() == 0
+    assert dynamo_graph_count() >= 1  # 逐块的融合函数被 dynamo 捕获（不是悄悄退回 eager）
 
 
 # ----------------------------------------------------------------------------------------------

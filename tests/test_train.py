@@ -476,3 +476,13 @@ def test_evaluation_against_a_hand_computed_case(tokenizer, cache_dir, teacher_d
     # 学生 logits 全相等，argmax 取第 0 列；一致率 = 教师 argmax 恰为 0 的比例
     agree = (logits.argmax(-1) == 0)[valid].double().mean().item()
     assert scores["top1_agreement"] == pytest.approx(agree)
+
+
+def test_training_leaves_the_callers_parameters_untouched(tokenizer, cache_dir, teacher_dir, tmp_path):
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+    before = {k: v.clone() for k, v in student.params.items()}
+    result = train(student, _teacher(teacher_dir), _data(tokenizer, cache_dir),
+                   _tcfg(max_steps=2, save_interval=100, eval_interval=100), tmp_path,
+                   real_vocab_size=tokenizer.real_vocab_size, progress=False)
+    assert all(torch.equal(student.params[k], before[k]) for k in before)  # 训练在自己的拷贝上进行
+    assert not all(torch.equal(result.params[k], before[k]) for k in before)
