@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["SMOKE_MODEL", "model_config", "row", "format_table", "print_table", "parse_number"]
+__all__ = ["SMOKE_MODEL", "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number"]
 
 # --smoke 的模型形状：即 tiny 预设（隐藏 64、4 头、2 个 KV 头、前馈 128、词表 256）减到 1 层。
 SMOKE_MODEL = dict(
@@ -35,6 +35,17 @@ def model_config(preset: str):
     from functional_lm import ModelConfig, get_preset
 
     return ModelConfig(**SMOKE_MODEL) if preset == "smoke" else get_preset(preset)
+
+
+def parse_with_smoke(parser, argv, smoke: dict):
+    """加上 ``--smoke`` 并解析：给了它就换上 smoke 缺省值再解析一次，命令行上显式给出的参数仍然优先
+    （bench_loss、bench_train 的子进程拿到同样的 argv，也会这样做）。"""
+    parser.add_argument("--smoke", action="store_true", help="极小尺寸试跑 / tiny sizes: " + str(smoke))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke)
+        args = parser.parse_args(argv)
+    return args
 
 
 def row(name: str, unit: str, ours: float, reference: Optional[float] = None, ratio: Optional[float] = None) -> dict:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench_common import model_config, print_table, row
+from _bench_common import model_config, parse_with_smoke, print_table, row
 
 from functional_lm.data import BatchLoader, DocumentSource, build_token_cache, default_corpus, load_tokenizer, pack
 from functional_lm.data.sources import Document
@@ -147,12 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batches", type=int, default=400, help="加载吞吐最多计时的批数")
     parser.add_argument("--student-step", action="store_true", help="在本机实测一次学生训练步（CPU 上较慢）")
     parser.add_argument("--student-preset", default="student-123m", help="学生的预设名；smoke 为 _bench_common.SMOKE_MODEL")
-    parser.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
-    args = parser.parse_args(argv)
-    if args.smoke:  # 换上 smoke 缺省值再解析一次，显式参数仍然优先
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_smoke(parser, argv, SMOKE)
 
 
 def main(argv: list[str] | None = None) -> dict:

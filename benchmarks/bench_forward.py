@@ -21,7 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import model_config, print_table, row
+from _bench_common import model_config, parse_with_smoke, print_table, row
 
 from functional_lm import forward, init_params
 from functional_lm.typing import typecheck
@@ -59,12 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="每个变体预热（含编译）的次数")
     parser.add_argument("--check-calls", type=int, default=20, help="估计形状检查固定开销时交替计时的次数")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
-    args = parser.parse_args(argv)
-    if args.smoke:  # 换上 smoke 缺省值再解析一次，显式参数仍然优先
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_smoke(parser, argv, SMOKE)
 
 
 def _variants(cfg, params, ids, hf):

@@ -20,7 +20,7 @@ import tempfile
 import time
 
 import torch
-from _bench_common import model_config, print_table, row
+from _bench_common import model_config, parse_with_smoke, print_table, row
 
 from functional_lm import init_params
 from functional_lm.generate import generate
@@ -71,12 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode（CUDA 上可用 reduce-overhead）")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU 线程数（缺省用 torch 的设置）")
-    parser.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
-    args = parser.parse_args(argv)
-    if args.smoke:  # 换上 smoke 缺省值再解析一次，显式参数仍然优先
-        parser.set_defaults(**SMOKE)
-        args = parser.parse_args(argv)
-    return args
+    return parse_with_smoke(parser, argv, SMOKE)
 
 
 def _load_models(args, dtype):

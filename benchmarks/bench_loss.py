@@ -22,7 +22,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import print_table, row
+from _bench_common import parse_with_smoke, print_table, row
 
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
 
@@ -43,13 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--divergence", default="forward_kl")
     p.add_argument("--repeats", type=int, default=2, help="每个子进程内的 前向+反向 次数")
     p.add_argument("--rounds", type=int, default=2, help="两个变体交替运行的轮数")
-    p.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
     p.add_argument("--worker", choices=["plain", "chunked"], help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.smoke:  # 换上 smoke 缺省值再解析一次（子进程拿到同样的 argv，也会这样做）
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    return args
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def make_inputs(args):

@@ -30,7 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import SMOKE_MODEL, model_config, print_table, row
+from _bench_common import SMOKE_MODEL, model_config, parse_with_smoke, print_table, row
 
 TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
@@ -65,13 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true", help="学生 bf16 autocast，两边教师都用 bf16 权重（GPU 检查用）")
     p.add_argument("--teacher-shape", choices=sorted(TEACHER_SHAPES), default="0.5b", help="教师形状")
     p.add_argument("--peak-tflops", type=float, default=None, help="设备 bf16 峰值 TFLOPS（缺省按卡名查表）")
-    p.add_argument("--smoke", action="store_true", help="极小尺寸试跑：" + str(SMOKE))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.smoke:  # 换上 smoke 缺省值再解析一次（子进程拿到同样的 argv，也会这样做）
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-    return args
+    return parse_with_smoke(p, argv, SMOKE)
 
 
 def _configs(args):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from functional_lm.config import ModelConfig
-from functional_lm.typing import Bool, Float, Int, Integer, Tensor, typechecked
+from functional_lm.typing import Bool, Float, Integer, Tensor, typechecked
 
 __all__ = [
     "rms_norm",

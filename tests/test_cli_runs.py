@@ -6,7 +6,6 @@
 """
 
 import json
-import os
 import re
 import resource
 import signal
@@ -17,6 +16,7 @@ import time
 import pytest
 import torch
 
+from conftest import write_teacher_and_data
 from functional_lm import ModelConfig, init_params
 from functional_lm.cli import main
 from functional_lm.config import DIVERGENCE_NAMES, PRESETS
@@ -34,12 +34,7 @@ STUDENT_FLAGS = ["--preset", "tiny", "--vocab-size", "151936", "--hidden-size", 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    save_pretrained(init_params(TEACHER, seed=4), TEACHER, root / "teacher")  # 教师目录里没有分词器
-    data = root / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6})
-                              for i in range(40)))
-    return root
+    return write_teacher_and_data(tmp_path_factory.mktemp("runs"), TEACHER)  # 教师目录里没有分词器
 
 
 def _args(setup, out, *extra):

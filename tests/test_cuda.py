@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, write_teacher_and_data
 from functional_lm import ModelConfig, forward, init_params
 from functional_lm.cli import main
 from functional_lm.generate import generate
-from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.hf import load_pretrained
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -45,11 +45,7 @@ def test_greedy_generation_on_cuda_matches_cpu_and_compiled_matches_eager():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cuda")
-    save_pretrained(init_params(TEACHER, seed=4), TEACHER, root / "teacher")
-    rows = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6} for i in range(40)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+    return write_teacher_and_data(tmp_path_factory.mktemp("cuda"), TEACHER)
 
 
 def _args(root, out, *extra):

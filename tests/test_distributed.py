@@ -18,9 +18,10 @@ import time
 import pytest
 import torch
 
-from functional_lm import ModelConfig, init_params
+from conftest import write_teacher_and_data
+from functional_lm import ModelConfig
 from functional_lm.cli import main
-from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.hf import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 
@@ -37,11 +38,7 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    save_pretrained(init_params(TEACHER, seed=4), TEACHER, root / "teacher")
-    rows = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6} for i in range(40)]
-    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return root
+    return write_teacher_and_data(tmp_path_factory.mktemp("dist"), TEACHER)
 
 
 def _args(root, out, *extra):

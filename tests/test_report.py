@@ -46,7 +46,7 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_plot_marks_points_and_draws_validation_and_teacher_reference(tmp_path, monkeypatch):
-    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
     from functional_lm.report import plot_loss_curves

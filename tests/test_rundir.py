@@ -6,10 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 
 from conftest import tiny_config
 from functional_lm.checkpoint import list_checkpoints, save_checkpoint
