@@ -125,8 +125,10 @@ def _announce(tcfg: TrainingConfig, seq_len: int) -> None:
     print(f"[demo] settings: seq_len={seq_len}, {shown} (override any with --field-name)", file=sys.stderr)
 
 
-def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress, info) -> dict[str, Any]:
-    """蒸馏学生与只用 CE 的对照学生：同样的初始化、数据、步数与学习率表，只有 α 不同。"""
+def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, resume, progress, info) -> dict[str, Any]:
+    """蒸馏学生与只用 CE 的对照学生：同样的初始化、数据、步数与学习率表，只有 α 不同。
+
+    两次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
     from functional_lm.model import init_params
     from functional_lm.train import Model, train
 
@@ -135,7 +137,7 @@ def _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, o
         print(f"[demo] training the {name} student (alpha={cfg.alpha}, T={cfg.temperature})", file=sys.stderr)
         student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
         runs[name] = train(
-            student, teacher, make_data(), cfg, out / name, resume=resume,
+            student, teacher, data, cfg, out / name, resume=resume,
             real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress, info=info,
         )
         if runs[name].interrupted:
@@ -189,8 +191,8 @@ def run_demo(
             model_config=student_cfg, progress=progress and info.is_main, text_split=run.get("text_split", "paragraph"),
         )
 
-    with main_first(info):  # 秩 0 先分词建缓存
-        make_data()
+    with main_first(info):  # 秩 0 先分词建缓存，其余进程随后复用
+        bundle = make_data()
     if info.is_main:
         print(
             f"[demo] teacher {count_parameters(teacher_params):,} params ({'trained now' if fresh else 'cached'}: "
@@ -198,9 +200,9 @@ def run_demo(
             f"{tcfg.max_steps} steps of {tcfg.batch_size}×{seq_len} tokens",
             file=sys.stderr,
         )
-    runs = _train_students(student_cfg, tcfg, teacher, make_data, tokenizer, tok_dir, out, resume, progress, info)
+    runs = _train_students(student_cfg, tcfg, teacher, bundle, tokenizer, tok_dir, out, resume, progress, info)
     if info.is_main:
-        _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, make_data(), out)
+        _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, bundle, out)
     return out
 
 

@@ -22,27 +22,20 @@ from typing import Any, Callable, Mapping, Optional
 
 from functional_lm.config import DIVERGENCE_NAMES, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
 from functional_lm.rundir import (
-    SETTINGS_FILE,
     Interrupted,
-    RunDirError,
     RunLock,
-    clear_run,
     ensure_output_dir,
     read_settings,
     remove_stale_temps,
-    run_markers,
-    write_json_atomic,
     writing,
 )
 from functional_lm.settings import (
     RUN_KEYS,
     RunSettings,
-    compare_settings,
     field_help,
     load_config_file,
     resolve_configs,
     resolve_settings,
-    settings_from_checkpoint,
 )
 
 __all__ = ["register", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
@@ -138,68 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_distill)
 
 
-# ---------------------------------------------------------------- 运行目录：新开、恢复或清空
-def _checkpoints_in(out: Path) -> list[Path]:
-    """运行目录里所有完整的检查点（演示运行的两个学生各自有 checkpoints/）。"""
-    return sorted(p.parent for p in out.glob("**/step-*/trainer_state.json"))
-
-
-def _decide_resume(out: Path, resume: Optional[str], overwrite: bool) -> bool:
-    """按 --resume / --overwrite 与目录现状决定是恢复（True）还是新开（False）；不能开始时抛 RunDirError。"""
-    markers = run_markers(out)
-    if overwrite:
-        if markers:
-            clear_run(out)
-            print(f"[distill] --overwrite: cleared the previous run in {out} ({', '.join(markers)})", file=sys.stderr)
-        return False
-    has_checkpoint = bool(_checkpoints_in(out))
-    if resume == "yes":
-        if not has_checkpoint:
-            raise RunDirError(
-                f"--resume: there is no checkpoint to resume from in {out}; check the --output-dir path, or use "
-                f"--resume auto to start a new run when there is none"
-            )
-        return True
-    if resume == "auto":
-        if not has_checkpoint and markers:
-            clear_run(out)  # 第一次保存之前就停下的运行：没有可以接着跑的东西
-        return has_checkpoint
-    if markers:
-        raise RunDirError(
-            f"{out} already holds a run ({', '.join(markers)}); continue it with --resume, start over with "
-            f"--overwrite (deletes it), or choose another --output-dir"
-        )
-    return False
-
-
-def _saved_settings(out: Path) -> Optional[dict[str, Any]]:
-    """恢复用的设置：run.json；旧版本留下的运行没有它时，从最新检查点还原模型与训练配置。"""
-    saved = read_settings(out)
-    if saved is None:
-        found = _checkpoints_in(out)
-        if found:
-            mode = "demo" if (out / "distilled").is_dir() else "distill"
-            saved = settings_from_checkpoint(found[-1], mode)
-    return saved
-
-
-def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings) -> None:
-    """恢复时：无法恢复的改动拒绝并点名；改变轨迹的改动逐个列出；其余改动简单提一句。"""
-    fixed, trajectory, neutral = compare_settings(saved, settings)
-    if fixed:
-        raise RunDirError(
-            f"cannot resume {out}: {'; '.join(fixed)}. A resumed run keeps the student's architecture, the data "
-            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--seed, --val-fraction); start "
-            f"a new run for these "
-            f"(--overwrite or another --output-dir)"
-        )
-    if trajectory:
-        print(f"[distill] resuming with changed settings that alter the training trajectory: {'; '.join(trajectory)}",
-              file=sys.stderr)
-    if neutral:
-        print(f"[distill] also changed: {'; '.join(neutral)}", file=sys.stderr)
-
-
+# ---------------------------------------------------------------- 运行目录：新开、恢复或清空（规矩见 resume.py）
 def _explicit_run_options(args: argparse.Namespace, file_values: Mapping[str, Any]) -> dict[str, Any]:
     """明确给出的运行选项：配置文件里的，再被命令行上的覆盖。"""
     run = {k: file_values[k] for k in RUN_KEYS if file_values.get(k) is not None}
@@ -210,21 +142,28 @@ def _explicit_run_options(args: argparse.Namespace, file_values: Mapping[str, An
     return run
 
 
-def _open_run(out: Path, lock: RunLock, args: argparse.Namespace, settings_on: Callable) -> tuple[bool, dict]:
-    """秩 0 上：确认目录、拿锁、清理临时目录、决定新开还是恢复、合并并写出设置。返回 (是否恢复, 设置)。"""
-    if not out.expanduser().exists():
+def _explicit_checkpoint_dir(out: Path, explicit_fields: Mapping[str, Any]) -> str:
+    """检查点目录名：明确给出的，否则运行目录 run.json 里保存的，否则缺省 checkpoints。"""
+    if explicit_fields.get("checkpoint_dir"):
+        return str(explicit_fields["checkpoint_dir"])
+    saved = read_settings(out) if out.is_dir() else None
+    return str((saved or {}).get("training", {}).get("checkpoint_dir", "checkpoints"))
+
+
+def _open_run(out: Path, lock: RunLock, args: argparse.Namespace, settings_on: Callable, fields: Mapping[str, Any],
+              world_size: int) -> tuple[bool, dict]:
+    """秩 0 上：确认目录、拿锁、清理临时目录、决定新开还是恢复、核对并写出设置。返回 (是否恢复, 设置)。"""
+    from functional_lm.resume import checkpoint_roots, decide, open_settings
+
+    if not out.exists():
         settings_on(None)  # 新目录：先校验所有值，坏值不留下任何目录
     out = ensure_output_dir(out)
     lock.acquire()
     remove_stale_temps(out)
-    resuming = _decide_resume(out, args.resume, args.overwrite)
-    saved = _saved_settings(out) if resuming else None
-    settings = settings_on(saved)
-    if saved is not None:
-        _report_changes(out, saved, settings)
-    with writing("the run settings", out / SETTINGS_FILE):
-        write_json_atomic(settings.to_json(), out / SETTINGS_FILE)
-    return resuming, settings.to_json()
+    roots = checkpoint_roots(out, _explicit_checkpoint_dir(out, fields))
+    opening = decide(out, roots, args.resume, args.overwrite)
+    settings = open_settings(out, roots, opening, settings_on, world_size)
+    return opening.resuming, settings.to_json()
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
@@ -242,17 +181,20 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
     out = Path(explicit.get("output_dir") or ("runs/demo" if explicit.get("teacher") is None else "runs/distill"))
     out = out.expanduser()
-    info = setup(str(cli_fields.get("device", file_values.get("device", "auto"))))  # torchrun 下加入进程组
+    fields = {**file_values, **cli_fields}
+    info = setup(str(fields.get("device", "auto")))  # torchrun 下加入进程组
     lock = RunLock(out)
     try:
-        resuming, saved = on_main(lambda: _open_run(out, lock, args, settings_on), info)
+        resuming, saved = on_main(lambda: _open_run(out, lock, args, settings_on, fields, info.world_size), info)
         settings = RunSettings.from_json(saved)
         _run(settings, out, resuming, progress=not args.no_progress, info=_same_device(info, settings))
     except Interrupted:
         raise
     except KeyboardInterrupt:
-        found = _checkpoints_in(out)
-        where = f"the last complete checkpoint is {found[-1]}" if found else "no checkpoint was written"
+        from functional_lm.resume import checkpoint_roots, latest_in
+
+        found = latest_in(checkpoint_roots(out, _explicit_checkpoint_dir(out, fields)))
+        where = f"the last complete checkpoint is {found}" if found else "no checkpoint was written"
         raise Interrupted(f"interrupted; {where}; continue with --resume") from None
     finally:
         lock.release()
@@ -265,7 +207,7 @@ def _same_device(info: Any, settings: RunSettings) -> Any:
     from functional_lm.devices import resolve_device
 
     wanted = resolve_device(settings.training.device)
-    if wanted.type == info.device.type:
+    if wanted.type == info.device.type and (wanted.index is None or wanted.index == info.device.index):
         return info
     if info.enabled:
         raise ValueError(
@@ -308,6 +250,7 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig, tcf
 
     with writing("the final student", out / "student", result.last_checkpoint):
         final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_dir)
+    with writing("the report", out / "report.md", result.last_checkpoint):
         write_report(
             out,
             title="functional_lm distillation report",

@@ -42,7 +42,7 @@ __all__ = [
     "GatheredParams",
     "all_reduce_sum",
     "broadcast_object",
-    "gather_objects",
+    "gather_to_main",
     "barrier",
     "main_first",
     "on_main",
@@ -104,7 +104,8 @@ def teardown() -> None:
 
 # ---------------------------------------------------------------- 参数壳
 class ParamShell(nn.Module):
-    """只登记参数字典的 nn.Module（见模块说明）。同一个张量（共享嵌入）只登记一次。"""
+    """只登记参数字典的 nn.Module（见模块说明）。每个键登记一个 Parameter：共享嵌入的字典里本来就只有
+    ``model.embed_tokens.weight`` 一个键（输出投影直接读它），所以共享关系原样保留。"""
 
     def __init__(self, params: Mapping[str, torch.Tensor], *, trainable: bool = True) -> None:
         super().__init__()
@@ -138,14 +139,20 @@ def wrap_student(shell: ParamShell, info: Dist) -> nn.Module:
 
 
 def shard_teacher(params: Mapping[str, torch.Tensor], num_layers: int, info: Dist) -> "GatheredParams":
-    """用 FSDP2 把冻结的教师按层切分到各进程，返回按需 all-gather 的参数映射。"""
+    """用 FSDP2 把冻结的教师按层切分到各进程，返回按需 all-gather 的参数映射。
+
+    参数留在主机内存里建壳，逐层交给 fully_shard：它把这一层搬到本进程的设备上、切分、只留本进程的一份，
+    所以设备上任何时刻最多只有一层完整的教师（放不进一块卡的教师正是为此切分）。
+    """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    shell = ParamShell(params, trainable=False).to(info.device)
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    shell = ParamShell(params, trainable=False)
     layers = [shell.get_submodule(f"model.layers.{i}") for i in range(num_layers)]
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(shell)  # 根单元：嵌入、最终范数、输出投影
+        fully_shard(layer, mesh=mesh)
+    fully_shard(shell, mesh=mesh)  # 根单元：嵌入、最终范数、输出投影
     return GatheredParams(shell, layers)
 
 
@@ -197,6 +204,19 @@ class GatheredParams(Mapping):
 
 
 # ---------------------------------------------------------------- 集合通信的小工具
+# 秩 0 独自做的长活（分词建缓存、训练演示教师）可能远超集合通信的超时；其余进程在一个 gloo 协调组上
+# 等它，这个组的超时单独设（缺省 24 小时，FUNCTIONAL_LM_SETUP_TIMEOUT 秒）。
+SETUP_TIMEOUT_S = float(os.environ.get("FUNCTIONAL_LM_SETUP_TIMEOUT", str(24 * 3600)))
+_COORDINATION: list[Any] = []
+
+
+def _coordination_group() -> Any:
+    """等待秩 0 用的 gloo 进程组（CPU 张量，长超时；进程内只建一次）。"""
+    if not _COORDINATION:
+        _COORDINATION.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=SETUP_TIMEOUT_S)))
+    return _COORDINATION[0]
+
+
 def _comm_device(info: Dist) -> torch.device:
     """集合通信张量放在哪：NCCL 要 CUDA 张量，gloo 用 CPU 张量。"""
     return info.device if info.device.type == "cuda" else torch.device("cpu")
@@ -211,21 +231,27 @@ def all_reduce_sum(values: list[float], info: Dist) -> list[float]:
     return buffer.tolist()
 
 
-def broadcast_object(obj: Any, info: Dist) -> Any:
-    """把秩 0 的一个可序列化对象发给所有进程（只用于本项目自己的小对象：设置、决定、错误消息）。"""
+def broadcast_object(obj: Any, info: Dist, *, patient: bool = False) -> Any:
+    """把秩 0 的一个可序列化对象发给所有进程（只用于本项目自己的小对象：设置、决定、错误消息）。
+
+    patient=True 时走长超时的协调组：用于等待秩 0 的长活。
+    """
     if not info.enabled:
         return obj
     box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0, device=_comm_device(info))
+    if patient:
+        dist.broadcast_object_list(box, src=0, group=_coordination_group())
+    else:
+        dist.broadcast_object_list(box, src=0, device=_comm_device(info))
     return box[0]
 
 
-def gather_objects(obj: Any, info: Dist) -> list[Any]:
-    """每个进程一个小对象，所有进程都拿到按秩排列的列表（例如各进程的 RNG 状态）。"""
+def gather_to_main(obj: Any, info: Dist) -> Optional[list[Any]]:
+    """每个进程交一个小对象，秩 0 拿到按秩排列的列表，其余进程得到 None（例如各进程的 RNG 状态）。"""
     if not info.enabled:
         return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    out: Optional[list[Any]] = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0, group=_coordination_group())
     return out
 
 
@@ -238,16 +264,17 @@ class PeerLost(RunFailure):
     """另一个进程死了或连不上：集合通信失败（gloo 立刻发现断开的连接，NCCL 等到超时）。"""
 
 
-_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "timed out", "Timeout", "NCCL", "gloo")
+# 表明“对面的进程不在了”的错误文字（gloo / NCCL / c10d 的措辞）；本进程自己的 CUDA / NCCL 错误不算。
+_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out")
 
 
 @contextlib.contextmanager
 def peer_loss_explained(info: Dist, last_good: Callable[[], Any]) -> Iterator[None]:
-    """多进程时把集合通信的失败说成一段话：哪个环节、最后一个完好的检查点、怎样继续。"""
+    """多进程时把“另一个进程不在了”导致的集合通信失败说成一段话：最后一个完好的检查点、怎样继续。"""
     try:
         yield
     except RuntimeError as err:
-        lost = isinstance(err, dist.DistError) or any(m in str(err) for m in _LOST_MARKERS)
+        lost = isinstance(err, dist.DistNetworkError) or any(m in str(err) for m in _LOST_MARKERS)
         if not info.enabled or not lost or isinstance(err, RunFailure):
             raise
         first = str(err).strip().splitlines()[0][:300]
@@ -262,24 +289,36 @@ class PeerFailure(RuntimeError):
     """秩 0 上的一步失败了（它已经打印了原因）；其余进程以这个异常安静地退出。"""
 
 
+def _outcome_from_main(info: Dist) -> Any:
+    """非秩 0：等秩 0 公布结果；它失败了就抛 PeerFailure，它死了就说清楚（PeerLost）。"""
+    try:
+        status, value = broadcast_object(None, info, patient=True)
+    except RuntimeError as err:
+        raise PeerLost(f"rank 0 stopped or became unreachable while this process waited for it ({err})") from err
+    if status == "error":
+        raise PeerFailure(f"rank 0 failed: {value}")
+    return value
+
+
+def _publish(info: Dist, fn: Callable[[], Any]) -> Any:
+    """秩 0：运行 fn，把结果或失败公布给其余进程；失败时原样抛出。"""
+    try:
+        value = fn()
+    except BaseException as err:
+        broadcast_object(("error", f"{type(err).__name__}: {err}"), info, patient=True)
+        raise
+    broadcast_object(("ok", value), info, patient=True)
+    return value
+
+
 def on_main(fn: Callable[[], Any], info: Dist) -> Any:
-    """只在秩 0 上运行 fn（例如运行目录的检查、建分词缓存），把结果或失败广播给所有进程。
+    """只在秩 0 上运行 fn（例如运行目录的检查、写检查点），把结果或失败广播给所有进程。
 
     秩 0 失败时原样抛出它的异常；其余进程抛 PeerFailure（命令行不重复打印秩 0 已经说过的话）。
     """
     if not info.enabled:
         return fn()
-    if info.is_main:
-        try:
-            value = fn()
-        except BaseException as err:
-            broadcast_object(("error", f"{type(err).__name__}: {err}"), info)
-            raise
-        return broadcast_object(("ok", value), info)[1]
-    status, value = broadcast_object(None, info)
-    if status == "error":
-        raise PeerFailure(f"rank 0 failed: {value}")
-    return value
+    return _publish(info, fn) if info.is_main else _outcome_from_main(info)
 
 
 @contextlib.contextmanager
@@ -292,11 +331,9 @@ def main_first(info: Dist) -> Iterator[None]:
         try:
             yield
         except BaseException as err:
-            broadcast_object(("error", f"{type(err).__name__}: {err}"), info)
+            broadcast_object(("error", f"{type(err).__name__}: {err}"), info, patient=True)
             raise
-        broadcast_object(("ok", None), info)
+        broadcast_object(("ok", None), info, patient=True)
     else:
-        status, message = broadcast_object(None, info)
-        if status == "error":
-            raise PeerFailure(f"rank 0 failed: {message}")
+        _outcome_from_main(info)
         yield

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -88,17 +89,22 @@ class Metrics:
         if torn:
             print(f"warning: {self.path}: dropped a cut-off last line (a crash while writing it)", file=sys.stderr)
         keep = [json.dumps(r) for r in records if r.get("step", 0) <= step]
-        with writing("the training metrics", self.path, self.last_good()):
-            self.path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with writing("the training metrics", self.path, self.last_good()):  # 临时文件再改名：失败时原文件不动
+            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (finite_or_none(v) if isinstance(v, float) else v) for k, v in record.items()}
-        with writing("the training metrics", self.path, self.last_good()), open(self.path, "a", encoding="utf-8") as f:
+        with writing("the training metrics", self.path, self.last_good(), atomic=False), \
+                open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
 
 
 class Window:
-    """两次记录之间的滑动统计：逐步累加损失各部分与 token 数，记录时取平均并清零。"""
+    """两次记录之间的滑动统计：逐步累加损失各部分与 token 数，记录时取平均并清零。
+
+    吞吐只算训练的时间：验证与保存放在 ``paused()`` 里，它们的耗时从窗口里扣掉。"""
 
     def __init__(self) -> None:
         self.reset()
@@ -107,6 +113,16 @@ class Window:
         self.loss = self.kd = self.ce = 0.0
         self.tokens = self.steps = 0
         self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """块内的时间（验证、保存）不计入吞吐。"""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def add(self, stats: Any) -> None:
         self.loss, self.kd, self.ce = self.loss + stats.loss, self.kd + stats.kd, self.ce + stats.ce
@@ -115,7 +131,7 @@ class Window:
 
     def record(self, step: int, stats: Any) -> dict[str, Any]:
         """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.start - self.excluded
         n = max(self.steps, 1)
         logged = {
             "kind": "train", "step": step, "loss": self.loss / n, "kd": self.kd / n, "ce": self.ce / n,

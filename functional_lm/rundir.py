@@ -26,7 +26,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from functional_lm.config import cache_root
 
@@ -94,25 +94,32 @@ def _reason(err: OSError) -> str:
     return f"{what} [{name}]"
 
 
-def write_failure(err: OSError, what: str, where: os.PathLike | str, last_good: Optional[Path] = None) -> StorageError:
-    """把写盘时的 OSError 包成一段话：写的是什么、写到哪、为什么失败、最后一个完好的检查点在哪。"""
+def write_failure(
+    err: OSError, what: str, where: os.PathLike | str, last_good: Optional[Path] = None, *, atomic: bool = True
+) -> StorageError:
+    """把写盘时的 OSError 包成一段话：写的是什么、写到哪、为什么失败、留下了什么、最后一个完好的检查点在哪。
+
+    atomic：这次写入是否原子（临时文件再改名）——是则什么都没留下；否（追加写指标）则最后一行可能被截断，
+    恢复时会丢掉它。建议按原因给：磁盘满就腾空间，只读就换个能写的地方。
+    """
+    left = "Nothing half-written was left in place." if atomic else \
+        f"The last line of {where} may be cut off; it is dropped when the run resumes."
+    advice = "free some space" if err.errno in _DISK_FULL else "make the location writable"
     good = (
-        f"The last good checkpoint is {last_good}; free some space and continue with --resume."
+        f"The last good checkpoint is {last_good}; {advice} and continue with --resume."
         if last_good is not None
-        else "No checkpoint had been written yet."
+        else f"No checkpoint had been written yet; {advice} and start again."
     )
-    return StorageError(
-        f"could not write {what} to {where}: {_reason(err)}. Nothing half-written was left in place. {good}"
-    )
+    return StorageError(f"could not write {what} to {where}: {_reason(err)}. {left} {good}")
 
 
 @contextlib.contextmanager
-def writing(what: str, where: os.PathLike | str, last_good: Optional[Path] = None) -> Iterator[None]:
+def writing(what: str, where: os.PathLike | str, last_good: Optional[Path] = None, *, atomic: bool = True) -> Iterator[None]:
     """``with writing("the final student", path, last_ckpt): ...``：块内的 OSError 变成一段话的 StorageError。"""
     try:
         yield
     except OSError as err:
-        raise write_failure(err, what, where, last_good) from err
+        raise write_failure(err, what, where, last_good, atomic=atomic) from err
 
 
 # ---------------------------------------------------------------- 目录检查与锁
@@ -191,8 +198,14 @@ def run_markers(path: os.PathLike | str) -> list[str]:
     return found
 
 
-def clear_run(path: os.PathLike | str) -> list[str]:
-    """``--overwrite``：删掉上一次运行的产物（只删 RUN_MARKERS 与临时目录，用户自己的其他文件不动）。"""
+def clear_run(path: os.PathLike | str, *, extra_roots: Iterable[os.PathLike | str] = ()) -> list[str]:
+    """``--overwrite``：删掉上一次运行的产物（只删 RUN_MARKERS、检查点与临时目录，用户自己的其他文件不动）。
+
+    extra_roots：运行的检查点目录（--checkpoint-dir 可以是别的名字，甚至在运行目录之外）：运行目录里的
+    整个删掉；运行目录外的只删其中的 step-* 检查点。
+    """
+    from functional_lm.checkpoint import list_checkpoints
+
     path = Path(path)
     removed = []
     for name in RUN_MARKERS:
@@ -203,6 +216,11 @@ def clear_run(path: os.PathLike | str) -> list[str]:
         elif entry.exists():
             entry.unlink()
             removed.append(name)
+    for root in map(Path, extra_roots):
+        inside = root.resolve().is_relative_to(path.resolve())
+        for entry in ([root] if inside and root.is_dir() else list_checkpoints(root)):
+            shutil.rmtree(entry)
+            removed.append(str(entry))
     remove_stale_temps(path)
     return removed
 

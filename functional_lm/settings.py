@@ -161,7 +161,7 @@ def merge_configs(
         for name, value in values.items():
             for cls, changes in ((ModelConfig, model_changes), (TrainingConfig, train_changes)):
                 fields = _fields(cls)
-                if name in fields and name not in RUN_KEYS:
+                if name in fields:
                     changes[name] = _convert(name, str(fields[name].type), value, where)
     return dataclasses.replace(base_model, **model_changes), TrainingConfig(**train_changes)
 
@@ -245,6 +245,11 @@ def resolve_settings(
     mode = saved["mode"]
     if mode == "demo" and explicit.get("teacher") is not None:
         raise ValueError("cannot resume: this run directory holds the offline demo, but --teacher was given")
+    if saved.get("legacy") and mode == "distill" and "teacher" not in explicit:
+        raise ValueError(
+            "this run has no run.json (it was made by an older version of functional_lm), so its teacher and data "
+            "are unknown; resume it by repeating --teacher, --data and --seq-len"
+        )
     base_model = get_preset(explicit["preset"]) if "preset" in explicit else ModelConfig(**saved["model"])
     model, training = merge_configs(base_model, saved["training"], file_values, cli_values, source=source)
     return RunSettings(mode, {**saved.get("run", {}), **explicit}, model, training)
@@ -266,8 +271,8 @@ def compare_settings(
     old, cur = _flat(saved), _flat(new.to_json())
     fixed, trajectory, neutral = [], [], []
     for name in sorted(set(old) | set(cur)):
-        if old.get(name) == cur.get(name):
-            continue
+        if old.get(name) == cur.get(name) or (saved.get("legacy") and name in new.run and name not in old):
+            continue  # 旧版本的运行没有记下运行选项：明确给出的值就是它们
         text = f"{name.removeprefix('model.')} {old.get(name)!r} → {cur.get(name)!r}"
         if name.startswith("model.") or name in _FIXED_RUN or name in _FIXED_TRAINING:
             fixed.append(text)
@@ -285,4 +290,4 @@ def settings_from_checkpoint(checkpoint: Path, mode: str) -> dict[str, Any]:
 
     state = json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8"))
     model = load_config(checkpoint)
-    return {"mode": mode, "run": {}, "model": model.to_dict(), "training": state["training_config"]}
+    return {"mode": mode, "run": {}, "model": model.to_dict(), "training": state["training_config"], "legacy": True}

@@ -43,8 +43,7 @@ from functional_lm.distributed import (
     GatheredParams,
     ParamShell,
     all_reduce_sum,
-    barrier,
-    gather_objects,
+    gather_to_main,
     on_main,
     peer_loss_explained,
     setup,
@@ -237,6 +236,12 @@ def _sharded(teacher: Optional[Model]) -> bool:
     return teacher is not None and isinstance(teacher.params, GatheredParams)
 
 
+def _no_checks_if_sharded(teacher: Optional[Model]) -> contextlib.AbstractContextManager:
+    """切分的教师前向时关掉 beartype：它检查 Mapping 时会随机取一项，各进程取到不同的层，
+    all-gather 就对不上了。其余情况不碰用户的检查开关。"""
+    return typecheck(False) if _sharded(teacher) else contextlib.nullcontext()
+
+
 def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: TrainingConfig, real: int) -> dict[str, float]:
     """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）。"""
     n = count_valid_tokens(one)
@@ -244,7 +249,7 @@ def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: Training
     if teacher is None:
         t_logits = s_logits  # 没有教师：KD 相关的量恒为 0，最后不报告
     else:
-        with _teacher_scope(teacher), typecheck(not _sharded(teacher)):
+        with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
             t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False)
             t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
     common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True)
@@ -343,6 +348,7 @@ class _Stepper:
 
     student: torch.nn.Module  # ParamShell，或包着它的 DDP
     params: dict[str, torch.Tensor]  # 壳里登记的参数（优化器与检查点看到的正是它们）
+    names: dict[int, str]  # 参数张量的 id → 名字（优化器状态按名字存取）
     cfg: ModelConfig
     optimizer: torch.optim.Optimizer
     teacher: Optional[Model]  # α = 0 时为 None：训练不跑教师
@@ -359,13 +365,15 @@ class _Stepper:
         return self.student.no_sync()
 
 
-def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> tuple[float, float, float]:
-    """一个微批：教师隐藏状态 → 学生的分块损失（经过参数壳的 forward）→ 反向。返回本进程的三项。"""
+def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> torch.Tensor:
+    """一个微批：教师隐藏状态 → 学生的分块损失（经过参数壳的 forward）→ 反向。
+
+    返回本进程的 (损失, KD, CE) 三项（留在设备上，整步结束时才取回主机一次，不逐微批同步）。"""
     batch = batch.to(stepper.info.device, non_blocking=True)
     with stepper.no_sync(last), _teacher_scope(stepper.teacher):
         t_hidden = None
         if stepper.teacher is not None:
-            with typecheck(not _sharded(stepper.teacher)):
+            with _no_checks_if_sharded(stepper.teacher):
                 t_hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd)
         loss, parts = stepper.student(
             distill_loss, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
@@ -373,7 +381,7 @@ def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> t
         )
         # DDP 对各进程的梯度求平均；本进程的损失先乘进程数，平均后正是 Σ_全局 ℓ / N_全局 的梯度。
         (loss * stepper.info.world_size).backward()
-    return float(loss.detach()), float(parts["kd"]), float(parts["ce"])
+    return torch.stack([loss.detach(), parts["kd"].to(loss.device), parts["ce"].to(loss.device)]).float()
 
 
 def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
@@ -387,11 +395,11 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
         group["lr"] = lr
     local = [float(sum(count_valid_tokens(b) for b in micro)), float(sum(b.input_ids.numel() for b in micro))]
     num_tokens, tokens = all_reduce_sum(local, info)
-    sums = [0.0, 0.0, 0.0]
-    for index, batch in enumerate(micro):
-        parts = _micro_step(stepper, batch, max(int(num_tokens), 1), last=index == len(micro) - 1)
-        sums = [a + b for a, b in zip(sums, parts)]
-    loss_sum, kd_sum, ce_sum = all_reduce_sum(sums, info)
+    sums = sum(
+        _micro_step(stepper, batch, max(int(num_tokens), 1), last=index == len(micro) - 1)
+        for index, batch in enumerate(micro)
+    )
+    loss_sum, kd_sum, ce_sum = all_reduce_sum(sums.tolist(), info)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(unique_tensors(stepper.params), stepper.tcfg.gradient_clip))
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
         stepper.optimizer.zero_grad(set_to_none=True)
@@ -454,7 +462,7 @@ def _build_stepper(student: Model, teacher: Optional[Model], tcfg: TrainingConfi
     optimizer = build_optimizer(params, tcfg, fused=info.device.type == "cuda")
     compiled = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
     return _Stepper(
-        wrap_student(shell, info), params, student.cfg, optimizer,
+        wrap_student(shell, info), params, {id(p): k for k, p in params.items()}, student.cfg, optimizer,
         teacher if tcfg.alpha > 0.0 else None, tcfg, real, info,
         student_fwd=compiled, teacher_fwd=forward_hidden if _sharded(teacher) else compiled,  # 切分的教师不编译
     )
@@ -530,12 +538,15 @@ def _training_loader(data: Any, tcfg: TrainingConfig, info: Dist) -> tuple[Any, 
 
 
 def _start(stepper: _Stepper, loader: Any, total: int, ckpt_root: Optional[Path]) -> TrainResult:
-    """播种；给了检查点目录（恢复）且其中有检查点时从最新的一个装回。返回起点的 TrainResult。"""
+    """播种；给了检查点目录（恢复）且其中有检查点时从最新的一个装回。返回起点的 TrainResult。
+
+    恢复哪一个检查点由秩 0 决定并广播：各进程绝不会装回不同的步。"""
     info = stepper.info
     torch.manual_seed(stepper.tcfg.seed + info.rank)
     result = TrainResult(step=0, total_steps=total, interrupted=False, last_checkpoint=None)
-    if ckpt_root is not None and (found := latest_checkpoint(ckpt_root)) is not None:
-        result.step, result.last_checkpoint = _restore(found, stepper, loader, stepper.tcfg)
+    found = on_main(lambda: latest_checkpoint(ckpt_root), info) if ckpt_root is not None else None
+    if found is not None:
+        result.step, result.last_checkpoint = _restore(found, stepper, loader)
         if info.is_main:
             say(f"resumed from step {result.step} of {total} ({found})")
     return result
@@ -606,10 +617,11 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
                 loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}", ce=f"{logged['ce']:.4f}",
                 lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
             )
-        if step % tcfg.eval_interval == 0 and step != total:
-            evaluator(step, bar)
-        if step % tcfg.save_interval == 0 and step != total:
-            saver.save(step, stop)
+        with window.paused():  # 验证与保存的时间不算进下一条记录的吞吐
+            if step % tcfg.eval_interval == 0 and step != total:
+                evaluator(step, bar)
+            if step % tcfg.save_interval == 0 and step != total:
+                saver.save(step, stop)
         if on_step_end is not None:
             on_step_end(step, {"loss": stats.loss, "kd": stats.kd, "ce": stats.ce, "lr": lr, "grad_norm": stats.grad_norm})
         if _stop_agreed(stop, stepper.info):
@@ -626,35 +638,34 @@ class _Saver:
 
     def __init__(self, root, stepper, loader, total, tokenizer_dir, result) -> None:
         self.root, self.stepper, self.loader = root, stepper, loader
-        self.names = {id(p): k for k, p in stepper.params.items()}  # 优化器状态按参数名存
         self.total, self.tokenizer_dir, self.result = total, tokenizer_dir, result
 
     def save(self, step: int, stop: StopFlag) -> Optional[Path]:
         last = self.result.last_checkpoint
         if last is not None and last.name == checkpoint_name(step):
             return last  # 这一步已经存过了
-        s = self.stepper
-        rng = gather_objects(rng_state(), s.info)  # 所有进程都要参与
-        path = self.root / checkpoint_name(step)
-        if s.info.is_main:
-            state = {
-                "loader": self.loader.state_dict(), "training_config": s.tcfg.to_dict(), "total_steps": self.total,
-                "real_vocab_size": s.real_vocab_size, "world_size": s.info.world_size,
-            }
-            try:
-                with stop.protect():
-                    path = save_checkpoint(
-                        self.root, step, s.params, s.cfg, s.optimizer, self.names, state,
-                        keep_last=s.tcfg.keep_last, tokenizer_dir=self.tokenizer_dir, rng_states=rng,
-                    )
-            except OSError as err:
-                raise write_failure(err, f"the checkpoint of step {step}", self.root, last) from err
-        barrier(s.info)  # 检查点在磁盘上就位之后，各进程才继续（恢复、结束时都以它为准）
+        rng = gather_to_main(rng_state(), self.stepper.info)  # 各进程交出自己的随机数状态
+        path = on_main(lambda: self._write(step, stop, rng, last), self.stepper.info)  # 秩 0 写；失败传给所有进程
         self.result.last_checkpoint = path
         return path
 
+    def _write(self, step: int, stop: StopFlag, rng: Any, last: Optional[Path]) -> Path:
+        s = self.stepper
+        state = {
+            "loader": self.loader.state_dict(), "training_config": s.tcfg.to_dict(), "total_steps": self.total,
+            "real_vocab_size": s.real_vocab_size, "world_size": s.info.world_size,
+        }
+        try:
+            with stop.protect():
+                return save_checkpoint(
+                    self.root, step, s.params, s.cfg, s.optimizer, s.names, state,
+                    keep_last=s.tcfg.keep_last, tokenizer_dir=self.tokenizer_dir, rng_states=rng,
+                )
+        except OSError as err:
+            raise write_failure(err, f"the checkpoint of step {step}", self.root, last) from err
 
-def _restore(path: Path, stepper: _Stepper, loader: Any, tcfg: TrainingConfig) -> tuple[int, Path]:
+
+def _restore(path: Path, stepper: _Stepper, loader: Any) -> tuple[int, Path]:
     """把检查点装回：参数原地拷贝、优化器状态、数据位置、随机数。返回 (步数, 检查点路径)。
 
     检查点可以来自不同的进程数：参数与优化器状态是完整的（秩 0 写出），数据位置按“已消耗的块数”换算；
@@ -669,13 +680,12 @@ def _restore(path: Path, stepper: _Stepper, loader: Any, tcfg: TrainingConfig) -
     with torch.no_grad():
         for key, value in stepper.params.items():
             value.copy_(saved[key])
-    names = {id(p): k for k, p in stepper.params.items()}
-    optimizer_from_tensors(stepper.optimizer, tensors, state["optimizer_param_groups"], names)
+    optimizer_from_tensors(stepper.optimizer, tensors, state["optimizer_param_groups"], stepper.names)
     try:
         loader.load_state_dict(state["loader"])
     except ValueError as err:
         raise ValueError(f"cannot resume from {path}: {str(err).removeprefix('cannot resume: ')}") from None
     step = int(state["step"])
     if not restore_rng(tensors, stepper.info.rank):
-        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + stepper.info.rank)
+        torch.manual_seed(stepper.tcfg.seed * 1_000_003 + step * 1009 + stepper.info.rank)
     return step, path

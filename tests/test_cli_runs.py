@@ -307,3 +307,52 @@ def test_unknown_or_missing_device_is_one_paragraph(setup, tmp_path, capsys):
         assert main(_args(setup, tmp_path / "b", "--device", "cuda")) == 2
         assert "CUDA is not available on this machine" in _one_paragraph(capsys.readouterr().err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # 在碰运行目录之前就拒绝
+
+
+# ---------------------------------------------------------------- 删东西之前先检查
+def test_overwrite_with_bad_input_keeps_the_previous_run(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(_args(setup, out, "--overwrite", "--alpha", "1.5")) == 2  # 坏值
+    assert "TrainingConfig.alpha must be in [0, 1]" in _one_paragraph(capsys.readouterr().err)
+    args = _args(setup, out, "--overwrite")
+    args[args.index("--teacher") + 1] = str(tmp_path / "no-such-teacher")  # 拼错的教师
+    assert main(args) == 2
+    assert "does not exist" in _one_paragraph(capsys.readouterr().err)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before  # 上一次运行一个文件都没少
+
+
+def test_a_changed_global_batch_is_refused_before_run_json_changes(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    saved = (out / "run.json").read_text()
+    capsys.readouterr()
+    assert main(["distill", "--output-dir", str(out), "--resume", "--batch-size", "4"]) == 2
+    line = _one_paragraph(capsys.readouterr().err)
+    assert "the global batch changed" in line and "consumed 2 blocks" in line and "would consume 4" in line
+    assert (out / "run.json").read_text() == saved  # 设置没有被改写：不带参数的 --resume 照常能用
+    assert main(["distill", "--output-dir", str(out), "--resume", "--max-steps", "3"]) == 0
+
+
+def test_a_custom_checkpoint_dir_is_found_by_resume_and_cleared_by_overwrite(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out, "--checkpoint-dir", "ckpts")) == 0
+    assert [p.name for p in (out / "ckpts").iterdir()] == ["step-00000002"]
+    assert main(["distill", "--output-dir", str(out), "--resume", "--max-steps", "3"]) == 0  # 不必重复 --checkpoint-dir
+    assert "resumed from step 2 of 3" in capsys.readouterr().err
+    assert main(_args(setup, out, "--checkpoint-dir", "ckpts", "--overwrite")) == 0
+    assert sorted(p.name for p in (out / "ckpts").iterdir()) == ["step-00000002"]  # 旧的第 3 步已被清掉
+    assert _steps(out) == [1, 2]
+
+
+def test_a_run_without_run_json_asks_for_its_teacher(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(setup, out)) == 0
+    (out / "run.json").unlink()  # 旧版本留下的运行
+    capsys.readouterr()
+    assert main(["distill", "--output-dir", str(out), "--resume"]) == 2
+    assert "repeating --teacher, --data and --seq-len" in _one_paragraph(capsys.readouterr().err)
+    assert main(_args(setup, out, "--resume", "--max-steps", "3")) == 0
+    assert "resumed from step 2 of 3" in capsys.readouterr().err

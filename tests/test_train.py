@@ -486,3 +486,30 @@ def test_training_leaves_the_callers_parameters_untouched(tokenizer, cache_dir, 
                    real_vocab_size=tokenizer.real_vocab_size, progress=False)
     assert all(torch.equal(student.params[k], before[k]) for k in before)  # 训练在自己的拷贝上进行
     assert not all(torch.equal(result.params[k], before[k]) for k in before)
+
+
+def test_training_leaves_the_shape_check_switch_alone(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
+    import functional_lm.train as train_module
+    from functional_lm.typing import typecheck, typecheck_enabled
+
+    seen = []
+    real = train_module.teacher_hidden_states
+    monkeypatch.setattr(train_module, "teacher_hidden_states",
+                        lambda *a: seen.append(typecheck_enabled()) or real(*a))
+    with typecheck(False):
+        _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, save_interval=100, eval_interval=100))
+    assert seen == [False, False]  # 用户关掉的检查，训练中途（教师前向时）不会被打开
+
+
+def test_throughput_excludes_evaluation_and_saving(monkeypatch):
+    import functional_lm.monitor as monitor
+    from functional_lm.train import StepStats
+
+    clock = iter([0.0, 10.0, 40.0, 50.0, 50.0])  # 开始；暂停开始；暂停结束；记录；记录后重新计时
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    window = monitor.Window()
+    window.add(StepStats(1.0, 0.5, 2.0, 1.0, 1e-3, tokens=1000))
+    with window.paused():  # 验证 / 保存用了 30 秒
+        pass
+    record = window.record(1, StepStats(1.0, 0.5, 2.0, 1.0, 1e-3, tokens=1000))
+    assert record["tokens_per_s"] == pytest.approx(1000 / 20.0)  # 50 − 30 = 20 秒的训练
