@@ -21,7 +21,13 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["SMOKE_MODEL", "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number"]
+from functional_lm.allocator import tune_malloc
+
+# 两边（本项目与参照）在同一个进程设置下测量：导入即对本进程应用项目的 malloc 调优（见 allocator.py），
+# 子进程（bench_loss、bench_train 的每个变体）同样导入本模块，所以比值不会把分配器的差别算到模型头上。
+MALLOC_TUNED = tune_malloc()
+
+__all__ = ["MALLOC_TUNED", "SMOKE_MODEL", "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number"]
 
 # --smoke 的模型形状：即 tiny 预设（隐藏 64、4 头、2 个 KV 头、前馈 128、词表 256）减到 1 层。
 SMOKE_MODEL = dict(

@@ -244,6 +244,9 @@ def _one_paragraph(err: BaseException) -> tuple[str, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """命令行入口；返回退出码（0 成功，2 输入错误，130 被打断，1 其他失败）。"""
+    from functional_lm.allocator import tune_malloc
+
+    tune_malloc()  # 大块内存留在进程里复用，不在每一步还给内核又缺页取回（见 allocator.py）
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug(argv)
     command = next((a for a in argv if not a.startswith("-")), "")

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 
+from functional_lm.allocator import tune_malloc
 from functional_lm.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -497,6 +498,7 @@ def train(
         info：本进程在多进程运行中的位置（缺省按 torchrun 的环境变量与 tcfg.device 建立，见 distributed.setup）。
             多进程时每个进程都调用 train()；只有秩 0 显示进度、写指标与检查点。
     """
+    tune_malloc()  # 大块临时张量留在进程里复用（见 allocator.py）；命令行在启动时已经做过
     info = info if info is not None else setup(tcfg.device)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
