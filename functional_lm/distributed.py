@@ -43,7 +43,6 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_object",
     "gather_to_main",
-    "barrier",
     "main_first",
     "on_main",
     "PeerFailure",
@@ -255,11 +254,6 @@ def gather_to_main(obj: Any, info: Dist) -> Optional[list[Any]]:
     return out
 
 
-def barrier(info: Dist) -> None:
-    if info.enabled:
-        dist.barrier()
-
-
 class PeerLost(RunFailure):
     """另一个进程死了或连不上：集合通信失败（gloo 立刻发现断开的连接，NCCL 等到超时）。"""
 
@@ -300,15 +294,15 @@ def _outcome_from_main(info: Dist) -> Any:
     return value
 
 
-def _publish(info: Dist, fn: Callable[[], Any]) -> Any:
-    """秩 0：运行 fn，把结果或失败公布给其余进程；失败时原样抛出。"""
+@contextlib.contextmanager
+def _publishing(info: Dist, result: list[Any]) -> Iterator[None]:
+    """秩 0：块里的事成功后把 result 里的值（没有则 None）公布给其余进程；失败时公布原因并原样抛出。"""
     try:
-        value = fn()
+        yield
     except BaseException as err:
         broadcast_object(("error", f"{type(err).__name__}: {err}"), info, patient=True)
         raise
-    broadcast_object(("ok", value), info, patient=True)
-    return value
+    broadcast_object(("ok", result[0] if result else None), info, patient=True)
 
 
 def on_main(fn: Callable[[], Any], info: Dist) -> Any:
@@ -318,7 +312,12 @@ def on_main(fn: Callable[[], Any], info: Dist) -> Any:
     """
     if not info.enabled:
         return fn()
-    return _publish(info, fn) if info.is_main else _outcome_from_main(info)
+    if not info.is_main:
+        return _outcome_from_main(info)
+    result: list[Any] = []
+    with _publishing(info, result):
+        result.append(fn())
+    return result[0]
 
 
 @contextlib.contextmanager
@@ -326,14 +325,9 @@ def main_first(info: Dist) -> Iterator[None]:
     """秩 0 先做块里的事（例如分词建缓存），成功后其余进程再做（它们会直接复用秩 0 的结果）。"""
     if not info.enabled:
         yield
-        return
-    if info.is_main:
-        try:
+    elif info.is_main:
+        with _publishing(info, []):
             yield
-        except BaseException as err:
-            broadcast_object(("error", f"{type(err).__name__}: {err}"), info, patient=True)
-            raise
-        broadcast_object(("ok", None), info, patient=True)
     else:
         _outcome_from_main(info)
         yield
