@@ -247,21 +247,27 @@ def attend(
     """缩放点积注意力：softmax(q kᵀ / √e + M) v，M 在被遮位置为 −∞。
 
     mask 为 None 时使用标准因果遮罩（要求 t == s，上三角 −∞）；否则使用给定的布尔掩码。
-    k、v 先按 GQA 扩展到 h 个头。eager / compile 下走 PyTorch 的 SDPA 融合内核，
-    torch.func 变换之下走等价的显式公式。
+    eager / compile 下走 PyTorch 的 SDPA 融合内核；查询头 j 读键值头 ⌊j / g⌋。
+    SDPA 的 ``enable_gqa`` 让内核直接按这个下标读 k、v，不必先把它们复制 g 份（``expand_kv``）：
+    前向与复制后的结果逐位相同，k、v 的梯度在内核里把 g 个查询头的贡献求和，与 transformers 在无掩码时
+    的做法一致。例外：CUDA 上带掩码的 enable_gqa 会退回数学内核，那里先复制（同 transformers）；
+    torch.func 变换之下走等价的显式公式（也先复制）。
     """
     groups = q.shape[1] // k.shape[1]
     if q.shape[1] != groups * k.shape[1]:
         raise ValueError(f"attend: query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
     if mask is None and q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: causal attention without a mask needs t == s, got t={q.shape[2]}, s={k.shape[2]}")
-    k = expand_kv(k, groups)
-    v = expand_kv(v, groups)
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
-        return _attention_math(q, k, v, mask, dropout_p)
+        return _attention_math(q, expand_kv(k, groups), expand_kv(v, groups), mask, dropout_p)
+    native_gqa = groups > 1 and (mask is None or q.device.type == "cpu")
+    if groups > 1 and not native_gqa:
+        k, v = expand_kv(k, groups), expand_kv(v, groups)
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1, enable_gqa=native_gqa
+        )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=native_gqa)
 
 
 @typechecked

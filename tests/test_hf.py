@@ -557,3 +557,17 @@ def test_device_argument(tmp_path):
     _, params = load_pretrained(tmp_path, device="cpu", dtype=torch.float64)
     assert all(v.device.type == "cpu" and v.dtype == torch.float64 for v in params.values())
     assert os.path.isdir(tmp_path)
+
+
+def test_gradients_match_transformers_bit_for_bit(tmp_path):
+    # 无掩码的因果注意力两边都用 SDPA 的 enable_gqa（不复制 k、v）：反向里 g 个查询头对同一个键值头的
+    # 贡献在内核里按同样的顺序求和，所以连梯度也逐位相同；若一边先复制 k、v 再求和，k/v 投影的梯度会差在舍入量级。
+    model = _hf_checkpoint(tmp_path).train()
+    cfg, params = load_pretrained(tmp_path)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    ids = _ids(cfg.vocab_size)
+    model(ids).logits.square().mean().backward()
+    forward(params, ids, cfg).square().mean().backward()
+    theirs = dict(model.named_parameters())
+    for key, value in params.items():
+        assert torch.equal(value.grad, theirs[key].grad), key
