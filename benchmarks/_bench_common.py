@@ -11,14 +11,27 @@
     unit       单位（tok/s、MiB、s ……；不含空白）
     ours       本项目一侧的值
     reference  参照一侧的值；没有参照的行为 None
-    ratio      ours / reference，由脚本从原始测量（如耗时）自己算出；没有参照时为 None
+    ratio      ours / reference，由脚本从原始测量（如耗时）自己算出；没有参照时必须为 None，
+               有参照也可以为 None（进程开销行：两个小百分比之比没有意义）
 
 数字一律打印 4 位有效数字（≥ 1000 时打印整数并加千分位逗号），比值后缀 ``x``。
+
+进程开销行（issue 12）：每个被计时的变体在 tokens/s 行旁边另有两行，两边都只统计计时的那几步（不含预热、编译）：
+
+    <变体>_sys      %user        100 · 系统态 CPU 秒 / 用户态 CPU 秒（getrusage 的 ru_stime / ru_utime 增量）
+    <变体>_faults   faults/step  每个计时步的次缺页数（ru_minflt 增量 / 步数）
+
+它们由 ``Usage``（getrusage(RUSAGE_SELF) 的快照与差值）与 ``measured``（把一段 with 块的差值累加进字典）
+测得，``usage_rows`` 排成两行；比值一律为 None。在子进程里运行的变体（bench_loss、bench_train）由子进程
+自己测量计时步的差值，放进它打印的 JSON（``Usage.as_dict``），父进程用 ``Usage.from_dict`` 读回。
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import resource
 from typing import Optional
 
 from functional_lm.allocator import tune_malloc
@@ -27,7 +40,12 @@ from functional_lm.allocator import tune_malloc
 # 子进程（bench_loss、bench_train 的每个变体）同样导入本模块，所以比值不会把分配器的差别算到模型头上。
 MALLOC_TUNED = tune_malloc()
 
-__all__ = ["MALLOC_TUNED", "SMOKE_MODEL", "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number"]
+__all__ = [
+    "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "process_note",
+    "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
+]
+# 进程开销行的单位：这样的行允许有参照而没有比值。
+PROCESS_UNITS = ("%user", "faults/step")
 
 # --smoke 的模型形状：即 tiny 预设（隐藏 64、4 头、2 个 KV 头、前馈 128、词表 256）减到 1 层。
 SMOKE_MODEL = dict(
@@ -55,10 +73,77 @@ def parse_with_smoke(parser, argv, smoke: dict):
 
 
 def row(name: str, unit: str, ours: float, reference: Optional[float] = None, ratio: Optional[float] = None) -> dict:
-    """组装一行；有参照就必须给出比值，反之亦然。"""
-    if (reference is None) != (ratio is None):
-        raise ValueError(f"row {name!r}: reference and ratio go together")
+    """组装一行；有比值就必须有参照（有参照而没有比值可以，如进程开销行）。"""
+    if ratio is not None and reference is None:
+        raise ValueError(f"row {name!r}: a ratio needs a reference")
     return {"name": name, "unit": unit, "ours": ours, "reference": reference, "ratio": ratio}
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """进程开销：用户态秒数、系统态秒数、次缺页数（ru_minflt），以及这些开销覆盖的计时步数。
+
+    ``Usage.now()`` 是本进程（含其所有线程）到目前为止的累计值（steps 为 0）；两个快照相减得到一段的增量，
+    相加把若干段（若干轮、若干子进程）合在一起。"""
+
+    user_s: float = 0.0
+    sys_s: float = 0.0
+    minflt: int = 0
+    steps: int = 0
+
+    @classmethod
+    def now(cls) -> "Usage":
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(ru.ru_utime, ru.ru_stime, ru.ru_minflt)
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def sys_pct(self) -> float:
+        """100 · 系统态 / 用户态；用户态为 0（极短的一段）时为 0.0。"""
+        return 100.0 * self.sys_s / self.user_s if self.user_s > 0 else 0.0
+
+    def faults_per_step(self) -> float:
+        """每个计时步的次缺页数；没有计时步时为 0.0。"""
+        return self.minflt / self.steps if self.steps > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """写进 JSON 的形式（子进程交给父进程）：四个原始字段。"""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Usage":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@contextlib.contextmanager
+def measured(totals: dict, key: str, steps: int = 1):
+    """把 with 块的进程开销增量累加到 ``totals[key]``（一个 Usage），这一段记为 steps 个计时步。"""
+    start = Usage.now()
+    try:
+        yield
+    finally:
+        delta = dataclasses.replace(Usage.now() - start, steps=steps)
+        totals[key] = totals.get(key, Usage()) + delta
+
+
+def usage_rows(name: str, ours: Usage, reference: Optional[Usage] = None) -> list[dict]:
+    """一个变体的两行进程开销：``<name>_sys``（%user）与 ``<name>_faults``（faults/step）；比值为 None。"""
+    return [
+        row(f"{name}_sys", "%user", ours.sys_pct(), None if reference is None else reference.sys_pct()),
+        row(f"{name}_faults", "faults/step", ours.faults_per_step(),
+            None if reference is None else reference.faults_per_step()),
+    ]
+
+
+def process_note() -> str:
+    """表前的一行说明：进程开销行的含义，以及两边在同一个进程设置下测量。"""
+    malloc = "tuned malloc (functional_lm.allocator.tune_malloc)" if MALLOC_TUNED else "default malloc (tuning off)"
+    return ("process rows: *_sys = 100 * system / user CPU seconds, *_faults = minor page faults per timed step "
+            f"(getrusage over the timed steps only); ours and reference ran under the same settings: {malloc}")
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -92,4 +177,7 @@ def format_table(title: str, rows: list[dict], ours_label: str = "ours", referen
 
 
 def print_table(title: str, rows: list[dict], ours_label: str = "ours", reference_label: str = "reference") -> None:
+    """打印表；有进程开销行时先打印一行 ``process_note()``（在标题之前，表之后紧接着的仍是 JSON）。"""
+    if any(r["unit"] in PROCESS_UNITS for r in rows):
+        print(process_note())
     print(format_table(title, rows, ours_label, reference_label), flush=True)

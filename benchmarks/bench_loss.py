@@ -3,8 +3,17 @@
 默认尺寸即 issue 的设定：8 × 512 个 token，词表 151,936 列（真实 151,665），学生隐藏 512，
 教师隐藏 896（Qwen2.5-0.5B）。每个变体在独立子进程中运行，峰值内存取该子进程的 max RSS
 （os.wait4 返回的 ru_maxrss），时间取若干次 "前向 + 反向" 的最小值；两个变体交替运行若干轮以抵消
-机器负载的漂移。最后打印一张比值表（分块 / 普通）与一行 JSON：绝对数值、比值，以及两者损失与梯度的相对差；
-main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
+机器负载的漂移。子进程还用 getrusage 测量计时的各次 "前向 + 反向"（不含建输入）的用户态 / 系统态 CPU 秒
+与次缺页数，写进它的 JSON（"usage"），父进程把各轮加在一起。最后打印一张比值表（分块 / 普通）：
+
+    peak_rss        MiB          峰值内存，比值
+    fwd_bwd_time    s            最快一次 前向 + 反向 的耗时，比值
+    fwd_bwd_sys     %user        100 · 系统态 / 用户态 CPU 秒（分块 vs 普通），无比值
+    fwd_bwd_faults  faults/step  每次 前向 + 反向 的次缺页数（分块 vs 普通），无比值
+
+两个子进程都导入 _bench_common（即应用 tune_malloc），在同样的 malloc 设置下运行（表前打印一行说明）。
+随后是一行 JSON：绝对数值、比值，以及两者损失与梯度的相对差；main(argv) 返回 JSON 的内容，
+外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
 用法::
 
@@ -22,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import parse_with_smoke, print_table, row
+from _bench_common import MALLOC_TUNED, Usage, measured, parse_with_smoke, print_table, row, usage_rows
 
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
 
@@ -96,15 +105,17 @@ def worker(args):
         pass
     inputs = make_inputs(args)
     setup_mib = vm_hwm_mib()
-    times, loss = [], None
+    times, loss, usage = [], None, {}
     for _ in range(args.repeats):
         for x in inputs[:2]:
             x.grad = None
-        start = time.perf_counter()
-        loss = step(args.worker, inputs, args)
-        times.append(time.perf_counter() - start)
+        with measured(usage, "timed"):
+            start = time.perf_counter()
+            loss = step(args.worker, inputs, args)
+            times.append(time.perf_counter() - start)
     hidden, weight = inputs[:2]
-    out = dict(times_s=times, loss=loss, setup_rss_mib=setup_mib,
+    out = dict(times_s=times, loss=loss, setup_rss_mib=setup_mib, usage=usage["timed"].as_dict(),
+               malloc_tuned=MALLOC_TUNED,
                grad_hidden=hidden.grad.double().norm().item(), grad_weight=weight.grad.double().norm().item(),
                grad_sample=weight.grad[:64, :8].flatten().tolist(),
                grad_hidden_sample=hidden.grad[0, :8, :8].flatten().tolist())
@@ -135,22 +146,24 @@ def _ratio(a, b):
 
 
 def summarize(results):
-    """一个变体若干轮的结果：峰值内存取最大，时间取最快一次（未取整）。"""
+    """一个变体若干轮的结果：峰值内存取最大，时间取最快一次，进程开销各轮相加（未取整）。"""
     return dict(
         peak_rss_mib=max(r["peak_rss_mib"] for r in results),
         setup_rss_mib=max(r["setup_rss_mib"] for r in results),
         time_s=min(t for r in results for t in r["times_s"]),
         all_times_s=[t for r in results for t in r["times_s"]],
         loss=results[-1]["loss"],
+        usage=sum((Usage.from_dict(r["usage"]) for r in results), Usage()),
     )
 
 
 def _rounded(summary):
-    """JSON 中的显示精度：内存 0.1 MiB，时间 1 µs。"""
+    """JSON 中的显示精度：内存 0.1 MiB，时间 1 µs，系统态占比 0.01%，缺页 0.1 次 / 步。"""
     return dict(
         peak_rss_mib=round(summary["peak_rss_mib"], 1), setup_rss_mib=round(summary["setup_rss_mib"], 1),
         time_s=round(summary["time_s"], 6), all_times_s=[round(t, 6) for t in summary["all_times_s"]],
-        loss=summary["loss"],
+        loss=summary["loss"], sys_pct_user=round(summary["usage"].sys_pct(), 2),
+        faults_per_step=round(summary["usage"].faults_per_step(), 1),
     )
 
 
@@ -185,6 +198,7 @@ def main(argv=None):
     rows = [
         row("peak_rss", "MiB", c["peak_rss_mib"], p["peak_rss_mib"], c["peak_rss_mib"] / p["peak_rss_mib"]),
         row("fwd_bwd_time", "s", c["time_s"], p["time_s"], c["time_s"] / p["time_s"]),
+        *usage_rows("fwd_bwd", c["usage"], p["usage"]),
     ]
     print_table(f"distillation loss, {args.batch}x{args.seq} tokens, vocab {args.vocab} (ratio = chunked / plain)",
                 rows, ours_label="chunked", reference_label="plain")

@@ -11,8 +11,16 @@
               F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy
 
 每个变体在独立子进程中运行；峰值内存取子进程自身的 max RSS，时间取若干步中最快的一步（首步预热不计）。
-最后打印一张比值表与一行 JSON：各自的 tokens/s、峰值内存与比值（ours / baseline）；main(argv) 返回 JSON 的
-内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
+子进程还用 getrusage 测量计时各步（同样不含首步）的用户态 / 系统态 CPU 秒与次缺页数，写进它的 JSON（"usage"）。
+最后打印一张比值表与一行 JSON：各自的 tokens/s、峰值内存与比值（ours / baseline）；表中每个本项目变体四行：
+
+    <变体>             tok/s        本项目与 baseline 的吞吐，比值
+    <变体>_sys         %user        100 · 系统态 / 用户态 CPU 秒，参照为 baseline 子进程的值，无比值
+    <变体>_faults      faults/step  每个计时步的次缺页数，参照同上，无比值
+    <变体>_peak_rss    MiB          峰值内存，比值
+
+每个子进程都导入 _bench_common（即应用 tune_malloc），两边在同样的 malloc 设置下运行（表前打印一行说明）。
+main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
     python benchmarks/bench_train.py                       # 缺省 4 × 512 个 token
     python benchmarks/bench_train.py --batch 1 --seq 128   # 快速试跑
@@ -30,7 +38,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import SMOKE_MODEL, model_config, parse_with_smoke, print_table, row
+from _bench_common import (
+    MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, row, usage_rows,
+)
 
 TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
@@ -166,7 +176,8 @@ def _baseline(args, alpha=0.5, temperature=2.0):
     return step
 
 
-def worker(args):
+def _setup(args):
+    """子进程里的准备：线程数、OOM 优先级，返回这个变体的训练步函数。"""
     torch.set_num_threads(args.threads)
     try:  # 让内核在内存不足时优先杀掉这个进程（普通 KD 损失的峰值很高）
         with open("/proc/self/oom_score_adj", "w") as handle:
@@ -174,24 +185,31 @@ def worker(args):
     except OSError:
         pass
     if args.worker == "baseline":
-        setup = _baseline(args)
-    else:
-        bf16 = args.worker == "ours_teacher_bf16"
-        setup = _ours(args, teacher_bf16=bf16, compile=bf16 or args.worker == "ours_compile")
+        return _baseline(args)
+    bf16 = args.worker == "ours_teacher_bf16"
+    return _ours(args, teacher_bf16=bf16, compile=bf16 or args.worker == "ours_compile")
+
+
+def worker(args):
+    """子进程：跑 --steps 步并计时，结果（含计时各步的进程开销）以一行 JSON 写到 stdout。"""
+    step = _setup(args)
     cuda = args.device.startswith("cuda")
-    times, losses = [], []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        losses.append(setup())  # float(loss) 已经等 GPU 算完这一步
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times, losses, usage = [], [], {}
+    for i in range(args.steps):
+        # 首步是预热（含编译），进程开销另记；只有一步时它也是计时步（与下面的 timed 一致）。
+        with measured(usage, "timed" if i > 0 or args.steps == 1 else "warmup"):
+            start = time.perf_counter()
+            losses.append(step())  # float(loss) 已经等 GPU 算完这一步
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     timed = times[1:] or times
     # 峰值内存：CPU 上是进程的 max RSS；CUDA 上是设备内存的峰值（PyTorch 分配器记账）。
     peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     graphs = _compiled_graphs()
     print(json.dumps({"step_s": min(timed), "all_step_s": times, "peak_rss_mib": peak_mib, "losses": losses,
-                      "compiled_graphs": graphs}))
+                      "compiled_graphs": graphs, "usage": usage.get("timed", Usage()).as_dict(),
+                      "malloc_tuned": MALLOC_TUNED}))
 
 
 def _compiled_graphs():
@@ -243,13 +261,15 @@ def _peak_tflops(args) -> float | None:
 
 
 def ratio_rows(results, tokens):
-    """每个本项目变体两行：tokens/s 与峰值内存，参照都是 baseline；比值由步时与 RSS 直接算出。"""
+    """每个本项目变体四行：tokens/s、两行进程开销与峰值内存，参照都是 baseline；比值由步时与 RSS 直接算出，
+    进程开销行没有比值。"""
     base = results["baseline"]
     rows = []
     for name in VARIANTS[:-1]:
         mine = results[name]
         rows.append(row(name, "tok/s", tokens / mine["step_s"], tokens / base["step_s"],
                         base["step_s"] / mine["step_s"]))
+        rows += usage_rows(name, Usage.from_dict(mine["usage"]), Usage.from_dict(base["usage"]))
         rows.append(row(f"{name}_peak_rss", "MiB", mine["peak_rss_mib"], base["peak_rss_mib"],
                         mine["peak_rss_mib"] / base["peak_rss_mib"]))
     return rows

@@ -7,6 +7,9 @@
 （bench_forward、bench_generate 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
 所有测试都只读这份结果。不断言耗时。
 
+进程开销行（单位 %user 与 faults/step，行名以 ``_sys``、``_faults`` 结尾）紧跟在各变体的吞吐行之后：
+冒烟尺寸下它们可能为 0，只要求有限、非负，有参照（同一次运行里测得的参照实现）而没有比值。
+
 冒烟运行的耗时主要是编译：bench_train 的两个编译变体各在新进程里重新追踪、编译（inductor 的磁盘缓存在
 第二次起命中），bench_forward、bench_generate 各编译一次；其余几秒钟。
 """
@@ -24,21 +27,31 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
+# 进程开销行的单位与行名后缀（见 _bench_common.usage_rows）。
+PROCESS_UNITS = ("%user", "faults/step")
+PROCESS_SUFFIXES = ("_sys", "_faults")
+
+
+def _with_usage(*names):
+    """每个名字后面跟上它的两行进程开销：name、name_sys、name_faults。"""
+    return [n for name in names for n in (name, name + "_sys", name + "_faults")]
+
+
 # 每个脚本：冒烟运行的额外参数（线程数沿用本进程的设置）、表中应有的行（按顺序），
-# 以及其中带参照与比值的行（缺省为全部行）。
+# 以及其中带比值的行（缺省为全部非进程开销行）。
 SCRIPTS = {
-    "bench_forward": dict(argv=["--threads", "{threads}"], rows=["eager", "eager_nocheck", "compiled"]),
-    "bench_loss": dict(argv=[], rows=["peak_rss", "fwd_bwd_time"]),
+    "bench_forward": dict(argv=["--threads", "{threads}"], rows=_with_usage("eager", "eager_nocheck", "compiled")),
+    "bench_loss": dict(argv=[], rows=["peak_rss", "fwd_bwd_time", "fwd_bwd_sys", "fwd_bwd_faults"]),
     "bench_train": dict(
         argv=["--threads", "{threads}"],
-        rows=["ours", "ours_peak_rss", "ours_compile", "ours_compile_peak_rss",
-              "ours_teacher_bf16", "ours_teacher_bf16_peak_rss"],
+        rows=[n for v in ("ours", "ours_compile", "ours_teacher_bf16") for n in (*_with_usage(v), v + "_peak_rss")],
     ),
-    "bench_generate": dict(argv=[], rows=["b1_eager", "b1_compiled"]),
+    "bench_generate": dict(argv=[], rows=_with_usage("b1_eager", "b1_compiled")),
     "bench_data": dict(
         argv=[],
-        rows=["tokenize", "tokenize_batch", "cache_build_w0", "cache_build_w2", "loader",
-              "student_h100_estimate", "student_cpu_step", "loader_vs_student_step"],
+        rows=["tokenize", "tokenize_sys", "tokenize_faults", "tokenize_batch", "cache_build_w0", "cache_build_w2",
+              "loader", "student_h100_estimate", "student_cpu_step", "loader_vs_student_step",
+              "loader_sys", "loader_faults"],
         ratio_rows=["tokenize", "loader_vs_student_step"],
     ),
 }
@@ -109,17 +122,31 @@ def smoke(request, smoke_run):
 
 # ---------------------------------------------------------------- 所有脚本共同的断言
 def _ratio_rows(spec):
-    return spec.get("ratio_rows", spec["rows"])
+    return spec.get("ratio_rows", [n for n in spec["rows"] if not n.endswith(PROCESS_SUFFIXES)])
+
+
+def _is_process(r):
+    return r["unit"] in PROCESS_UNITS
 
 
 def test_every_expected_row_is_present(smoke):
     assert [r["name"] for r in smoke["result"]["rows"]] == smoke["spec"]["rows"]
     with_ratio = [r["name"] for r in smoke["result"]["rows"] if r["ratio"] is not None]
     assert with_ratio == _ratio_rows(smoke["spec"])
+    # 进程开销行恰好是名字以 _sys / _faults 结尾的行，单位与后缀对应
+    for r in smoke["result"]["rows"]:
+        assert _is_process(r) == r["name"].endswith(PROCESS_SUFFIXES), r["name"]
+        if _is_process(r):
+            assert r["unit"] == ("%user" if r["name"].endswith("_sys") else "faults/step"), r["name"]
 
 
 def test_every_figure_is_finite_and_positive(smoke):
     for r in smoke["result"]["rows"]:
+        if _is_process(r):  # 进程开销：冒烟尺寸下可能为 0；两边都测了（冒烟运行里每个都有参照）
+            assert r["reference"] is not None and r["ratio"] is None, r["name"]
+            for value in (r["ours"], r["reference"]):
+                assert isinstance(value, float) and math.isfinite(value) and value >= 0, (r["name"], value)
+            continue
         sides = [r["ours"]] if r["reference"] is None else [r["ours"], r["reference"], r["ratio"]]
         for value in sides:
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (r["name"], value)
@@ -128,10 +155,15 @@ def test_every_figure_is_finite_and_positive(smoke):
 def test_ratio_is_ours_over_reference(smoke):
     # 比值由脚本从原始耗时 / 内存自己算出；这里用表中的两边重算，方向与数值都要一致。
     for r in smoke["result"]["rows"]:
-        if r["reference"] is None:
+        if r["reference"] is None or _is_process(r):
             assert r["ratio"] is None, r["name"]
         else:
             assert r["ratio"] == pytest.approx(r["ours"] / r["reference"], rel=1e-9), r["name"]
+
+
+def test_process_settings_are_stated(smoke):
+    # 表前有一行说明进程开销行的含义与两边相同的 malloc 设置
+    assert "process rows:" in smoke["printed"] and "same settings" in smoke["printed"]
 
 
 def _table_lines(printed):
@@ -158,6 +190,10 @@ def test_printed_table_carries_every_row(smoke, bench_modules):
         assert parse(ours) == pytest.approx(r["ours"], rel=1e-3, abs=1.0)
         if r["reference"] is None:
             assert reference == ratio == "-"
+            continue
+        assert parse(reference) == pytest.approx(r["reference"], rel=1e-3, abs=1.0)
+        if r["ratio"] is None:  # 进程开销行：有参照、无比值
+            assert ratio == "-"
             continue
         assert ratio.endswith("x")
         # 打印的比值等于打印的两边之比（4 位有效数字的取整误差之内），也等于返回的比值。
@@ -192,8 +228,24 @@ def test_forward_json_matches_rows_and_compile_happened(smoke_run):
         assert _close_to_rounded(record[key], rows[name]["ratio"], 3), name
         assert _close_to_rounded(record["tokens_per_s"]["ours_" + name], rows[name]["ours"], 1), name
         assert _close_to_rounded(record["tokens_per_s"]["hf"], rows[name]["reference"], 1), name
-    assert math.isfinite(record["check_fixed_cost_ms_per_forward"])
+    for name, key in (("eager", "ours_eager"), ("eager_nocheck", "ours_eager_nocheck"), ("compiled", "ours_compiled")):
+        assert _close_to_rounded(record["sys_pct_user"][key], rows[name + "_sys"]["ours"], 2), name
+        assert _close_to_rounded(record["faults_per_step"][key], rows[name + "_faults"]["ours"], 1), name
+        assert _close_to_rounded(record["faults_per_step"]["hf"], rows[name + "_faults"]["reference"], 1), name
     assert (record["preset"], record["batch"], record["seq"]) == ("smoke", 2, 16)
+
+
+def test_forward_reports_the_measured_check_overhead(smoke_run):
+    run = smoke_run("bench_forward")
+    record = run["result"]
+    # 直接测量：--check-rounds 对交替计时（冒烟为 2 对），中位数比值减 1；旧的固定开销估计已经去掉
+    assert record["check_pairs"] == 2
+    assert math.isfinite(record["check_overhead"]) and record["check_overhead"] > -1.0
+    median_ratio = record["check_overhead"] + 1.0  # 三者都取了 4 位小数：比较时留出取整的余量
+    assert 0 < record["check_pair_ratio_min"] <= median_ratio + 1e-4
+    assert median_ratio <= record["check_pair_ratio_max"] + 1e-4
+    assert not any(key.startswith("check_fixed") or key == "check_overhead_estimate" for key in record)
+    assert "shape-check overhead" in run["printed"]
 
 
 def test_loss_both_sides_compute_the_same_loss(smoke_run):
@@ -206,11 +258,13 @@ def test_loss_both_sides_compute_the_same_loss(smoke_run):
         assert record[key] < 1e-5, key
     for side in ("plain", "chunked"):
         assert record[side]["peak_rss_mib"] >= record[side]["setup_rss_mib"] > 0
+    assert _close_to_rounded(record["chunked"]["faults_per_step"], rows["fwd_bwd_faults"]["ours"], 1)
+    assert _close_to_rounded(record["plain"]["faults_per_step"], rows["fwd_bwd_faults"]["reference"], 1)
     assert _close_to_rounded(record["memory_ratio"], rows["peak_rss"]["ratio"], 4)
     assert _close_to_rounded(record["time_ratio"], rows["fwd_bwd_time"]["ratio"], 4)
 
 
-def test_train_every_variant_trains(smoke_run):
+def test_train_every_variant_trains(smoke_run, bench_modules):
     run = smoke_run("bench_train")
     record, rows = run["result"], _by_name(run["result"])
     results = record["results"]
@@ -227,6 +281,10 @@ def test_train_every_variant_trains(smoke_run):
     for name in ("ours", "ours_compile", "ours_teacher_bf16"):
         assert _close_to_rounded(record[name]["speed_ratio"], rows[name]["ratio"], 3), name
         assert _close_to_rounded(record[name]["memory_ratio"], rows[name + "_peak_rss"]["ratio"], 3), name
+    # 子进程报告自己计时各步（冒烟 2 步，首步预热不计）的进程开销，且与父进程同样调过 malloc
+    for variant, res in results.items():
+        assert res["usage"]["steps"] == 1 and res["usage"]["minflt"] >= 0, variant
+        assert res["malloc_tuned"] == bench_modules("_bench_common").MALLOC_TUNED, variant
 
 
 def test_generate_every_variant_generates_every_token(smoke_run):
@@ -248,7 +306,7 @@ def test_data_smoke_sizes_reach_the_result(smoke_run):
 
 # ---------------------------------------------------------------- 参数：--smoke 只换缺省值
 FULL_DEFAULTS = {
-    "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_calls=20),
+    "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_rounds=10),
     "bench_loss": dict(batch=8, seq=512, vocab=151936, real_vocab=151665, hidden=512, teacher_hidden=896,
                        chunk_size=256, repeats=2, rounds=2),
     "bench_train": dict(batch=4, seq=512, steps=3, teacher_layers=None, teacher_shape="0.5b",  # 0.5b 形状：24 层
