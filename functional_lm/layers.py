@@ -14,6 +14,7 @@ g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
 仅在显式传入 dropout_p > 0 时使用 torch 的随机数生成器）。
 """
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Optional
@@ -21,9 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from functional_lm.config import ModelConfig
-from functional_lm.typing import Bool, Float, Integer, Tensor, typechecked
+from functional_lm.typing import Bool, Float, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
     "rms_norm",
@@ -36,6 +38,13 @@ __all__ = [
     "project_qkv",
     "attend",
     "attention_bias_mask",
+    "check_segment_ids",
+    "segment_positions",
+    "segment_mask",
+    "segment_block_mask",
+    "build_attention_mask",
+    "grad_needed",
+    "AttentionMask",
     "gqa_attention",
     "swiglu",
     "sub_params",
@@ -43,6 +52,9 @@ __all__ = [
 ]
 
 RopeTables = tuple[Float[Tensor, "b t e"], Float[Tensor, "b t e"]]
+# 预先建好、所有层共用的注意力掩码：None = 纯因果；布尔张量 (b, 1, t, s)，True = 可以看；
+# 或 FlexAttention 的 BlockMask（编译 / CUDA 下的文档掩码，整块被遮的键块直接跳过）。
+AttentionMask = Optional[Bool[Tensor, "b 1 t s"] | BlockMask]
 
 
 @typechecked
@@ -219,6 +231,112 @@ def attention_bias_mask(
     return keep | (k_pos == q_pos)
 
 
+def check_segment_ids(segment_ids: object, shape: tuple[int, ...], where: str = "segment_ids") -> None:
+    """核对文档编号：整数张量、形状与 input_ids 相同、每行单调不减（打包器只会产出这样的编号）。
+
+    取值检查要读张量内容，只在 eager 下做；torch.compile / torch.func 变换之下让路。
+    """
+    if not isinstance(segment_ids, Tensor):
+        raise ValueError(f"{where} must be a torch.Tensor, got {type(segment_ids).__name__}")
+    if segment_ids.dtype.is_floating_point or segment_ids.dtype.is_complex or segment_ids.dtype == torch.bool:
+        raise ValueError(f"{where} must be an integer tensor (one document id per token), got dtype {segment_ids.dtype}")
+    if tuple(segment_ids.shape) != tuple(shape):
+        raise ValueError(f"{where} must have the shape of input_ids {tuple(shape)}, got {tuple(segment_ids.shape)}")
+    if torch.compiler.is_compiling() or under_transform(segment_ids) or segment_ids.shape[-1] < 2:
+        return
+    drops = (segment_ids[:, 1:] < segment_ids[:, :-1]).nonzero()
+    if len(drops):
+        row, col = (int(i) for i in drops[0])
+        raise ValueError(
+            f"{where} must be non-decreasing along each row (one run of equal ids per packed document), but row "
+            f"{row} goes from {int(segment_ids[row, col])} to {int(segment_ids[row, col + 1])} at position {col + 1}"
+        )
+
+
+@typechecked
+def segment_positions(segment_ids: Integer[Tensor, "b t"]) -> Integer[Tensor, "b t"]:
+    """每个文档内从 0 重新数起的位置：p_i = i − start(i)，start(i) 为 token i 所在文档的第一个位置。
+
+    文档起点是编号与前一个 token 不同的位置（行首总是起点）；start(i) = max{j ≤ i : j 是起点}，用 cummax 求。
+    """
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    first = torch.ones_like(segment_ids[:, :1], dtype=torch.bool)
+    is_start = torch.cat([first, segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
+    start = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start
+
+
+@typechecked
+def segment_mask(
+    segment_ids: Integer[Tensor, "b t"],
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+) -> Bool[Tensor, "b 1 t t"]:
+    """块对角因果掩码：查询 i 可以看键 j ⇔ j ≤ i 且 seg_i = seg_j（同一篇文档）。
+
+    给了填充掩码时再遮住填充的键（对角位置总是保留，理由见 attention_bias_mask）。
+    """
+    same = rearrange(segment_ids, "b t -> b 1 t 1") == rearrange(segment_ids, "b s -> b 1 1 s")
+    causal = torch.ones(segment_ids.shape[1], segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device).tril()
+    keep = same & causal
+    if attention_mask is not None:
+        keep = keep & attention_bias_mask(attention_mask, segment_ids.shape[1])
+    return keep
+
+
+def segment_block_mask(
+    segment_ids: Integer[Tensor, "b t"], attention_mask: Optional[Tensor] = None
+) -> BlockMask:
+    """同一个掩码的 FlexAttention 形式（BlockMask）：按 128×128 的块记下哪些块全遮、哪些部分遮。
+
+    flex_attention 跳过全遮的块——打包了许多短文档时，块对角之外的绝大部分注意力根本不计算。
+    每批建一次、所有层共用（decode_embeddings 负责）。
+    """
+    padding = None if attention_mask is None else attention_mask.bool()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (kv_idx <= q_idx)
+        if padding is not None:
+            keep = keep & (padding[b, kv_idx] | (kv_idx == q_idx))
+        return keep
+
+    batch, length = segment_ids.shape
+    return create_block_mask(mask_mod, batch, None, length, length, device=segment_ids.device)
+
+
+def _flex_wanted(segment_ids: Tensor, dropout_p: float, needs_grad: bool) -> bool:
+    """文档掩码用不用 FlexAttention：CUDA 上用（eager 时走编译好的 flex）；CPU 上只在 torch.compile 追踪、
+    且不需要反向时用（torch 2.13 的 CPU FlexAttention 没有反向：CPU 上的教师前向、推理用它，训练的学生用布尔掩码）。
+    CPU eager 与 torch.func 变换之下用布尔掩码 + SDPA / 显式公式；要 dropout 时也用后者（flex 不做 dropout）。"""
+    if dropout_p > 0.0 or (not torch.compiler.is_compiling() and under_transform(segment_ids)):
+        return False
+    if segment_ids.device.type == "cuda":
+        return True
+    return torch.compiler.is_compiling() and not needs_grad
+
+
+def grad_needed(x: Tensor, params: Mapping[str, Tensor]) -> bool:
+    """这次前向之后会不会反向穿过注意力：求导开着，且输入或任何一个参数需要梯度。"""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params.values()))
+
+
+def build_attention_mask(
+    num_queries: int,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    needs_grad: bool = True,
+) -> AttentionMask:
+    """一批的注意力掩码，各层共用：无文档编号时为填充掩码（或 None = 纯因果），
+    有文档编号时为块对角因果掩码——FlexAttention 的 BlockMask 或布尔张量（见 _flex_wanted）。
+    needs_grad：之后是否要反向（见 grad_needed）；拿不准时保持缺省的 True（总是可以反向的选择）。"""
+    if segment_ids is None:
+        return None if attention_mask is None else attention_bias_mask(attention_mask, num_queries)
+    if _flex_wanted(segment_ids, dropout_p, needs_grad):
+        return segment_block_mask(segment_ids, attention_mask)
+    return segment_mask(segment_ids, attention_mask)
+
+
 def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
     """显式写出的注意力：P = softmax(q kᵀ / √e + M)，out = P v。
 
@@ -236,17 +354,25 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dro
     return torch.einsum("bhts,bhse->bhte", probs, v)
 
 
+@functools.cache
+def _compiled_flex_attention():
+    """eager 调用 FlexAttention 时用的编译版本（flex_attention 本身未编译时只是逐元素的参考实现）；
+    只编译一次、之后复用，不含任何状态。"""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 @typechecked
 def attend(
     q: Float[Tensor, "b h t e"],
     k: Float[Tensor, "b k s e"],
     v: Float[Tensor, "b k s e"],
-    mask: Optional[Bool[Tensor, "b 1 t s"]] = None,
+    mask: AttentionMask = None,
     dropout_p: float = 0.0,
 ) -> Float[Tensor, "b h t e"]:
     """缩放点积注意力：softmax(q kᵀ / √e + M) v，M 在被遮位置为 −∞。
 
-    mask 为 None 时使用标准因果遮罩（要求 t == s，上三角 −∞）；否则使用给定的布尔掩码。
+    mask 为 None 时使用标准因果遮罩（要求 t == s，上三角 −∞）；布尔张量时使用给定的掩码；
+    BlockMask（文档掩码，见 build_attention_mask）时走 FlexAttention，全遮的块不计算。
     eager / compile 下走 PyTorch 的 SDPA 融合内核；查询头 j 读键值头 ⌊j / g⌋。
     SDPA 的 ``enable_gqa`` 让内核直接按这个下标读 k、v，不必先把它们复制 g 份（``expand_kv``）：
     前向与复制后的结果逐位相同，k、v 的梯度在内核里把 g 个查询头的贡献求和，与 transformers 在无掩码时
@@ -258,6 +384,9 @@ def attend(
         raise ValueError(f"attend: query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
     if mask is None and q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: causal attention without a mask needs t == s, got t={q.shape[2]}, s={k.shape[2]}")
+    if isinstance(mask, BlockMask):
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
+        return flex(q, k, v, block_mask=mask, enable_gqa=groups > 1)
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
         return _attention_math(q, expand_kv(k, groups), expand_kv(v, groups), mask, dropout_p)
     native_gqa = groups > 1 and (mask is None or q.device.type == "cpu")
@@ -279,22 +408,37 @@ def gqa_attention(
     position_ids: Optional[Integer[Tensor, "b t"]] = None,
     rope: Optional[RopeTables] = None,
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    segment_ids: Optional[Integer[Tensor, "b t"]] = None,
+    mask: AttentionMask = None,
     dropout_p: float = 0.0,
 ) -> Float[Tensor, "b t d"]:
-    """分组查询注意力（GQA）：投影 → RoPE → KV 头扩展 → 因果注意力 → o 投影。
+    """分组查询注意力（GQA）：投影 → RoPE → 因果注意力（k、v 按 GQA 共享）→ o 投影。
 
     参数：
         attn: 一层的注意力参数视图（``q_proj.weight`` … ``o_proj.weight``）。
-        position_ids: 显式位置；缺省为 0…t−1。与 rope 二选一（rope 为预先算好的 cos/sin 表）。
+        position_ids: 显式位置；缺省为 0…t−1（有 segment_ids 时在每篇文档开头从 0 重新数）。
+            与 rope 二选一（rope 为预先算好的 cos/sin 表）。
         attention_mask: (b, t) 填充掩码，1 = 真实 token，0 = 填充；缺省表示没有填充。
+        segment_ids: (b, t) 打包文档的编号（同一编号 = 同一篇文档，每行单调不减，JAX 的约定）：
+            注意力只在同一篇文档内、因果地进行，跨文档完全遮住。
+        mask: 预先建好的掩码（build_attention_mask 的结果，各层共用）；给了就不再按上面两项现建。
     """
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, tuple(x.shape[:2]))
     if rope is None:
         if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            position_ids = (
+                segment_positions(segment_ids) if segment_ids is not None
+                else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            )
         rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
     cos, sin = rope
     q, k, v = project_qkv(x, attn, cfg, cos, sin)
-    mask = None if attention_mask is None else attention_bias_mask(attention_mask, x.shape[1])
+    if mask is None:
+        mask = build_attention_mask(
+            x.shape[1], attention_mask=attention_mask, segment_ids=segment_ids, dropout_p=dropout_p,
+            needs_grad=grad_needed(x, attn),
+        )
     out = attend(q, k, v, mask, dropout_p)
     out = rearrange(out, "b h t e -> b t (h e)")
     return linear(out, attn["o_proj.weight"])
@@ -329,12 +473,14 @@ def transformer_block(
     *,
     rope: RopeTables,
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    segment_ids: Optional[Integer[Tensor, "b t"]] = None,
+    mask: AttentionMask = None,
     dropout_p: float = 0.0,
 ) -> Float[Tensor, "b t d"]:
     """一个 Pre-norm 解码块：x ← x + attn(norm(x))；x ← x + ffn(norm(x))。
 
     layer 是去掉 ``model.layers.{i}.`` 前缀后的参数视图。残差路径不经过任何变换，
-    因此权重全零时块是恒等映射。
+    因此权重全零时块是恒等映射。attention_mask / segment_ids / mask 的含义见 gqa_attention。
     """
     attn_in = rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps)
     x = x + gqa_attention(
@@ -343,6 +489,8 @@ def transformer_block(
         cfg,
         rope=rope,
         attention_mask=attention_mask,
+        segment_ids=segment_ids,
+        mask=mask,
         dropout_p=dropout_p,
     )
     ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)

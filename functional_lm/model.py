@@ -15,7 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from functional_lm.config import ModelConfig
-from functional_lm.layers import linear, rms_norm, rope_tables, transformer_block
+from functional_lm.layers import (
+    build_attention_mask,
+    check_segment_ids,
+    grad_needed,
+    linear,
+    rms_norm,
+    rope_tables,
+    segment_positions,
+    transformer_block,
+)
 from functional_lm.typing import Bool, Float, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
@@ -232,7 +241,7 @@ def embed(input_ids: Integer[Tensor, "b t"], table: Float[Tensor, "v d"]) -> Flo
     return F.embedding(input_ids, table)
 
 
-def _validate(params, input_ids, cfg, position_ids, attention_mask) -> None:
+def _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids=None) -> None:
     """前向入口的一次性校验（编译追踪时跳过：形状已由 guard 固定）。"""
     if torch.compiler.is_compiling():
         return
@@ -243,6 +252,8 @@ def _validate(params, input_ids, cfg, position_ids, attention_mask) -> None:
             raise ValueError(
                 f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(extra.shape)}"
             )
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, tuple(input_ids.shape))
 
 
 @typechecked
@@ -253,19 +264,23 @@ def decode_embeddings(
     *,
     position_ids: Integer[Tensor, "b t"],
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
 ) -> Float[Tensor, "b t d"]:
     """从嵌入向量出发：num_layers 个解码块 + 最终 RMSNorm。
 
     单独暴露出来，便于对嵌入求导（例如用梯度检验因果性）或输入自定义嵌入。
+    segment_ids：打包文档的编号，注意力不跨文档（见 layers.gqa_attention）。
     """
-    # RoPE 表对所有层相同，只算一次。
+    # RoPE 表与注意力掩码对所有层相同，只建一次。
     rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
     dropout_p = cfg.dropout if training else 0.0
+    mask = build_attention_mask(
+        x.shape[1], attention_mask=attention_mask, segment_ids=segment_ids, dropout_p=dropout_p,
+        needs_grad=grad_needed(x, params),
+    )
     for i in range(cfg.num_layers):
-        x = transformer_block(
-            x, layer_params(params, cfg, i), cfg, rope=rope, attention_mask=attention_mask, dropout_p=dropout_p
-        )
+        x = transformer_block(x, layer_params(params, cfg, i), cfg, rope=rope, mask=mask, dropout_p=dropout_p)
     return rms_norm(x, params[FINAL_NORM_KEY], cfg.norm_eps)
 
 
@@ -277,23 +292,30 @@ def forward_hidden(
     *,
     position_ids: Optional[Integer[Tensor, "b t"]] = None,
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
     check: bool = True,
 ) -> Float[Tensor, "b t d"]:
     """最终 RMSNorm 之后的隐藏状态 (b, t, d)；分块蒸馏损失直接使用它和输出投影矩阵。
 
     attention_mask: 1 = 真实 token，0 = 填充；缺省时为纯因果注意力（最快的路径）。
+    segment_ids: 打包文档的编号 (b, t)，同一编号 = 同一篇文档，每行单调不减：每个 token 只看本文档
+        之前的 token，位置（position_ids 缺省时）在每篇文档开头从 0 重新数。
     training: 为真且 cfg.dropout > 0 时在注意力概率上做 dropout。
     check: 逐键核对参数字典与 token id（缺省开启）；训练器在开始时核对过一次后传 False——
         对按层 all-gather 的切分教师，逐键核对会把每一层多取一遍。
     """
     if check:
-        _validate(params, input_ids, cfg, position_ids, attention_mask)
+        _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids)
     if position_ids is None:
-        position_ids = default_position_ids(input_ids, attention_mask)
+        position_ids = (
+            segment_positions(segment_ids) if segment_ids is not None
+            else default_position_ids(input_ids, attention_mask)
+        )
     x = embed(input_ids, params[EMBED_KEY])
     return decode_embeddings(
-        params, x, cfg, position_ids=position_ids, attention_mask=attention_mask, training=training
+        params, x, cfg, position_ids=position_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+        training=training,
     )
 
 
@@ -305,15 +327,17 @@ def forward(
     *,
     position_ids: Optional[Integer[Tensor, "b t"]] = None,
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+    segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
 ) -> Float[Tensor, "b t v"]:
     """完整前向：input_ids (b, t) → logits (b, t, vocab_size)。
 
-    自动生成 position_ids 与因果遮罩；输出投影在共享嵌入时直接读取嵌入张量，
-    因此嵌入的梯度同时得到输入端与输出端两份贡献。
+    自动生成 position_ids 与因果遮罩（给了 segment_ids 时为文档内的因果遮罩，见 forward_hidden）；
+    输出投影在共享嵌入时直接读取嵌入张量，因此嵌入的梯度同时得到输入端与输出端两份贡献。
     """
     hidden = forward_hidden(
-        params, input_ids, cfg, position_ids=position_ids, attention_mask=attention_mask, training=training
+        params, input_ids, cfg, position_ids=position_ids, attention_mask=attention_mask,
+        segment_ids=segment_ids, training=training,
     )
     return linear(hidden, output_weight(params, cfg))
 
