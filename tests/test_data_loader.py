@@ -151,3 +151,22 @@ def test_batch_at_reads_without_moving_the_position(dataset):
     assert torch.equal(walker.next_batch().input_ids, later.input_ids)
     with pytest.raises(IndexError, match="out of range"):
         loader.batch_at(0, len(loader))
+
+
+def test_batches_carry_segment_ids_and_the_document_mask_setting():
+    from functional_lm.data import BatchLoader, pack_documents
+
+    rng = np.random.default_rng(2)
+    docs = [list(rng.integers(1, 500, size=int(rng.integers(1, 20)))) for _ in range(80)]
+    dataset = pack_documents(docs, seq_len=16, separator_id=0)
+    loader = BatchLoader(dataset, 4, seed=3)
+    masked = loader.relayout(document_mask=True)
+    plain, doc = loader.batch_at(0, 1), masked.batch_at(0, 1)
+    assert plain.segment_ids.shape == plain.input_ids.shape and plain.segment_ids.dtype == torch.int64
+    assert torch.equal(plain.segment_ids, doc.segment_ids) and torch.equal(plain.input_ids, doc.input_ids)
+    rows = loader.epoch_order(0)[loader._rows(1)]
+    assert torch.equal(plain.segment_ids, torch.from_numpy(np.stack([dataset.segments(int(r))[:-1] for r in rows])))
+    assert int(doc.loss_mask.sum()) < int(plain.loss_mask.sum())  # 跨文档的标签被遮住
+    assert masked.relayout(world_size=1).document_mask  # 换布局时沿用设置
+    one = doc.rows(2, 3)
+    assert one.segment_ids.shape == (1, 16) and torch.equal(one.labels, doc.labels[2:3])

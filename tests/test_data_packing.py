@@ -100,3 +100,39 @@ def test_token_ids_outside_student_vocab_are_refused():
     store = TokenStore.from_documents([[1, 2, 300]], separator_id=0)
     with pytest.raises(ValueError, match=r"300.*256"):
         pack(store, seq_len=4, model_config=get_preset("tiny"))
+
+
+# ---------------------------------------------------------------- 文档编号与文档掩码（issue 13）
+def test_segment_ids_follow_documents_and_start_at_zero_in_every_block():
+    docs = [[1, 2, 3], [4, 5]]
+    ds = pack_documents(docs, seq_len=4, separator_id=0)  # 流：1 2 3 0 | 4 5 0 → 块 [1 2 3 0 4] [5 0 pad pad pad]
+    assert ds.segments(0).tolist() == [0, 0, 0, 0, 1]  # 分隔符属于它前面的文档
+    assert ds.segments(1).tolist() == [0, 0, 1, 1, 1]  # 块从第二篇文档的中间开始；补齐的尾部另算一篇
+
+
+def test_document_mask_masks_only_the_label_that_starts_the_next_document():
+    docs = [[10, 11, 20, 21, 12], [30, 31]]
+    masks = [[False, False, True, True, False], None]
+    ds = pack_documents(docs, seq_len=8, separator_id=0, masks=masks)
+    x0, y0, m0 = ds.example(0)
+    x1, y1, m1 = ds.example(0, document_mask=True)
+    assert x1.tolist() == x0.tolist()
+    # 只有第 5 个位置（输入是文档 0 的分隔符，标签 30 是下一篇的第一个 token）变成不计损失。
+    assert [i for i in range(8) if m0[i] != m1[i]] == [5]
+    assert y1[5] == IGNORE_INDEX and not m1[5]
+    assert y1.tolist()[:5] == y0.tolist()[:5] and y1.tolist()[6:] == y0.tolist()[6:]
+
+
+def test_many_documents_segment_ids_match_the_separators():
+    rng = np.random.default_rng(1)
+    docs = [list(rng.integers(1, 500, size=int(rng.integers(1, 12)))) for _ in range(60)]
+    ds = pack_documents(docs, seq_len=31, separator_id=0)
+    for i in range(len(ds) - 1):  # 最后一块有补齐
+        tokens, seg = ds.block(i).tokens, ds.segments(i)
+        assert seg[0] == 0 and (np.diff(seg) >= 0).all()
+        # 编号恰好在每个分隔符之后加一（分隔符是它所在文档的最后一个 token）。
+        assert (np.diff(seg) == (tokens[:-1] == 0)).all()
+        x, y, m, s = ds.examples([i], document_mask=True)
+        assert s[0].tolist() == seg[:-1].tolist()
+        crossing = seg[1:] != seg[:-1]
+        assert (~m[0][crossing]).all() and (y[0][crossing] == IGNORE_INDEX).all()

@@ -1,4 +1,4 @@
-"""批加载器：从 PackedDataset 按种子确定的顺序取批，产出 (input_ids, labels, loss_mask)，位置可保存 / 恢复。
+"""批加载器：从 PackedDataset 按种子确定的顺序取批，产出 (input_ids, labels, loss_mask, segment_ids)，位置可保存 / 恢复。
 
 顺序：第 e 轮的块顺序 = ``np.random.default_rng([seed, e]).permutation(num_blocks)``（shuffle=False 时为原序），
 只由 (seed, epoch) 决定，所以恢复时只需记住 (epoch, position) 两个整数——中断后恢复的运行与不间断的运行
@@ -18,7 +18,7 @@ accumulation 个块，即本轮顺序中的第 k 段 ``order[k·G : (k+1)·G]``�
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -35,9 +35,14 @@ class Batch(NamedTuple):
     input_ids: Int[Tensor, "b t"]  # int64
     labels: Int[Tensor, "b t"]  # int64，被遮处为 -100
     loss_mask: Bool[Tensor, "b t"]  # 是否计损失
+    segment_ids: Optional[Int[Tensor, "b t"]] = None  # int64，输入 token 所在文档的编号（每行从 0 起、不减）
 
     def to(self, device: Any, non_blocking: bool = False) -> "Batch":
-        return Batch(*(x.to(device, non_blocking=non_blocking) for x in self))
+        return Batch(*(None if x is None else x.to(device, non_blocking=non_blocking) for x in self))
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        """第 start … stop−1 行（视图，不复制）。"""
+        return Batch(*(None if x is None else x[start:stop] for x in self))
 
 
 class BatchLoader:
@@ -55,6 +60,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         accumulation: int = 1,
+        document_mask: bool = False,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
@@ -73,15 +79,21 @@ class BatchLoader:
         self.drop_last = drop_last
         self.pin_memory = pin_memory
         self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self.document_mask = document_mask  # 标签属于下一篇文档处不计损失（见 packing 的说明）
         self.epoch = 0
         self.position = 0  # 本轮已经交出的微批数
         self._order_cache: tuple[int, np.ndarray] | None = None
 
-    def relayout(self, *, rank: int = 0, world_size: int = 1, accumulation: int = 1, pin_memory: bool = False) -> "BatchLoader":
-        """同一份数据、种子与位置，换成某个进程在 (world_size, accumulation) 布局下的加载器（训练器用）。"""
+    def relayout(
+        self, *, rank: int = 0, world_size: int = 1, accumulation: int = 1, pin_memory: bool = False,
+        document_mask: Optional[bool] = None,
+    ) -> "BatchLoader":
+        """同一份数据、种子与位置，换成某个进程在 (world_size, accumulation) 布局下的加载器（训练器用）；
+        document_mask 为 None 时沿用本加载器的设置。"""
         loader = BatchLoader(
             self.dataset, self.batch_size, seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last,
             pin_memory=pin_memory, rank=rank, world_size=world_size, accumulation=accumulation,
+            document_mask=self.document_mask if document_mask is None else document_mask,
         )
         loader.epoch = self.epoch
         loader.position = self.position * self.batch_size * self.world_size // (loader.batch_size * world_size)
@@ -121,8 +133,7 @@ class BatchLoader:
         if epoch < 0:
             raise IndexError(f"epoch must be >= 0, got {epoch}")
         indices = self.epoch_order(epoch)[self._rows(position)]
-        x, y, m = self.dataset.examples(indices)
-        batch = Batch(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(m))
+        batch = Batch(*(torch.from_numpy(a) for a in self.dataset.examples(indices, self.document_mask)))
         return Batch(*(t.pin_memory() for t in batch)) if self.pin_memory else batch
 
     def next_batch(self) -> Batch:

@@ -5,7 +5,14 @@
     input_ids  = block[:-1]，labels = block[1:]；loss_mask = mask[1:] 且不是填充
     labels     在 loss_mask 为 False 处取 IGNORE_INDEX = -100（填充、非助手 token、对话后的分隔符）
     最后一个不满的块用 pad id（<|endoftext|>）补齐，补齐处不计损失
-文档之间已在 TokenStore 里用 <|endoftext|> 隔开；注意力可以跨文档（与 GPT / Qwen 预训练的做法相同）。
+文档之间已在 TokenStore 里用 <|endoftext|> 隔开（分隔符算作它前面那篇文档的最后一个 token）。
+
+文档编号（segment ids）：块里每个 token 所在文档的序号，减去块首 token 的序号，所以每行从 0 开始、单调不减；
+补齐的尾部另算一篇。编号由 TokenStore 的 offsets（缓存索引里本来就有的文档边界）与块号直接算出，
+不必另存，恢复训练时由 (epoch, position) 决定的块自然得到同样的编号。
+document_mask=True 时（训练器的缺省），标签落在下一篇文档的位置不计损失：即每篇文档最后的分隔符
+不再学习“预测下一篇文档的第一个 token”（它的标签为 −100）；文档内最后一个词预测分隔符照常计入。
+document_mask=False 时一切与以前完全相同（注意力可以跨文档，与 GPT / Qwen 预训练的做法相同）。
 
 验证集按“文档”划分：用种子打乱文档编号，取前 ceil(比例·D) 篇作验证集，两边各自保持原文档顺序，
 一篇文档不会同时出现在训练与验证中。划分只记录文档编号，不复制 token（大语料下也只占 O(D) 内存）。
@@ -68,6 +75,9 @@ class PackedDataset:
             self.seg_len = offsets[ids[last] + 1] - self.seg_store_start
         self.seg_stream_start = np.concatenate([[0], np.cumsum(self.seg_len)]).astype(np.int64)
         self.num_tokens = int(self.seg_stream_start[-1])
+        # 每篇选中文档在本数据流中的起点（D + 1 项，末项 = num_tokens）：文档编号用它二分查找。
+        doc_len = self.store.offsets[ids + 1] - self.store.offsets[ids] if len(ids) else np.zeros(0, np.int64)
+        self.doc_stream_start = np.concatenate([[0], np.cumsum(doc_len)]).astype(np.int64)
 
     def __len__(self) -> int:
         return math.ceil(self.num_tokens / self.block_size)
@@ -100,17 +110,31 @@ class PackedDataset:
             mask = self._gather(self.store.mask, start, stop, False) & valid
         return Block(tokens, mask, valid)
 
-    def example(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """第 index 个训练样本：(input_ids[L], labels[L]（被遮处为 -100）, loss_mask[L])。"""
+    def segments(self, index: int) -> np.ndarray:
+        """第 index 个块（L + 1 个 token）的文档编号 int64[L+1]：从 0 开始、单调不减，补齐的尾部另算一篇。"""
+        start = index * self.block_size
+        positions = np.arange(start, start + self.block_size)
+        doc = np.searchsorted(self.doc_stream_start, positions, side="right") - 1
+        return (doc - doc[0]).astype(np.int64)
+
+    def example(self, index: int, document_mask: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """第 index 个训练样本：(input_ids[L], labels[L]（被遮处为 -100）, loss_mask[L])。
+
+        document_mask=True 时，标签属于下一篇文档的位置不计损失（见模块说明）。"""
         blk = self.block(index)
         loss_mask = blk.mask[1:]
+        if document_mask:
+            seg = self.segments(index)
+            loss_mask = loss_mask & (seg[1:] == seg[:-1])
         labels = np.where(loss_mask, blk.tokens[1:], IGNORE_INDEX)
         return blk.tokens[:-1], labels, loss_mask
 
-    def examples(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """若干样本堆成 (b, L) 的三个数组。"""
-        parts = [self.example(int(i)) for i in indices]
-        return tuple(np.stack([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
+    def examples(
+        self, indices: Sequence[int], document_mask: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """若干样本堆成 (b, L) 的四个数组：input_ids、labels、loss_mask 与输入 token 的文档编号。"""
+        parts = [(*self.example(int(i), document_mask), self.segments(int(i))[:-1]) for i in indices]
+        return tuple(np.stack([p[k] for p in parts]) for k in range(4))  # type: ignore[return-value]
 
 
 def split_documents(num_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
