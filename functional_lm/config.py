@@ -144,6 +144,7 @@ class TrainingConfig:
     val_fraction: float = 0.05  # 按文档划出的验证集比例 / fraction of documents held out for validation
     device: str = "auto"  # 设备：auto（有 CUDA 用 CUDA）、cpu、cuda、cuda:N / device: auto (CUDA when present), cpu, cuda, cuda:N
     teacher_sharding: str = "replicate"  # 多进程时教师每进程一份或用 FSDP2 切分 / teacher per process: replicate or shard (FSDP2)
+    document_mask: bool = True  # 打包的文档互不可见、位置逐篇从 0 数 / packed documents do not attend to each other
 
     def __post_init__(self) -> None:
         ints = (
@@ -169,7 +170,7 @@ class TrainingConfig:
             raise ValueError(
                 f"TrainingConfig.divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.divergence!r}"
             )
-        for name in ("bf16", "compile"):
+        for name in ("bf16", "compile", "document_mask"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainingConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.teacher_bf16 is not None and not isinstance(self.teacher_bf16, bool):

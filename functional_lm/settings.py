@@ -28,6 +28,7 @@ __all__ = [
     "resolve_configs",
     "resolve_settings",
     "compare_settings",
+    "saved_training",
     "settings_from_checkpoint",
 ]
 
@@ -251,15 +252,25 @@ def resolve_settings(
             "are unknown; resume it by repeating --teacher, --data and --seq-len"
         )
     base_model = get_preset(explicit["preset"]) if "preset" in explicit else ModelConfig(**saved["model"])
-    model, training = merge_configs(base_model, saved["training"], file_values, cli_values, source=source)
+    model, training = merge_configs(base_model, saved_training(saved), file_values, cli_values, source=source)
     return RunSettings(mode, {**saved.get("run", {}), **explicit}, model, training)
+
+
+# 新增训练字段在旧版本里的实际行为：旧运行的 run.json / 检查点里没有这些字段，恢复时按旧行为补上，
+# 而不是换成新的缺省值（那会悄悄改变恢复后的训练轨迹）。
+_BEFORE_FIELD_EXISTED = {"document_mask": False}
+
+
+def saved_training(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """保存的训练配置，缺的新字段按旧版本的行为补齐（见 _BEFORE_FIELD_EXISTED）。"""
+    return {**_BEFORE_FIELD_EXISTED, **saved.get("training", {})}
 
 
 def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
     """run.json 的内容摊平成 字段名 → 值（模型字段加 "model." 前缀以便区分）。"""
     flat = {k: v for k, v in settings.get("run", {}).items()}
     flat |= {f"model.{k}": v for k, v in settings.get("model", {}).items()}
-    flat |= dict(settings.get("training", {}))
+    flat |= saved_training(settings)
     return flat
 
 

@@ -137,10 +137,19 @@ def count_valid_tokens(batch: Any, ignore_index: int = -100) -> int:
 
 
 # ---------------------------------------------------------------- 损失（纯函数）
-def teacher_hidden_states(teacher: Model, input_ids: torch.Tensor, forward_fn: Callable = forward_hidden) -> torch.Tensor:
+def document_segments(batch: Any, tcfg: TrainingConfig) -> Optional[torch.Tensor]:
+    """学生与教师前向用的文档编号：document_mask 打开且批里带着编号时是 batch.segment_ids，否则 None
+    （None 时注意力跨文档，与以前的运行逐位相同）。"""
+    return getattr(batch, "segment_ids", None) if tcfg.document_mask else None
+
+
+def teacher_hidden_states(
+    teacher: Model, input_ids: torch.Tensor, forward_fn: Callable = forward_hidden,
+    segment_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """教师最终隐藏状态（不求梯度）；输出投影留给分块损失逐块去乘。参数已在训练开始时核对过一次。"""
     with torch.no_grad():
-        return forward_fn(teacher.params, input_ids, teacher.cfg, check=False)
+        return forward_fn(teacher.params, input_ids, teacher.cfg, check=False, segment_ids=segment_ids)
 
 
 def distill_loss(
@@ -161,7 +170,7 @@ def distill_loss(
     teacher 为 None 时只训练交叉熵（要求 α = 0）：用于预训练演示教师与“只用 CE”的对照学生。
     """
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
-        hidden = forward_fn(params, batch.input_ids, cfg, training=True)
+        hidden = forward_fn(params, batch.input_ids, cfg, training=True, segment_ids=document_segments(batch, tcfg))
     if tcfg.bf16:
         hidden = hidden.float()  # 损失（softmax over vocab）始终在 float32 中计算
     if teacher is None:
@@ -246,12 +255,14 @@ def _no_checks_if_sharded(teacher: Optional[Model]) -> contextlib.AbstractContex
 def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: TrainingConfig, real: int) -> dict[str, float]:
     """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）。"""
     n = count_valid_tokens(one)
-    s_logits = forward_hidden(student.params, one.input_ids, student.cfg) @ output_weight(student.params, student.cfg).T
+    seg = document_segments(one, tcfg)
+    s_hidden = forward_hidden(student.params, one.input_ids, student.cfg, segment_ids=seg)
+    s_logits = s_hidden @ output_weight(student.params, student.cfg).T
     if teacher is None:
         t_logits = s_logits  # 没有教师：KD 相关的量恒为 0，最后不报告
     else:
         with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
-            t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False)
+            t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False, segment_ids=seg)
             t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
     common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True)
     loss, parts = distillation_loss(
@@ -313,7 +324,7 @@ def evaluate(
     for index in mine:
         batch = loader.batch_at(0, index).to(device)  # 固定的验证批，不推进任何状态
         for row in range(batch.input_ids.shape[0]):
-            one = type(batch)(*(x[row : row + 1] for x in batch))
+            one = batch.rows(row, row + 1)
             if count_valid_tokens(one) == 0:
                 continue
             for key, value in _eval_row(student, teacher, one, tcfg, real_vocab_size).items():
@@ -375,7 +386,9 @@ def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> t
         t_hidden = None
         if stepper.teacher is not None:
             with _no_checks_if_sharded(stepper.teacher):
-                t_hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd)
+                t_hidden = teacher_hidden_states(
+                    stepper.teacher, batch.input_ids, stepper.teacher_fwd, document_segments(batch, stepper.tcfg)
+                )
         loss, parts = stepper.student(
             distill_loss, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
             real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
@@ -516,7 +529,8 @@ def train(
     if resume:
         metrics.truncate_after(result.step)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
-    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics)
+    val_loader = None if data.val_loader is None else data.val_loader.relayout(document_mask=tcfg.document_mask)
+    evaluator = _Evaluator(stepper, teacher_model, val_loader, metrics)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
@@ -534,7 +548,7 @@ def _training_loader(data: Any, tcfg: TrainingConfig, info: Dist) -> tuple[Any, 
     """本进程的训练加载器（按全局批布局切分）与计划的总步数。"""
     loader = data.train_loader.relayout(
         rank=info.rank, world_size=info.world_size, accumulation=tcfg.gradient_accumulation_steps,
-        pin_memory=info.device.type == "cuda",
+        pin_memory=info.device.type == "cuda", document_mask=tcfg.document_mask,
     )
     return loader, total_training_steps(tcfg, len(loader))
 

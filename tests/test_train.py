@@ -513,3 +513,41 @@ def test_throughput_excludes_evaluation_and_saving(monkeypatch):
         pass
     record = window.record(1, StepStats(1.0, 0.5, 2.0, 1.0, 1e-3, tokens=1000))
     assert record["tokens_per_s"] == pytest.approx(1000 / 20.0)  # 50 − 30 = 20 秒的训练
+
+
+# ---------------------------------------------------------------- 文档掩码（issue 13）
+def _spy_segment_ids(monkeypatch):
+    """记下每次解码（学生、教师、验证）收到的 segment_ids。"""
+    import functional_lm.model as model_module
+
+    seen, real = [], model_module.decode_embeddings
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("segment_ids"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "decode_embeddings", spy)
+    return seen
+
+
+def test_document_mask_off_runs_the_previous_computation(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
+    # document_mask=False：模型从不收到 segment_ids（注意力跨文档、位置不重数），标签与打包器以前给的完全相同；
+    # 这正是以前的训练器的输入，所以轨迹逐位相同。打开时每次前向都带着编号，结果确实不同。
+    seen = _spy_segment_ids(monkeypatch)
+    short = tmp_path / "short.jsonl"  # 短文档：32 个 token 的块里总有好几篇
+    short.write_text("\n".join(json.dumps({"text": f"Note {i}: tea at {i % 7} o'clock."}) for i in range(120)))
+    data = prepare_data(
+        [str(short)], tokenizer=tokenizer, seq_len=32, batch_size=2, val_fraction=0.05, seed=0,
+        cache_dir=cache_dir, model_config=STUDENT, progress=False,
+    )
+    off = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "off", _tcfg(max_steps=3, document_mask=False), data)
+    assert seen and all(s is None for s in seen)
+    seen.clear()
+    on = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "on", _tcfg(max_steps=3), data)
+    assert seen and all(isinstance(s, torch.Tensor) for s in seen)
+    assert any(int(s.max()) > 0 for s in seen)  # 真有多篇文档打包在同一行
+    assert any(not torch.equal(off.params[k], on.params[k]) for k in off.params)
+    # 关掉时加载器交出的批就是以前的批：标签里没有因为文档边界而多出的 −100。
+    plain = data.train_loader.batch_at(0, 0)
+    masked = data.train_loader.relayout(document_mask=True).batch_at(0, 0)
+    assert int((plain.labels == -100).sum()) < int((masked.labels == -100).sum())
