@@ -1,7 +1,7 @@
 """基准脚本不会悄悄失效：每个脚本的 ``--smoke``（同一条代码路径、极小尺寸）在测试里真的跑一遍，
 并核对它交出的数值与打印的比值表。
 
-五个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss`` 与
+六个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss`` 与
 ``bench_train`` 的父进程照常为每个变体另起子进程（峰值内存取子进程自己的 max RSS，这是脚本的设计）。
 本进程里被脚本改动的全局状态由 ``_run`` 复原：torch 线程数（bench_forward 会设置）与 dynamo 的编译缓存
 （bench_forward、bench_generate 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
@@ -47,6 +47,10 @@ SCRIPTS = {
         rows=[n for v in ("ours", "ours_compile", "ours_teacher_bf16") for n in (*_with_usage(v), v + "_peak_rss")],
     ),
     "bench_generate": dict(argv=[], rows=_with_usage("b1_eager", "b1_compiled")),
+    "bench_attention": dict(
+        argv=["--threads", "{threads}"],
+        rows=_with_usage("eager_train_doc16", "compiled_train_doc16", "eager_infer_doc16", "compiled_infer_doc16"),
+    ),
     "bench_data": dict(
         argv=[],
         rows=["tokenize", "tokenize_sys", "tokenize_faults", "tokenize_batch", "cache_build_w0", "cache_build_w2",
@@ -56,7 +60,7 @@ SCRIPTS = {
     ),
 }
 # 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
-PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate")
+PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention")
 
 
 # ---------------------------------------------------------------- 运行与复原
@@ -312,6 +316,7 @@ FULL_DEFAULTS = {
     "bench_train": dict(batch=4, seq=512, steps=3, teacher_layers=None, teacher_shape="0.5b",  # 0.5b 形状：24 层
                         student="student-123m", real_vocab=151665, chunk_size=256, device="cpu", bf16=False),
     "bench_generate": dict(preset="student-123m", batches="1,8", new_tokens=128, prompt_len=16, repeats=2),
+    "bench_attention": dict(preset="student-123m", batch=8, seq=512, doc_lengths="64,256", rounds=5, warmup=2),
     "bench_data": dict(repeat=8, workers=2, seq_len=512, batch_size=8, max_batches=400, student_step=False,
                        student_preset="student-123m"),
 }
