@@ -1,0 +1,507 @@
+"""教师缓存（functional_lm.teacher_cache）：往返、K = V 时与稠密损失相等、中断后续建逐字节相同、
+截断 / 校验和 / 不完整的检测、指纹逐项比对、JSON-lines 导入与逐行报错，以及 float16 与 bfloat16 的舍入误差实测。
+
+全部用 1 层、隐藏 32 的小教师与几百个 token 的打包数据（seq_len = 16，7 个块；blocks_per_shard = 2 → 4 个分片，
+最后一个分片只有 1 块，最后一块有补齐）。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import functional_lm.teacher_cache as tc
+from functional_lm.config import ModelConfig
+from functional_lm.data import pack_documents
+from functional_lm.hf import save_pretrained
+from functional_lm.losses import (
+    distillation_loss,
+    sparse_distillation_loss,
+    teacher_topk,
+)
+from functional_lm.model import forward_hidden, init_params, output_weight
+from functional_lm.teacher_cache import (
+    FINGERPRINT_FIELDS,
+    TeacherCache,
+    TeacherCacheDamaged,
+    TeacherCacheMismatch,
+    build_teacher_cache,
+    check_fingerprint,
+    import_topk_jsonl,
+    make_fingerprint,
+    teacher_weights_fingerprint,
+)
+
+CFG = ModelConfig(
+    hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=211, max_seq_len=64,
+)
+SEQ = 16
+K = 8
+T = 2.0
+
+
+def _documents(seed: int = 0, total: int = 110) -> list[list[int]]:
+    """若干篇长 3…20 的短文档（id ∈ [1, 211)），连同分隔符共约 total 个 token：7 个长 17 的块，最后一块有补齐。"""
+    rng = np.random.default_rng(seed)
+    docs, used = [], 0
+    while used < total:
+        n = int(rng.integers(3, 21))
+        docs.append(rng.integers(1, 211, size=n).tolist())
+        used += n + 1
+    return docs
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return init_params(CFG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    ds = pack_documents(_documents(), seq_len=SEQ, separator_id=0)
+    assert len(ds) == 7 and ds.num_tokens % (SEQ + 1) != 0  # 4 个分片（2+2+2+1），最后一块有补齐
+    return ds
+
+
+def _fingerprint(ds, **changes):
+    fp = make_fingerprint("tok-fingerprint", ds.store, teacher_weights="random-teacher-seed-3")
+    return {**fp, **changes}
+
+
+def _build(teacher, ds, out, **kw):
+    args = {"top_k": K, "temperature": T, "fingerprint": _fingerprint(ds), "blocks_per_shard": 2, "batch_size": 3,
+            "progress": False}
+    args.update(kw)
+    return build_teacher_cache(teacher, CFG, ds, out, **args)
+
+
+def _direct(teacher, ds, document_mask, k=K, temperature=T, blocks=None):
+    """参照：直接跑教师（document_mask 时带文档编号），float32 logits，再取 teacher_topk；另返回 logits。"""
+    blocks = range(len(ds)) if blocks is None else blocks
+    ids, _, _, seg = ds.examples(blocks, document_mask)
+    segments = torch.from_numpy(seg) if document_mask else None
+    hidden = forward_hidden(teacher, torch.from_numpy(ids), CFG, segment_ids=segments)
+    logits = F.linear(hidden.float(), output_weight(teacher, CFG).float())
+    return (*teacher_topk(logits, k, temperature=temperature), logits)
+
+
+def _files(directory):
+    """目录里除锁文件外的全部文件 → 字节。"""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.name != ".lock"}
+
+
+def _assert_fp16_close(actual, expected):
+    """float16 舍入：|误差| ≤ 2⁻¹¹·|x|（加上 1e-6 的计算噪声与次正规数的绝对误差）。"""
+    assert torch.all((actual - expected).abs() <= expected.abs() * 2.0**-11 + 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ 往返
+@pytest.mark.parametrize("document_mask", [True, False])
+def test_round_trip_matches_direct_teacher_topk(teacher, dataset, tmp_path, document_mask):
+    status = _build(teacher, dataset, tmp_path / "c", document_mask=document_mask)
+    assert (status.complete, status.shards_done, status.num_shards, status.shards_written) == (True, 4, 4, 4)
+    cache = TeacherCache.open(tmp_path / "c", verify=True)
+    assert (cache.num_blocks, cache.seq_len, cache.top_k, cache.temperature) == (7, SEQ, K, T)
+    assert cache.fingerprint["document_mask"] is document_mask and set(FINGERPRINT_FIELDS) <= set(cache.fingerprint)
+
+    order = [5, 0, 6, 3, 3]  # 乱序、重复、跨分片
+    ids, log_probs, tail = cache.targets(order)
+    assert ids.dtype == torch.int64 and log_probs.dtype == torch.float32 and tail.dtype == torch.float32
+    assert ids.shape == (5, SEQ, K) and tail.shape == (5, SEQ)
+    ref_ids, ref_lp, ref_tail, _ = _direct(teacher, dataset, document_mask, blocks=order)
+    assert torch.equal(ids, ref_ids)
+    _assert_fp16_close(log_probs, ref_lp)
+    assert torch.allclose(tail, ref_tail, rtol=0, atol=1e-6)
+    assert float(tail.min()) > 0.01  # K = 8 < V：尾部有可观的质量，比较不是空的
+
+
+def test_document_mask_runs_the_teacher_with_segment_ids(teacher, dataset, tmp_path):
+    _build(teacher, dataset, tmp_path / "c", document_mask=True)
+    _, log_probs, _ = TeacherCache.open(tmp_path / "c").targets(range(7))
+    _, plain_lp, _, _ = _direct(teacher, dataset, document_mask=False)
+    # 有跨文档的块：不带文档编号的教师给出明显不同的分布（证明缓存确实用了 segment_ids）
+    assert float((log_probs - plain_lp).abs().max()) > 1e-2
+
+
+def test_targets_rejects_out_of_range_blocks(teacher, dataset, tmp_path):
+    _build(teacher, dataset, tmp_path / "c")
+    with pytest.raises(IndexError, match=r"\[0, 7\).*\[7\]"):
+        TeacherCache.open(tmp_path / "c").targets([1, 7])
+
+
+# ------------------------------------------------------------------------------------------------ K = V
+@pytest.mark.parametrize("value_dtype, tol", [("float16", 1e-3), ("float32", 1e-5)])
+def test_full_vocabulary_cache_reproduces_dense_loss(teacher, dataset, tmp_path, value_dtype, tol):
+    _build(teacher, dataset, tmp_path / "c", top_k=CFG.vocab_size, value_dtype=value_dtype)
+    ids, log_probs, tail = TeacherCache.open(tmp_path / "c").targets(range(7))
+    assert float(tail.abs().max()) < 1e-6
+    _, labels, loss_mask, _ = dataset.examples(range(7), True)
+    *_, teacher_logits = _direct(teacher, dataset, True)
+    student = torch.randn(7, SEQ, CFG.vocab_size, generator=torch.Generator().manual_seed(1)) * 2
+    labels, loss_mask = torch.from_numpy(labels), torch.from_numpy(loss_mask)
+    dense = distillation_loss(student, teacher_logits, labels, temperature=T, loss_mask=loss_mask)
+    sparse = sparse_distillation_loss(student, ids, log_probs, labels, teacher_tail_mass=tail, temperature=T,
+                                      loss_mask=loss_mask)
+    assert abs(float(sparse) - float(dense)) <= tol
+    assert float(dense) > 0.1  # 非平凡的损失
+
+
+# ------------------------------------------------------------------------------------------------ 值类型
+def test_float16_is_more_precise_than_bfloat16_on_log_probs():
+    """[−30, 0] 上实测往返误差：float16 ≤ 2⁻⁷（= 0.0078），bfloat16 约大 8 倍（至多 2⁻⁴ = 0.0625）。"""
+    x = -torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float() * 30
+    errors = {}
+    for dtype in ("float16", "bfloat16"):
+        back = torch.from_numpy(tc._decode_values(tc._encode_values(x, dtype), dtype))
+        err = (back.double() - x.double()).abs()
+        errors[dtype] = (float(err.max()), float(err.mean()))
+    assert errors["float16"][0] <= 2.0**-7 and errors["bfloat16"][0] <= 2.0**-4
+    assert errors["bfloat16"][0] >= 4 * errors["float16"][0]
+    assert errors["bfloat16"][1] >= 4 * errors["float16"][1]
+
+
+def test_bfloat16_storage_round_trips(teacher, dataset, tmp_path):
+    _build(teacher, dataset, tmp_path / "c", value_dtype="bfloat16")
+    cache = TeacherCache.open(tmp_path / "c", verify=True)
+    _, log_probs, _ = cache.targets(range(7))
+    _, ref_lp, _, _ = _direct(teacher, dataset, True)
+    assert torch.equal(log_probs, ref_lp.to(torch.bfloat16).float())  # 恰为 bfloat16 的就近舍入
+    assert (tmp_path / "c" / "logprobs-00000.bin").stat().st_size == 2 * SEQ * K * 2
+
+
+def test_float16_clamps_instead_of_overflowing():
+    raw = tc._encode_values(torch.tensor([-1e6, -3.0, 0.0]), "float16")
+    back = tc._decode_values(raw, "float16")
+    assert back.tolist() == [-65504.0, -3.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------ 中断与续建
+def test_interrupted_build_resumes_to_identical_bytes(teacher, dataset, tmp_path, monkeypatch):
+    _build(teacher, dataset, tmp_path / "ref")
+    out = tmp_path / "c"
+    asked = []
+    status = _build(teacher, dataset, out, stop=lambda: len(asked.append(1) or asked) > 2)
+    assert (status.complete, status.shards_done, status.shards_written) == (False, 2, 2)
+    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(2 of 4 shards written\).*rerun"):
+        TeacherCache.open(out)
+
+    real_install, calls = tc._install_file, []
+
+    def crash_on_second_rename(tmp, final):  # 分片 2 的 ids 已改名就位，logprobs 还在临时文件里时“崩溃”
+        calls.append(final.name)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        real_install(tmp, final)
+
+    monkeypatch.setattr(tc, "_install_file", crash_on_second_rename)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _build(teacher, dataset, out)
+    monkeypatch.undo()
+    assert (out / "ids-00002.bin").exists() and json.loads((out / "index.json").read_text())["shards"][2] is None
+    (out / ".tail-00003.bin.tmp").write_bytes(b"half")  # SIGKILL 留下的临时文件
+    (out / ".index.json.tmp-deadbeef").write_text("{")
+
+    status = _build(teacher, dataset, out)
+    assert (status.complete, status.shards_done, status.shards_written) == (True, 4, 2)
+    assert _files(out) == _files(tmp_path / "ref")  # 每个文件逐字节相同（index.json 也是：没有时间戳）
+    again = _build(teacher, dataset, out)
+    assert (again.complete, again.shards_written) == (True, 0)
+
+
+def test_resume_recomputes_a_truncated_shard(teacher, dataset, tmp_path, capsys):
+    out = tmp_path / "c"
+    _build(teacher, dataset, out)
+    reference = _files(out)
+    victim = out / "tail-00001.bin"
+    victim.write_bytes(victim.read_bytes()[:-4])
+    status = _build(teacher, dataset, out)
+    assert (status.complete, status.shards_written) == (True, 1)
+    assert "shard 1 is damaged (tail-00001.bin" in capsys.readouterr().err
+    assert _files(out) == reference
+
+
+# ------------------------------------------------------------------------------------------------ 损坏检测
+@pytest.fixture(scope="module")
+def built(teacher, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "cache"
+    _build(teacher, dataset, out)
+    return out
+
+
+@pytest.fixture()
+def copy(built, tmp_path):
+    target = tmp_path / "cache"
+    shutil.copytree(built, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["ids-00000.bin", "logprobs-00001.bin", "tail-00003.bin"])
+def test_truncated_shard_is_named_on_open(copy, name):
+    path = copy / name
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(TeacherCacheDamaged) as info:
+        TeacherCache.open(copy)
+    assert info.value.file == name and name in str(info.value) and "truncated" in str(info.value)
+    assert str(copy) in str(info.value)
+
+
+def test_missing_shard_file_is_named(copy):
+    (copy / "logprobs-00002.bin").unlink()
+    with pytest.raises(TeacherCacheDamaged, match=r"logprobs-00002\.bin: file is missing"):
+        TeacherCache.open(copy)
+
+
+def test_checksum_damage_needs_verify(copy):
+    path = copy / "tail-00002.bin"
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0x10
+    path.write_bytes(bytes(data))
+    TeacherCache.open(copy)  # 大小没变：结构检查看不出
+    with pytest.raises(TeacherCacheDamaged, match=r"tail-00002\.bin: checksum [0-9a-f]{8} does not match") as info:
+        TeacherCache.open(copy, verify=True)
+    assert info.value.file == "tail-00002.bin"
+
+
+@pytest.mark.parametrize("text, reason", [("{not json", "not readable JSON"), ('{"format": 1}', "not a teacher-cache")])
+def test_unreadable_index_is_damage(copy, text, reason):
+    (copy / "index.json").write_text(text)
+    with pytest.raises(TeacherCacheDamaged, match=reason) as info:
+        TeacherCache.open(copy)
+    assert info.value.file == "index.json"
+
+
+def test_incomplete_cache_refused_and_index_lists_committed_shards(teacher, dataset, tmp_path):
+    out = tmp_path / "c"
+    status = _build(teacher, dataset, out, stop=lambda: True)
+    assert (status.complete, status.shards_done) == (False, 0)
+    index = json.loads((out / "index.json").read_text())
+    assert index["shards"] == [None] * 4 and index["complete"] is False
+    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(0 of 4 .*same settings and output directory"):
+        TeacherCache.open(out)
+
+
+def test_index_records_sizes_and_crcs(built):
+    index = json.loads((built / "index.json").read_text())
+    assert index["num_blocks"] == 7 and index["blocks_per_shard"] == 2 and index["complete"] is True
+    last = index["shards"][3]
+    assert last["blocks"] == [6, 7]
+    assert last["files"]["ids-00003.bin"]["bytes"] == SEQ * K * 4
+    assert last["files"]["logprobs-00003.bin"]["bytes"] == SEQ * K * 2
+    assert last["files"]["tail-00003.bin"]["bytes"] == SEQ * 4
+    assert last["files"]["tail-00003.bin"]["crc32"] == tc.crc32_file(built / "tail-00003.bin")
+
+
+# ------------------------------------------------------------------------------------------------ 指纹
+def _changed(teacher, dataset, field):
+    """把一个指纹字段改掉的构建参数：(关键字参数, 期望出现在消息里的旧值、新值片段)。"""
+    fp = _fingerprint(dataset)
+    return {
+        "top_k": ({"top_k": 4}, "top_k: 8 → 4"),
+        "temperature": ({"temperature": 1.0}, "temperature: 2.0 → 1.0"),
+        "value_dtype": ({"value_dtype": "float32"}, 'value_dtype: "float16" → "float32"'),
+        "document_mask": ({"document_mask": False}, "document_mask: true → false"),
+        "real_vocab_size": ({"real_vocab_size": 200}, "real_vocab_size: 211 → 200"),
+        "tokenizer": ({"fingerprint": {**fp, "tokenizer": "other"}}, 'tokenizer: "tok-fingerprint" → "other"'),
+        "split": ({"fingerprint": {**fp, "split": {**fp["split"], "split": "val"}}}, 'split.split: "train" → "val"'),
+        "teacher_weights": ({"fingerprint": {**fp, "teacher_weights": "w2"}}, '→ "w2"'),
+        "data": ({"fingerprint": {**fp, "data": {**fp["data"], "num_tokens": 1}}}, "data.num_tokens: "),
+        "teacher_config": ({"cfg": CFG.replace(rope_theta=500.0)}, "teacher_config.rope_theta: 1000000.0 → 500.0"),
+    }[field]
+
+
+@pytest.mark.parametrize("field", ["top_k", "temperature", "value_dtype", "document_mask", "real_vocab_size",
+                                   "tokenizer", "split", "teacher_weights", "data", "teacher_config"])
+def test_every_fingerprint_mismatch_is_named(teacher, dataset, built, field):
+    before = _files(built)
+    kw, fragment = _changed(teacher, dataset, field)
+    cfg = kw.pop("cfg", CFG)
+    args = {"top_k": K, "temperature": T, "fingerprint": _fingerprint(dataset), "blocks_per_shard": 2,
+            "progress": False}
+    args.update(kw)
+    with pytest.raises(TeacherCacheMismatch) as info:
+        build_teacher_cache(teacher, cfg, dataset, built, **args)
+    assert any(name.split(".")[0] == field for name in info.value.fields), info.value.fields
+    assert fragment in str(info.value) and str(built) in str(info.value)
+    assert _files(built) == before  # 什么都没动
+
+
+def test_seq_len_and_layout_mismatch(teacher, built):
+    other = pack_documents(_documents(), seq_len=8, separator_id=0)
+    fp = make_fingerprint("tok-fingerprint", other.store, teacher_weights="random-teacher-seed-3")
+    with pytest.raises(TeacherCacheMismatch, match="seq_len: 16 → 8"):
+        build_teacher_cache(teacher, CFG, other, built, top_k=K, temperature=T, fingerprint=fp,
+                            blocks_per_shard=2, progress=False)
+    ds = pack_documents(_documents(), seq_len=SEQ, separator_id=0)
+    with pytest.raises(TeacherCacheMismatch, match="blocks_per_shard: 2 → 3"):
+        _build(teacher, ds, built, blocks_per_shard=3)
+
+
+def test_check_fingerprint_names_all_fields_in_one_paragraph(tmp_path):
+    old = {"top_k": 8, "temperature": 2.0, "teacher_config": {"hidden_size": 32, "num_layers": 1}, "same": "x"}
+    new = {"top_k": 16, "temperature": 2, "teacher_config": {"hidden_size": 64, "num_layers": 1}, "same": "x",
+           "extra": True}
+    with pytest.raises(TeacherCacheMismatch) as info:
+        check_fingerprint(old, new, tmp_path)
+    assert info.value.fields == ["extra", "teacher_config.hidden_size", "top_k"]  # 2 与 2.0 相同
+    message = str(info.value)
+    assert "extra: (absent) → true" in message and "teacher_config.hidden_size: 32 → 64" in message
+    assert "top_k: 8 → 16" in message and "\n" not in message and str(tmp_path) in message
+    check_fingerprint(old, dict(old), tmp_path)  # 相同：不抛
+
+
+def test_fingerprint_arguments_are_checked(teacher, dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"lacks the fields \['teacher_weights'\]"):
+        _build(teacher, dataset, tmp_path / "a", fingerprint={k: v for k, v in _fingerprint(dataset).items()
+                                                              if k != "teacher_weights"})
+    with pytest.raises(ValueError, match="top_k: fingerprint has 4, the build uses 8"):
+        _build(teacher, dataset, tmp_path / "b", fingerprint=_fingerprint(dataset, top_k=4))
+    assert not (tmp_path / "a" / "index.json").exists()
+
+
+def test_foreign_directory_is_refused(teacher, dataset, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"notes\.txt is not a cache file"):
+        _build(teacher, dataset, tmp_path / "c")
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_teacher_weights_fingerprint(teacher, tmp_path):
+    save_pretrained(teacher, CFG, tmp_path / "a")
+    save_pretrained(teacher, CFG, tmp_path / "b")
+    save_pretrained(init_params(CFG, seed=4), CFG, tmp_path / "c")  # 同结构、不同权重
+    fa, fb, fc = (teacher_weights_fingerprint(tmp_path / n) for n in "abc")
+    assert fa == fb and fa != fc and fa.startswith("safetensors-sha256:")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        teacher_weights_fingerprint(tmp_path)
+
+
+def test_data_fingerprint_tracks_tokens(dataset):
+    same = pack_documents(_documents(), seq_len=SEQ, separator_id=0)
+    other = pack_documents(_documents(seed=1), seq_len=SEQ, separator_id=0)
+    a, b, c = (make_fingerprint("t", d.store, teacher_weights="w")["data"] for d in (dataset, same, other))
+    assert a == b and a != c and a["num_tokens"] == dataset.num_tokens
+
+
+# ------------------------------------------------------------------------------------------------ 导入
+SMALL_VOCAB, SMALL_K, SMALL_SEQ = 11, 3, 4
+
+
+@pytest.fixture()
+def small():
+    """两篇短文档 → seq_len 4 的 3 个块（共 12 行），最后一块有补齐。"""
+    ds = pack_documents([[1, 2, 3, 4, 5], [6, 7, 8, 9]], seq_len=SMALL_SEQ, separator_id=0)
+    assert len(ds) == 3
+    return ds
+
+
+def _rows(n):
+    """手写的 n 行：第 j 行的 id 是 (j, j+1, j+2) mod 11，概率 0.5、0.25、0.125 − j/1000（尾部 0.125 + j/1000）。"""
+    rows = []
+    for j in range(n):
+        probs = [0.5, 0.25, 0.125 - j / 1000]
+        rows.append({"ids": [(j + i) % SMALL_VOCAB for i in range(3)], "logprobs": [math.log(p) for p in probs]})
+    return rows
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _import(path, ds, out, **kw):
+    fp = make_fingerprint("tok", ds.store, teacher_weights="imported")
+    args = {"fingerprint": fp, "top_k": SMALL_K, "temperature": 1.0, "real_vocab_size": SMALL_VOCAB,
+            "progress": False, "blocks_per_shard": 2}
+    args.update(kw)
+    return import_topk_jsonl(path, ds, out, **args)
+
+
+@pytest.mark.parametrize("value_dtype", ["float16", "float32"])
+def test_import_round_trips(small, tmp_path, value_dtype):
+    rows = _rows(12)
+    status = _import(_write_rows(tmp_path / "t.jsonl", rows), small, tmp_path / "c", value_dtype=value_dtype)
+    assert status.complete and status.num_shards == 2
+    ids, log_probs, tail = TeacherCache.open(tmp_path / "c", verify=True).targets([2, 0, 1])
+    for b_out, block in enumerate([2, 0, 1]):
+        for p in range(SMALL_SEQ):
+            j = block * SMALL_SEQ + p  # 第 j 行 ↔ 块 j // L 的位置 j % L
+            assert ids[b_out, p].tolist() == rows[j]["ids"]
+            expected = torch.tensor(rows[j]["logprobs"], dtype=torch.float32)
+            if value_dtype == "float32":
+                assert torch.equal(log_probs[b_out, p], expected)
+            else:
+                _assert_fp16_close(log_probs[b_out, p], expected)
+            assert abs(float(tail[b_out, p]) - (0.125 + j / 1000)) < 1e-6
+
+
+def test_import_reproduces_a_built_cache(teacher, dataset, tmp_path):
+    """把教师缓存导出成 JSON lines 再导入：ids 与 float32 log 概率文件逐字节相同（对齐约定一致）。"""
+    _build(teacher, dataset, tmp_path / "built", value_dtype="float32")
+    ids, log_probs, tail = TeacherCache.open(tmp_path / "built").targets(range(len(dataset)))
+    lines = [json.dumps({"ids": i.tolist(), "logprobs": lp.tolist()})
+             for i, lp in zip(ids.reshape(-1, K), log_probs.reshape(-1, K))]
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    fp = {**_fingerprint(dataset), "teacher_config": CFG.to_dict()}
+    import_topk_jsonl(tmp_path / "t.jsonl", dataset, tmp_path / "imported", fingerprint=fp, top_k=K, temperature=T,
+                      real_vocab_size=CFG.vocab_size, value_dtype="float32", blocks_per_shard=2, progress=False)
+    built, imported = _files(tmp_path / "built"), _files(tmp_path / "imported")
+    for s in range(4):
+        assert imported[f"ids-{s:05d}.bin"] == built[f"ids-{s:05d}.bin"]
+        assert imported[f"logprobs-{s:05d}.bin"] == built[f"logprobs-{s:05d}.bin"]
+    _, _, tail_back = TeacherCache.open(tmp_path / "imported").targets(range(len(dataset)))
+    assert torch.allclose(tail_back, tail, atol=1e-5)
+
+
+BAD_ROWS = {
+    "not json": ("{oops", "not valid JSON"),
+    "not an object": ("[1, 2, 3]", "expected an object"),
+    "wrong k": ('{"ids": [1, 2], "logprobs": [-1.0, -2.0]}', "expected 3 ids and 3 logprobs, got 2 and 2"),
+    "id out of range": ('{"ids": [1, 2, 11], "logprobs": [-1.0, -2.0, -3.0]}', r"ids must be integers in \[0, 11\)"),
+    "negative id": ('{"ids": [-1, 2, 3], "logprobs": [-1.0, -2.0, -3.0]}', r"\[0, 11\)"),
+    "duplicate id": ('{"ids": [1, 1, 3], "logprobs": [-1.0, -2.0, -3.0]}', "distinct"),
+    "positive logprob": ('{"ids": [1, 2, 3], "logprobs": [0.5, -2.0, -3.0]}', "finite numbers <= 0"),
+    "nan logprob": ('{"ids": [1, 2, 3], "logprobs": [NaN, -2.0, -3.0]}', "finite numbers <= 0"),
+    "sum above one": ('{"ids": [1, 2, 3], "logprobs": [-0.1, -0.2, -0.3]}', r"sum to 2\.\d+ > 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_import_reports_bad_row_as_file_line(small, tmp_path, case):
+    text, reason = BAD_ROWS[case]
+    lines = [json.dumps(r) for r in _rows(12)]
+    lines[6] = text  # 文件第 7 行 = 第 j = 6 行：块 1（分片 0 内）的位置 2
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=reason) as info:
+        _import(path, small, tmp_path / "c")
+    assert str(info.value).startswith(f"{path}:7: ")
+
+
+def test_import_row_count_must_match(small, tmp_path):
+    short = _write_rows(tmp_path / "short.jsonl", _rows(11))
+    with pytest.raises(ValueError, match=r"ends after 11 rows"):
+        _import(short, small, tmp_path / "a")
+    long = _write_rows(tmp_path / "long.jsonl", _rows(13))
+    with pytest.raises(ValueError) as info:
+        _import(long, small, tmp_path / "b")
+    assert str(info.value).startswith(f"{long}:13: extra row")
+    with pytest.raises(TeacherCacheDamaged, match="incomplete"):
+        TeacherCache.open(tmp_path / "b")  # 最后一个分片没有提交
+
+
+def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
+    path = _write_rows(tmp_path / "t.jsonl", _rows(12))
+    fp = make_fingerprint("tok", small.store, teacher_weights="x")
+    del fp["teacher_weights"]
+    import_topk_jsonl(path, small, tmp_path / "c", fingerprint=fp, top_k=SMALL_K, temperature=1.0,
+                      real_vocab_size=SMALL_VOCAB, progress=False)
+    cache = TeacherCache.open(tmp_path / "c")
+    assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + tc._file_sha256(path)
+    assert cache.fingerprint["teacher_config"] is None and cache.fingerprint["seq_len"] == SMALL_SEQ
