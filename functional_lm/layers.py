@@ -254,16 +254,26 @@ def check_segment_ids(segment_ids: object, shape: tuple[int, ...], where: str = 
 
 
 @typechecked
-def segment_positions(segment_ids: Integer[Tensor, "b t"]) -> Integer[Tensor, "b t"]:
+def segment_positions(
+    segment_ids: Integer[Tensor, "b t"],
+    attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
+) -> Integer[Tensor, "b t"]:
     """每个文档内从 0 重新数起的位置：p_i = i − start(i)，start(i) 为 token i 所在文档的第一个位置。
 
     文档起点是编号与前一个 token 不同的位置（行首总是起点）；start(i) = max{j ≤ i : j 是起点}，用 cummax 求。
+    给了填充掩码时只数真实 token（与无文档编号时的 default_position_ids 一致，左填充的第一个真实 token 为 0）：
+    p_i = c_i − (c_{start(i)} − r_{start(i)}) − 1，c 为真实 token 的累计数，r 为该位置是否真实；填充处截到 0。
     """
     index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
     first = torch.ones_like(segment_ids[:, :1], dtype=torch.bool)
     is_start = torch.cat([first, segment_ids[:, 1:] != segment_ids[:, :-1]], dim=1)
     start = torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - start
+    if attention_mask is None:
+        return index - start
+    real = attention_mask.long()
+    count = real.cumsum(dim=1)
+    before = count.gather(1, start) - real.gather(1, start)  # 本文档开始之前的真实 token 数
+    return (count - before - 1).clamp(min=0)
 
 
 @typechecked
@@ -385,6 +395,8 @@ def attend(
     if mask is None and q.shape[2] != k.shape[2]:
         raise ValueError(f"attend: causal attention without a mask needs t == s, got t={q.shape[2]}, s={k.shape[2]}")
     if isinstance(mask, BlockMask):
+        if dropout_p > 0.0:
+            raise ValueError("attend: FlexAttention does not apply dropout; build a boolean mask when dropout_p > 0")
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
         return flex(q, k, v, block_mask=mask, enable_gqa=groups > 1)
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
@@ -425,10 +437,12 @@ def gqa_attention(
     """
     if segment_ids is not None:
         check_segment_ids(segment_ids, tuple(x.shape[:2]))
+    if mask is not None and (segment_ids is not None or attention_mask is not None):
+        raise ValueError("gqa_attention: give either a prebuilt mask or attention_mask / segment_ids, not both")
     if rope is None:
         if position_ids is None:
             position_ids = (
-                segment_positions(segment_ids) if segment_ids is not None
+                segment_positions(segment_ids, attention_mask) if segment_ids is not None
                 else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             )
         rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)

@@ -309,7 +309,7 @@ def forward_hidden(
         _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids)
     if position_ids is None:
         position_ids = (
-            segment_positions(segment_ids) if segment_ids is not None
+            segment_positions(segment_ids, attention_mask) if segment_ids is not None
             else default_position_ids(input_ids, attention_mask)
         )
     x = embed(input_ids, params[EMBED_KEY])

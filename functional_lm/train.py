@@ -315,6 +315,8 @@ def evaluate(
     多进程时各进程轮流分担验证批（第 i 批归第 i mod W 个进程），各项之和 all-reduce；
     教师按层切分时每个进程都算全部批（all-gather 必须一一对上），结果相同、不再相加。
     """
+    if getattr(loader, "document_mask", tcfg.document_mask) != tcfg.document_mask:
+        loader = loader.relayout(document_mask=tcfg.document_mask)  # 标签与注意力用同一个文档掩码设置
     keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens")
     totals = dict.fromkeys(keys, 0.0)
     count = min(max_batches if max_batches is not None else len(loader), len(loader))
@@ -702,6 +704,10 @@ def _restore(path: Path, stepper: _Stepper, loader: Any) -> tuple[int, Path]:
     except ValueError as err:
         raise ValueError(f"cannot resume from {path}: {str(err).removeprefix('cannot resume: ')}") from None
     step = int(state["step"])
+    if stepper.tcfg.document_mask and "document_mask" not in state.get("training_config", {"document_mask": None}):
+        say(f"[train] note: {path} was written before document_mask existed (attention crossed documents); this "
+            "run continues with document_mask=true, which changes the trajectory — pass document_mask=False to "
+            "continue exactly as before")
     if not restore_rng(tensors, stepper.info.rank):
         torch.manual_seed(stepper.tcfg.seed * 1_000_003 + step * 1009 + stepper.info.rank)
     return step, path

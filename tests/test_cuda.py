@@ -1,6 +1,7 @@
 """CUDA 上的检查（标记 cuda；没有 CUDA 时跳过——这是测试套件唯一允许的跳过）。
 
-在 GPU 机器上由 ``benchmarks/gpu_check.sh`` 运行：前向与 CPU 一致、bf16 训练几步有限且损失下降、
+在 GPU 机器上由 ``benchmarks/gpu_check.sh`` 运行：前向与 CPU 一致、打包文档（FlexAttention）与各文档单独运行一致、
+bf16 训练几步有限且损失下降、
 贪心生成与 CPU 相同、编译的解码步与 eager 相同，两块卡时 NCCL 上的 2 进程训练与 1 进程相同。
 """
 
@@ -41,6 +42,24 @@ def test_greedy_generation_on_cuda_matches_cpu_and_compiled_matches_eager():
     cpu_tokens = generate(params, CFG, prompt, max_new_tokens=8)
     assert generate(gpu, CFG, prompt, max_new_tokens=8).cpu().tolist() == cpu_tokens.tolist()
     assert generate(gpu, CFG, prompt, max_new_tokens=8, compile=True).cpu().tolist() == cpu_tokens.tolist()
+
+
+def test_packed_documents_on_cuda_use_flex_attention_and_match_each_document_alone():
+    # CUDA 上文档掩码走 FlexAttention（eager 调用编译好的 flex），前向与反向都要与各文档单独运行一致。
+    from functional_lm.layers import BlockMask, build_attention_mask
+
+    params = {k: v.cuda().requires_grad_(True) for k, v in init_params(CFG, seed=3).items()}
+    lengths = (5, 9, 4)
+    ids = torch.randint(0, CFG.vocab_size, (2, sum(lengths)), generator=torch.Generator().manual_seed(1)).cuda()
+    seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).expand(2, -1).contiguous().cuda()
+    assert isinstance(build_attention_mask(ids.shape[1], segment_ids=seg), BlockMask)
+    packed = forward(params, ids, CFG, segment_ids=seg)
+    alone = torch.cat([forward(params, doc, CFG) for doc in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-4)
+    g_packed = torch.autograd.grad(packed.square().mean(), list(params.values()))
+    g_alone = torch.autograd.grad(alone.square().mean(), list(params.values()))
+    for a, b in zip(g_packed, g_alone):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -197,3 +197,32 @@ def test_chunked_and_sparse_losses_see_exactly_the_document_masked_token_set():
         assert torch.allclose(loss, plain_on_kept, atol=1e-5, rtol=1e-5)
         (grad,) = torch.autograd.grad(loss, hidden)
         assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep])) and grad[keep].abs().sum() > 0
+
+
+def test_positions_with_left_padding_count_only_real_tokens(params):
+    # 左填充的两篇文档：填充与第一篇同号；位置只数真实 token，与没有文档编号时的缺省位置一致。
+    seg = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert segment_positions(seg, pad).tolist() == [[0, 0, 0, 1, 0, 1]]
+    ids = torch.randint(0, CFG.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    first = forward(params, ids, CFG, attention_mask=pad, segment_ids=seg)[:, 2:4]
+    alone = forward(params, ids[:, 2:4], CFG)
+    assert (first - alone).abs().max() <= TOL
+
+
+def test_a_prebuilt_mask_and_segment_ids_together_are_refused(params):
+    from functional_lm.layers import gqa_attention, sub_params
+
+    _, seg = _packed()
+    x = torch.randn(1, seg.shape[1], CFG.hidden_size)
+    attn = sub_params(params, "model.layers.0.self_attn.")
+    with pytest.raises(ValueError, match="not both"):
+        gqa_attention(x, attn, CFG, segment_ids=seg, mask=segment_mask(seg))
+
+
+def test_segments_of_a_missing_block_is_an_index_error():
+    from functional_lm.data import pack_documents
+
+    ds = pack_documents([[1, 2, 3]], seq_len=4, separator_id=0)
+    with pytest.raises(IndexError, match="out of range"):
+        ds.segments(len(ds))

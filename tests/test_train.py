@@ -530,16 +530,36 @@ def _spy_segment_ids(monkeypatch):
     return seen
 
 
+def _short_documents(tokenizer, cache_dir, tmp_path):
+    """短文档的数据：32 个 token 的块里总有好几篇。"""
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": f"Note {i}: tea at {i % 7} o'clock."}) for i in range(120)))
+    return prepare_data(
+        [str(short)], tokenizer=tokenizer, seq_len=32, batch_size=2, val_fraction=0.05, seed=0,
+        cache_dir=cache_dir, model_config=STUDENT, progress=False,
+    )
+
+
+def test_evaluate_scores_the_tokens_of_its_own_document_mask(tokenizer, cache_dir, tmp_path):
+    # 验证的标签与注意力用同一个设置：传进来的加载器设置不同时，evaluate 自己换成 tcfg.document_mask 的那一种。
+    from functional_lm.train import evaluate
+
+    data = _short_documents(tokenizer, cache_dir, tmp_path)
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+    tcfg = _tcfg(alpha=0.0)
+    real = tokenizer.real_vocab_size
+    given = evaluate(student, None, data.val_loader, tcfg, real_vocab_size=real)
+    matched = evaluate(student, None, data.val_loader.relayout(document_mask=True), tcfg, real_vocab_size=real)
+    old = evaluate(student, None, data.val_loader, tcfg.replace(document_mask=False), real_vocab_size=real)
+    assert given == matched
+    assert given["val_tokens"] < old["val_tokens"]  # 跨文档的标签不计入
+
+
 def test_document_mask_off_runs_the_previous_computation(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
     # document_mask=False：模型从不收到 segment_ids（注意力跨文档、位置不重数），标签与打包器以前给的完全相同；
     # 这正是以前的训练器的输入，所以轨迹逐位相同。打开时每次前向都带着编号，结果确实不同。
     seen = _spy_segment_ids(monkeypatch)
-    short = tmp_path / "short.jsonl"  # 短文档：32 个 token 的块里总有好几篇
-    short.write_text("\n".join(json.dumps({"text": f"Note {i}: tea at {i % 7} o'clock."}) for i in range(120)))
-    data = prepare_data(
-        [str(short)], tokenizer=tokenizer, seq_len=32, batch_size=2, val_fraction=0.05, seed=0,
-        cache_dir=cache_dir, model_config=STUDENT, progress=False,
-    )
+    data = _short_documents(tokenizer, cache_dir, tmp_path)
     off = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "off", _tcfg(max_steps=3, document_mask=False), data)
     assert seen and all(s is None for s in seen)
     seen.clear()

@@ -112,6 +112,8 @@ class PackedDataset:
 
     def segments(self, index: int) -> np.ndarray:
         """第 index 个块（L + 1 个 token）的文档编号 int64[L+1]：从 0 开始、单调不减，补齐的尾部另算一篇。"""
+        if not 0 <= index < len(self):
+            raise IndexError(f"block index {index} out of range [0, {len(self)})")
         start = index * self.block_size
         positions = np.arange(start, start + self.block_size)
         doc = np.searchsorted(self.doc_stream_start, positions, side="right") - 1
@@ -121,19 +123,23 @@ class PackedDataset:
         """第 index 个训练样本：(input_ids[L], labels[L]（被遮处为 -100）, loss_mask[L])。
 
         document_mask=True 时，标签属于下一篇文档的位置不计损失（见模块说明）。"""
+        return self._example(index, document_mask)[:3]
+
+    def _example(self, index: int, document_mask: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """example 加上输入 token 的文档编号（编号只算一次）。"""
         blk = self.block(index)
+        seg = self.segments(index)
         loss_mask = blk.mask[1:]
         if document_mask:
-            seg = self.segments(index)
             loss_mask = loss_mask & (seg[1:] == seg[:-1])
         labels = np.where(loss_mask, blk.tokens[1:], IGNORE_INDEX)
-        return blk.tokens[:-1], labels, loss_mask
+        return blk.tokens[:-1], labels, loss_mask, seg[:-1]
 
     def examples(
         self, indices: Sequence[int], document_mask: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """若干样本堆成 (b, L) 的四个数组：input_ids、labels、loss_mask 与输入 token 的文档编号。"""
-        parts = [(*self.example(int(i), document_mask), self.segments(int(i))[:-1]) for i in indices]
+        parts = [self._example(int(i), document_mask) for i in indices]
         return tuple(np.stack([p[k] for p in parts]) for k in range(4))  # type: ignore[return-value]
 
 
