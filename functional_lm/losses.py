@@ -83,6 +83,7 @@ __all__ = [
     "DIVERGENCES",
     "distillation_loss",
     "chunked_distillation_loss",
+    "chunked_sparse_distillation_loss",
     "sparse_distillation_loss",
     "teacher_topk",
     "token_divergence",
@@ -525,25 +526,44 @@ def sparse_distillation_loss(
     """
     spec = _LossSpec(divergence, temperature, alpha, beta, skew_lambda, ignore_index)
     real = _resolve_real_vocab(student_logits.shape[-1], None, real_vocab_size)
-    k = teacher_topk_ids.shape[-1]
-    if k > real:
-        raise ValueError(f"teacher top-k has k={k} entries but the real vocabulary has only {real}")
+    _check_topk(teacher_topk_ids, real)
     valid = _valid_mask(labels, loss_mask, ignore_index)
     _check_ids(labels, valid, real, "labels")
-    _check_ids(teacher_topk_ids, None, real, "teacher_topk_ids")
+    sparse = (teacher_topk_ids, teacher_topk_log_probs, teacher_tail_mass)
+    kd, ce = _sparse_token_terms(student_logits, sparse, labels, valid, spec, real)
+    return _finish(kd.sum(), ce.sum(), _divisor(valid, num_tokens), spec, return_parts)
+
+
+def _check_topk(ids: Tensor, real: int) -> None:
+    """top-k 的 k 不能超过真实词表，id 必须落在真实词表内。"""
+    k = ids.shape[-1]
+    if k > real:
+        raise ValueError(f"teacher top-k has k={k} entries but the real vocabulary has only {real}")
+    _check_ids(ids, None, real, "teacher_topk_ids")
+
+
+def _sparse_token_terms(
+    student_logits: Tensor, sparse: tuple[Tensor, Tensor, Tensor | None], labels: Tensor, valid: Tensor,
+    spec: _LossSpec, real: int,
+) -> tuple[Tensor, Tensor]:
+    """稀疏教师：逐 token 的 (D, CE)，无效 token 处恰为 0。普通版与分块版共用。
+
+    sparse = (top-k id, 温度 T 下的 log P, 尾部质量或 None)；划分为 k 个单 token 桶 + 尾部桶（k = V 时无尾部）。
+    """
+    ids, top_log_p, tail_mass = sparse
     dtype = _compute_dtype(student_logits)
     student_real = student_logits[..., :real].to(dtype)
     log_q = _student_log_probs(student_real, spec.temperature)
-    ids = teacher_topk_ids.long()
-    if k == real:  # 没有尾部：两边都是完整分布（只是列的顺序按 ids 重排）
+    ids = ids.long()
+    if ids.shape[-1] == real:  # 没有尾部：两边都是完整分布（只是列的顺序按 ids 重排）
         coarse_q = log_q.gather(-1, ids)
-        coarse_p = teacher_topk_log_probs.detach().to(dtype).clamp(min=torch.finfo(dtype).min)
+        coarse_p = top_log_p.detach().to(dtype).clamp(min=torch.finfo(dtype).min)
     else:
         coarse_q = _coarse_student(log_q, ids)
-        coarse_p = _coarse_teacher(teacher_topk_log_probs, teacher_tail_mass, dtype)
+        coarse_p = _coarse_teacher(top_log_p, tail_mass, dtype)
     kd = torch.where(valid, _divergence(coarse_p, coarse_q, spec), 0.0)
     ce = torch.where(valid, _cross_entropy(student_real, log_q, labels, valid, spec), 0.0)
-    return _finish(kd.sum(), ce.sum(), _divisor(valid, num_tokens), spec, return_parts)
+    return kd, ce
 
 
 # ================================================================================================
@@ -594,13 +614,14 @@ class _ChunkContext:
     """分块计算中各块共用的只读量。"""
 
     weight: Tensor  # 学生输出投影 (vs, d)
-    teacher_fn: TeacherChunkFn  # 行段 → 教师 logits (c, vt)
+    teacher_fn: TeacherChunkFn | None  # 行段 → 教师 logits (c, vt)；稀疏教师时为 None
     teacher_owned: bool  # 教师 logits 是否为本模块新算出（可原地改写）
     spec: _LossSpec
     real_vocab_size: int | None
     divisor: int | Tensor  # 归一化分母 N
     need_grad: bool
     compiled: bool = False  # 前向 KL 的逐元素部分是否走 torch.compile 融合的版本
+    sparse_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor | None]] | None = None  # 行段 → (top-k id, log P, 尾部)
 
 
 def _chunk_logits(ctx: _ChunkContext, h_chunk: Tensor, rows: slice) -> tuple[Tensor, Tensor, int]:
@@ -741,6 +762,23 @@ def _generic_chunk(
     return kd.detach(), ce.detach(), grad, real
 
 
+def _sparse_chunk(
+    ctx: _ChunkContext, h_chunk: Tensor, rows: slice, labels: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, int]:
+    """稀疏教师的一块：学生 logits z = h_c·Wᵀ（不建图），在这一块上用 autograd 求 ∂loss/∂z（只对真实词表列）。"""
+    with torch.no_grad():
+        student = F.linear(h_chunk, ctx.weight)
+    real = _resolve_real_vocab(ctx.weight.shape[0], None, ctx.real_vocab_size)
+    sparse = ctx.sparse_fn(rows)
+    leaf = student[:, :real].detach().requires_grad_(ctx.need_grad)
+    with torch.enable_grad():
+        kd, ce = _sparse_token_terms(leaf, sparse, labels, valid, ctx.spec, real)
+        if not ctx.need_grad:
+            return kd.detach(), ce.detach(), None, real
+        (grad,) = torch.autograd.grad(_objective(kd.sum(), ce.sum(), ctx.spec) / ctx.divisor, leaf)
+    return kd.detach(), ce.detach(), grad, real
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """前向时逐块完成"logits → 损失 → ∂损失/∂logits → ∂h、∂W"，反向只把存好的梯度乘上上游梯度。
 
@@ -753,8 +791,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, valid, chunk_ctx, chunk_size):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk_ctx = dataclasses.replace(chunk_ctx, need_grad=need_h or need_w)
-        fused = chunk_ctx.spec.divergence == "forward_kl" and chunk_ctx.need_grad
-        chunk_fn = _fused_forward_kl_chunk if fused else _generic_chunk
+        fused = chunk_ctx.spec.divergence == "forward_kl" and chunk_ctx.need_grad and chunk_ctx.sparse_fn is None
+        chunk_fn = _sparse_chunk if chunk_ctx.sparse_fn is not None else _fused_forward_kl_chunk if fused else _generic_chunk
         acc_dtype = _compute_dtype(weight)  # ∂W 在至少 float32 中累加
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
@@ -841,6 +879,55 @@ def chunked_distillation_loss(
     loss, kd_mean, ce_mean = _ChunkedDistillation.apply(
         hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size
     )
+    if not return_parts:
+        return loss
+    return loss, {"kd": kd_mean, "ce": ce_mean}
+
+
+@typechecked
+def chunked_sparse_distillation_loss(
+    student_hidden: Float[Tensor, "*batch d"],
+    student_weight: Float[Tensor, "vs d"],
+    labels: Integer[Tensor, "*batch"],
+    teacher_topk_ids: Integer[Tensor, "*batch topk"],
+    teacher_topk_log_probs: Float[Tensor, "*batch topk"],
+    *,
+    teacher_tail_mass: Float[Tensor, "*batch"] | None = None,
+    chunk_size: int = 256,
+    alpha: Number = 0.5,
+    temperature: Number = 2.0,
+    divergence: str = "forward_kl",
+    ignore_index: int = -100,
+    beta: Number = 0.5,
+    skew_lambda: Number = 0.1,
+    real_vocab_size: int | None = None,
+    loss_mask: Bool[Tensor, "*batch"] | None = None,
+    num_tokens: int | Tensor | None = None,
+    return_parts: bool = False,
+) -> Float[Tensor, ""] | tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """分块的稀疏教师损失：值与梯度等于 ``sparse_distillation_loss(h·Wᵀ, ids, log P, labels, ...)``，
+    但任何时刻只存在 chunk_size 个 token 的学生 logits（教师缓存与在线 top-k 蒸馏用它）。
+
+    教师只给 top-k id、温度 T 下的 log 概率与尾部质量（``teacher_topk`` 或 ``TeacherCache.targets`` 的结果）；
+    梯度在前向中逐块算好，反向只做缩放（与 ``chunked_distillation_loss`` 同一个机制）。
+    """
+    spec = _LossSpec(divergence, temperature, alpha, beta, skew_lambda, ignore_index)
+    if isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    real = _resolve_real_vocab(student_weight.shape[0], None, real_vocab_size)
+    hidden = rearrange(student_hidden, "... d -> (...) d")
+    flat_labels = rearrange(labels, "... -> (...)")
+    ids = rearrange(teacher_topk_ids, "... k -> (...) k")
+    _check_topk(ids, real)
+    log_p = rearrange(teacher_topk_log_probs, "... k -> (...) k")
+    tail = None if teacher_tail_mass is None else rearrange(teacher_tail_mass, "... -> (...)")
+    valid = _valid_mask(flat_labels, None if loss_mask is None else rearrange(loss_mask, "... -> (...)"), ignore_index)
+    _check_ids(flat_labels, valid, real, "labels")
+    sparse_fn = lambda rows: (ids[rows], log_p[rows], None if tail is None else tail[rows])  # noqa: E731
+    chunk_ctx = _ChunkContext(
+        student_weight, None, False, spec, real_vocab_size, _divisor(valid, num_tokens), True, sparse_fn=sparse_fn
+    )
+    loss, kd_mean, ce_mean = _ChunkedDistillation.apply(hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size)
     if not return_parts:
         return loss
     return loss, {"kd": kd_mean, "ce": ce_mean}

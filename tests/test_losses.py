@@ -859,3 +859,26 @@ def test_reported_divergence_clamp_keeps_gradient():
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     (g,) = torch.autograd.grad((y * weights).sum(), x)
     assert g.tolist() == weights.tolist()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "tvd"])
+@pytest.mark.parametrize("k", [5, 45])
+def test_chunked_sparse_loss_equals_the_plain_sparse_loss(divergence, k):
+    # 分块的稀疏教师损失（教师缓存与在线 top-k 蒸馏用它）：值与对 h、W 的梯度都等于普通版作用在 h·Wᵀ 上；
+    # k = 45 即全部真实词表（没有尾部桶），填充列 45…49 被排除。
+    from functional_lm.losses import chunked_sparse_distillation_loss
+
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 7, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 45, (2, 7), generator=g)
+    labels[0, 2] = -100
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5] = False
+    ids, log_p, tail = teacher_topk(torch.randn(2, 7, 50, generator=g) * 3, k, temperature=2.0, real_vocab_size=45)
+    common = dict(teacher_tail_mass=tail, real_vocab_size=45, divergence=divergence, loss_mask=mask, alpha=0.7)
+    plain = sparse_distillation_loss(h @ w.T, ids, log_p, labels, **common)
+    chunked = chunked_sparse_distillation_loss(h, w, labels, ids, log_p, chunk_size=3, **common)
+    assert torch.allclose(chunked, plain, rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(plain, (h, w)), torch.autograd.grad(chunked, (h, w))):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
