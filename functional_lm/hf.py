@@ -46,6 +46,7 @@ __all__ = [
     "ARCHITECTURE",
     "TOKENIZER_FILES",
     "config_from_hf",
+    "fsync_path",
     "config_to_hf",
     "load_config",
     "load_pretrained",
@@ -433,7 +434,7 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return shards
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """把文件（或目录项）刷到磁盘；不支持目录 fsync 的平台上静默跳过。"""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -461,7 +462,7 @@ def write_safetensors(tensors: Mapping[str, Tensor], file: Path, metadata: Optio
             raise
         number = int(code.group(1))
         raise OSError(number, os.strerror(number), str(file)) from err
-    _fsync(file)
+    fsync_path(file)
 
 
 def _write_shard(tensors: dict[str, Tensor], file: Path) -> None:
@@ -471,7 +472,7 @@ def _write_shard(tensors: dict[str, Tensor], file: Path) -> None:
 
 def _write_json(data: Any, file: Path) -> None:
     file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _fsync(file)
+    fsync_path(file)
 
 
 def _tokenizer_files(directory: Path) -> list[Path]:
@@ -495,7 +496,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
         if old is not None:
             os.replace(old, target)  # 换不上就把旧的放回原处
         raise
-    _fsync(target.parent)
+    fsync_path(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -534,8 +535,8 @@ def save_pretrained(
             _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, tmp / INDEX_FILE)
         for file in tok_files:
             shutil.copyfile(file, tmp / file.name)
-            _fsync(tmp / file.name)
-        _fsync(tmp)
+            fsync_path(tmp / file.name)
+        fsync_path(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

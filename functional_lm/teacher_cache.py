@@ -66,6 +66,7 @@ import torch.nn.functional as F
 
 from functional_lm.config import ModelConfig
 from functional_lm.data.store import TokenStore, crc32_file
+from functional_lm.hf import fsync_path
 from functional_lm.losses import teacher_topk
 from functional_lm.model import (
     check_input_ids,
@@ -76,6 +77,8 @@ from functional_lm.model import (
 from functional_lm.rundir import RunDirError, RunLock, write_json_atomic
 
 __all__ = [
+    "teacher_targets",
+    "stored_log_probs",
     "FINGERPRINT_FIELDS",
     "VALUE_DTYPES",
     "BuildStatus",
@@ -395,18 +398,6 @@ def _install_file(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _fsync_dir(directory: Path) -> None:
-    """把目录项（改名）刷到磁盘；不支持目录 fsync 的平台上静默跳过。"""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _ShardWriter:
@@ -444,7 +435,7 @@ class _ShardWriter:
             handle.close()
         for kind, name in self.names.items():
             _install_file(self.temps[kind], self.directory / name)
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         return {"files": {self.names[k]: {"bytes": self.bytes[k], "crc32": self.crc[k]} for k in _KINDS}}
 
     def abort(self) -> None:
@@ -619,6 +610,33 @@ def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_voc
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
+@torch.no_grad()
+def teacher_targets(
+    hidden: torch.Tensor, weight32: torch.Tensor, top_k: int, temperature: float, real_vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """教师最终隐藏状态 (…, d) → 展平后每个 token 的 (top-k id, 温度 T 下的 log P, 尾部质量)。
+
+    logits = h·Wᵀ 在 float32 中按行块计算（每块至多 _LOGIT_BYTES），再取 teacher_topk。建缓存与在线 top-k
+    训练共用这一个函数：同样的隐藏状态得到逐位相同的目标。weight32 是 float32 的输出投影 (V, d)。
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()
+    rows_per_chunk = max(1, _LOGIT_BYTES // (4 * weight32.shape[0]))
+    parts = [
+        teacher_topk(F.linear(flat[r : r + rows_per_chunk], weight32), top_k,
+                     temperature=temperature, real_vocab_size=real_vocab)
+        for r in range(0, flat.shape[0], rows_per_chunk)
+    ]
+    ids, log_probs, tail = (torch.cat(p) for p in zip(*parts))
+    return ids, log_probs, tail
+
+
+def stored_log_probs(log_probs: torch.Tensor, value_dtype: str = "float16") -> torch.Tensor:
+    """log 概率经过缓存的存储格式再读回（float16 / bfloat16 取整）：在线 top-k 训练用它，
+    使“从缓存训练”与“在线 top-k 训练”是同一种数。"""
+    decoded = _decode_values(_encode_values(log_probs, value_dtype), value_dtype)
+    return torch.from_numpy(decoded).to(log_probs.device)
+
+
 def _teacher_producer(
     params: dict[str, torch.Tensor], cfg: ModelConfig, dataset: Any, *, top_k: int, temperature: float,
     real_vocab: int, document_mask: bool, batch_size: int, device: torch.device,
@@ -627,7 +645,6 @@ def _teacher_producer(
     logits = h·Wᵀ 在 float32 中按行块计算（每块至多 _LOGIT_BYTES），再取 teacher_topk。"""
     weight = output_weight(params, cfg)
     weight32 = weight if weight.dtype == torch.float32 else weight.float()  # 转一次：V·d·4 字节
-    rows_per_chunk = max(1, _LOGIT_BYTES // (4 * weight32.shape[0]))
 
     def produce(start: int, stop: int) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
         for first in range(start, stop, batch_size):
@@ -638,13 +655,7 @@ def _teacher_producer(
             seg_t = torch.from_numpy(segments).to(device) if document_mask else None
             with torch.no_grad():
                 hidden = forward_hidden(params, ids_t, cfg, segment_ids=seg_t, check=False)
-                flat = hidden.reshape(-1, hidden.shape[-1]).float()
-                parts = [
-                    teacher_topk(F.linear(flat[r : r + rows_per_chunk], weight32), top_k,
-                                 temperature=temperature, real_vocab_size=real_vocab)
-                    for r in range(0, flat.shape[0], rows_per_chunk)
-                ]
-            ids, log_probs, tail = (torch.cat(p) for p in zip(*parts))
+            ids, log_probs, tail = teacher_targets(hidden, weight32, top_k, temperature, real_vocab)
             shape = (len(blocks), dataset.seq_len)
             yield ids.reshape(*shape, top_k).cpu().numpy(), log_probs.reshape(*shape, top_k), tail.reshape(shape)
 
