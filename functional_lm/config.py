@@ -145,6 +145,7 @@ class TrainingConfig:
     device: str = "auto"  # 设备：auto（有 CUDA 用 CUDA）、cpu、cuda、cuda:N / device: auto (CUDA when present), cpu, cuda, cuda:N
     teacher_sharding: str = "replicate"  # 多进程时教师每进程一份或用 FSDP2 切分 / teacher per process: replicate or shard (FSDP2)
     document_mask: bool = True  # 打包的文档互不可见、位置逐篇从 0 数 / packed documents do not attend to each other
+    top_k: int = 0  # 教师只给前 k 个 token（稀疏损失，在线或来自教师缓存）；0 = 完整分布 / teacher top-k targets only (sparse loss); 0 = full distribution
 
     def __post_init__(self) -> None:
         ints = (
@@ -158,7 +159,9 @@ class TrainingConfig:
             "loss_chunk_size",
             "eval_batches",
         )
-        _require_int(self, ints + ("warmup_steps", "seed", "max_steps"))
+        _require_int(self, ints + ("warmup_steps", "seed", "max_steps", "top_k"))
+        if self.top_k < 0:
+            raise ValueError(f"TrainingConfig.top_k must be >= 0 (0 = the full teacher distribution), got {self.top_k!r}")
         _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
         if self.warmup_steps < 0:
             raise ValueError(f"TrainingConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")

@@ -51,9 +51,10 @@ from functional_lm.distributed import (
     shard_teacher,
     wrap_student,
 )
-from functional_lm.losses import chunked_distillation_loss, distillation_loss
+from functional_lm.losses import chunked_distillation_loss, chunked_sparse_distillation_loss, distillation_loss
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
 from functional_lm.monitor import Metrics, NullMetrics, StopFlag, Window, progress_bar, say, stop_on_signals
+from functional_lm.teacher_cache import stored_log_probs, teacher_targets
 from functional_lm.rundir import Interrupted, RunDirError, RunFailure, write_failure
 from functional_lm.typing import typecheck
 
@@ -152,6 +153,27 @@ def teacher_hidden_states(
         return forward_fn(teacher.params, input_ids, teacher.cfg, check=False, segment_ids=segment_ids)
 
 
+def live_topk_targets(
+    teacher: Model, teacher_hidden: torch.Tensor, tcfg: TrainingConfig, real_vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """在线 top-k：教师隐藏状态 → (top-k id, log P_T, 尾部质量)，形状 (b, t, k) / (b, t, k) / (b, t)。
+
+    与建教师缓存同一个函数（teacher_cache.teacher_targets），log 概率再按缓存的存法（float16）取整：
+    从缓存训练与在线 top-k 训练因此是同一种计算。"""
+    weight = output_weight(teacher.params, teacher.cfg)
+    weight32 = weight if weight.dtype == torch.float32 else weight.float()
+    ids, log_p, tail = teacher_targets(teacher_hidden, weight32, tcfg.top_k, tcfg.temperature, real_vocab_size)
+    shape = tuple(teacher_hidden.shape[:-1])
+    return ids.reshape(*shape, -1), stored_log_probs(log_p).reshape(*shape, -1), tail.reshape(shape)
+
+
+def cached_targets(cache: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """从教师缓存按批的块号取目标，搬到设备上。"""
+    if getattr(batch, "block_ids", None) is None:
+        raise ValueError("training from a teacher cache needs batches that carry block_ids (BatchLoader gives them)")
+    return tuple(x.to(device, non_blocking=True) for x in cache.targets(batch.block_ids.cpu()))  # type: ignore[return-value]
+
+
 def distill_loss(
     params: Mapping[str, torch.Tensor],
     cfg: ModelConfig,
@@ -163,16 +185,26 @@ def distill_loss(
     real_vocab_size: int,
     num_tokens: Optional[int] = None,
     forward_fn: Callable = forward_hidden,
+    sparse_targets: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """规格书的目标：α·T²·D(教师 ‖ 学生, T) + (1−α)·CE(学生, 标签)，按有效 token 平均。
 
     分块计算：学生 logits 与教师 logits 都只按 loss_chunk_size 个 token 一块临时生成。
-    teacher 为 None 时只训练交叉熵（要求 α = 0）：用于预训练演示教师与“只用 CE”的对照学生。
+    sparse_targets = (top-k id, 温度 T 下的 log P, 尾部质量)（在线 top-k 或教师缓存）时用稀疏损失，不需要教师。
+    teacher 为 None 且没有稀疏目标时只训练交叉熵（要求 α = 0）：用于预训练演示教师与“只用 CE”的对照学生。
     """
     with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=tcfg.bf16):
         hidden = forward_fn(params, batch.input_ids, cfg, training=True, segment_ids=document_segments(batch, tcfg))
     if tcfg.bf16:
         hidden = hidden.float()  # 损失（softmax over vocab）始终在 float32 中计算
+    if sparse_targets is not None:
+        ids, log_p, tail = sparse_targets
+        return chunked_sparse_distillation_loss(
+            hidden, output_weight(params, cfg), batch.labels, ids, log_p, teacher_tail_mass=tail,
+            chunk_size=tcfg.loss_chunk_size, alpha=tcfg.alpha, temperature=tcfg.temperature,
+            divergence=tcfg.divergence, real_vocab_size=real_vocab_size, loss_mask=batch.loss_mask,
+            num_tokens=num_tokens, return_parts=True,
+        )
     if teacher is None:
         if tcfg.alpha != 0.0:
             raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
@@ -371,6 +403,7 @@ class _Stepper:
     info: Dist = SINGLE
     student_fwd: Callable = forward_hidden
     teacher_fwd: Callable = forward_hidden
+    teacher_cache: Any = None  # 教师缓存（TeacherCache）：训练目标从它读，不跑教师
 
     def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """梯度累积：只在最后一个微批的反向里做 all-reduce（DDP 的 no_sync）。"""
@@ -379,21 +412,33 @@ class _Stepper:
         return self.student.no_sync()
 
 
+def _teacher_side(stepper: _Stepper, batch: Any) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
+    """这一微批的教师一侧：(教师隐藏状态, 稀疏目标)。教师缓存 → 只有目标；top_k > 0 → 在线取 top-k；
+    否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。"""
+    if stepper.teacher_cache is not None:
+        return None, cached_targets(stepper.teacher_cache, batch, stepper.info.device)
+    if stepper.teacher is None:
+        return None, None
+    with _no_checks_if_sharded(stepper.teacher):
+        t_hidden = teacher_hidden_states(
+            stepper.teacher, batch.input_ids, stepper.teacher_fwd, document_segments(batch, stepper.tcfg)
+        )
+        if stepper.tcfg.top_k > 0:
+            return None, live_topk_targets(stepper.teacher, t_hidden, stepper.tcfg, stepper.real_vocab_size)
+    return t_hidden, None
+
+
 def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> torch.Tensor:
     """一个微批：教师隐藏状态 → 学生的分块损失（经过参数壳的 forward）→ 反向。
 
     返回本进程的 (损失, KD, CE) 三项（留在设备上，整步结束时才取回主机一次，不逐微批同步）。"""
     batch = batch.to(stepper.info.device, non_blocking=True)
     with stepper.no_sync(last), _teacher_scope(stepper.teacher):
-        t_hidden = None
-        if stepper.teacher is not None:
-            with _no_checks_if_sharded(stepper.teacher):
-                t_hidden = teacher_hidden_states(
-                    stepper.teacher, batch.input_ids, stepper.teacher_fwd, document_segments(batch, stepper.tcfg)
-                )
+        t_hidden, targets = _teacher_side(stepper, batch)
         loss, parts = stepper.student(
             distill_loss, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
             real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
+            sparse_targets=targets,
         )
         # DDP 对各进程的梯度求平均；本进程的损失先乘进程数，平均后正是 Σ_全局 ℓ / N_全局 的梯度。
         (loss * stepper.info.world_size).backward()
@@ -426,9 +471,11 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
 
 
 # ---------------------------------------------------------------- 训练主循环
-def _check_models(student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int]) -> int:
+def _check_models(
+    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int], cache: Any = None
+) -> int:
     """训练前的一次性核对；返回真实词表大小。"""
-    if teacher is None and tcfg.alpha != 0.0:
+    if teacher is None and cache is None and tcfg.alpha != 0.0:
         raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
     vocab_rows = [student.cfg.vocab_size] + ([teacher.cfg.vocab_size] if teacher is not None else [])
     real_vocab_size = real_vocab_size or min(vocab_rows)
@@ -438,6 +485,19 @@ def _check_models(student: Model, teacher: Optional[Model], tcfg: TrainingConfig
     if teacher is not None:
         check_params(teacher.params, teacher.cfg)
     return real_vocab_size
+
+
+def check_cache_matches(cache: Any, tcfg: TrainingConfig, dataset: Any, real_vocab_size: int) -> None:
+    """教师缓存与本次训练对得上：top_k、温度、块长、文档掩码、真实词表、块数逐项核对，不符的全部点名。"""
+    fp = cache.fingerprint
+    wanted = {"top_k": tcfg.top_k, "temperature": tcfg.temperature, "seq_len": dataset.seq_len,
+              "document_mask": tcfg.document_mask, "real_vocab_size": real_vocab_size}
+    problems = [f"{k}: the cache has {fp.get(k)!r}, this run uses {v!r}" for k, v in wanted.items() if fp.get(k) != v]
+    if cache.num_blocks != len(dataset):
+        problems.append(f"blocks: the cache holds {cache.num_blocks}, the training split has {len(dataset)}")
+    if problems:
+        raise ValueError(f"the teacher cache {cache.directory} does not match this run: " + "; ".join(problems)
+                         + " (rebuild it with `functional-lm teacher-cache`, or change the run to match)")
 
 
 def _refuse_foreign_run(run_dir: Path, ckpt_root: Path) -> None:
@@ -497,6 +557,7 @@ def train(
     progress: bool = True,
     on_step_end: Optional[Callable[[int, dict[str, float]], None]] = None,
     info: Optional[Dist] = None,
+    teacher_cache: Any = None,
 ) -> TrainResult:
     """把教师蒸馏进学生，返回 TrainResult。
 
@@ -512,12 +573,16 @@ def train(
         on_step_end：每步结束时的回调 (step, 指标)，测试用它模拟崩溃。
         info：本进程在多进程运行中的位置（缺省按 torchrun 的环境变量与 tcfg.device 建立，见 distributed.setup）。
             多进程时每个进程都调用 train()；只有秩 0 显示进度、写指标与检查点。
+        teacher_cache：训练集的教师缓存（``TeacherCache.open(C/train)``）：训练目标从它按块号读取，不跑教师
+            （teacher 可以为 None；给了教师时只用于验证）。它的 top_k、温度、块长、文档掩码与块数必须与本次相同。
     """
     tune_malloc()  # 大块临时张量留在进程里复用（见 allocator.py）；命令行在启动时已经做过
     info = info if info is not None else setup(tcfg.device)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
-    real = _check_models(student, teacher, tcfg, real_vocab_size)
+    real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache)
+    if teacher_cache is not None:
+        check_cache_matches(teacher_cache, tcfg, data.train_loader.dataset, real)
     if not resume:
         on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
     loader, total = _training_loader(data, tcfg, info)
@@ -526,6 +591,9 @@ def train(
         say(_layout_line(info, loader, tcfg, teacher))
     teacher_model = _teacher_for_training(teacher, tcfg, info)
     stepper = _build_stepper(student, teacher_model, tcfg, real, info)
+    stepper.teacher_cache = teacher_cache
+    if teacher_cache is not None:
+        stepper.teacher = None  # 训练目标来自缓存；教师（若给了）只用于验证
     result = _start(stepper, loader, total, ckpt_root if resume else None)
     metrics = Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint) if info.is_main else NullMetrics()
     if resume:

@@ -571,3 +571,40 @@ def test_document_mask_off_runs_the_previous_computation(tokenizer, cache_dir, t
     plain = data.train_loader.batch_at(0, 0)
     masked = data.train_loader.relayout(document_mask=True).batch_at(0, 0)
     assert int((plain.labels == -100).sum()) < int((masked.labels == -100).sum())
+
+
+# ---------------------------------------------------------------- 稀疏教师：在线 top-k 与教师缓存（issue 14）
+def _cache_for(data, teacher_dir, tmp_path, tokenizer, top_k, temperature=2.0):
+    from functional_lm.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+
+    teacher = _teacher(teacher_dir)
+    fp = make_fingerprint(tokenizer, data.store, teacher_weights="test-teacher", split="train", val_fraction=0.05, seed=0)
+    build_teacher_cache(
+        teacher.params, teacher.cfg, data.train_loader.dataset, tmp_path / "cache", top_k=top_k,
+        temperature=temperature, fingerprint=fp, real_vocab_size=tokenizer.real_vocab_size, batch_size=2,
+        blocks_per_shard=8, progress=False,
+    )
+    return TeacherCache.open(tmp_path / "cache", verify=True)
+
+
+def test_a_student_distilled_from_the_cache_equals_the_live_top_k_student(tokenizer, cache_dir, teacher_dir, tmp_path):
+    data = _short_documents(tokenizer, cache_dir, tmp_path)  # 小数据：缓存要覆盖训练集的每一个块
+    tcfg = _tcfg(max_steps=4, top_k=8)
+    live = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "live", tcfg, data)
+    cache = _cache_for(data, teacher_dir, tmp_path, tokenizer, top_k=8)
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+    cached = train(student, None, data, tcfg, tmp_path / "cached", real_vocab_size=tokenizer.real_vocab_size,
+                   progress=False, teacher_cache=cache)
+    for key, value in live.params.items():
+        assert (value - cached.params[key]).abs().max() <= 1e-6, key
+    dense = _run(tokenizer, cache_dir, teacher_dir, tmp_path / "dense", tcfg.replace(top_k=0), data)
+    assert any(not torch.equal(dense.params[k], live.params[k]) for k in live.params)  # 稀疏确实不同于稠密
+
+
+def test_a_cache_that_does_not_match_the_run_is_refused_by_field(tokenizer, cache_dir, teacher_dir, tmp_path):
+    data = _short_documents(tokenizer, cache_dir, tmp_path)
+    cache = _cache_for(data, teacher_dir, tmp_path, tokenizer, top_k=8)
+    student = Model(init_params(STUDENT, seed=3), STUDENT)
+    with pytest.raises(ValueError, match=r"top_k: the cache has 8, this run uses 16.*temperature: the cache has 2.0"):
+        train(student, None, data, _tcfg(top_k=16, temperature=1.5), tmp_path / "run",
+              real_vocab_size=tokenizer.real_vocab_size, progress=False, teacher_cache=cache)

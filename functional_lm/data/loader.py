@@ -1,4 +1,4 @@
-"""批加载器：从 PackedDataset 按种子确定的顺序取批，产出 (input_ids, labels, loss_mask, segment_ids)，位置可保存 / 恢复。
+"""批加载器：从 PackedDataset 按种子确定的顺序取批，产出 (input_ids, labels, loss_mask, segment_ids, block_ids)，位置可保存 / 恢复。
 
 顺序：第 e 轮的块顺序 = ``np.random.default_rng([seed, e]).permutation(num_blocks)``（shuffle=False 时为原序），
 只由 (seed, epoch) 决定，所以恢复时只需记住 (epoch, position) 两个整数——中断后恢复的运行与不间断的运行
@@ -36,6 +36,7 @@ class Batch(NamedTuple):
     labels: Int[Tensor, "b t"]  # int64，被遮处为 -100
     loss_mask: Bool[Tensor, "b t"]  # 是否计损失
     segment_ids: Optional[Int[Tensor, "b t"]] = None  # int64，输入 token 所在文档的编号（每行从 0 起、不减）
+    block_ids: Optional[Int[Tensor, "b"]] = None  # int64，每行是数据集的第几个块（教师缓存按它取目标）
 
     def to(self, device: Any, non_blocking: bool = False) -> "Batch":
         return Batch(*(None if x is None else x.to(device, non_blocking=non_blocking) for x in self))
@@ -133,7 +134,8 @@ class BatchLoader:
         if epoch < 0:
             raise IndexError(f"epoch must be >= 0, got {epoch}")
         indices = self.epoch_order(epoch)[self._rows(position)]
-        batch = Batch(*(torch.from_numpy(a) for a in self.dataset.examples(indices, self.document_mask)))
+        arrays = self.dataset.examples(indices, self.document_mask)
+        batch = Batch(*(torch.from_numpy(a) for a in arrays), torch.from_numpy(np.asarray(indices, dtype=np.int64)))
         return Batch(*(t.pin_memory() for t in batch)) if self.pin_memory else batch
 
     def next_batch(self) -> Batch:
