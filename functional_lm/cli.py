@@ -6,6 +6,8 @@
     functional-lm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                            [--temperature T --top-k K --top-p P --seed S --dtype D --device DEV --compile]
     functional-lm distill  [--teacher DIR --data FILES ...]（见 functional_lm/distill.py）
+    functional-lm teacher-cache (--teacher DIR | --import FILE) --output-dir C --top-k K [--temperature T ...]
+                           （预先计算教师的 top-k 目标；见 functional_lm/cache_command.py）
 
 错误处理：任何失败都只打印一段话（命令名 + 原因），从不打印 Python 回溯；``--debug`` 或环境变量
 ``FUNCTIONAL_LM_DEBUG=1`` 时照常抛出、显示回溯。退出码：0 成功；2 输入或参数错误；
@@ -206,7 +208,15 @@ def _register_distill(subparsers: argparse._SubParsersAction) -> None:
     register(subparsers)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_generate, _register_distill]
+def _register_teacher_cache(subparsers: argparse._SubParsersAction) -> None:
+    from functional_lm.cache_command import register
+
+    register(subparsers)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_generate, _register_distill, _register_teacher_cache,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

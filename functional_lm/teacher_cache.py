@@ -235,22 +235,24 @@ def data_fingerprint(store: TokenStore) -> dict[str, Any]:
 
 
 def make_fingerprint(
-    tokenizer: Any, store: TokenStore, *, teacher_weights: str, split: str = "train",
+    tokenizer: Any, store: TokenStore, *, teacher_weights: str | None, split: str = "train",
     val_fraction: float = 0.0, seed: int = 0,
 ) -> dict[str, Any]:
     """调用方负责的四个指纹字段（tokenizer、data、split、teacher_weights）；其余字段由构建函数补上。
 
     tokenizer：分词器指纹字符串，或带 ``.fingerprint`` 的分词器；split："train" 或 "val"，连同划分的
     val_fraction 与 seed（``pack`` 的参数）；teacher_weights：``teacher_weights_fingerprint(目录)``，
-    内存中的教师可以传任意能标识它的字符串。"""
+    内存中的教师可以传任意能标识它的字符串；None 时不写这一项（导入时由 import_topk_jsonl 记下文件的 sha256）。"""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    return {
+    fingerprint = {
         "tokenizer": str(getattr(tokenizer, "fingerprint", tokenizer)),
         "data": data_fingerprint(store),
         "split": {"split": split, "val_fraction": float(val_fraction), "seed": int(seed)},
-        "teacher_weights": str(teacher_weights),
     }
+    if teacher_weights is not None:
+        fingerprint["teacher_weights"] = str(teacher_weights)
+    return fingerprint
 
 
 def _full_fingerprint(given: Mapping[str, Any], derived: Mapping[str, Any]) -> dict[str, Any]:

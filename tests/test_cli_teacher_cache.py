@@ -1,0 +1,236 @@
+"""`functional-lm teacher-cache`：建出的缓存与直接跑教师的 top-k 相同、真实信号中断后续建逐字节相同、
+设置不同的已有缓存被拒绝且不被改动、JSON-lines 导入经命令行往返、坏输入只给一段话。
+
+教师是 2 层、隐藏 32 的随机小模型（词表 151,936，容得下离线 Qwen2.5 分词器）；数据取 conftest 写的
+data.jsonl 的前 12 篇（1,044 个 token；块长 32、验证比例 0.2 → 24 个训练块、8 个验证块），让每次构建只要几秒。
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import write_teacher_and_data
+
+from functional_lm.cli import main
+from functional_lm.config import ModelConfig
+
+pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
+
+TEACHER = ModelConfig(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4,
+)
+SEQ = 32
+K = 8
+T = 2.0
+VAL = 0.2
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """教师、12 篇的小数据文件 small.jsonl，以及所有测试共用的分词缓存目录。"""
+    root = write_teacher_and_data(tmp_path_factory.mktemp("teacher-cache"), TEACHER)
+    lines = (root / "data.jsonl").read_text().splitlines()[:12]
+    (root / "small.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _args(root, out, *extra):
+    """一次构建的命令行参数（不含子命令前的程序名）。"""
+    return [
+        "teacher-cache", "--teacher", str(root / "teacher"), "--data", str(root / "small.jsonl"),
+        "--output-dir", str(out), "--top-k", str(K), "--temperature", str(T), "--seq-len", str(SEQ),
+        "--val-fraction", str(VAL), "--cache-dir", str(root / "tokens"), "--device", "cpu", "--no-progress",
+        *extra,
+    ]
+
+
+def _files(directory):
+    """缓存目录树里除锁文件外的全部文件：相对路径 → 字节。"""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
+
+
+def _data(root, val_fraction=VAL, seq_len=SEQ, source="small.jsonl"):
+    """与命令相同的 prepare_data 调用（复用分词缓存）：参照用的训练 / 验证块。"""
+    from functional_lm.data import load_tokenizer, prepare_data
+
+    return prepare_data(
+        [str(root / source)], tokenizer=load_tokenizer(None), seq_len=seq_len, batch_size=4,
+        val_fraction=val_fraction, seed=0, cache_dir=root / "tokens", progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(root):
+    """一次完整的构建（进程内调用 main）；返回 (缓存目录 C, stderr)。"""
+    out, err = root / "built", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(_args(root, out, "--blocks-per-shard", "8"))
+    assert code == 0, err.getvalue()
+    return out, err.getvalue()
+
+
+# ---------------------------------------------------------------- 构建的内容
+def test_build_matches_teacher_topk_computed_directly(root, built):
+    from functional_lm.hf import load_pretrained
+    from functional_lm.losses import teacher_topk
+    from functional_lm.model import forward
+    from functional_lm.teacher_cache import TeacherCache
+
+    out, err = built
+    data = _data(root)
+    assert len(data.train) == 24 and len(data.val) == 8
+    cfg, params = load_pretrained(root / "teacher", dtype=torch.float32)
+    for split, blocks in (("train", [0, 13, 23]), ("val", [0, 7])):  # 首块、跨分片、末块（有补齐）
+        cache = TeacherCache.open(out / split, verify=True)
+        dataset = getattr(data, split)
+        assert (cache.num_blocks, cache.seq_len, cache.top_k, cache.temperature) == (len(dataset), SEQ, K, T)
+        assert cache.fingerprint["split"] == {"split": split, "val_fraction": VAL, "seed": 0}
+        assert cache.fingerprint["document_mask"] is True and cache.real_vocab_size == 151665
+        ids, log_probs, tail = cache.targets(blocks)
+        input_ids, _, _, segments = dataset.examples(blocks, True)
+        logits = forward(params, torch.from_numpy(input_ids), cfg, segment_ids=torch.from_numpy(segments))
+        ref_ids, ref_lp, ref_tail = teacher_topk(logits, K, temperature=T, real_vocab_size=151665)
+        assert torch.equal(ids, ref_ids)
+        assert torch.all((log_probs - ref_lp).abs() <= ref_lp.abs() * 2.0**-11 + 1e-6)  # float16 舍入
+        assert torch.allclose(tail, ref_tail, rtol=0, atol=1e-6)
+    # 进度之外的最后一行是一行总结：块数、token 数、每 token 字节数、位置。
+    last = err.strip().splitlines()[-1]
+    per_token = K * 4 + K * 2 + 4  # ids int32、float16 log 概率、float32 尾部
+    assert per_token * 1024 == 53248
+    assert last == (f"teacher cache complete: train 24 blocks (768 tokens), val 8 blocks (256 tokens); 53.2 KB, "
+                    f"52.0 bytes/token (top-k {K}, T=2, float16) in {out}")
+
+
+def test_rerun_of_a_finished_cache_changes_nothing(root, built, tmp_path, capsys):
+    out = tmp_path / "C"
+    shutil.copytree(built[0], out)
+    before = _files(out)
+    assert main(_args(root, out, "--blocks-per-shard", "8")) == 0
+    assert "teacher cache complete: train 24 blocks" in capsys.readouterr().err
+    assert _files(out) == before
+
+
+def test_mismatched_cache_is_refused_and_left_untouched(root, built, tmp_path, capsys):
+    out = tmp_path / "C"
+    shutil.copytree(built[0], out)
+    before = _files(out)
+    args = _args(root, out, "--blocks-per-shard", "8")
+    args[args.index("--top-k") + 1] = "4"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "top_k: 8 → 4" in err and "left untouched" in err and "Traceback" not in err
+    assert _files(out) == before
+
+
+# ---------------------------------------------------------------- 真实信号：中断、续建、逐字节相同
+def test_sigint_stops_between_shards_and_rerun_resumes_byte_identically(root, tmp_path):
+    out = tmp_path / "C"
+    argv = [sys.executable, "-m", "functional_lm", *_args(root, out, "--blocks-per-shard", "1")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    index = out / "train" / "index.json"
+    deadline = time.monotonic() + 120  # 上限只防止测试挂住：第一个分片始终不提交就是失败
+    while not (index.exists() and any(s is not None for s in json.loads(index.read_text() or "{}").get("shards", []))):
+        assert proc.poll() is None, proc.communicate()[1]
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no shard was ever committed: {proc.communicate()[1]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped: SIGINT received" in err and "rerun the same command to continue" in err
+    shards = json.loads(index.read_text())["shards"]
+    done = sum(s is not None for s in shards)
+    assert 1 <= done < len(shards) == 24  # 停在分片之间：已提交的留着，其余未写
+    assert not [p.name for p in (out / "train").iterdir() if p.name.endswith(".tmp")]
+
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr
+    reference = tmp_path / "reference"
+    assert main(_args(root, reference, "--blocks-per-shard", "1")) == 0
+    resumed, whole = _files(out), _files(reference)
+    assert sorted(resumed) == sorted(whole) and len(whole) == (1 + 3 * 24) + (1 + 3 * 8)  # index.json + 每分片 3 个
+    assert all(resumed[name] == whole[name] for name in whole)
+
+
+# ---------------------------------------------------------------- 导入
+def _topk_row(j):
+    """第 j 行：3 个互不相同的 id 与概率 1/2、1/4、1/8（尾部质量 1/8）。"""
+    return {"ids": [j % 97, 100 + j % 89, 300 + j], "logprobs": [math.log(0.5), math.log(0.25), math.log(0.125)]}
+
+
+def test_import_jsonl_round_trips_through_the_command(root, tmp_path, capsys):
+    from functional_lm.teacher_cache import TeacherCache
+
+    data = _data(root, val_fraction=0.0, seq_len=8)
+    rows = len(data.train) * 8
+    topk = tmp_path / "topk.jsonl"
+    topk.write_text("".join(json.dumps(_topk_row(j)) + "\n" for j in range(rows)))
+    out = tmp_path / "C"
+    argv = ["teacher-cache", "--import", str(topk), "--data", str(root / "small.jsonl"), "--output-dir", str(out),
+            "--top-k", "3", "--seq-len", "8", "--val-fraction", "0", "--cache-dir", str(root / "tokens"),
+            "--blocks-per-shard", "16", "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"expecting {rows} rows ({len(data.train)} train blocks × 8 positions)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["train"]
+    cache = TeacherCache.open(out / "train", verify=True)
+    assert (cache.num_blocks, cache.top_k, cache.temperature) == (len(data.train), 3, T)
+    assert cache.fingerprint["teacher_weights"].startswith("jsonl-sha256:")
+    ids, log_probs, tail = cache.targets([0, len(data.train) - 1])
+    for i, block in enumerate([0, len(data.train) - 1]):
+        for p in (0, 7):
+            row = _topk_row(block * 8 + p)
+            assert ids[i, p].tolist() == row["ids"]
+            assert log_probs[i, p].tolist() == pytest.approx(row["logprobs"], abs=1e-3)
+            assert float(tail[i, p]) == pytest.approx(0.125, abs=1e-6)
+    # 行数不对：点名文件与行数的一段话
+    topk.write_text("".join(json.dumps(_topk_row(j)) + "\n" for j in range(rows - 1)))
+    assert main(_set(argv, "--output-dir", str(tmp_path / "D"))) == 2
+    assert f"ends after {rows - 1} rows" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 坏输入：一段话、退出码 2
+@pytest.mark.parametrize("change, expected", [
+    (lambda a: [x for i, x in enumerate(a) if i not in (1, 2)], "give --teacher DIR (run a teacher checkpoint over the data) or --import FILE"),
+    (lambda a: _set(a, "--top-k", "0"), "--top-k must be a positive integer (tokens kept per position), got 0"),
+    (lambda a: _set(a, "--top-k", "151666"), "--top-k 151666 exceeds the vocabulary: the tokenizer has 151665"),
+    (lambda a: _set(a, "--temperature", "0"), "--temperature must be a finite number > 0, got 0.0"),
+    (lambda a: _set(a, "--temperature", "-1"), "--temperature must be a finite number > 0, got -1.0"),
+    (lambda a: _set(a, "--data", "/no/such/data.jsonl"), "/no/such/data.jsonl"),
+    (lambda a: _set(a, "--seq-len", "65"), "--seq-len 65 exceeds the teacher's max_seq_len=64"),
+    (lambda a: _set(a, "--document-mask", "maybe"), "--document-mask expects true/false, got 'maybe'"),
+])
+def test_bad_input_gives_one_paragraph(root, tmp_path, capsys, change, expected):
+    out = tmp_path / "C"
+    assert main(change(_args(root, out))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("functional-lm teacher-cache: error: ") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (out / "train").exists()
+
+
+def _set(args, option, value):
+    """把参数表里 option 的值换成 value（没有时追加）。"""
+    args = list(args)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    return args
