@@ -69,6 +69,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("run / 运行")
     run.add_argument("--teacher", help="教师检查点目录（Qwen2ForCausalLM）或 hub id；不给时运行离线演示 / teacher "
                      "checkpoint directory (Qwen2ForCausalLM) or hub id; without it the offline demo runs")
+    run.add_argument("--teacher-cache", metavar="C", help="教师缓存目录（functional-lm teacher-cache 的输出）：从缓存的 "
+                     "top-k 目标蒸馏，不加载教师；top_k 缺省取缓存的 K / teacher cache directory (the output of "
+                     "functional-lm teacher-cache): distil from its stored top-k targets without loading the teacher; "
+                     "top_k defaults to the cache's K")
     run.add_argument("--data", nargs="+", help="训练数据：.txt/.md（按空行分篇）、.jsonl（text 或 messages）、.parquet"
                      "；缺省为内置语料 / training data: .txt/.md (split at blank lines), .jsonl (text or messages), "
                      ".parquet; default: the embedded corpus")
@@ -179,7 +183,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             demo_seq_len=DEMO_SEQ_LEN, source=args.config or "config",
         )
 
-    out = Path(explicit.get("output_dir") or ("runs/demo" if explicit.get("teacher") is None else "runs/distill"))
+    demo = explicit.get("teacher") is None and explicit.get("teacher_cache") is None
+    out = Path(explicit.get("output_dir") or ("runs/demo" if demo else "runs/distill"))
     out = out.expanduser()
     fields = {**file_values, **cli_fields}
     info = setup(str(fields.get("device", "auto")))  # torchrun 下加入进程组
@@ -229,20 +234,42 @@ def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool, in
 
 
 # ---------------------------------------------------------------- 真实教师的蒸馏
-def _tokenizer_source(run: Mapping[str, Any], teacher_dir: Path) -> Optional[Path]:
+def _tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Optional[Path]:
     """分词器来源：--tokenizer，否则教师目录（有 tokenizer.json 时），否则 None（离线默认）。"""
     if run.get("tokenizer"):
         return Path(run["tokenizer"])
-    return teacher_dir if (teacher_dir / "tokenizer.json").is_file() else None
+    if teacher_dir is not None and (teacher_dir / "tokenizer.json").is_file():
+        return teacher_dir
+    return None
 
 
-def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
+def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig]) -> None:
     for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
-        if seq_len > cfg.max_seq_len:
+        if cfg is not None and seq_len > cfg.max_seq_len:
             raise ValueError(f"--seq-len {seq_len} exceeds the {name}'s max_seq_len={cfg.max_seq_len}")
 
 
-def _finish(result: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig, tcfg: TrainingConfig,
+def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
+    """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。"""
+    if not run.get("teacher_cache"):
+        return None, None
+    from functional_lm.teacher_cache import TeacherCache
+
+    root = Path(run["teacher_cache"])
+    val = TeacherCache.open(root / "val") if (root / "val" / "index.json").is_file() else None
+    return TeacherCache.open(root / "train"), val
+
+
+def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
+    """缓存是为这份数据、这个分词器、这个划分建的：三项指纹逐项核对，不符的点名（温度、K 等由训练器核对）。"""
+    from functional_lm.teacher_cache import check_fingerprint, make_fingerprint
+
+    wanted = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
+                              val_fraction=tcfg.val_fraction, seed=tcfg.seed)
+    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory)
+
+
+def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: TrainingConfig,
             run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
     """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
     from functional_lm.hf import save_pretrained
@@ -254,7 +281,7 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_cfg: ModelConfig, tcf
         write_report(
             out,
             title="functional_lm distillation report",
-            configs={"student": student_cfg.to_dict(), "teacher": teacher_cfg.to_dict(),
+            configs={"student": student_cfg.to_dict(), "teacher": teacher_info,
                      "training": tcfg.to_dict(), "run": dict(run)},
             final_metrics={"student (distilled)": result.final_eval},
             curves={"distilled student": read_metrics(out)},
@@ -285,12 +312,13 @@ def run_distill(
     from functional_lm.train import Model, teacher_dtype, train
 
     info = info or SINGLE
-    teacher_dir = resolve_checkpoint(run["teacher"])
-    teacher_cfg = load_config(teacher_dir)
+    teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
+    teacher_cfg = load_config(teacher_dir) if teacher_dir is not None else None
+    train_cache, val_cache = _open_teacher_caches(run)
     tok_source = _tokenizer_source(run, teacher_dir)
     tokenizer = load_tokenizer(tok_source)
     # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
-    check_vocab_compat(tokenizer, student_cfg.vocab_size, teacher_cfg.vocab_size)
+    check_vocab_compat(tokenizer, student_cfg.vocab_size, None if teacher_cfg is None else teacher_cfg.vocab_size)
     _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
 
     def write_tokenizer() -> Path:
@@ -305,16 +333,23 @@ def run_distill(
             model_config=student_cfg, progress=progress and info.is_main,
             text_split=run.get("text_split", "paragraph"),
         )
-    # 教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。
-    dtype = teacher_dtype(tcfg, info.device) or torch.float32
-    teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=dtype)
+    if train_cache is not None:
+        _check_cache_identity(train_cache, tokenizer, data, tcfg)
+        tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
+    teacher = None
+    if teacher_dir is not None:
+        # 教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。
+        dtype = teacher_dtype(tcfg, info.device) or torch.float32
+        teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=dtype)
+        teacher = Model(teacher_params, teacher_cfg)
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
     result = train(
-        student, Model(teacher_params, teacher_cfg), data, tcfg, out, resume=resume,
-        real_vocab_size=tokenizer.real_vocab_size, tokenizer_dir=tok_dir, progress=progress, info=info,
+        student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,
+        tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
     )
     if result.interrupted:
         raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
     if info.is_main:
-        _finish(result, student_cfg, teacher_cfg, tcfg, run, out, tok_dir)
+        teacher_info = teacher_cfg.to_dict() if teacher_cfg is not None else train_cache.fingerprint.get("teacher_config")
+        _finish(result, student_cfg, teacher_info, tcfg, run, out, tok_dir)
     return out

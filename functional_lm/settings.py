@@ -33,7 +33,9 @@ __all__ = [
 ]
 
 # 配置文件里允许的顶层运行选项（不属于两个配置类）。
-RUN_KEYS = ("teacher", "data", "preset", "output_dir", "seq_len", "tokenizer", "cache_dir", "text_split")
+RUN_KEYS = (
+    "teacher", "data", "preset", "output_dir", "seq_len", "tokenizer", "cache_dir", "text_split", "teacher_cache",
+)
 SETTINGS_FORMAT = 1
 
 # 恢复时不能改的设置：检查点里的数据位置与参数形状都以它们为前提。
@@ -213,7 +215,7 @@ def normalize_run(run: Mapping[str, Any]) -> dict[str, Any]:
         out["data"] = [out["data"]]
     if "data" in out:
         out["data"] = [_absolute(item) for item in out["data"]]
-    for key in ("teacher", "tokenizer"):
+    for key in ("teacher", "tokenizer", "teacher_cache"):
         if key in out:
             out[key] = _absolute(out[key])
     return out
@@ -236,7 +238,7 @@ def resolve_settings(
     """
     explicit = normalize_run(explicit_run)
     if saved is None:
-        mode = "demo" if explicit.get("teacher") is None else "distill"
+        mode = "demo" if explicit.get("teacher") is None and explicit.get("teacher_cache") is None else "distill"
         preset = explicit.get("preset") or ("demo-student" if mode == "demo" else "student-123m")
         base_training = demo_defaults if mode == "demo" else {}
         model, training = merge_configs(get_preset(preset), base_training, file_values, cli_values, source=source)

@@ -51,7 +51,12 @@ from functional_lm.distributed import (
     shard_teacher,
     wrap_student,
 )
-from functional_lm.losses import chunked_distillation_loss, chunked_sparse_distillation_loss, distillation_loss
+from functional_lm.losses import (
+    chunked_distillation_loss,
+    chunked_sparse_distillation_loss,
+    distillation_loss,
+    sparse_distillation_loss,
+)
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
 from functional_lm.monitor import Metrics, NullMetrics, StopFlag, Window, progress_bar, say, stop_on_signals
 from functional_lm.teacher_cache import stored_log_probs, teacher_targets
@@ -284,8 +289,11 @@ def _no_checks_if_sharded(teacher: Optional[Model]) -> contextlib.AbstractContex
     return typecheck(False) if _sharded(teacher) else contextlib.nullcontext()
 
 
-def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: TrainingConfig, real: int) -> dict[str, float]:
-    """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）。"""
+def _eval_row(
+    student: Model, teacher: Optional[Model], one: Any, tcfg: TrainingConfig, real: int, cache: Any = None
+) -> dict[str, float]:
+    """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）；
+    没有教师而有验证集的教师缓存时，KL 与一致率改按缓存目标计算（见 _cache_row）。"""
     n = count_valid_tokens(one)
     seg = document_segments(one, tcfg)
     s_hidden = forward_hidden(student.params, one.input_ids, student.cfg, segment_ids=seg)
@@ -305,14 +313,28 @@ def _eval_row(student: Model, teacher: Optional[Model], one: Any, tcfg: Training
     _, tparts = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, temperature=1.0, **common)
     valid = (one.labels != -100) & one.loss_mask
     agree = s_logits[..., :real].argmax(-1) == t_logits[..., :real].argmax(-1)
-    return {
+    row = {
         "loss": float(loss) * n, "kd": float(parts["kd"]) * n, "ce": float(parts["ce"]) * n,
         "teacher_ce": float(tparts["ce"]) * n, "kl_t1": float(kl1["kd"]) * n, "agree": float(agree[valid].sum()),
-        "tokens": float(n),
+        "tokens": float(n), "kl_cache": 0.0,
     }
+    return row | _cache_row(s_logits, one, cache, real) if teacher is None and cache is not None else row
 
 
-def _scores(totals: Mapping[str, float], with_teacher: bool) -> dict[str, float]:
+def _cache_row(s_logits: torch.Tensor, one: Any, cache: Any, real: int) -> dict[str, float]:
+    """没有教师、只有验证集的教师缓存时：与缓存目标的 KL（温度取缓存的 T，k 个单 token 桶 + 尾部桶）
+    与 top-1 一致率（学生的 argmax 是否等于缓存里概率最大的 id），同样乘以有效 token 数。"""
+    ids, log_p, tail = (x.to(s_logits.device) for x in cache.targets(one.block_ids.cpu()))
+    _, parts = sparse_distillation_loss(
+        s_logits, ids, log_p, one.labels, teacher_tail_mass=tail, alpha=1.0, temperature=cache.temperature,
+        real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True,
+    )
+    valid = (one.labels != -100) & one.loss_mask
+    agree = s_logits[..., :real].argmax(-1) == ids[..., 0]
+    return {"kl_cache": float(parts["kd"]) * count_valid_tokens(one), "agree": float(agree[valid].sum())}
+
+
+def _scores(totals: Mapping[str, float], with_teacher: bool, with_cache: bool = False) -> dict[str, float]:
     """各项之和 → 按有效 token 的平均与困惑度。"""
     tokens = totals["tokens"]
     mean = {k: v / tokens for k, v in totals.items()}
@@ -326,6 +348,8 @@ def _scores(totals: Mapping[str, float], with_teacher: bool) -> dict[str, float]
             "kl_teacher_student": mean["kl_t1"],
             "top1_agreement": mean["agree"],
         }
+    elif with_cache:
+        scores |= {"kl_cache_student": mean["kl_cache"], "top1_agreement": mean["agree"]}
     return scores
 
 
@@ -339,8 +363,12 @@ def evaluate(
     real_vocab_size: int,
     max_batches: Optional[int] = None,
     info: Dist = SINGLE,
+    teacher_cache: Any = None,
 ) -> dict[str, float]:
     """验证：损失各部分、学生与教师困惑度、KL(教师 ‖ 学生)（T = 1）、top-1 与教师一致率。
+
+    没有教师而给了验证集的教师缓存（teacher_cache）时，报告学生困惑度、与缓存目标的 KL（kl_cache_student）
+    和与缓存 argmax 的 top-1 一致率。
 
     逐条序列计算完整 logits（一次只有 t × vocab 的张量），按有效 token 汇总。
     不改变 loader 的训练状态：验证加载器是独立的、不打乱的。teacher 为 None 时只报告学生的交叉熵与困惑度。
@@ -349,7 +377,7 @@ def evaluate(
     """
     if getattr(loader, "document_mask", tcfg.document_mask) != tcfg.document_mask:
         loader = loader.relayout(document_mask=tcfg.document_mask)  # 标签与注意力用同一个文档掩码设置
-    keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens")
+    keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens", "kl_cache")
     totals = dict.fromkeys(keys, 0.0)
     count = min(max_batches if max_batches is not None else len(loader), len(loader))
     striped = info.enabled and not _sharded(teacher)
@@ -361,11 +389,12 @@ def evaluate(
             one = batch.rows(row, row + 1)
             if count_valid_tokens(one) == 0:
                 continue
-            for key, value in _eval_row(student, teacher, one, tcfg, real_vocab_size).items():
+            for key, value in _eval_row(student, teacher, one, tcfg, real_vocab_size, teacher_cache).items():
                 totals[key] += value
     if striped:
         totals = dict(zip(keys, all_reduce_sum([totals[k] for k in keys], info)))
-    return _scores(totals, teacher is not None) if totals["tokens"] > 0 else {}
+    with_cache = teacher is None and teacher_cache is not None
+    return _scores(totals, teacher is not None, with_cache) if totals["tokens"] > 0 else {}
 
 
 # ---------------------------------------------------------------- 一个优化步
@@ -558,6 +587,7 @@ def train(
     on_step_end: Optional[Callable[[int, dict[str, float]], None]] = None,
     info: Optional[Dist] = None,
     teacher_cache: Any = None,
+    val_teacher_cache: Any = None,
 ) -> TrainResult:
     """把教师蒸馏进学生，返回 TrainResult。
 
@@ -575,6 +605,7 @@ def train(
             多进程时每个进程都调用 train()；只有秩 0 显示进度、写指标与检查点。
         teacher_cache：训练集的教师缓存（``TeacherCache.open(C/train)``）：训练目标从它按块号读取，不跑教师
             （teacher 可以为 None；给了教师时只用于验证）。它的 top_k、温度、块长、文档掩码与块数必须与本次相同。
+        val_teacher_cache：验证集的教师缓存（``C/val``）：没有教师时验证按它报告 KL 与 top-1 一致率。
     """
     tune_malloc()  # 大块临时张量留在进程里复用（见 allocator.py）；命令行在启动时已经做过
     info = info if info is not None else setup(tcfg.device)
@@ -600,7 +631,7 @@ def train(
         metrics.truncate_after(result.step)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
     val_loader = None if data.val_loader is None else data.val_loader.relayout(document_mask=tcfg.document_mask)
-    evaluator = _Evaluator(stepper, teacher_model, val_loader, metrics)
+    evaluator = _Evaluator(stepper, teacher_model, val_loader, metrics, val_teacher_cache)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
@@ -654,8 +685,11 @@ def _layout_line(info: Dist, loader: Any, tcfg: TrainingConfig, teacher: Optiona
 class _Evaluator:
     """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”。"""
 
-    def __init__(self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any) -> None:
+    def __init__(
+        self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None
+    ) -> None:
         self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
+        self.val_cache = val_cache
 
     def __call__(self, step: int, bar: Any) -> dict[str, float]:
         if self.val_loader is None:
@@ -665,6 +699,7 @@ class _Evaluator:
         scores = evaluate(
             Model(s.params, s.cfg), self.teacher, self.val_loader, s.tcfg,
             real_vocab_size=s.real_vocab_size, max_batches=s.tcfg.eval_batches, info=s.info,
+            teacher_cache=self.val_cache,
         )
         bar.set_description("distill")
         self.metrics.write({"kind": "eval", "step": step, **scores})

@@ -234,3 +234,43 @@ def _set(args, option, value):
     else:
         args += [option, value]
     return args
+
+
+# ---------------------------------------------------------------- distill --teacher-cache（issue 14 第 3 项）
+def _distill(root, out, *extra):
+    """distill 的共同参数：小学生（词表 151,936），块长与验证比例同缓存，4 步。"""
+    return [
+        "distill", "--data", str(root / "small.jsonl"), "--output-dir", str(out), "--preset", "tiny",
+        "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads", "1",
+        "--seq-len", str(SEQ), "--val-fraction", str(VAL), "--temperature", str(T), "--max-steps", "4",
+        "--batch-size", "2", "--save-interval", "4", "--eval-interval", "4", "--learning-rate", "0.01",
+        "--warmup-steps", "1", "--cache-dir", str(root / "tokens"), "--device", "cpu", "--no-progress", *extra,
+    ]
+
+
+def test_distill_from_the_cache_equals_the_live_top_k_run_and_evaluates_against_it(root, tmp_path):
+    from functional_lm.hf import load_pretrained
+
+    assert main(_args(root, tmp_path / "C")) == 0
+    assert main(_distill(root, tmp_path / "cached", "--teacher-cache", str(tmp_path / "C"))) == 0
+    assert main(_distill(root, tmp_path / "live", "--teacher", str(root / "teacher"), "--top-k", str(K))) == 0
+    _, cached = load_pretrained(tmp_path / "cached" / "student")
+    _, live = load_pretrained(tmp_path / "live" / "student")
+    for key, value in live.items():
+        assert (value - cached[key]).abs().max() <= 1e-6, key
+    saved = json.loads((tmp_path / "cached" / "run.json").read_text())
+    assert "teacher" not in saved["run"] and saved["run"]["teacher_cache"] == str((tmp_path / "C").resolve())
+    evals = [json.loads(r) for r in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in evals if r["kind"] == "eval"][-1]
+    assert final["kl_cache_student"] > 0 and 0.0 <= final["top1_agreement"] <= 1.0 and final["student_ppl"] > 1
+
+
+def test_distill_refuses_a_cache_built_for_other_data(root, tmp_path, capsys):
+    assert main(_args(root, tmp_path / "C")) == 0
+    other = root / "other.jsonl"
+    other.write_text("\n".join((root / "data.jsonl").read_text().splitlines()[12:24]) + "\n")
+    argv = _distill(root, tmp_path / "run", "--teacher-cache", str(tmp_path / "C"))
+    argv[argv.index(str(root / "small.jsonl"))] = str(other)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data" in err and str(tmp_path / "C" / "train") in err and "Traceback" not in err
