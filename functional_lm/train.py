@@ -501,9 +501,10 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
 
 # ---------------------------------------------------------------- 训练主循环
 def _check_models(
-    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int], cache: Any = None
+    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int],
+    cache: Any = None, data: Any = None,
 ) -> int:
-    """训练前的一次性核对；返回真实词表大小。"""
+    """训练前的一次性核对（含教师缓存与本次训练是否对得上）；返回真实词表大小。"""
     if teacher is None and cache is None and tcfg.alpha != 0.0:
         raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
     vocab_rows = [student.cfg.vocab_size] + ([teacher.cfg.vocab_size] if teacher is not None else [])
@@ -513,6 +514,8 @@ def _check_models(
     check_params(student.params, student.cfg)
     if teacher is not None:
         check_params(teacher.params, teacher.cfg)
+    if cache is not None:
+        check_cache_matches(cache, tcfg, data.train_loader.dataset, real_vocab_size)
     return real_vocab_size
 
 
@@ -559,8 +562,11 @@ def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig, info: 
     return Model(params, teacher.cfg)
 
 
-def _build_stepper(student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist) -> _Stepper:
-    """学生参数放进参数壳（多进程时包成 DDP）、优化器（CUDA 上 fused）、教师与前向函数。"""
+def _build_stepper(
+    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist, cache: Any = None
+) -> _Stepper:
+    """学生参数放进参数壳（多进程时包成 DDP）、优化器（CUDA 上 fused）、教师与前向函数。
+    有教师缓存时训练目标来自缓存，不跑教师（教师若给了只用于验证）。"""
     # 拷贝一份（放到设备上）：训练原地更新壳里的参数，调用方给的张量保持不变。
     shell = ParamShell({k: v.detach().to(info.device, copy=True) for k, v in student.params.items()})
     params = shell.params()
@@ -568,8 +574,9 @@ def _build_stepper(student: Model, teacher: Optional[Model], tcfg: TrainingConfi
     compiled = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
     return _Stepper(
         wrap_student(shell, info), params, {id(p): k for k, p in params.items()}, student.cfg, optimizer,
-        teacher if tcfg.alpha > 0.0 else None, tcfg, real, info,
+        teacher if tcfg.alpha > 0.0 and cache is None else None, tcfg, real, info,
         student_fwd=compiled, teacher_fwd=forward_hidden if _sharded(teacher) else compiled,  # 切分的教师不编译
+        teacher_cache=cache,
     )
 
 
@@ -611,27 +618,17 @@ def train(
     info = info if info is not None else setup(tcfg.device)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
-    real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache)
-    if teacher_cache is not None:
-        check_cache_matches(teacher_cache, tcfg, data.train_loader.dataset, real)
+    real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache, data)
     if not resume:
         on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
     loader, total = _training_loader(data, tcfg, info)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        say(_layout_line(info, loader, tcfg, teacher))
+    _announce(run_dir, info, loader, tcfg, teacher)
     teacher_model = _teacher_for_training(teacher, tcfg, info)
-    stepper = _build_stepper(student, teacher_model, tcfg, real, info)
-    stepper.teacher_cache = teacher_cache
-    if teacher_cache is not None:
-        stepper.teacher = None  # 训练目标来自缓存；教师（若给了）只用于验证
+    stepper = _build_stepper(student, teacher_model, tcfg, real, info, teacher_cache)
     result = _start(stepper, loader, total, ckpt_root if resume else None)
-    metrics = Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint) if info.is_main else NullMetrics()
-    if resume:
-        metrics.truncate_after(result.step)
+    metrics = _open_metrics(run_dir, info, result, resume)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
-    val_loader = None if data.val_loader is None else data.val_loader.relayout(document_mask=tcfg.document_mask)
-    evaluator = _Evaluator(stepper, teacher_model, val_loader, metrics, val_teacher_cache)
+    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics, val_teacher_cache)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
@@ -643,6 +640,23 @@ def train(
         bar.close()
         result.params = {k: v.detach() for k, v in stepper.params.items()}
     return result
+
+
+def _announce(run_dir: Path, info: Dist, loader: Any, tcfg: TrainingConfig, teacher: Optional[Model]) -> None:
+    """秩 0：建运行目录，打印一行进程与全局批的布局。"""
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        say(_layout_line(info, loader, tcfg, teacher))
+
+
+def _open_metrics(run_dir: Path, info: Dist, result: TrainResult, resume: bool) -> Any:
+    """秩 0 写 metrics.jsonl（恢复时先截掉最后一个检查点之后的记录），其他进程什么都不写。"""
+    if not info.is_main:
+        return NullMetrics()
+    metrics = Metrics(run_dir / "metrics.jsonl", lambda: result.last_checkpoint)
+    if resume:
+        metrics.truncate_after(result.step)
+    return metrics
 
 
 def _training_loader(data: Any, tcfg: TrainingConfig, info: Dist) -> tuple[Any, int]:
@@ -688,6 +702,8 @@ class _Evaluator:
     def __init__(
         self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None
     ) -> None:
+        if val_loader is not None:  # 验证的标签与注意力用训练的文档掩码设置
+            val_loader = val_loader.relayout(document_mask=stepper.tcfg.document_mask)
         self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
         self.val_cache = val_cache
 
