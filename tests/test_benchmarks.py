@@ -1,8 +1,8 @@
 """基准脚本不会悄悄失效：每个脚本的 ``--smoke``（同一条代码路径、极小尺寸）在测试里真的跑一遍，
 并核对它交出的数值与打印的比值表。
 
-六个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss`` 与
-``bench_train`` 的父进程照常为每个变体另起子进程（峰值内存取子进程自己的 max RSS，这是脚本的设计）。
+七个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss``、
+``bench_train`` 与 ``bench_cache`` 的父进程照常为每个变体另起子进程（峰值内存取子进程自己的 max RSS，这是脚本的设计）。
 本进程里被脚本改动的全局状态由 ``_run`` 复原：torch 线程数（bench_forward 会设置）与 dynamo 的编译缓存
 （bench_forward、bench_generate 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
 所有测试都只读这份结果。不断言耗时。
@@ -58,9 +58,15 @@ SCRIPTS = {
               "loader_sys", "loader_faults"],
         ratio_rows=["tokenize", "loader_vs_student_step"],
     ),
+    "bench_cache": dict(
+        argv=["--threads", "{threads}"],
+        rows=["bytes_per_token_k4", "bytes_per_token_k8", *_with_usage("build", "step_from_cache"),
+              "step_from_cache_peak_rss"],
+        ratio_rows=["build", "step_from_cache", "step_from_cache_peak_rss"],  # 字节数的行没有参照
+    ),
 }
 # 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
-PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention")
+PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention", "bench_cache")
 
 
 # ---------------------------------------------------------------- 运行与复原
@@ -308,6 +314,25 @@ def test_data_smoke_sizes_reach_the_result(smoke_run):
     assert (record["repeat"], record["seq_len"], record["batch_size"]) == (1, 64, 4)
 
 
+def test_cache_both_steps_train_on_the_same_targets(smoke_run, bench_modules):
+    run = smoke_run("bench_cache")
+    record, rows = run["result"], _by_name(run["result"])
+    results = record["results"]
+    for variant, res in results.items():
+        assert "error" not in res, f"{variant}: {res.get('error')}\n{res.get('stderr_tail')}"
+        assert len(res["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in res["losses"]), variant
+        assert res["usage"]["steps"] == 1 and res["malloc_tuned"] == bench_modules("_bench_common").MALLOC_TUNED
+    # 缓存的目标与在线 top-k 逐位相同（同一个教师、同样的批划分、同样的 float16 取整）：首步损失一致
+    assert record["step_from_cache"]["first_loss_rel_diff"] < 1e-6
+    # 分片文件每个位置 K 个 int32 id、K 个 float16 log 概率、1 个 float32 尾部质量
+    for k in (4, 8):
+        assert rows[f"bytes_per_token_k{k}"]["ours"] == 6 * k + 4
+    assert _close_to_rounded(record["build"]["ratio"], rows["build"]["ratio"], 3)
+    assert _close_to_rounded(record["step_from_cache"]["speed_ratio"], rows["step_from_cache"]["ratio"], 3)
+    assert _close_to_rounded(record["step_from_cache"]["memory_ratio"], rows["step_from_cache_peak_rss"]["ratio"], 3)
+    assert (record["batch"], record["seq"], record["top_k"]) == (2, 16, 8)
+
+
 # ---------------------------------------------------------------- 参数：--smoke 只换缺省值
 FULL_DEFAULTS = {
     "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_rounds=10),
@@ -319,6 +344,9 @@ FULL_DEFAULTS = {
     "bench_attention": dict(preset="student-123m", batch=8, seq=512, doc_lengths="64,256", rounds=5, warmup=2),
     "bench_data": dict(repeat=8, workers=2, seq_len=512, batch_size=8, max_batches=400, student_step=False,
                        student_preset="student-123m"),
+    "bench_cache": dict(batch=4, seq=512, steps=3, teacher_layers=None, student="student-123m", real_vocab=151665,
+                        top_ks="16,64,256", top_k=64, temperature=2.0,
+                        build_blocks=16, chunk_size=256),  # build_blocks 缺省为 batch × 4
 }
 
 
