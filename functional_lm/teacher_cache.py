@@ -112,7 +112,8 @@ _KINDS = ("ids", "logprobs", "tail")
 _TEMP = re.compile(r"^\.(?:(?:ids|logprobs|tail)-\d{5}\.bin\.tmp|index\.json\.tmp-[0-9a-f]{8})$")
 _DATA_FILE = re.compile(r"^(?:ids|logprobs|tail)-\d{5}\.bin$")
 _LOGIT_BYTES = 64 << 20  # 每个行块的 float32 logits 至多 64 MiB（V = 151,936 时约 110 行）
-_OPEN_SHARDS = 16  # 读取时同时映射的分片数上限（每个 memmap 占一个文件描述符）
+_OPEN_SHARDS = 16  # 读取时同时映射的分片数上限（每个 memmap 占一个文件描述符）：映射进进程的页
+# 因此至多是 16 个分片的大小，与缓存总大小无关——比内存大的缓存训练时常驻内存保持平稳
 _FLOAT16_MIN = float(np.finfo(np.float16).min)  # −65504
 
 # ================================================================================================

@@ -505,3 +505,21 @@ def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
     cache = TeacherCache.open(tmp_path / "c")
     assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + tc._file_sha256(path)
     assert cache.fingerprint["teacher_config"] is None and cache.fingerprint["seq_len"] == SMALL_SEQ
+
+
+def test_reading_every_block_keeps_at_most_a_fixed_number_of_shards_mapped(teacher, dataset, tmp_path, monkeypatch):
+    # 流式读取：按块号读遍整个缓存时，同时映射的分片至多 _OPEN_SHARDS 个（最久未用的先解除映射），
+    # 所以映射进进程的页与缓存总大小无关；读到的值与一次只读一块时相同。上限调到 3，7 个分片就超过它。
+    import functional_lm.teacher_cache as module
+
+    monkeypatch.setattr(module, "_OPEN_SHARDS", 3)
+    _build(teacher, dataset, tmp_path / "c", blocks_per_shard=1)
+    cache = TeacherCache.open(tmp_path / "c")
+    assert cache.num_blocks == 7
+    first = [t.clone() for t in cache.targets([0])]
+    for block in range(cache.num_blocks):
+        cache.targets([block])
+        assert len(cache._maps) <= 3
+    assert 0 not in cache._maps  # 最早的分片已解除映射
+    for again, before in zip(cache.targets([0]), first):
+        assert torch.equal(again, before)
