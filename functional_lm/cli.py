@@ -17,10 +17,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -252,6 +255,35 @@ def _one_paragraph(err: BaseException) -> tuple[str, int]:
     return f"unexpected {type(err).__name__}: {text} (this is probably a bug; rerun with --debug for the traceback)", 1
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Any:
+    """这段时间里的 Ctrl-C 先记下、结束时再抛出 KeyboardInterrupt，而不是在任意一行代码里抛出。
+
+    用于启动时导入 torch 与本包：有的第三方库在导入可选依赖时用裸 except 包住，KeyboardInterrupt 落在
+    那里会被悄悄吞掉，运行照常跑完、退出码 0（CI 上见过一次）。只在主线程、且 SIGINT 仍是 Python 缺省处理器时接管。
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt("interrupted during start-up; nothing was saved")
+
+
+def _preload() -> None:
+    """先导入所有子命令都要的重模块（torch 与训练器及其依赖）；之后各处的惰性导入只是查表。"""
+    import torch  # noqa: F401
+
+    import functional_lm.train  # noqa: F401
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """命令行入口；返回退出码（0 成功，2 输入错误，130 被打断，1 其他失败）。"""
     from functional_lm.allocator import tune_malloc
@@ -264,12 +296,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = args.command
+        with _interrupts_deferred():
+            _preload()
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:  # 也包括 rundir.Interrupted：训练已保存并停下，消息说明在哪里继续
         if debug:
             raise
         if rank == 0:
-            print(f"functional-lm {command}: stopped: {err or 'interrupted; nothing was saved'}", file=sys.stderr)
+            print(f"functional-lm {command}: stopped: {str(err) or 'interrupted; nothing was saved'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - 命令行的最后一道：一段话，不打印回溯
         if debug:

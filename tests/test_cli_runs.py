@@ -356,3 +356,20 @@ def test_a_run_without_run_json_asks_for_its_teacher(setup, tmp_path, capsys):
     assert "repeating --teacher, --data and --seq-len" in _one_paragraph(capsys.readouterr().err)
     assert main(_args(setup, out, "--resume", "--max-steps", "3")) == 0
     assert "resumed from step 2 of 3" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_start_up_imports_run_is_held_until_they_finish():
+    # 启动时的导入期间 Ctrl-C 不在库代码里抛出（有的库用裸 except 包住可选导入，会把它吞掉）：
+    # 先记下，导入完成后再以一条清楚的 KeyboardInterrupt 抛出；之后 SIGINT 的处理器复原。
+    import os as _os
+
+    from functional_lm.cli import _interrupts_deferred
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt, match="interrupted during start-up"):
+        with _interrupts_deferred():
+            _os.kill(_os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # 信号在这里送达：只被记下
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
