@@ -200,9 +200,16 @@ def test_missing_optional_extra_prints_its_message_alone(setup, tmp_path, capsys
     assert "pip install 'functional_lm[qwen]'" in line
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """子进程里 SIGINT 复原为缺省处置：从非交互 shell 以 ``&`` 启动的测试进程继承的是“忽略”，
+    Python 就不会装它的 Ctrl-C 处理器，测试测的就不是终端里的情形了。"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_start_up_prints_one_line(setup, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "functional_lm", *_args(setup, tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     time.sleep(1.0)  # 仍在导入 torch / 加载
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -365,11 +372,15 @@ def test_ctrl_c_while_start_up_imports_run_is_held_until_they_finish():
 
     from functional_lm.cli import _interrupts_deferred
 
-    reached_end = False
-    with pytest.raises(KeyboardInterrupt, match="interrupted during start-up"):
-        with _interrupts_deferred():
-            _os.kill(_os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # 信号在这里送达：只被记下
-            reached_end = True
-    assert reached_end
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # 终端里的情形（见 _sigint_as_in_a_terminal）
+    try:
+        reached_end = False
+        with pytest.raises(KeyboardInterrupt, match="interrupted during start-up"):
+            with _interrupts_deferred():
+                _os.kill(_os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # 信号在这里送达：只被记下
+                reached_end = True
+        assert reached_end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
