@@ -41,7 +41,7 @@ from functional_lm.allocator import tune_malloc
 MALLOC_TUNED = tune_malloc()
 
 __all__ = [
-    "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "process_note",
+    "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "step_rows", "process_note",
     "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
 ]
 # 进程开销行的单位：这样的行允许有参照而没有比值。
@@ -136,6 +136,18 @@ def usage_rows(name: str, ours: Usage, reference: Optional[Usage] = None) -> lis
         row(f"{name}_sys", "%user", ours.sys_pct(), None if reference is None else reference.sys_pct()),
         row(f"{name}_faults", "faults/step", ours.faults_per_step(),
             None if reference is None else reference.faults_per_step()),
+    ]
+
+
+def step_rows(name: str, mine: dict, ref: dict, tokens: int) -> list[dict]:
+    """子进程测得的一个变体对参照：tokens/s（比值 = 参照步时 / 本方步时）、两行进程开销与峰值内存（比值）。
+
+    mine、ref 是工作子进程打印的 JSON：step_s（最快一步的秒数）、usage（Usage.as_dict）、peak_rss_mib。"""
+    return [
+        row(name, "tok/s", tokens / mine["step_s"], tokens / ref["step_s"], ref["step_s"] / mine["step_s"]),
+        *usage_rows(name, Usage.from_dict(mine["usage"]), Usage.from_dict(ref["usage"])),
+        row(f"{name}_peak_rss", "MiB", mine["peak_rss_mib"], ref["peak_rss_mib"],
+            mine["peak_rss_mib"] / ref["peak_rss_mib"]),
     ]
 
 

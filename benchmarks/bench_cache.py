@@ -43,7 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _bench_common import MALLOC_TUNED, Usage, measured, model_config, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import (
+    MALLOC_TUNED, Usage, measured, model_config, parse_with_smoke, print_table, row, step_rows, usage_rows,
+)
 from bench_train import REAL_VOCAB, SMOKE_TEACHER_SHAPE, TEACHER_SHAPE
 
 WORKERS = ("cache", "live")  # 从缓存训练（ours）与在线教师训练（reference），各一个子进程
@@ -269,12 +271,7 @@ def build_rows(args, sizes, build, results):
                     sec["reference"] / sec["build"]))
     rows += usage_rows("build", build["usage"]["build"], build["usage"]["reference"])
     if all("step_s" in r for r in results.values()):
-        mine, ref, step_tokens = results["cache"], results["live"], args.batch * args.seq
-        rows.append(row("step_from_cache", "tok/s", step_tokens / mine["step_s"], step_tokens / ref["step_s"],
-                        ref["step_s"] / mine["step_s"]))
-        rows += usage_rows("step_from_cache", Usage.from_dict(mine["usage"]), Usage.from_dict(ref["usage"]))
-        rows.append(row("step_from_cache_peak_rss", "MiB", mine["peak_rss_mib"], ref["peak_rss_mib"],
-                        mine["peak_rss_mib"] / ref["peak_rss_mib"]))
+        rows += step_rows("step_from_cache", results["cache"], results["live"], args.batch * args.seq)
     return rows
 
 

@@ -38,9 +38,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import (
-    MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, row, usage_rows,
-)
+from _bench_common import MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, step_rows
 
 TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
@@ -266,12 +264,7 @@ def ratio_rows(results, tokens):
     base = results["baseline"]
     rows = []
     for name in VARIANTS[:-1]:
-        mine = results[name]
-        rows.append(row(name, "tok/s", tokens / mine["step_s"], tokens / base["step_s"],
-                        base["step_s"] / mine["step_s"]))
-        rows += usage_rows(name, Usage.from_dict(mine["usage"]), Usage.from_dict(base["usage"]))
-        rows.append(row(f"{name}_peak_rss", "MiB", mine["peak_rss_mib"], base["peak_rss_mib"],
-                        mine["peak_rss_mib"] / base["peak_rss_mib"]))
+        rows += step_rows(name, results[name], base, tokens)
     return rows
 
 
