@@ -863,22 +863,41 @@ def chunked_distillation_loss(
     也不支持 torch.func 变换（请用普通版）。
     """
     spec = _LossSpec(divergence, temperature, alpha, beta, skew_lambda, ignore_index)
-    if isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     teacher_fn, teacher_owned = _teacher_chunk_fn(teacher_hidden, teacher_weight, teacher_logits_fn)
     if teacher_weight is not None:
         _resolve_real_vocab(student_weight.shape[0], teacher_weight.shape[0], real_vocab_size)
+    return _run_chunked(
+        student_hidden, student_weight, labels, loss_mask, spec, chunk_size,
+        label_vocab=real_vocab_size or student_weight.shape[0], real_vocab_size=real_vocab_size,
+        num_tokens=num_tokens, return_parts=return_parts,
+        teacher_fn=teacher_fn, teacher_owned=teacher_owned, compiled=compile,
+    )
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    """分块的 token 数必须是正整数。"""
+    if isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _run_chunked(
+    student_hidden: Tensor, student_weight: Tensor, labels: Tensor, loss_mask: Tensor | None, spec: _LossSpec,
+    chunk_size: int, *, label_vocab: int, real_vocab_size: int | None, num_tokens: int | Tensor | None,
+    return_parts: bool, teacher_fn: TeacherChunkFn | None = None, teacher_owned: bool = False,
+    compiled: bool = False, sparse_fn: Callable | None = None,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """两种分块损失（稠密教师给 teacher_fn，稀疏教师给 sparse_fn）共用的一段：展平 token 轴、有效掩码、
+    核对标签、归一化分母 N，再交给 _ChunkedDistillation。"""
     hidden = rearrange(student_hidden, "... d -> (...) d")
     flat_labels = rearrange(labels, "... -> (...)")
-    valid = _valid_mask(flat_labels, None if loss_mask is None else rearrange(loss_mask, "... -> (...)"), ignore_index)
-    _check_ids(flat_labels, valid, real_vocab_size or student_weight.shape[0], "labels")
-    divisor = _divisor(valid, num_tokens)
+    valid = _valid_mask(flat_labels, None if loss_mask is None else rearrange(loss_mask, "... -> (...)"), spec.ignore_index)
+    _check_ids(flat_labels, valid, label_vocab, "labels")
     chunk_ctx = _ChunkContext(
-        student_weight, teacher_fn, teacher_owned, spec, real_vocab_size, divisor, True, compiled=compile
+        student_weight, teacher_fn, teacher_owned, spec, real_vocab_size, _divisor(valid, num_tokens), True,
+        compiled=compiled, sparse_fn=sparse_fn,
     )
-    loss, kd_mean, ce_mean = _ChunkedDistillation.apply(
-        hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size
-    )
+    loss, kd_mean, ce_mean = _ChunkedDistillation.apply(hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size)
     if not return_parts:
         return loss
     return loss, {"kd": kd_mean, "ce": ce_mean}
@@ -912,22 +931,14 @@ def chunked_sparse_distillation_loss(
     梯度在前向中逐块算好，反向只做缩放（与 ``chunked_distillation_loss`` 同一个机制）。
     """
     spec = _LossSpec(divergence, temperature, alpha, beta, skew_lambda, ignore_index)
-    if isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     real = _resolve_real_vocab(student_weight.shape[0], None, real_vocab_size)
-    hidden = rearrange(student_hidden, "... d -> (...) d")
-    flat_labels = rearrange(labels, "... -> (...)")
     ids = rearrange(teacher_topk_ids, "... k -> (...) k")
     _check_topk(ids, real)
     log_p = rearrange(teacher_topk_log_probs, "... k -> (...) k")
     tail = None if teacher_tail_mass is None else rearrange(teacher_tail_mass, "... -> (...)")
-    valid = _valid_mask(flat_labels, None if loss_mask is None else rearrange(loss_mask, "... -> (...)"), ignore_index)
-    _check_ids(flat_labels, valid, real, "labels")
     sparse_fn = lambda rows: (ids[rows], log_p[rows], None if tail is None else tail[rows])  # noqa: E731
-    chunk_ctx = _ChunkContext(
-        student_weight, None, False, spec, real_vocab_size, _divisor(valid, num_tokens), True, sparse_fn=sparse_fn
+    return _run_chunked(
+        student_hidden, student_weight, labels, loss_mask, spec, chunk_size, label_vocab=real,
+        real_vocab_size=real_vocab_size, num_tokens=num_tokens, return_parts=return_parts, sparse_fn=sparse_fn,
     )
-    loss, kd_mean, ce_mean = _ChunkedDistillation.apply(hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size)
-    if not return_parts:
-        return loss
-    return loss, {"kd": kd_mean, "ce": ce_mean}
