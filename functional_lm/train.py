@@ -702,8 +702,6 @@ class _Evaluator:
     def __init__(
         self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None
     ) -> None:
-        if val_loader is not None:  # 验证的标签与注意力用训练的文档掩码设置
-            val_loader = val_loader.relayout(document_mask=stepper.tcfg.document_mask)
         self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
         self.val_cache = val_cache
 
