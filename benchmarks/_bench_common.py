@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import resource
+import subprocess
+import sys
 from typing import Optional
 
 from functional_lm.allocator import tune_malloc
@@ -41,7 +44,7 @@ from functional_lm.allocator import tune_malloc
 MALLOC_TUNED = tune_malloc()
 
 __all__ = [
-    "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "step_rows", "process_note",
+    "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "step_rows", "run_workers", "process_note",
     "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
 ]
 # 进程开销行的单位：这样的行允许有参照而没有比值。
@@ -149,6 +152,22 @@ def step_rows(name: str, mine: dict, ref: dict, tokens: int) -> list[dict]:
         row(f"{name}_peak_rss", "MiB", mine["peak_rss_mib"], ref["peak_rss_mib"],
             mine["peak_rss_mib"] / ref["peak_rss_mib"]),
     ]
+
+
+def run_workers(script: str, argv: list[str], variants: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict:
+    """每个变体一个子进程：``python script argv --worker 变体 extra``（峰值内存因此是这个变体自己的）。
+
+    返回 变体 → 子进程打印的最后一行 JSON；失败的变体记下退出码与 stderr 末尾。"""
+    results = {}
+    for variant in variants:
+        print(f"running {variant} …", file=sys.stderr)
+        command = [sys.executable, script, *argv, "--worker", variant, *extra]
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
+            continue
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
 
 
 def process_note() -> str:

@@ -32,9 +32,7 @@ main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数�
 import argparse
 import gc
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _bench_common import (
-    MALLOC_TUNED, Usage, measured, model_config, parse_with_smoke, print_table, row, step_rows, usage_rows,
+    MALLOC_TUNED, Usage, measured, parse_with_smoke, print_table, row, run_workers, step_rows,
+    usage_rows,
 )
-from bench_train import REAL_VOCAB, SMOKE_TEACHER_SHAPE, TEACHER_SHAPE
+from bench_train import _configs, add_step_arguments
 
 WORKERS = ("cache", "live")  # 从缓存训练（ours）与在线教师训练（reference），各一个子进程
 TEACHER_SEED = 1  # 父进程建缓存与在线子进程用同一组随机教师权重
@@ -57,33 +56,17 @@ SMOKE = dict(batch=2, seq=16, steps=2, teacher_layers=1, student="smoke", real_v
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=3, help="每个训练变体的步数（第一步为预热）")
-    p.add_argument("--teacher-layers", type=int, default=None, help="教师层数（缺省为教师形状的层数；调小可快速试跑）")
-    p.add_argument("--student", default="student-123m", help="学生的预设名；smoke 为 _bench_common.SMOKE_MODEL")
-    p.add_argument("--real-vocab", type=int, default=REAL_VOCAB, help="真实词表大小（其后的列被排除）")
+    add_step_arguments(p)
     p.add_argument("--top-ks", default="16,64,256", help="测每 token 字节数的 K（逗号分隔）")
     p.add_argument("--top-k", type=int, default=64, help="建缓存吞吐与训练步两行用的 K")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--build-blocks", type=int, default=None, help="建缓存那一行的块数（缺省 batch × 4）")
-    p.add_argument("--chunk-size", type=int, default=256, help="分块损失每块的 token 数")
-    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)  # 子进程读的缓存目录（父进程建好）
     args = parse_with_smoke(p, argv, SMOKE)
     if args.build_blocks is None:
         args.build_blocks = args.batch * 4
     return args
-
-
-def _configs(args):
-    """(学生配置, 教师配置)：教师为 0.5B 形状（--smoke 为 SMOKE_TEACHER_SHAPE），层数可由 --teacher-layers 改。"""
-    from functional_lm import ModelConfig
-
-    shape = SMOKE_TEACHER_SHAPE if args.smoke else TEACHER_SHAPE
-    layers = args.teacher_layers if args.teacher_layers is not None else shape["num_layers"]
-    return model_config(args.student), ModelConfig(**{**shape, "num_layers": layers})
 
 
 def _dataset(args, blocks: int, seed: int = 0):
@@ -248,20 +231,6 @@ def worker(args):
                       "usage": usage.get("timed", Usage()).as_dict(), "malloc_tuned": MALLOC_TUNED}))
 
 
-def run_workers(argv, cache_dir: Path):
-    """每个训练变体一个子进程（同样的 argv 加 --worker 与 --cache-dir）；失败的记下退出码与 stderr 末尾。"""
-    results = {}
-    for variant in WORKERS:
-        print(f"running {variant} …", file=sys.stderr)
-        command = [sys.executable, __file__, *argv, "--worker", variant, "--cache-dir", str(cache_dir)]
-        out = subprocess.run(command, capture_output=True, text=True)
-        if out.returncode != 0:
-            results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
-            continue
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
-
-
 # ---------------------------------------------------------------- 汇总
 def build_rows(args, sizes, build, results):
     """表中各行：每个 K 的字节数、建缓存吞吐与其进程开销、训练步吞吐与其进程开销和峰值内存。"""
@@ -283,7 +252,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_cache_") as tmp:
         sizes, build, cache_dir = build_phase(args, Path(tmp))
-        results = run_workers(argv, cache_dir)
+        results = run_workers(__file__, argv, WORKERS, ("--cache-dir", str(cache_dir)))
     rows = build_rows(args, sizes, build, results)
     teacher = "smoke-shaped" if args.smoke else "Qwen2.5-0.5B-shaped"
     layers = _configs(args)[1].num_layers

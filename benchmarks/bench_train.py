@@ -32,13 +32,14 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, step_rows
+from _bench_common import (
+    MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, run_workers, step_rows,
+)
 
 TEACHER_SHAPE = dict(
     hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
@@ -59,19 +60,24 @@ VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline")
 SMOKE = dict(batch=2, seq=16, steps=2, teacher_layers=1, student="smoke", real_vocab=250, chunk_size=8)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """蒸馏训练步基准共用的参数（bench_cache 也用）：批、块长、步数、学生、教师形状与层数、真实词表、分块、线程。"""
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=3, help="每个变体的训练步数（第一步为预热）")
     p.add_argument("--teacher-layers", type=int, default=None, help="教师层数（缺省为教师形状的层数；调小可快速试跑）")
+    p.add_argument("--teacher-shape", choices=sorted(TEACHER_SHAPES), default="0.5b", help="教师形状")
     p.add_argument("--student", default="student-123m", help="学生的预设名；smoke 为 _bench_common.SMOKE_MODEL")
     p.add_argument("--real-vocab", type=int, default=REAL_VOCAB, help="真实词表大小（其后的列被排除）")
     p.add_argument("--chunk-size", type=int, default=256, help="分块损失每块的 token 数")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_arguments(p)
     p.add_argument("--device", default="cpu", help="cpu 或 cuda（GPU 检查用）")
     p.add_argument("--bf16", action="store_true", help="学生 bf16 autocast，两边教师都用 bf16 权重（GPU 检查用）")
-    p.add_argument("--teacher-shape", choices=sorted(TEACHER_SHAPES), default="0.5b", help="教师形状")
     p.add_argument("--peak-tflops", type=float, default=None, help="设备 bf16 峰值 TFLOPS（缺省按卡名查表）")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return parse_with_smoke(p, argv, SMOKE)
@@ -217,19 +223,6 @@ def _compiled_graphs():
     return int(counters["stats"]["unique_graphs"])
 
 
-def run_workers(argv):
-    """每个变体一个子进程（同样的 argv 加 --worker）；失败的变体记下退出码与 stderr 末尾。"""
-    results = {}
-    for variant in VARIANTS:
-        print(f"running {variant} …", file=sys.stderr)
-        out = subprocess.run([sys.executable, __file__, *argv, "--worker", variant], capture_output=True, text=True)
-        if out.returncode != 0:
-            results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
-            continue
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
-
-
 def step_flops(args) -> float:
     """一个训练步的模型 FLOPs（PaLM 附录 B 的算法）：学生训练 6N + 12·L·d·t、教师前向 2N + 4·L·d·t，每个 token。
 
@@ -273,7 +266,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    results = run_workers(argv)
+    results = run_workers(__file__, argv, VARIANTS)
     tokens = args.batch * args.seq
     teacher = "smoke-shaped" if args.smoke else f"Qwen2.5-{args.teacher_shape.upper()}-shaped"
     layers = _configs(args)[1].num_layers

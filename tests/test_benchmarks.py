@@ -274,13 +274,22 @@ def test_loss_both_sides_compute_the_same_loss(smoke_run):
     assert _close_to_rounded(record["time_ratio"], rows["fwd_bwd_time"]["ratio"], 4)
 
 
+def _every_worker_trained(results, bench_modules):
+    """子进程变体都跑完了冒烟的 2 步（损失有限且为正），报告了自己计时那 1 步（首步预热不计）的进程开销，
+    并与父进程同样调过 malloc。"""
+    tuned = bench_modules("_bench_common").MALLOC_TUNED
+    for variant, res in results.items():
+        assert "error" not in res, f"{variant}: {res.get('error')}\n{res.get('stderr_tail')}"
+        assert len(res["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in res["losses"]), variant
+        assert res["usage"]["steps"] == 1 and res["usage"]["minflt"] >= 0, variant
+        assert res["malloc_tuned"] == tuned, variant
+
+
 def test_train_every_variant_trains(smoke_run, bench_modules):
     run = smoke_run("bench_train")
     record, rows = run["result"], _by_name(run["result"])
     results = record["results"]
-    for variant, res in results.items():
-        assert "error" not in res, f"{variant}: {res.get('error')}\n{res.get('stderr_tail')}"
-        assert len(res["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in res["losses"]), variant
+    _every_worker_trained(results, bench_modules)
     # 编译变体真的编译了，eager 变体没有
     assert results["ours"]["compiled_graphs"] == results["baseline"]["compiled_graphs"] == 0
     assert results["ours_compile"]["compiled_graphs"] >= 1 and results["ours_teacher_bf16"]["compiled_graphs"] >= 1
@@ -291,10 +300,6 @@ def test_train_every_variant_trains(smoke_run, bench_modules):
     for name in ("ours", "ours_compile", "ours_teacher_bf16"):
         assert _close_to_rounded(record[name]["speed_ratio"], rows[name]["ratio"], 3), name
         assert _close_to_rounded(record[name]["memory_ratio"], rows[name + "_peak_rss"]["ratio"], 3), name
-    # 子进程报告自己计时各步（冒烟 2 步，首步预热不计）的进程开销，且与父进程同样调过 malloc
-    for variant, res in results.items():
-        assert res["usage"]["steps"] == 1 and res["usage"]["minflt"] >= 0, variant
-        assert res["malloc_tuned"] == bench_modules("_bench_common").MALLOC_TUNED, variant
 
 
 def test_generate_every_variant_generates_every_token(smoke_run):
@@ -318,10 +323,7 @@ def test_cache_both_steps_train_on_the_same_targets(smoke_run, bench_modules):
     run = smoke_run("bench_cache")
     record, rows = run["result"], _by_name(run["result"])
     results = record["results"]
-    for variant, res in results.items():
-        assert "error" not in res, f"{variant}: {res.get('error')}\n{res.get('stderr_tail')}"
-        assert len(res["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in res["losses"]), variant
-        assert res["usage"]["steps"] == 1 and res["malloc_tuned"] == bench_modules("_bench_common").MALLOC_TUNED
+    _every_worker_trained(results, bench_modules)
     # 缓存的目标与在线 top-k 逐位相同（同一个教师、同样的批划分、同样的 float16 取整）：首步损失一致
     assert record["step_from_cache"]["first_loss_rel_diff"] < 1e-6
     # 分片文件每个位置 K 个 int32 id、K 个 float16 log 概率、1 个 float32 尾部质量
