@@ -146,6 +146,15 @@ class TrainingConfig:
     teacher_sharding: str = "replicate"  # 多进程时教师每进程一份或用 FSDP2 切分 / teacher per process: replicate or shard (FSDP2)
     document_mask: bool = True  # 打包的文档互不可见、位置逐篇从 0 数 / packed documents do not attend to each other
     top_k: int = 0  # 教师只给前 k 个 token（稀疏损失，在线或来自教师缓存）；0 = 完整分布 / teacher top-k targets only (sparse loss); 0 = full distribution
+    on_policy_fraction: float = 0.0  # λ：一步的整批由学生采样续写、教师逐 token 打分的概率（GKD）/ λ: probability that a step's batch is written by the student and graded by the teacher (GKD)
+    teacher_generated_fraction: float = 0.0  # 一步的整批由教师采样续写的概率（序列级蒸馏 SeqKD）/ probability that a step's batch is written by the teacher (SeqKD)
+    on_policy_start: int = 0  # 从这一步起才有生成批（之前是离线预热）/ generated batches only from this step on (off-policy warm-up before it)
+    on_policy_divergence: str = "reverse_kl"  # 学生写的批用的散度（这些批没有交叉熵项）/ divergence on student-written batches (they have no CE term)
+    prompt_length: int = 64  # 提示的 token 数上限：纯文本取块的前缀，对话取助手回合之前的部分（左截断）/ prompt tokens: a block's prefix for plain text, the turns before the assistant reply for chat (cut from the left)
+    max_new_tokens: int = 64  # 每条提示最多生成的 token 数（遇 EOS 停止）/ most tokens generated per prompt (stops at EOS)
+    generation_temperature: float = 1.0  # 生成续写的采样温度（0 = 贪心）/ sampling temperature of the rollouts (0 = greedy)
+    generation_top_p: float = 1.0  # 生成续写的核采样 p（1 = 不截断）/ nucleus sampling p of the rollouts (1 = off)
+    on_policy_eval: Optional[bool] = None  # 验证时也在学生采样的续写上报告教师的反向 KL 与 NLL；auto = 有生成批时 / also evaluate the teacher's reverse KL and NLL on student-sampled continuations; auto = when batches are generated
 
     def __post_init__(self) -> None:
         ints = (
@@ -159,7 +168,7 @@ class TrainingConfig:
             "loss_chunk_size",
             "eval_batches",
         )
-        _require_int(self, ints + ("warmup_steps", "seed", "max_steps", "top_k"))
+        _require_int(self, ints + ("warmup_steps", "seed", "max_steps", "top_k", "on_policy_start"))
         if self.top_k < 0:
             raise ValueError(f"TrainingConfig.top_k must be >= 0 (0 = the full teacher distribution), got {self.top_k!r}")
         _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
@@ -199,10 +208,51 @@ class TrainingConfig:
         for name in ("learning_rate", "gradient_clip", "temperature"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"TrainingConfig.{name} must be finite, got {getattr(self, name)!r}")
+        self._check_generation()
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir:
             raise ValueError(
                 f"TrainingConfig.checkpoint_dir must be a non-empty path string, got {self.checkpoint_dir!r}"
             )
+
+    def _check_generation(self) -> None:
+        """在线蒸馏的字段：两个比例是 [0, 1] 中的数且和不超过 1，长度为正整数，温度 ≥ 0，top-p ∈ (0, 1]。"""
+        name = type(self).__name__
+        for field in ("on_policy_fraction", "teacher_generated_fraction", "generation_temperature", "generation_top_p"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}.{field} must be a finite number, got {value!r}")
+        for field in ("on_policy_fraction", "teacher_generated_fraction"):
+            if not 0.0 <= getattr(self, field) <= 1.0:
+                raise ValueError(f"{name}.{field} must be in [0, 1] (a probability per step), got {getattr(self, field)!r}")
+        if self.on_policy_fraction + self.teacher_generated_fraction > 1.0:
+            raise ValueError(
+                f"{name}.on_policy_fraction + teacher_generated_fraction must be <= 1 (the rest of the steps use the "
+                f"data), got {self.on_policy_fraction} + {self.teacher_generated_fraction}"
+            )
+        _require_int(self, ("prompt_length", "max_new_tokens"))
+        _require_positive(self, ("prompt_length", "max_new_tokens"))
+        if self.on_policy_start < 0:
+            raise ValueError(f"{name}.on_policy_start must be >= 0, got {self.on_policy_start!r}")
+        if self.generation_temperature < 0:
+            raise ValueError(f"{name}.generation_temperature must be >= 0 (0 = greedy), got {self.generation_temperature!r}")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"{name}.generation_top_p must be in (0, 1] (1 = off), got {self.generation_top_p!r}")
+        if self.on_policy_divergence not in DIVERGENCE_NAMES:
+            raise ValueError(
+                f"{name}.on_policy_divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.on_policy_divergence!r}"
+            )
+        if self.on_policy_eval is not None and not isinstance(self.on_policy_eval, bool):
+            raise ValueError(f"{name}.on_policy_eval must be true, false or auto (None), got {self.on_policy_eval!r}")
+
+    @property
+    def generates(self) -> bool:
+        """是否有生成批（学生或教师写的续写）。"""
+        return self.on_policy_fraction > 0.0 or self.teacher_generated_fraction > 0.0
+
+    @property
+    def evaluates_on_policy(self) -> bool:
+        """验证时是否在学生采样上报告教师的反向 KL 与 NLL（on_policy_eval；auto = 有生成批时）。"""
+        return self.generates if self.on_policy_eval is None else self.on_policy_eval
 
     def replace(self, **changes: Any) -> "TrainingConfig":
         return dataclasses.replace(self, **changes)

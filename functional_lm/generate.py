@@ -231,20 +231,45 @@ def logits_to_probs(
     return probs
 
 
+def _exponential_race(probs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """每行用自己的生成器抽样：token = argmax_i p_i / E_i，E_i ~ Exp(1) 独立同分布。
+
+    指数竞赛：min_i E_i / p_i 是速率为 p_i 的各指数时钟中最先响的那个，取到 i 的概率恰为 p_i（p_i = 0 者
+    永远取不到）。每行的噪声只来自本行的生成器，所以一行的样本与它和哪些行同批、批怎样切分到各进程无关。"""
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"one generator per row is needed: {len(generators)} generator(s) for {probs.shape[0]} rows")
+    noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1)
+
+
 @typechecked
 def sample(
     logits: Float[Tensor, "b v"],
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
 ) -> Int[Tensor, "b"]:
-    """从 logits 取下一个 token：温度 0 为 argmax，否则按 logits_to_probs 的分布抽样。"""
+    """从 logits 取下一个 token：温度 0 为 argmax，否则按 logits_to_probs 的分布抽样。
+
+    generator 为一组生成器（每行一个）时用指数竞赛逐行抽样（见 _exponential_race），否则用 torch.multinomial。"""
     if temperature == 0:
         _check_sampling(temperature, top_k, top_p)
         return logits.argmax(dim=-1)
     probs = logits_to_probs(logits, temperature, top_k, top_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        return _exponential_race(probs, list(generator))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _generators(seed: int | Sequence[int], rows: int, device: torch.device) -> torch.Generator | list[torch.Generator]:
+    """一个种子 → 全批共用一个生成器；一组种子（每行一个）→ 每行一个生成器。"""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return torch.Generator(device=device).manual_seed(seed)
+    seeds = list(seed)
+    if len(seeds) != rows or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ValueError(f"seed must be an int or one non-negative int per prompt row ({rows}), got {seed!r}")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 # ---------------------------------------------------------------- 提示整理
@@ -303,9 +328,10 @@ def generate_stream(
     top_p: Optional[float] = None,
     eos_token_id: Optional[int | Sequence[int]] = None,
     pad_token_id: Optional[int] = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     max_cache_len: Optional[int] = None,
     compile: bool = False,
+    vocab_limit: Optional[int] = None,
 ) -> Iterator[Int[Tensor, "b"]]:
     """逐步产出新 token（每步一个 (b,) 张量），参数含义见 ``generate``。"""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -326,12 +352,14 @@ def generate_stream(
         raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
     eos = _eos_tensor(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = _generators(seed, ids.shape[0], device)
     step = compiled_decode_step() if compile else decode_step
     cache = init_cache(cfg, ids.shape[0], max_len, params[EMBED_KEY].dtype, device)
     logits, cache = prefill(params, cfg, ids, cache, attention_mask=mask)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]  # 嵌入矩阵的填充行（真实词表之外）永远不会被采到
         token = sample(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             token = torch.where(finished, torch.full_like(token, pad), token)  # 已结束的行输出 pad
@@ -354,19 +382,22 @@ def generate(
     top_p: Optional[float] = None,
     eos_token_id: Optional[int | Sequence[int]] = None,
     pad_token_id: Optional[int] = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     max_cache_len: Optional[int] = None,
     compile: bool = False,
+    vocab_limit: Optional[int] = None,
 ) -> Int[Tensor, "b n"]:
     """自回归生成，返回 ``[提示, 新 token]`` 拼接的 (b, t + n)（与 transformers 的 generate 相同）。
 
     参数：
         prompt_ids: (b, t) 或 (t,) 张量（配 attention_mask 表示左填充），或 token 列表 / 列表的列表（自动左填充）。
         temperature: 0 为贪心；> 0 时按温度 / top_k / top_p 采样，seed 决定随机数（结果确定）。
+        seed: 一个整数（全批一个生成器），或每行一个整数（每行自己的生成器：一行的样本与同批的其他行无关）。
         eos_token_id: 一个或多个 eos；遇到后该行此后输出 pad_token_id（缺省为第一个 eos），全部结束即停止，
             所以 n ≤ max_new_tokens。
         max_cache_len: 预分配的缓存槽位数 S（缺省 t + max_new_tokens）；固定它可让编译的解码步跨调用复用。
         compile: 用 ``torch.compile`` 编译解码步（首次调用有编译开销）。
+        vocab_limit: 只在前 vocab_limit 个 id 中取样（真实词表大小；嵌入矩阵末尾的填充行不会被生成）。
     """
     device = params[EMBED_KEY].device
     ids, mask = _prepare_prompt(prompt_ids, attention_mask, device)
@@ -374,7 +405,7 @@ def generate(
         generate_stream(
             params, cfg, ids, max_new_tokens, attention_mask=mask, temperature=temperature, top_k=top_k,
             top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-            max_cache_len=max_cache_len, compile=compile,
+            max_cache_len=max_cache_len, compile=compile, vocab_limit=vocab_limit,
         )
     )
     return torch.cat([ids, torch.stack(steps, dim=1)], dim=1)

@@ -112,6 +112,7 @@ class Window:
     def reset(self) -> None:
         self.loss = self.kd = self.ce = 0.0
         self.tokens = self.steps = 0
+        self.sources: dict[str, int] = {}  # 各来源（data / teacher / student）的步数，见 on_policy
         self.start = time.perf_counter()
         self.excluded = 0.0
 
@@ -128,6 +129,8 @@ class Window:
         self.loss, self.kd, self.ce = self.loss + stats.loss, self.kd + stats.kd, self.ce + stats.ce
         self.tokens += stats.tokens
         self.steps += 1
+        source = getattr(stats, "source", "data")
+        self.sources[source] = self.sources.get(source, 0) + 1
 
     def record(self, step: int, stats: Any) -> dict[str, Any]:
         """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
@@ -137,6 +140,8 @@ class Window:
             "kind": "train", "step": step, "loss": self.loss / n, "kd": self.kd / n, "ce": self.ce / n,
             "lr": stats.lr, "grad_norm": stats.grad_norm, "tokens_per_s": self.tokens / max(elapsed, 1e-9),
         }
+        if set(self.sources) - {"data"}:  # 有生成批时记下窗口内各来源的步数（只有数据批时记录与以前相同）
+            logged["sources"] = dict(self.sources)
         self.reset()
         return logged
 

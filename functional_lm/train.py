@@ -58,6 +58,7 @@ from functional_lm.losses import (
     sparse_distillation_loss,
 )
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
+from functional_lm.on_policy import batch_source, loss_configs, make_rollouts
 from functional_lm.monitor import Metrics, NullMetrics, StopFlag, Window, progress_bar, say, stop_on_signals
 from functional_lm.teacher_cache import stored_log_probs, teacher_targets
 from functional_lm.rundir import Interrupted, RunDirError, RunFailure, write_failure
@@ -75,6 +76,8 @@ __all__ = [
     "distill_loss",
     "teacher_hidden_states",
     "evaluate",
+    "evaluate_on_policy",
+    "check_generation",
     "StepStats",
     "optimizer_step",
     "teacher_dtype",
@@ -397,6 +400,92 @@ def evaluate(
     return _scores(totals, teacher is not None, with_cache) if totals["tokens"] > 0 else {}
 
 
+@torch.no_grad()
+def evaluate_on_policy(
+    student: Model,
+    teacher: Model,
+    loader: Any,
+    rollouts: Any,
+    tcfg: TrainingConfig,
+    *,
+    real_vocab_size: int,
+    max_batches: Optional[int] = None,
+    info: Dist = SINGLE,
+) -> dict[str, float]:
+    """在线蒸馏所优化的量：学生在验证提示上采样续写（种子 (seed, "eval", 块号)，每次验证相同），
+    在生成的 token 上报告教师的逐 token 反向 KL  KL(P_S ‖ P_T)（T = 1）与教师 NLL  −log P_T(y)。
+
+    与 evaluate 一样逐条序列算完整 logits、按有效 token 汇总，多进程时轮流分担、all-reduce。"""
+    totals = [0.0, 0.0, 0.0]  # Σ 反向 KL·n，Σ 教师 NLL·n，n
+    count = min(max_batches if max_batches is not None else len(loader), len(loader))
+    striped = info.enabled and not _sharded(teacher)
+    for index in range(info.rank, count, info.world_size) if striped else range(count):
+        gen = rollouts.generated(student.params, student.cfg, loader.batch_at(0, index), "eval", tcfg.seed)
+        gen = gen.to(info.device)
+        for row in range(gen.input_ids.shape[0]):
+            for i, value in enumerate(_on_policy_row(student, teacher, gen.rows(row, row + 1), real_vocab_size)):
+                totals[i] += value
+    if striped:
+        totals = all_reduce_sum(totals, info)
+    if totals[2] == 0:
+        return {}
+    return {"on_policy_reverse_kl": totals[0] / totals[2], "on_policy_teacher_nll": totals[1] / totals[2],
+            "on_policy_tokens": totals[2]}
+
+
+def _on_policy_row(student: Model, teacher: Model, one: Any, real: int) -> tuple[float, float, float]:
+    """一条生成序列：(反向 KL·n, 教师 NLL·n, n)，n 为生成的有效 token 数。"""
+    n = count_valid_tokens(one)
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    s_hidden = forward_hidden(student.params, one.input_ids, student.cfg, segment_ids=one.segment_ids)
+    s_logits = s_hidden @ output_weight(student.params, student.cfg).T
+    with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
+        t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False, segment_ids=one.segment_ids)
+        t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
+    common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True, temperature=1.0)
+    _, rkl = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, divergence="reverse_kl", **common)
+    _, nll = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, **common)
+    return float(rkl["kd"]) * n, float(nll["ce"]) * n, float(n)
+
+
+def check_generation(
+    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, cache: Any = None, info: Dist = SINGLE
+) -> None:
+    """在线蒸馏与教师生成（SeqKD）的一次性核对：要有教师模型、提示 + 续写放得进两边的 max_seq_len、
+    切分的教师不能写续写（各进程的生成步数不同，逐层 all-gather 会对不上）。"""
+    if not tcfg.generates:
+        return
+    if teacher is None:
+        where = "a teacher cache only holds targets for the data's own tokens" if cache is not None else "none was given"
+        raise ValueError(
+            f"on_policy_fraction / teacher_generated_fraction need the teacher model to grade (or write) every "
+            f"generated token, but {where}; give the teacher, or set both fractions to 0"
+        )
+    if cache is not None:
+        raise ValueError("a teacher cache cannot grade generated tokens; drop the teacher cache (train with the "
+                         "teacher) or set on_policy_fraction and teacher_generated_fraction to 0")
+    length = tcfg.prompt_length + tcfg.max_new_tokens
+    limit = min(student.cfg.max_seq_len, teacher.cfg.max_seq_len)
+    if length > limit:
+        raise ValueError(
+            f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows "
+            f"max_seq_len {limit} (student {student.cfg.max_seq_len}, teacher {teacher.cfg.max_seq_len}); "
+            f"lower prompt_length or max_new_tokens"
+        )
+    if info.enabled and tcfg.teacher_sharding == "shard" and tcfg.teacher_generated_fraction > 0:
+        raise ValueError("teacher_generated_fraction needs a whole teacher on every process to write with; "
+                         "use teacher_sharding=replicate, or set teacher_generated_fraction to 0")
+
+
+def _rollouts(data: Any, split: str, tcfg: TrainingConfig, real: int) -> Any:
+    """训练集或验证集的 Rollouts（提示表；对话数据在这里核对每段对话）。没有这个划分时为 None。"""
+    loader = data.train_loader if split == "train" else data.val_loader
+    if loader is None:
+        return None
+    return make_rollouts(loader.dataset, getattr(data, "tokenizer", None), tcfg, real)
+
+
 # ---------------------------------------------------------------- 一个优化步
 def total_training_steps(tcfg: TrainingConfig, batches_per_epoch: int) -> int:
     """计划的优化步数：max_steps（若给出）或 num_epochs 轮数据所能构成的步数。"""
@@ -415,6 +504,7 @@ class StepStats:
     grad_norm: float
     lr: float
     tokens: int  # 本步所有进程读入的 token 数（含不计损失的），用于吞吐
+    source: str = "data"  # 这一步整批的来源：data / teacher / student（见 on_policy）
 
 
 @dataclass
@@ -433,6 +523,8 @@ class _Stepper:
     student_fwd: Callable = forward_hidden
     teacher_fwd: Callable = forward_hidden
     teacher_cache: Any = None  # 教师缓存（TeacherCache）：训练目标从它读，不跑教师
+    rollouts: Any = None  # 在线蒸馏（on_policy.Rollouts）：把数据批换成学生或教师写的批
+    loss_cfgs: dict[str, TrainingConfig] = field(default_factory=dict)  # 每个来源的损失设置（on_policy.loss_configs）
 
     def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
         """梯度累积：只在最后一个微批的反向里做 all-reduce（DDP 的 no_sync）。"""
@@ -441,31 +533,38 @@ class _Stepper:
         return self.student.no_sync()
 
 
-def _teacher_side(stepper: _Stepper, batch: Any) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
+def _teacher_side(
+    stepper: _Stepper, batch: Any, tcfg: TrainingConfig
+) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
     """这一微批的教师一侧：(教师隐藏状态, 稀疏目标)。教师缓存 → 只有目标；top_k > 0 → 在线取 top-k；
-    否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。"""
+    否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。tcfg 是这一批来源的损失设置。"""
     if stepper.teacher_cache is not None:
         return None, cached_targets(stepper.teacher_cache, batch, stepper.info.device)
-    if stepper.teacher is None:
+    if stepper.teacher is None or tcfg.alpha == 0.0:
         return None, None
     with _no_checks_if_sharded(stepper.teacher):
         t_hidden = teacher_hidden_states(
-            stepper.teacher, batch.input_ids, stepper.teacher_fwd, document_segments(batch, stepper.tcfg)
+            stepper.teacher, batch.input_ids, stepper.teacher_fwd, document_segments(batch, tcfg)
         )
-        if stepper.tcfg.top_k > 0:
+        if tcfg.top_k > 0:
             return None, live_topk_targets(stepper.teacher, t_hidden, stepper.tcfg, stepper.real_vocab_size)
     return t_hidden, None
 
 
-def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> torch.Tensor:
+def _micro_step(
+    stepper: _Stepper, batch: Any, num_tokens: int, last: bool, tcfg: Optional[TrainingConfig] = None
+) -> torch.Tensor:
     """一个微批：教师隐藏状态 → 学生的分块损失（经过参数壳的 forward）→ 反向。
 
+    tcfg：这一批来源的损失设置（缺省为训练配置本身；生成批见 on_policy.loss_configs）。
     返回本进程的 (损失, KD, CE) 三项（留在设备上，整步结束时才取回主机一次，不逐微批同步）。"""
+    tcfg = tcfg or stepper.tcfg
     batch = batch.to(stepper.info.device, non_blocking=True)
+    teacher = stepper.teacher if tcfg.alpha > 0.0 else None
     with stepper.no_sync(last), _teacher_scope(stepper.teacher):
-        t_hidden, targets = _teacher_side(stepper, batch)
+        t_hidden, targets = _teacher_side(stepper, batch, tcfg)
         loss, parts = stepper.student(
-            distill_loss, stepper.cfg, batch, stepper.teacher, t_hidden, stepper.tcfg,
+            distill_loss, stepper.cfg, batch, teacher, t_hidden, tcfg,
             real_vocab_size=stepper.real_vocab_size, num_tokens=num_tokens, forward_fn=stepper.student_fwd,
             sparse_targets=targets,
         )
@@ -474,10 +573,11 @@ def _micro_step(stepper: _Stepper, batch: Any, num_tokens: int, last: bool) -> t
     return torch.stack([loss.detach(), parts["kd"].to(loss.device), parts["ce"].to(loss.device)]).float()
 
 
-def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
+def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float, source: str = "data") -> StepStats:
     """微批 → 梯度（按全局有效 token 数归一化后逐微批累加）→ 全局范数裁剪 → AdamW 一步。
 
-    单进程、多进程（DDP）与之后的在线蒸馏共用这一个函数。全局有效 token 数 N 在所有进程、所有微批上
+    单进程、多进程（DDP）与在线蒸馏共用这一个函数；source 是这一步整批的来源（"data" / "teacher" /
+    "student"，见 on_policy），决定损失设置。全局有效 token 数 N 在所有进程、所有微批上
     求和（all-reduce）；损失或梯度范数非有限时不更新参数，抛 NonFiniteLossError（调用方补上最后一个好的检查点）。
     """
     info = stepper.info
@@ -485,8 +585,9 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
         group["lr"] = lr
     local = [float(sum(count_valid_tokens(b) for b in micro)), float(sum(b.input_ids.numel() for b in micro))]
     num_tokens, tokens = all_reduce_sum(local, info)
+    tcfg = stepper.loss_cfgs.get(source, stepper.tcfg)
     sums = sum(
-        _micro_step(stepper, batch, max(int(num_tokens), 1), last=index == len(micro) - 1)
+        _micro_step(stepper, batch, max(int(num_tokens), 1), last=index == len(micro) - 1, tcfg=tcfg)
         for index, batch in enumerate(micro)
     )
     loss_sum, kd_sum, ce_sum = all_reduce_sum(sums.tolist(), info)
@@ -496,7 +597,7 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float) -> StepStats:
         raise NonFiniteLossError(f"non-finite loss {loss_sum} (grad norm {grad_norm})")
     stepper.optimizer.step()
     stepper.optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, kd_sum, ce_sum, grad_norm, lr, int(tokens))
+    return StepStats(loss_sum, kd_sum, ce_sum, grad_norm, lr, int(tokens), source)
 
 
 # ---------------------------------------------------------------- 训练主循环
@@ -563,10 +664,11 @@ def _teacher_for_training(teacher: Optional[Model], tcfg: TrainingConfig, info: 
 
 
 def _build_stepper(
-    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist, cache: Any = None
+    student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real: int, info: Dist, cache: Any = None,
+    rollouts: Any = None,
 ) -> _Stepper:
     """学生参数放进参数壳（多进程时包成 DDP）、优化器（CUDA 上 fused）、教师与前向函数。
-    有教师缓存时训练目标来自缓存，不跑教师（教师若给了只用于验证）。"""
+    有教师缓存时训练目标来自缓存，不跑教师（教师若给了只用于验证）。rollouts：在线蒸馏的生成器（可无）。"""
     # 拷贝一份（放到设备上）：训练原地更新壳里的参数，调用方给的张量保持不变。
     shell = ParamShell({k: v.detach().to(info.device, copy=True) for k, v in student.params.items()})
     params = shell.params()
@@ -574,9 +676,9 @@ def _build_stepper(
     compiled = torch.compile(forward_hidden) if tcfg.compile else forward_hidden
     return _Stepper(
         wrap_student(shell, info), params, {id(p): k for k, p in params.items()}, student.cfg, optimizer,
-        teacher if tcfg.alpha > 0.0 and cache is None else None, tcfg, real, info,
+        teacher if (tcfg.alpha > 0.0 or tcfg.generates) and cache is None else None, tcfg, real, info,
         student_fwd=compiled, teacher_fwd=forward_hidden if _sharded(teacher) else compiled,  # 切分的教师不编译
-        teacher_cache=cache,
+        teacher_cache=cache, rollouts=rollouts, loss_cfgs=loss_configs(tcfg),
     )
 
 
@@ -619,16 +721,19 @@ def train(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
     real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache, data)
+    check_generation(student, teacher, tcfg, teacher_cache, info)
     if not resume:
         on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
     loader, total = _training_loader(data, tcfg, info)
     _announce(run_dir, info, loader, tcfg, teacher)
     teacher_model = _teacher_for_training(teacher, tcfg, info)
-    stepper = _build_stepper(student, teacher_model, tcfg, real, info, teacher_cache)
+    rollouts = _rollouts(data, "train", tcfg, real) if tcfg.generates else None
+    stepper = _build_stepper(student, teacher_model, tcfg, real, info, teacher_cache, rollouts)
     result = _start(stepper, loader, total, ckpt_root if resume else None)
     metrics = _open_metrics(run_dir, info, result, resume)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
-    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics, val_teacher_cache)
+    val_rollouts = _rollouts(data, "val", tcfg, real) if tcfg.evaluates_on_policy and teacher is not None else None
+    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics, val_teacher_cache, val_rollouts)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
@@ -700,10 +805,11 @@ class _Evaluator:
     """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”。"""
 
     def __init__(
-        self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None
+        self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None,
+        val_rollouts: Any = None,
     ) -> None:
         self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
-        self.val_cache = val_cache
+        self.val_cache, self.val_rollouts = val_cache, val_rollouts
 
     def __call__(self, step: int, bar: Any) -> dict[str, float]:
         if self.val_loader is None:
@@ -715,6 +821,11 @@ class _Evaluator:
             real_vocab_size=s.real_vocab_size, max_batches=s.tcfg.eval_batches, info=s.info,
             teacher_cache=self.val_cache,
         )
+        if self.val_rollouts is not None:
+            scores |= evaluate_on_policy(
+                Model(s.params, s.cfg), self.teacher, self.val_loader, self.val_rollouts, s.tcfg,
+                real_vocab_size=s.real_vocab_size, max_batches=s.tcfg.eval_batches, info=s.info,
+            )
         bar.set_description("distill")
         self.metrics.write({"kind": "eval", "step": step, **scores})
         return scores
@@ -732,9 +843,9 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
     window = Window()
     while result.step < total:
         lr = learning_rate(result.step, tcfg, total)
-        micro = [loader.next_batch() for _ in range(tcfg.gradient_accumulation_steps)]
+        micro, source = _step_batches(stepper, loader, result.step)
         try:
-            stats = optimizer_step(stepper, micro, lr)
+            stats = optimizer_step(stepper, micro, lr, source)
         except NonFiniteLossError as err:
             where = result.last_checkpoint or "none (no checkpoint was written yet)"
             raise NonFiniteLossError(
@@ -766,6 +877,18 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
                 bar.write(f"{stop.requested or 'stop'} received: saved {result.last_checkpoint} at step {step}; "
                           f"resume with --resume")
             return
+
+
+def _step_batches(stepper: _Stepper, loader: Any, step: int) -> tuple[list[Any], str]:
+    """第 step 步（从 0 计）的微批与来源（on_policy.batch_source）：数据批原样；生成批由学生（当前参数）
+    或教师为每个块写续写（on_policy.Rollouts）。数据位置照常前移，所以恢复与多进程的布局不受影响。"""
+    micro = [loader.next_batch() for _ in range(stepper.tcfg.gradient_accumulation_steps)]
+    source = batch_source(stepper.tcfg, step)
+    if source == "data":
+        return micro, source
+    writer = Model(stepper.params, stepper.cfg) if source == "student" else stepper.teacher
+    with _teacher_scope(writer if source == "teacher" else None):
+        return [stepper.rollouts.generated(writer.params, writer.cfg, b, step, stepper.tcfg.seed) for b in micro], source
 
 
 class _Saver:

@@ -266,3 +266,23 @@ def encode_chat(tokenizer: Any, messages: Sequence[dict], *, add_generation_prom
     )
     ids, starts = tokenizer.encode_with_offsets(text)
     return ChatEncoding(list(ids), spans_to_mask(starts, spans))
+
+
+def role_header_ids(tokenizer: Any, role: str = "user") -> list[int]:
+    """对话模板里一个角色回合开头的 token（Qwen 的 ChatML：``<|im_start|>user``；DeepSeek：``<｜User｜>``）。
+
+    做法与模板无关：渲染 [system 哨兵 a, role 哨兵 b]，取 a 与 b 之间的文本，去掉上一回合的结束特殊 token
+    与两端空白，剩下的就是这个角色的回合标记。在线蒸馏用它核对每条提示里确有用户回合。"""
+    first, second = "\ue002", "\ue003"
+    text, _ = render_chat(
+        [{"role": "system", "content": first}, {"role": role, "content": second}],
+        template=tokenizer.chat_template, special_tokens=list(tokenizer.special_tokens),
+    )
+    between = text[text.index(first) + 1 : text.index(second)].strip()
+    for closer in sorted(tokenizer.special_tokens, key=len, reverse=True):
+        if between.startswith(closer) and closer not in (IM_START,):
+            between = between[len(closer) :].strip()
+            break
+    if not between:
+        raise ValueError(f"the chat template has no marker for {role!r} turns; cannot locate them in the data")
+    return list(tokenizer.encode(between))
