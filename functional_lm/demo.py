@@ -6,7 +6,10 @@
        ``~/.cache/functional_lm/demo/`` 下，之后的运行直接复用；
     3. 用规格书的损失 α·T²·KL + (1−α)·CE 把教师蒸馏进更小的学生（预设 demo-student）；
     4. 对照：同一个学生、同样的步数，只用交叉熵训练（α = 0）——报告展示蒸馏改变了什么（只报告，不断言）；
-    5. 在验证集上评估三者，打印各自的采样续写，写出 report.md 与损失曲线。
+    5. 在线蒸馏的学生：前一半步数与第 3 步相同（离线预热），后一半每步由学生自己写续写、教师逐 token 打分
+       （反向 KL，λ = 1），总步数相同；
+    6. 在验证集上评估四者（离线指标，以及学生采样续写上教师的反向 KL 与 NLL），打印各自的采样续写，
+       写出 report.md、损失曲线与在线指标曲线。
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Mapping
 from functional_lm.config import ModelConfig, TrainingConfig, cache_root, get_preset
 from functional_lm.rundir import Interrupted, materialize_tokenizer, writing
 
-__all__ = ["demo_training_defaults", "teacher_training_config", "run_demo", "DEMO_SEQ_LEN"]
+__all__ = ["demo_training_defaults", "teacher_training_config", "student_configs", "run_demo", "DEMO_SEQ_LEN"]
 
 DEMO_SEQ_LEN = 64  # 演示的训练块长度
 
@@ -46,6 +49,9 @@ def demo_training_defaults() -> dict[str, Any]:
         "eval_batches": 4,
         "loss_chunk_size": 256,
         "keep_last": 1,
+        "prompt_length": 32,
+        "max_new_tokens": 32,
+        "on_policy_eval": True,
     }
 
 
@@ -125,16 +131,32 @@ def _announce(tcfg: TrainingConfig, seq_len: int) -> None:
     print(f"[demo] settings: seq_len={seq_len}, {shown} (override any with --field-name)", file=sys.stderr)
 
 
-def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, resume, progress, info) -> dict[str, Any]:
-    """蒸馏学生与只用 CE 的对照学生：同样的初始化、数据、步数与学习率表，只有 α 不同。
+def student_configs(tcfg: TrainingConfig) -> dict[str, TrainingConfig]:
+    """三个学生的训练配置：同样的初始化、数据、步数与学习率表。
+    distilled：离线蒸馏（不生成）；ce_only：α = 0；on_policy：on_policy_start 之前同 distilled（离线预热，
+    缺省为一半步数），之后每步以概率 λ（缺省 1）由学生写续写、教师打分。"""
+    offline = tcfg.replace(on_policy_fraction=0.0, teacher_generated_fraction=0.0)
+    online = tcfg.replace(
+        on_policy_fraction=tcfg.on_policy_fraction or 1.0, on_policy_start=tcfg.on_policy_start or tcfg.max_steps // 2
+    )
+    return {"distilled": offline, "ce_only": offline.replace(alpha=0.0), "on_policy": online}
 
-    两次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
+
+def _describe(name: str, cfg: TrainingConfig) -> str:
+    online = f", on-policy λ={cfg.on_policy_fraction} from step {cfg.on_policy_start}" if cfg.generates else ""
+    return f"[demo] training the {name} student (alpha={cfg.alpha}, T={cfg.temperature}{online})"
+
+
+def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, resume, progress, info) -> dict[str, Any]:
+    """三个学生（见 student_configs）依次训练。
+
+    几次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
     from functional_lm.model import init_params
     from functional_lm.train import Model, train
 
     runs = {}
-    for name, cfg in (("distilled", tcfg), ("ce_only", tcfg.replace(alpha=0.0))):
-        print(f"[demo] training the {name} student (alpha={cfg.alpha}, T={cfg.temperature})", file=sys.stderr)
+    for name, cfg in student_configs(tcfg).items():
+        print(_describe(name, cfg), file=sys.stderr)
         student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
         runs[name] = train(
             student, teacher, data, cfg, out / name, resume=resume,
@@ -224,7 +246,7 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
     with writing("the report", out / "report.md"):
         report = write_report(
             out,
-            title="functional_lm offline demo: distillation vs cross-entropy only",
+            title="functional_lm offline demo: off-policy distillation, cross-entropy only, on-policy distillation",
             configs={
                 "teacher": teacher.cfg.to_dict(), "student": student_cfg.to_dict(), "training": tcfg.to_dict(),
                 "teacher_training": teacher_training_config().to_dict(), "seq_len": seq_len,
@@ -234,10 +256,16 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
             curve_key="ce",  # 两个学生的总损失 α 不同、不可比；交叉熵可比
             val_key="val_ce",
             reference=("teacher (val CE)", teacher_eval.get("val_ce")),
+            eval_keys=("on_policy_reverse_kl", "on_policy_teacher_nll"),
             samples=samples,
             notes=[
                 "student_ppl column for the teacher row is the teacher's own perplexity",
                 "the CE-only student is trained with the same data, steps and schedule, alpha = 0",
+                f"the on-policy student trains like the distilled one until step {student_configs(tcfg)['on_policy'].on_policy_start}, "
+                "then on continuations it samples itself, graded by the teacher (reverse KL, no CE term)",
+                "on_policy_reverse_kl / on_policy_teacher_nll: the teacher's per-token reverse KL KL(student‖teacher) "
+                "and NLL on continuations each student samples from validation prompts (lower is better; the "
+                "quantity on-policy distillation optimises); the other columns are measured on the data's own text",
                 "the curve shows the training cross-entropy of both students (their total losses use different "
                 "alpha), their validation cross-entropy (squares) and the teacher's (dotted line)",
                 f"teacher checkpoint: {teacher_dir}",

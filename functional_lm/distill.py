@@ -109,7 +109,8 @@ def _add_field_options(p: argparse.ArgumentParser) -> None:
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
             kind = str(f.type)
-            choices = {"divergence": DIVERGENCE_NAMES, "teacher_sharding": TEACHER_SHARDINGS}.get(f.name)
+            choices = {"divergence": DIVERGENCE_NAMES, "on_policy_divergence": DIVERGENCE_NAMES,
+                       "teacher_sharding": TEACHER_SHARDINGS}.get(f.name)
             extra = {"choices": choices} if choices else {"metavar": _TYPES.get(kind, kind)}
             group.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f"field_{f.name}", default=argparse.SUPPRESS,
@@ -126,6 +127,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "without arguments, the offline demo",
         description=(
             "知识蒸馏 / knowledge distillation: loss = α·T²·KL(teacher‖student, T) + (1−α)·CE. "
+            "在线蒸馏 / on-policy: 以概率 --on-policy-fraction（λ）一步的整批由学生采样续写、教师逐 token 打分，"
+            "损失只有 T²·D(--on-policy-divergence，默认反向 KL)，没有 CE 项——学生自己的样本没有金标准；"
+            "CE 只用于数据批与教师写的批 / with probability --on-policy-fraction (λ) a step's batch is written by the "
+            "student and graded by the teacher on every generated token, with loss T²·D(--on-policy-divergence, "
+            "reverse KL by default) and no CE term (the student's own samples have no gold labels); CE applies "
+            "only to data batches and teacher-written batches (--teacher-generated-fraction). "
             + _demo_note()
             + " 布尔字段写 true/false / boolean fields take true/false."
         ),

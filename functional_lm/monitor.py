@@ -110,7 +110,7 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.kd = self.ce = 0.0
+        self.loss = self.kd = self.ce = self.data_ce = 0.0
         self.tokens = self.steps = 0
         self.sources: dict[str, int] = {}  # 各来源（data / teacher / student）的步数，见 on_policy
         self.start = time.perf_counter()
@@ -131,6 +131,8 @@ class Window:
         self.steps += 1
         source = getattr(stats, "source", "data")
         self.sources[source] = self.sources.get(source, 0) + 1
+        if source == "data":
+            self.data_ce += stats.ce
 
     def record(self, step: int, stats: Any) -> dict[str, Any]:
         """训练记录：窗口内的平均损失、最后一步的学习率与梯度范数、吞吐。"""
@@ -142,6 +144,11 @@ class Window:
         }
         if set(self.sources) - {"data"}:  # 有生成批时记下窗口内各来源的步数（只有数据批时记录与以前相同）
             logged["sources"] = dict(self.sources)
+            # ce 只平均数据批（数据本身的文本上的交叉熵，与只有数据批的运行可比）；窗口里没有数据批时为 None。
+            # 生成批上的交叉熵另记为 ce_generated（学生写的批上它是学生对自己样本的 NLL，不在目标里）。
+            data_steps = self.sources.get("data", 0)
+            logged["ce"] = self.data_ce / data_steps if data_steps else None
+            logged["ce_generated"] = (self.ce - self.data_ce) / (self.steps - data_steps)
         self.reset()
         return logged
 

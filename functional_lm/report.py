@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["read_metrics", "read_metrics_file", "plot_loss_curves", "write_report"]
+__all__ = ["read_metrics", "read_metrics_file", "plot_loss_curves", "plot_eval_curves", "write_report"]
 
 
 def read_metrics_file(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
@@ -87,6 +87,34 @@ def plot_loss_curves(
     return file
 
 
+def plot_eval_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, keys: tuple[str, ...]) -> Optional[Path]:
+    """验证指标随步数的曲线（每个 key 一个子图，每个运行一条线）；没有 matplotlib 或没有任何点时返回 None。"""
+    found = {k: {n: _points(r, "eval", k) for n, r in curves.items()} for k in keys}
+    keys = tuple(k for k in keys if any(found[k].values()))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, points in found[key].items():
+            if points:
+                ax.plot(*zip(*points), marker="s", markersize=4, label=name)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
 def _table(rows: Mapping[str, Mapping[str, Any]]) -> str:
     """名字 → 指标字典，写成 Markdown 表格（列为所有出现过的指标）。"""
     columns: list[str] = []
@@ -119,11 +147,13 @@ def write_report(
     curve_key: str = "loss",
     val_key: Optional[str] = None,
     reference: Optional[tuple[str, float]] = None,
+    eval_keys: tuple[str, ...] = (),
 ) -> Path:
     """写出 run_dir/report.md（和 loss_curve.png），返回报告路径。
 
     curve_key：画哪一个训练指标（比较不同 α 的运行时用 "ce"，因为总损失的量纲随 α 变化）；
-    val_key：同图画出的验证指标（如 "val_ce"）；reference：水平参照线 (名字, 数值)。
+    val_key：同图画出的验证指标（如 "val_ce"）；reference：水平参照线 (名字, 数值)；
+    eval_keys：另画一张验证指标曲线 eval_curves.png（如在线指标 on_policy_reverse_kl），每个指标一个子图。
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -134,6 +164,9 @@ def write_report(
         parts += ["## 损失曲线 / Loss curve", "", f"![loss curve]({png.name})", ""]
     else:
         parts += ["(matplotlib 未安装，没有画损失曲线 / matplotlib not installed: no loss-curve PNG)", ""]
+    evals = plot_eval_curves(curves, run_dir / "eval_curves.png", eval_keys) if eval_keys else None
+    if evals is not None:
+        parts += ["## 验证指标曲线 / Validation metrics", "", f"![validation metrics]({evals.name})", ""]
     if samples:
         parts += ["## 采样续写 / Sampled continuations", ""]
         for name, text in samples.items():

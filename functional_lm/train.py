@@ -860,7 +860,8 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
             metrics.write(logged)
             result.history.append(logged)
             bar.set_postfix(
-                loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}", ce=f"{logged['ce']:.4f}",
+                loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}",
+                ce="—" if logged["ce"] is None else f"{logged['ce']:.4f}",
                 lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
             )
         with window.paused():  # 验证与保存的时间不算进下一条记录的吞吐

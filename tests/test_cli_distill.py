@@ -201,7 +201,12 @@ def test_offline_demo_runs_end_to_end_at_toy_scale(tmp_path, monkeypatch, capsys
     assert "[demo] settings: seq_len=32, batch_size=2, learning_rate=0.003, warmup_steps=20, max_steps=2" in printed.err
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "student (distilled)" in report and "student (ce_only)" in report and "teacher" in report
-    for name in ("distilled", "ce_only"):
+    assert "student (on_policy)" in report and "on_policy_reverse_kl" in report and "on_policy_teacher_nll" in report
+    assert "on-policy λ=1.0 from step 1" in printed.err  # 第三个学生：一半步数的离线预热之后在线
+    online = [json.loads(line) for line in (out / "on_policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("sources") for r in online if r["kind"] == "train"] == [{"data": 1, "student": 1}]
+    assert all(r["on_policy_reverse_kl"] >= 0 for r in online if r["kind"] == "eval")
+    for name in ("distilled", "ce_only", "on_policy"):
         cfg, _ = load_pretrained(out / name / "student")
         assert cfg == get_preset("demo-student")
         assert f"{name}: {out / name / 'student'}" in printed.out  # 学生的位置打印在最后
