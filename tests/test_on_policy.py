@@ -327,3 +327,58 @@ def test_on_policy_without_a_teacher_model_is_refused(data, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="need the teacher model"):
         train(_student(), None, data, _tcfg(on_policy_fraction=0.5, alpha=0.0), tmp_path / "run",
               real_vocab_size=tokenizer.real_vocab_size, progress=False)
+
+
+# ---------------------------------------------------------------- 命令行
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory):
+    from conftest import write_teacher_and_data
+
+    return write_teacher_and_data(tmp_path_factory.mktemp("cli"), TEACHER)
+
+
+def _cli(root, out, data, *extra):
+    from functional_lm.cli import main
+
+    return main([
+        "distill", "--teacher", str(root / "teacher"), "--data", str(data), "--preset", "tiny",
+        "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads", "1",
+        "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--eval-interval", "2", "--eval-batches", "1",
+        "--cache-dir", str(root / "cache"), "--output-dir", str(out), "--no-progress", *extra,
+    ])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--on-policy-fraction", "1.5"], "TrainingConfig.on_policy_fraction must be in [0, 1]"),
+    (["--on-policy-fraction", "0.5", "--prompt-length", "40", "--max-new-tokens", "30"],
+     "prompt_length 40 + max_new_tokens 30 = 70 overflows max_seq_len 64"),
+])
+def test_the_command_line_refuses_bad_on_policy_settings_in_one_paragraph(cli_root, tmp_path, capsys, extra, message):
+    assert _cli(cli_root, tmp_path / "run", cli_root / "data.jsonl", *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_command_line_names_a_chat_row_without_a_user_turn(cli_root, tmp_path, capsys):
+    rows = [{"messages": c} for c in CHATS[:6]]
+    rows.insert(2, {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi."}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert _cli(cli_root, tmp_path / "run", data, "--on-policy-fraction", "1", "--prompt-length", "16",
+                "--max-new-tokens", "8", "--val-fraction", "0") == 2
+    err = capsys.readouterr().err
+    assert "conversation 2 of the token cache" in err and "no user turn before its first assistant reply" in err
+    assert "Traceback" not in err
+
+
+def test_an_on_policy_run_from_the_command_line(cli_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(cli_root, out, cli_root / "data.jsonl", "--on-policy-fraction", "1", "--prompt-length", "8",
+                "--max-new-tokens", "8", "--log-interval", "1") == 0
+    records = _records(out)
+    assert [r.get("sources") for r in records if r["kind"] == "train"] == [{"student": 1}, {"student": 1}]
+    assert [r["ce"] for r in records if r["kind"] == "train"] == [None, None]  # 没有数据批：数据上的 CE 不报
+    assert records[-1]["kind"] == "eval" and records[-1]["on_policy_reverse_kl"] > 0
+    settings = json.loads((out / "run.json").read_text())
+    assert settings["training"]["on_policy_fraction"] == 1.0 and settings["training"]["max_new_tokens"] == 8
