@@ -231,6 +231,7 @@ def run_demo(
 def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, bundle, out) -> None:
     """秩 0：评估教师、保存两个学生、采样续写、写报告并打印摘要。"""
     from functional_lm.distributed import Dist
+    from functional_lm.on_policy import ON_POLICY_METRICS
     from functional_lm.report import read_metrics, write_report
     from functional_lm.train import Model, evaluate
 
@@ -256,7 +257,7 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
             curve_key="ce",  # 两个学生的总损失 α 不同、不可比；交叉熵可比
             val_key="val_ce",
             reference=("teacher (val CE)", teacher_eval.get("val_ce")),
-            eval_keys=("on_policy_reverse_kl", "on_policy_teacher_nll"),
+            eval_keys=ON_POLICY_METRICS,
             samples=samples,
             notes=[
                 "student_ppl column for the teacher row is the teacher's own perplexity",

@@ -280,6 +280,7 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: Trai
             run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
     """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
     from functional_lm.hf import save_pretrained
+    from functional_lm.on_policy import ON_POLICY_METRICS
     from functional_lm.report import read_metrics, write_report
 
     with writing("the final student", out / "student", result.last_checkpoint):
@@ -295,6 +296,7 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: Trai
             val_key="val_ce",
             reference=("teacher (val CE)", result.final_eval.get("teacher_ce")),
             curve_key="ce",
+            eval_keys=ON_POLICY_METRICS,  # 有在线验证指标时另画一张曲线
             notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
         )
     print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)

@@ -37,6 +37,7 @@ from functional_lm.typing import Int, Tensor
 
 __all__ = [
     "SOURCES",
+    "ON_POLICY_METRICS",
     "batch_source",
     "rollout_seed",
     "PromptTable",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 SOURCES = ("data", "teacher", "student")  # 一步的整批由谁写：数据、教师（SeqKD）、学生（在线）
+# 在线验证指标（train.evaluate_on_policy）：学生采样的续写上教师的逐 token 反向 KL 与 NLL。
+ON_POLICY_METRICS = ("on_policy_reverse_kl", "on_policy_teacher_nll")
 
 
 def batch_source(tcfg: TrainingConfig, step: int) -> str:

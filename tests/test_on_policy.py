@@ -382,3 +382,6 @@ def test_an_on_policy_run_from_the_command_line(cli_root, tmp_path, capsys):
     assert records[-1]["kind"] == "eval" and records[-1]["on_policy_reverse_kl"] > 0
     settings = json.loads((out / "run.json").read_text())
     assert settings["training"]["on_policy_fraction"] == 1.0 and settings["training"]["max_new_tokens"] == 8
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "on_policy_reverse_kl" in report
+    assert "eval_curves.png" in report and (out / "eval_curves.png").is_file()  # 在线指标的曲线
