@@ -2,7 +2,8 @@
 
 在 GPU 机器上由 ``benchmarks/gpu_check.sh`` 运行：前向与 CPU 一致、打包文档（FlexAttention）与各文档单独运行一致、
 bf16 训练几步有限且损失下降、
-贪心生成与 CPU 相同、编译的解码步与 eager 相同，两块卡时 NCCL 上的 2 进程训练与 1 进程相同。
+贪心生成与 CPU 相同、编译的解码步与 eager 相同，在线蒸馏在 GPU 上编译与否采到相同的续写，
+两块卡时 NCCL 上的 2 进程训练与 1 进程相同。
 """
 
 import json
@@ -91,6 +92,21 @@ def test_bf16_distillation_on_cuda_runs_and_learns(setup, tmp_path, capsys):
     assert losses[-1] < losses[0]
     cfg, params = load_pretrained(out / "student")
     assert cfg.hidden_size == 16 and all(torch.isfinite(v).all() for v in params.values())
+
+
+def test_on_policy_distillation_on_cuda_is_deterministic_compiled_or_not(setup, tmp_path):
+    # 学生在 GPU 上写续写（每行自己的 CUDA 生成器，种子由 (seed, step, 块号) 决定）、教师打分：编译的解码步与
+    # eager 采到同样的续写（GPU 与 CPU 的随机数引擎不同，所以不与 CPU 比较）
+    online = ("--device", "cuda", "--on-policy-fraction", "1", "--prompt-length", "8", "--max-new-tokens", "8",
+              "--teacher-bf16", "false", "--batch-size", "4", "--max-steps", "2", "--eval-interval", "2")
+    assert main(_args(setup, tmp_path / "compiled", "--compile", "true", *online)) == 0
+    assert main(_args(setup, tmp_path / "eager", *online)) == 0
+    compiled, eager = _records(tmp_path / "compiled"), _records(tmp_path / "eager")
+    assert [r.get("sources") for r in compiled if r["kind"] == "train"] == [{"student": 1}, {"student": 1}]
+    assert compiled[-1]["on_policy_tokens"] == eager[-1]["on_policy_tokens"] > 0
+    assert compiled[-1]["on_policy_reverse_kl"] == pytest.approx(eager[-1]["on_policy_reverse_kl"], rel=1e-3)
+    assert [r["loss"] for r in compiled if r["kind"] == "train"] == pytest.approx(
+        [r["loss"] for r in eager if r["kind"] == "train"], rel=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
