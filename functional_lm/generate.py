@@ -273,11 +273,18 @@ def _generators(seed: int | Sequence[int], rows: int, device: torch.device) -> t
 
 
 # ---------------------------------------------------------------- 提示整理
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[Tensor, Tensor]:
-    """把长短不一的 token 列表左填充成 (b, T) 的 ids 与 attention_mask（1 = 真实 token）。"""
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, device=None, width: Optional[int] = None
+) -> tuple[Tensor, Tensor]:
+    """把长短不一的 token 列表左填充成 (b, T) 的 ids 与 attention_mask（1 = 真实 token）。
+
+    T 缺省为最长提示的长度；给了 width 时固定为 width（形状不随批变化，编译的解码步可以复用）。"""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("left_pad: every prompt must have at least one token")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    if width is not None and width < longest:
+        raise ValueError(f"left_pad: a prompt of {longest} tokens does not fit width={width}")
+    width = longest if width is None else width
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.int64, device=device)
     for row, prompt in enumerate(prompts):

@@ -32,7 +32,7 @@ import torch
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.data.loader import Batch
 from functional_lm.data.packing import IGNORE_INDEX
-from functional_lm.generate import generate
+from functional_lm.generate import generate, left_pad
 from functional_lm.typing import Int, Tensor
 
 __all__ = [
@@ -133,13 +133,7 @@ class PromptTable:
 
     def batch(self, blocks: Sequence[int], pad_id: int) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
         """一组块的提示左填充成固定宽度 P：(ids, attention_mask)，1 = 真实 token。"""
-        ids = torch.full((len(blocks), self.length), pad_id, dtype=torch.int64)
-        mask = torch.zeros((len(blocks), self.length), dtype=torch.int64)
-        for row, block in enumerate(blocks):
-            tokens = self.prompt(int(block))
-            ids[row, self.length - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.int64)
-            mask[row, self.length - len(tokens) :] = 1
-        return ids, mask
+        return left_pad([self.prompt(int(block)) for block in blocks], pad_id, width=self.length)
 
 
 def _store_name(store: Any) -> str:

@@ -298,15 +298,7 @@ def _eval_row(
     """一条验证序列的各项之和（乘以有效 token 数 n，便于跨序列、跨进程相加）；
     没有教师而有验证集的教师缓存时，KL 与一致率改按缓存目标计算（见 _cache_row）。"""
     n = count_valid_tokens(one)
-    seg = document_segments(one, tcfg)
-    s_hidden = forward_hidden(student.params, one.input_ids, student.cfg, segment_ids=seg)
-    s_logits = s_hidden @ output_weight(student.params, student.cfg).T
-    if teacher is None:
-        t_logits = s_logits  # 没有教师：KD 相关的量恒为 0，最后不报告
-    else:
-        with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
-            t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False, segment_ids=seg)
-            t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
+    s_logits, t_logits = _row_logits(student, teacher, one.input_ids, document_segments(one, tcfg))
     common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True)
     loss, parts = distillation_loss(
         s_logits, t_logits, one.labels, alpha=tcfg.alpha, temperature=tcfg.temperature,
@@ -322,6 +314,20 @@ def _eval_row(
         "tokens": float(n), "kl_cache": 0.0,
     }
     return row | _cache_row(s_logits, one, cache, real) if teacher is None and cache is not None else row
+
+
+def _row_logits(
+    student: Model, teacher: Optional[Model], input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """一条序列上学生与教师的完整 logits（教师的在 float32 中）；没有教师时教师一侧就是学生的
+    （KD 相关的量恒为 0，最后不报告）。"""
+    s_hidden = forward_hidden(student.params, input_ids, student.cfg, segment_ids=segment_ids)
+    s_logits = s_hidden @ output_weight(student.params, student.cfg).T
+    if teacher is None:
+        return s_logits, s_logits
+    with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
+        t_hidden = forward_hidden(teacher.params, input_ids, teacher.cfg, check=False, segment_ids=segment_ids)
+        return s_logits, t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
 
 
 def _cache_row(s_logits: torch.Tensor, one: Any, cache: Any, real: int) -> dict[str, float]:
@@ -356,6 +362,14 @@ def _scores(totals: Mapping[str, float], with_teacher: bool, with_cache: bool = 
     return scores
 
 
+def _my_batches(loader: Any, max_batches: Optional[int], teacher: Optional[Model], info: Dist) -> tuple[bool, range]:
+    """验证批怎样分给各进程：(是否轮流分担, 本进程算的批号)。多进程时第 i 批归第 i mod W 个进程；
+    教师按层切分时每个进程都算全部批（all-gather 必须一一对上），结果相同、不再相加。"""
+    count = min(max_batches if max_batches is not None else len(loader), len(loader))
+    striped = info.enabled and not _sharded(teacher)
+    return striped, range(info.rank, count, info.world_size) if striped else range(count)
+
+
 @torch.no_grad()
 def evaluate(
     student: Model,
@@ -382,9 +396,7 @@ def evaluate(
         loader = loader.relayout(document_mask=tcfg.document_mask)  # 标签与注意力用同一个文档掩码设置
     keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens", "kl_cache")
     totals = dict.fromkeys(keys, 0.0)
-    count = min(max_batches if max_batches is not None else len(loader), len(loader))
-    striped = info.enabled and not _sharded(teacher)
-    mine = range(info.rank, count, info.world_size) if striped else range(count)
+    striped, mine = _my_batches(loader, max_batches, teacher, info)
     device = info.device
     for index in mine:
         batch = loader.batch_at(0, index).to(device)  # 固定的验证批，不推进任何状态
@@ -417,9 +429,8 @@ def evaluate_on_policy(
 
     与 evaluate 一样逐条序列算完整 logits、按有效 token 汇总，多进程时轮流分担、all-reduce。"""
     totals = [0.0, 0.0, 0.0]  # Σ 反向 KL·n，Σ 教师 NLL·n，n
-    count = min(max_batches if max_batches is not None else len(loader), len(loader))
-    striped = info.enabled and not _sharded(teacher)
-    for index in range(info.rank, count, info.world_size) if striped else range(count):
+    striped, mine = _my_batches(loader, max_batches, teacher, info)
+    for index in mine:
         gen = rollouts.generated(student.params, student.cfg, loader.batch_at(0, index), "eval", tcfg.seed)
         gen = gen.to(info.device)
         for row in range(gen.input_ids.shape[0]):
@@ -438,11 +449,7 @@ def _on_policy_row(student: Model, teacher: Model, one: Any, real: int) -> tuple
     n = count_valid_tokens(one)
     if n == 0:
         return 0.0, 0.0, 0.0
-    s_hidden = forward_hidden(student.params, one.input_ids, student.cfg, segment_ids=one.segment_ids)
-    s_logits = s_hidden @ output_weight(student.params, student.cfg).T
-    with _teacher_scope(teacher), _no_checks_if_sharded(teacher):
-        t_hidden = forward_hidden(teacher.params, one.input_ids, teacher.cfg, check=False, segment_ids=one.segment_ids)
-        t_logits = t_hidden.float() @ output_weight(teacher.params, teacher.cfg).float().T
+    s_logits, t_logits = _row_logits(student, teacher, one.input_ids, one.segment_ids)
     common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True, temperature=1.0)
     _, rkl = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, divergence="reverse_kl", **common)
     _, nll = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, **common)
