@@ -596,16 +596,28 @@ def _row_chunks(num_rows: int, chunk_size: int) -> list[slice]:
     return [slice(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
 
 
-def _chunk_teacher_logits(teacher_fn: TeacherChunkFn, rows: slice) -> Tensor:
+def _chunk_rows(valid: Tensor, chunk_size: int, compact: bool) -> list[slice | Tensor]:
+    """分块的行。compact 且有不计损失的行时只取计损失的行（按原顺序的下标张量，每块 chunk_size 行），
+    否则是连续的行段。不计损失的行（提示、填充、被遮的标签）对损失与梯度的贡献恰为 0，跳过它们就省下
+    它们的 (行 × 词表) 计算——在线蒸馏的批里这是一半的行。"""
+    if compact and not bool(valid.all()):
+        kept = valid.nonzero().squeeze(1)
+        return [kept[part] for part in _row_chunks(kept.numel(), chunk_size)]
+    return _row_chunks(valid.numel(), chunk_size)
+
+
+def _num_rows(rows: slice | Tensor) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+def _chunk_teacher_logits(teacher_fn: TeacherChunkFn, rows: slice | Tensor) -> Tensor:
     """取一块教师 logits（不求梯度），并检查行数。"""
     with torch.no_grad():
         logits = teacher_fn(rows)
-    expected = rows.stop - rows.start
+    expected = _num_rows(rows)
     if logits.ndim != 2 or logits.shape[0] != expected:
-        raise ValueError(
-            f"teacher logits for rows {rows.start}:{rows.stop} must have shape ({expected}, vt), "
-            f"got {tuple(logits.shape)}"
-        )
+        where = f"rows {rows.start}:{rows.stop}" if isinstance(rows, slice) else f"{expected} rows"
+        raise ValueError(f"teacher logits for {where} must have shape ({expected}, vt), got {tuple(logits.shape)}")
     return logits
 
 
@@ -622,9 +634,10 @@ class _ChunkContext:
     need_grad: bool
     compiled: bool = False  # 前向 KL 的逐元素部分是否走 torch.compile 融合的版本
     sparse_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor | None]] | None = None  # 行段 → (top-k id, log P, 尾部)
+    compact: bool = False  # 只算计损失的行（教师一侧接受下标张量时：教师隐藏状态或稀疏目标，见 _chunk_rows）
 
 
-def _chunk_logits(ctx: _ChunkContext, h_chunk: Tensor, rows: slice) -> tuple[Tensor, Tensor, int]:
+def _chunk_logits(ctx: _ChunkContext, h_chunk: Tensor, rows: slice | Tensor) -> tuple[Tensor, Tensor, int]:
     """一块的学生 logits z = h_c·Wᵀ（不建图）、教师 logits，以及真实词表大小 V。"""
     with torch.no_grad():
         student = F.linear(h_chunk, ctx.weight)
@@ -673,22 +686,41 @@ def _kl_rows_then_probs_(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _fused_forward_kl_chunk(
-    ctx: _ChunkContext, h_chunk: Tensor, rows: slice, labels: Tensor, valid: Tensor
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """前向 KL（规格书默认）的快速路径：不建 autograd 图，直接写出解析梯度，原地复用缓冲区，
-    并尽早释放不再需要的块张量（峰值约 3 个 (c × vocab) 张量）。
+def _reverse_kl_rows_then_grad_(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """按行块求 KL(Q‖P)（公式同 ``_kl_terms``），并把 log_q 原地换成 Q ⊙ (log Q − log P − KL)。
 
-        ∂[α·T²·KL(P‖Q)/N]/∂z_s = α·T·(Q − P)/N           （Q = softmax(z_s/T)，P = softmax(z_t/T)）
-        ∂[(1−α)·CE/N]/∂z_s     = (1−α)·(softmax(z_s) − onehot(label))/N
+    这正是反向 KL 对学生 logits 的梯度（乘 1/T 之前）：∂KL(Q‖P)/∂z_j = (q_j/T)·(d_j − Σ_v q_v d_v)，
+    d = log Q − log P（Σ_v q_v ∂log q_v/∂z_j = Σ_v q_v(δ_vj − q_j)/T = 0）。Σ_v q_v d_v 用已经算好的 KL 代入
+    （二者只差 ``_mass_correction`` 的舍入级修正）。临时张量只有一个行块大，log_p 的缓冲区被当作 d 的草稿。"""
+    kd = log_q.new_empty(log_q.shape[0])
+    for rows in _sub_blocks(log_q):
+        lq, d = log_q[rows], log_p[rows]
+        q = lq.exp()
+        kd[rows] = _kl_terms(q, lq, d)
+        d.sub_(lq).neg_()  # d = log Q − log P（改写 log P 的缓冲区）
+        # 学生被屏蔽的列（z = −∞）：q = 0、d = −∞，0·(−∞) = NaN 换成 0（那一列的梯度本来就是 0）
+        lq.copy_(q.mul_(d.sub_(kd[rows].unsqueeze(-1))).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf))
+    return kd
+
+
+@torch.no_grad()
+def _fused_kl_chunk(
+    ctx: _ChunkContext, h_chunk: Tensor, rows: slice | Tensor, labels: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """前向 KL（规格书默认）与反向 KL（在线蒸馏默认）的快速路径：不建 autograd 图，直接写出解析梯度，
+    原地复用缓冲区，并尽早释放不再需要的块张量（峰值约 3 个 (c × vocab) 张量）。
+
+        前向：∂[α·T²·KL(P‖Q)/N]/∂z_s = α·T·(Q − P)/N           （Q = softmax(z_s/T)，P = softmax(z_t/T)）
+        反向：∂[α·T²·KL(Q‖P)/N]/∂z_s = α·T·Q ⊙ (log Q − log P − KL(Q‖P))/N
+        ∂[(1−α)·CE/N]/∂z_s           = (1−α)·(softmax(z_s) − onehot(label))/N
 
     数值与 ``_dense_token_terms`` 的公式逐项相同（KL 用同一个 ``_kl_terms``，CE = lse(z) − z[label]）。
-    缓冲区顺序：学生 z、教师 log P、log Q 三块；KL 按行块求值的同时把 log P 原地换成 P，再把 log Q 原地换成梯度。
+    缓冲区顺序：学生 z、教师 log P、log Q 三块；KL 按行块求值的同时把其中一块原地换成梯度。
     返回 (D, CE, ∂loss/∂z_s 的真实词表列部分, V)。
     """
     spec, temperature = ctx.spec, ctx.spec.temperature
     student, teacher, real = _chunk_logits(ctx, h_chunk, rows)
-    if ctx.compiled:
+    if ctx.compiled and spec.divergence == "forward_kl":
         kd, ce, grad = _compiled_forward_kl_terms()(
             student[:, :real], teacher[:, :real], labels, valid, temperature, spec.alpha, ctx.divisor
         )
@@ -701,20 +733,33 @@ def _fused_forward_kl_chunk(
     log_q = z / temperature
     lse_t = _blocked_logsumexp(log_q)
     log_q.sub_(lse_t)  # log Q = z/T − logsumexp(z/T)
-    kd = _kl_rows_then_probs_(log_p, log_q)  # KL(P‖Q)；此后 log_p 的缓冲区里是 P
-    p = log_p
-    del log_p
-    safe = torch.where(valid, labels, 0).unsqueeze(-1)
-    lse_1 = lse_t if temperature == 1.0 else _blocked_logsumexp(z)
-    ce = (lse_1 - z.gather(-1, safe)).squeeze(-1)
     scale = valid.to(dtype) / ctx.divisor  # 有效 token 为 1/N，其余为 0
-    grad = log_q.exp_().sub_(p).mul_((spec.alpha * temperature * scale).unsqueeze(-1))  # α·T·(Q − P)/N
-    del p, log_q
-    if spec.alpha < 1.0:
-        w_ce = ((1.0 - spec.alpha) * scale).unsqueeze(-1)
-        grad.add_(z.sub_(lse_1).exp_().mul_(w_ce))  # + (1−α)·softmax(z)/N（z 不再需要，原地改写）
-        grad.scatter_add_(-1, safe, -w_ce)  # − (1−α)·onehot/N
+    weight = (spec.alpha * temperature * scale).unsqueeze(-1)
+    if spec.divergence == "reverse_kl":
+        kd = _reverse_kl_rows_then_grad_(log_p, log_q)  # 此后 log_q 的缓冲区里是 Q ⊙ (d − KL)
+        grad = log_q.mul_(weight)  # α·T·Q ⊙ (d − KL)/N
+    else:
+        kd = _kl_rows_then_probs_(log_p, log_q)  # KL(P‖Q)；此后 log_p 的缓冲区里是 P
+        grad = log_q.exp_().sub_(log_p).mul_(weight)  # α·T·(Q − P)/N
+    del log_p, log_q
+    lse_1 = lse_t if temperature == 1.0 else _blocked_logsumexp(z)
+    ce = _cross_entropy_and_grad_(grad, z, lse_1, labels, valid, (1.0 - spec.alpha) * scale if spec.alpha < 1.0 else None)
     return torch.where(valid, kd, 0.0), torch.where(valid, ce, 0.0), grad, real
+
+
+@torch.no_grad()
+def _cross_entropy_and_grad_(
+    grad: Tensor, z: Tensor, lse_1: Tensor, labels: Tensor, valid: Tensor, w_ce: Tensor | None
+) -> Tensor:
+    """CE = lse(z) − z[label]（T = 1），并在给了权重 w_ce（= (1−α)/N，α < 1 时）时把 w_ce·(softmax(z) − onehot)
+    加进 grad（z 被原地改写）。"""
+    safe = torch.where(valid, labels, 0).unsqueeze(-1)
+    ce = (lse_1 - z.gather(-1, safe)).squeeze(-1)
+    if w_ce is not None:
+        w = w_ce.unsqueeze(-1)
+        grad.add_(z.sub_(lse_1).exp_().mul_(w))  # + (1−α)·softmax(z)/N（z 不再需要，原地改写）
+        grad.scatter_add_(-1, safe, -w)  # − (1−α)·onehot/N
+    return ce
 
 
 def _forward_kl_terms(
@@ -742,6 +787,9 @@ def _forward_kl_terms(
     return torch.where(valid, kd, 0.0), torch.where(valid, ce, 0.0), grad
 
 
+_FUSED = ("forward_kl", "reverse_kl")  # 有解析梯度快速路径的散度（_fused_kl_chunk）
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled_forward_kl_terms():
     """编译过的 ``_forward_kl_terms``（进程内只编译一次；最后一块更短时再特化一次）。"""
@@ -749,7 +797,7 @@ def _compiled_forward_kl_terms():
 
 
 def _generic_chunk(
-    ctx: _ChunkContext, h_chunk: Tensor, rows: slice, labels: Tensor, valid: Tensor
+    ctx: _ChunkContext, h_chunk: Tensor, rows: slice | Tensor, labels: Tensor, valid: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """任意散度：在这一块上建小图，用 autograd 求 ∂loss/∂z_s（只对真实词表列）。"""
     student, teacher, real = _chunk_logits(ctx, h_chunk, rows)
@@ -763,7 +811,7 @@ def _generic_chunk(
 
 
 def _sparse_chunk(
-    ctx: _ChunkContext, h_chunk: Tensor, rows: slice, labels: Tensor, valid: Tensor
+    ctx: _ChunkContext, h_chunk: Tensor, rows: slice | Tensor, labels: Tensor, valid: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None, int]:
     """稀疏教师的一块：学生 logits z = h_c·Wᵀ（不建图），在这一块上用 autograd 求 ∂loss/∂z（只对真实词表列）。"""
     with torch.no_grad():
@@ -782,27 +830,30 @@ def _sparse_chunk(
 class _ChunkedDistillation(torch.autograd.Function):
     """前向时逐块完成"logits → 损失 → ∂损失/∂logits → ∂h、∂W"，反向只把存好的梯度乘上上游梯度。
 
-    每块：z = h_c·Wᵀ（c × vs），ℓ_c = (α·T²·Σ_c D + (1−α)·Σ_c CE)/N，g = ∂ℓ_c/∂z（前向 KL 用解析式，
+    每块：z = h_c·Wᵀ（c × vs），ℓ_c = (α·T²·Σ_c D + (1−α)·Σ_c CE)/N，g = ∂ℓ_c/∂z（前向与反向 KL 用解析式，
     其余散度由同一个 ``_dense_token_terms`` 经 autograd 求得），然后 ∂h_c = g·W[:V]，∂W[:V] += gᵀ·h_c
     （填充行 W[V:] 的梯度恒为 0）。任意时刻只存在一块的 (c × vocab) 张量；总损失 = Σ_c ℓ_c。
+    教师一侧接受下标时，块只由计损失的行组成（见 _chunk_rows），不计损失的行的 ∂h 为 0。
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, valid, chunk_ctx, chunk_size):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         chunk_ctx = dataclasses.replace(chunk_ctx, need_grad=need_h or need_w)
-        fused = chunk_ctx.spec.divergence == "forward_kl" and chunk_ctx.need_grad and chunk_ctx.sparse_fn is None
-        chunk_fn = _sparse_chunk if chunk_ctx.sparse_fn is not None else _fused_forward_kl_chunk if fused else _generic_chunk
+        fused = chunk_ctx.spec.divergence in _FUSED and chunk_ctx.need_grad and chunk_ctx.sparse_fn is None
+        chunk_fn = _sparse_chunk if chunk_ctx.sparse_fn is not None else _fused_kl_chunk if fused else _generic_chunk
         acc_dtype = _compute_dtype(weight)  # ∂W 在至少 float32 中累加
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         kd_total = ce_total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-        for rows in _row_chunks(hidden.shape[0], chunk_size):
+        for rows in _chunk_rows(valid, chunk_size, chunk_ctx.compact):
             h_chunk = hidden[rows]
             kd, ce, grad, real = chunk_fn(chunk_ctx, h_chunk, rows, labels[rows], valid[rows])
             kd_total, ce_total = kd_total + kd.sum(), ce_total + ce.sum()
-            if need_h:
+            if need_h and isinstance(rows, slice):
                 torch.mm(grad.to(weight.dtype), weight[:real], out=grad_hidden[rows])  # ∂h_c = g·W[:V]
+            elif need_h:  # 只算了计损失的行：其余行的 ∂h 保持 0
+                grad_hidden.index_copy_(0, rows, grad.to(weight.dtype) @ weight[:real])
             if need_w:
                 grad_weight[:real].addmm_(grad.to(acc_dtype).T, h_chunk.to(acc_dtype))  # ∂W[:V] += gᵀ·h_c
             del grad
@@ -895,7 +946,7 @@ def _run_chunked(
     _check_ids(flat_labels, valid, label_vocab, "labels")
     chunk_ctx = _ChunkContext(
         student_weight, teacher_fn, teacher_owned, spec, real_vocab_size, _divisor(valid, num_tokens), True,
-        compiled=compiled, sparse_fn=sparse_fn,
+        compiled=compiled, sparse_fn=sparse_fn, compact=teacher_owned or sparse_fn is not None,
     )
     loss, kd_mean, ce_mean = _ChunkedDistillation.apply(hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size)
     if not return_parts:

@@ -737,7 +737,7 @@ def chunked_masked_case(case, seed=60, n=11, d=6, v=30):
 @pytest.mark.parametrize("case", ["none", *MASK_CASES])
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_chunked_with_minus_inf_columns_equals_plain(name, case, monkeypatch):
-    """分块版（前向 KL 走写解析梯度的快速路径，其余散度走 autograd 的通用路径）与普通版的值和 ∂W 相同，
+    """分块版（前向与反向 KL 走写解析梯度的快速路径，其余散度走 autograd 的通用路径）与普通版的值和 ∂W 相同，
     有 −∞ 列时也有限；行块切成每块 2 行，使快速路径的逐行块归约确实分成多块。
     h 不求梯度：h·Wᵀ 的反向 g·W 含 0·(−∞)，那是矩阵乘法本身的事，与损失无关。"""
     monkeypatch.setattr(losses, "_CPU_BLOCK_ELEMS", 2 * 30)
@@ -882,3 +882,54 @@ def test_chunked_sparse_loss_equals_the_plain_sparse_loss(divergence, k):
     assert torch.allclose(chunked, plain, rtol=1e-6, atol=1e-7)
     for a, b in zip(torch.autograd.grad(plain, (h, w)), torch.autograd.grad(chunked, (h, w))):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_forward_and_reverse_kl_take_the_analytic_path_not_autograd(divergence, monkeypatch):
+    """前向与反向 KL 的分块版不在块上建 autograd 图（_generic_chunk 不被调用），值与梯度等于普通版。"""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(40, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(9, 5, generator=gen, dtype=torch.float64), torch.randn(40, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 40, (9,), generator=gen)
+    kw = dict(divergence=divergence, temperature=1.3, alpha=0.7)
+    plain = distillation_loss(F.linear(h, w), F.linear(th, tw), labels, **kw)
+    (g_plain,) = torch.autograd.grad(plain, w)
+
+    def refuse(*_args):
+        raise AssertionError("the generic autograd chunk ran")
+
+    monkeypatch.setattr(losses, "_generic_chunk", refuse)
+    got = chunked_distillation_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, chunk_size=4, **kw)
+    (g_got,) = torch.autograd.grad(got, w)
+    torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_got, g_plain, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_rows_that_carry_no_loss_are_never_computed(divergence):
+    """被遮的行（提示、填充）不进入分块计算：把它们的隐藏状态换成 NaN，损失与梯度不变、全部有限，
+    被遮行的 ∂h 恰为 0。（逐块计算全部行时，NaN 会经 0·NaN 流进 ∂W。）"""
+    gen = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 7, 6, generator=gen)
+    w = torch.randn(40, 6, generator=gen)
+    th, tw = torch.randn(2, 7, 5, generator=gen), torch.randn(40, 5, generator=gen)
+    labels = torch.randint(0, 40, (2, 7), generator=gen)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+
+    def run(hidden, teacher_hidden):
+        leaf_h, leaf_w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = chunked_distillation_loss(leaf_h, leaf_w, labels, teacher_hidden=teacher_hidden, teacher_weight=tw,
+                                         chunk_size=3, divergence=divergence, alpha=0.5, loss_mask=mask)
+        loss.backward()
+        return loss.detach(), leaf_h.grad, leaf_w.grad
+
+    clean = run(h, th)
+    poisoned = run(h.masked_fill(~mask[..., None], float("nan")), th.masked_fill(~mask[..., None], float("nan")))
+    for a, b in zip(clean, poisoned):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.count_nonzero(poisoned[1][~mask]) == 0
+    reference = distillation_loss(F.linear(h, w), F.linear(th, tw), labels, divergence=divergence, alpha=0.5,
+                                  loss_mask=mask)
+    torch.testing.assert_close(clean[0], reference, rtol=1e-5, atol=1e-6)
