@@ -291,3 +291,20 @@ def test_right_padding_and_empty_rows_are_refused():
         generate(params, CFG, ids, max_new_tokens=2, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="vocab_size"):
         generate(params, CFG, [[CFG.vocab_size + 3]], max_new_tokens=2)
+
+
+def test_per_row_seeds_sample_each_row_from_its_distribution_independently_of_the_batch():
+    # 每行一个种子：逆 CDF 抽样的频率符合分布（概率为 0 的 token 从不出现），一行的结果与同批的其他行无关
+    from functional_lm.generate import sample
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 5).contiguous()
+    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
+    tokens = sample(logits, 1.0, generator=gens)
+    freq = torch.bincount(tokens, minlength=5).float() / 4000
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, probs, atol=0.025, rtol=0)
+    alone = [int(sample(logits[:1], 1.0, generator=[torch.Generator().manual_seed(s)])[0]) for s in range(50)]
+    assert alone == tokens[:50].tolist()
+    with pytest.raises(ValueError, match="one generator per row"):
+        sample(logits[:3], 1.0, generator=gens[:2])
