@@ -1,17 +1,17 @@
 """基准脚本不会悄悄失效：每个脚本的 ``--smoke``（同一条代码路径、极小尺寸）在测试里真的跑一遍，
 并核对它交出的数值与打印的比值表。
 
-七个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss``、
+八个脚本都在本进程里通过 ``main(argv)`` 运行：返回值就是数据，不必解析输出；``bench_loss``、
 ``bench_train`` 与 ``bench_cache`` 的父进程照常为每个变体另起子进程（峰值内存取子进程自己的 max RSS，这是脚本的设计）。
 本进程里被脚本改动的全局状态由 ``_run`` 复原：torch 线程数（bench_forward 会设置）与 dynamo 的编译缓存
-（bench_forward、bench_generate 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
+（bench_forward、bench_generate、bench_on_policy 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
 所有测试都只读这份结果。不断言耗时。
 
 进程开销行（单位 %user 与 faults/step，行名以 ``_sys``、``_faults`` 结尾）紧跟在各变体的吞吐行之后：
 冒烟尺寸下它们可能为 0，只要求有限、非负，有参照（同一次运行里测得的参照实现）而没有比值。
 
 冒烟运行的耗时主要是编译：bench_train 的两个编译变体各在新进程里重新追踪、编译（inductor 的磁盘缓存在
-第二次起命中），bench_forward、bench_generate 各编译一次；其余几秒钟。
+第二次起命中），bench_forward、bench_generate、bench_on_policy（解码步）各编译一次；其余几秒钟。
 """
 
 import contextlib
@@ -64,9 +64,14 @@ SCRIPTS = {
               "step_from_cache_peak_rss"],
         ratio_rows=["build", "step_from_cache", "step_from_cache_peak_rss"],  # 字节数的行没有参照
     ),
+    "bench_on_policy": dict(
+        argv=["--threads", "{threads}"],
+        rows=["generate_s", "teacher_s", "student_loss_s", "step_s", "step_sys", "step_faults"],
+    ),
 }
 # 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
-PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention", "bench_cache")
+PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention", "bench_cache",
+               "bench_on_policy")
 
 
 # ---------------------------------------------------------------- 运行与复原
@@ -335,6 +340,26 @@ def test_cache_both_steps_train_on_the_same_targets(smoke_run, bench_modules):
     assert (record["batch"], record["seq"], record["top_k"]) == (2, 16, 8)
 
 
+def test_on_policy_both_sides_grade_the_same_step(smoke_run):
+    run = smoke_run("bench_on_policy")
+    record, rows = run["result"], _by_name(run["result"])
+    assert run["graphs"] >= 1  # 本项目的解码步真的编译了
+    # 不设 EOS：两边每步都恰好生成 N 个 token（预热与计时各步）
+    assert record["warmup_new_tokens"] == 8
+    assert record["new_tokens_out"] == {"ours": [8], "reference": [8]}
+    # 预热时两边在同一批序列、同一组初始权重上打分：反向 KL 一致（只差 float32 的舍入）
+    assert record["warmup_loss_rel_diff"] < 1e-4
+    for side in ("ours", "reference"):
+        assert len(record["losses"][side]) == 1 and all(math.isfinite(x) and x > 0 for x in record["losses"][side])
+    # 各段之和就是整步；JSON 的加速比是表中比值的倒数
+    for side, column in (("ours", "ours"), ("reference", "reference")):
+        parts = sum(rows[k][column] for k in ("generate_s", "teacher_s", "student_loss_s"))
+        assert parts == pytest.approx(rows["step_s"][column], rel=1e-6)
+    for name in ("generate_s", "teacher_s", "student_loss_s", "step_s"):
+        assert _close_to_rounded(record["speedup"][name], 1.0 / rows[name]["ratio"], 3), name
+    assert record["target_met"] == (record["speedup"]["step_s"] >= 2.0)
+
+
 # ---------------------------------------------------------------- 参数：--smoke 只换缺省值
 FULL_DEFAULTS = {
     "bench_forward": dict(preset="student-123m", batch=2, seq=128, rounds=5, warmup=2, check_rounds=10),
@@ -349,6 +374,8 @@ FULL_DEFAULTS = {
     "bench_cache": dict(batch=4, seq=512, steps=3, teacher_layers=None, student="student-123m", real_vocab=151665,
                         top_ks="16,64,256", top_k=64, temperature=2.0,
                         build_blocks=16, chunk_size=256),  # build_blocks 缺省为 batch × 4
+    "bench_on_policy": dict(batch=8, prompt=64, new_tokens=64, student="student-123m", teacher="qwen2.5-0.5b",
+                            steps=2, real_vocab=151665),
 }
 
 
