@@ -109,7 +109,7 @@ class PromptTable:
         doc = self._chosen_document(block)
         begin, end = int(ds.doc_stream_start[doc]), int(ds.doc_stream_start[doc + 1])
         mask = ds._gather(ds.store.mask, begin, end, False)
-        where = f"conversation {int(ds.doc_ids[doc])} of {_store_name(ds.store)}"
+        where = f"conversation {int(ds.doc_ids[doc])} of {ds.store.description}"
         if not mask.any():
             raise ValueError(f"{where} has no assistant turn, so it gives no prompt for on-policy distillation "
                              "(every conversation needs a user turn followed by an assistant reply)")
@@ -134,10 +134,6 @@ class PromptTable:
     def batch(self, blocks: Sequence[int], pad_id: int) -> tuple[Int[Tensor, "b p"], Int[Tensor, "b p"]]:
         """一组块的提示左填充成固定宽度 P：(ids, attention_mask)，1 = 真实 token。"""
         return left_pad([self.prompt(int(block)) for block in blocks], pad_id, width=self.length)
-
-
-def _store_name(store: Any) -> str:
-    return f"the token cache {store.path}" if getattr(store, "path", None) is not None else "the data"
 
 
 def _contains(tokens: np.ndarray, pattern: Sequence[int]) -> bool:

@@ -894,9 +894,9 @@ def _step_batches(stepper: _Stepper, loader: Any, step: int) -> tuple[list[Any],
     source = batch_source(stepper.tcfg, step)
     if source == "data":
         return micro, source
+    # 教师写续写时它是完整的一份（切分的教师不能写，check_generation 在开始时拒绝了）
     writer = Model(stepper.params, stepper.cfg) if source == "student" else stepper.teacher
-    with _teacher_scope(writer if source == "teacher" else None):
-        return [stepper.rollouts.generated(writer.params, writer.cfg, b, step, stepper.tcfg.seed) for b in micro], source
+    return [stepper.rollouts.generated(writer.params, writer.cfg, b, step, stepper.tcfg.seed) for b in micro], source
 
 
 class _Saver:

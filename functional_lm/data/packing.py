@@ -175,7 +175,7 @@ def pack(
             )
         top = store.max_token_id()
         if top >= model_config.vocab_size:
-            where = f"the token cache {store.path}" if store.path is not None else "the data"
+            where = store.description
             raise ValueError(
                 f"token id {top} in {where} does not fit the model's vocab_size={model_config.vocab_size} "
                 f"(embedding rows); was the data tokenized with a larger tokenizer?"

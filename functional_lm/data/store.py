@@ -160,6 +160,11 @@ class TokenStore:
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
+    @property
+    def description(self) -> str:
+        """错误消息里怎样称呼这份数据：磁盘缓存写出目录，内存中构造的叫 "the data"。"""
+        return f"the token cache {self.path}" if self.path is not None else "the data"
+
     def max_token_id(self) -> int:
         """最大 token id（磁盘缓存在 index.json 里记着，不必扫全量）。"""
         if "max_token_id" not in self.meta:
