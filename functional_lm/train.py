@@ -305,12 +305,11 @@ def _eval_row(
         divergence=tcfg.divergence, **common,
     )
     _, kl1 = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, temperature=1.0, **common)
-    _, tparts = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, temperature=1.0, **common)
     valid = (one.labels != -100) & one.loss_mask
     agree = s_logits[..., :real].argmax(-1) == t_logits[..., :real].argmax(-1)
     row = {
         "loss": float(loss) * n, "kd": float(parts["kd"]) * n, "ce": float(parts["ce"]) * n,
-        "teacher_ce": float(tparts["ce"]) * n, "kl_t1": float(kl1["kd"]) * n, "agree": float(agree[valid].sum()),
+        "teacher_ce": _summed_ce(t_logits, one.labels, valid, real), "kl_t1": float(kl1["kd"]) * n, "agree": float(agree[valid].sum()),
         "tokens": float(n), "kl_cache": 0.0,
     }
     return row | _cache_row(s_logits, one, cache, real) if teacher is None and cache is not None else row
@@ -445,15 +444,23 @@ def evaluate_on_policy(
 
 
 def _on_policy_row(student: Model, teacher: Model, one: Any, real: int) -> tuple[float, float, float]:
-    """一条生成序列：(反向 KL·n, 教师 NLL·n, n)，n 为生成的有效 token 数。"""
+    """一条生成序列：(反向 KL·n, 教师 NLL·n, n)，n 为生成的有效 token 数。词表大小的计算只在这 n 个位置上做
+    （提示与填充约占一半的位置）。"""
     n = count_valid_tokens(one)
     if n == 0:
         return 0.0, 0.0, 0.0
     s_logits, t_logits = _row_logits(student, teacher, one.input_ids, one.segment_ids)
-    common = dict(real_vocab_size=real, loss_mask=one.loss_mask, return_parts=True, temperature=1.0)
-    _, rkl = distillation_loss(s_logits, t_logits, one.labels, alpha=1.0, divergence="reverse_kl", **common)
-    _, nll = distillation_loss(t_logits, t_logits, one.labels, alpha=0.0, **common)
-    return float(rkl["kd"]) * n, float(nll["ce"]) * n, float(n)
+    valid = (one.labels != -100) & one.loss_mask
+    s_logits, t_logits, labels = s_logits[valid], t_logits[valid], one.labels[valid]
+    _, rkl = distillation_loss(s_logits, t_logits, labels, alpha=1.0, divergence="reverse_kl", temperature=1.0,
+                               real_vocab_size=real, return_parts=True)
+    return float(rkl["kd"]) * n, _summed_ce(t_logits, labels, torch.ones_like(labels, dtype=torch.bool), real), float(n)
+
+
+def _summed_ce(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, real: int) -> float:
+    """Σ 有效位置的交叉熵 lse(z) − z[label]（T = 1，只在真实词表的列上）：教师的 NLL / 困惑度用它，
+    不必为一个交叉熵去算整套蒸馏损失。"""
+    return float(torch.nn.functional.cross_entropy(logits[valid][:, :real].float(), labels[valid], reduction="sum"))
 
 
 def check_generation(
