@@ -493,9 +493,10 @@ def check_generation(
 
 
 def _rollouts(data: Any, split: str, tcfg: TrainingConfig, real: int) -> Any:
-    """训练集或验证集的 Rollouts（提示表；对话数据在这里核对每段对话）。没有这个划分时为 None。"""
+    """训练集（有生成批时）或验证集（在线验证打开时）的 Rollouts（提示表；对话数据在这里核对每段对话）；
+    用不到或没有这个划分时为 None。"""
     loader = data.train_loader if split == "train" else data.val_loader
-    if loader is None:
+    if loader is None or not (tcfg.generates if split == "train" else tcfg.evaluates_on_policy):
         return None
     return make_rollouts(loader.dataset, getattr(data, "tokenizer", None), tcfg, real)
 
@@ -617,9 +618,9 @@ def optimizer_step(stepper: _Stepper, micro: list[Any], lr: float, source: str =
 # ---------------------------------------------------------------- 训练主循环
 def _check_models(
     student: Model, teacher: Optional[Model], tcfg: TrainingConfig, real_vocab_size: Optional[int],
-    cache: Any = None, data: Any = None,
+    cache: Any = None, data: Any = None, info: Dist = SINGLE,
 ) -> int:
-    """训练前的一次性核对（含教师缓存与本次训练是否对得上）；返回真实词表大小。"""
+    """训练前的一次性核对（含教师缓存与本次训练是否对得上、在线蒸馏的设置）；返回真实词表大小。"""
     if teacher is None and cache is None and tcfg.alpha != 0.0:
         raise ValueError(f"training without a teacher needs alpha=0 (pure cross-entropy), got alpha={tcfg.alpha}")
     vocab_rows = [student.cfg.vocab_size] + ([teacher.cfg.vocab_size] if teacher is not None else [])
@@ -631,6 +632,7 @@ def _check_models(
         check_params(teacher.params, teacher.cfg)
     if cache is not None:
         check_cache_matches(cache, tcfg, data.train_loader.dataset, real_vocab_size)
+    check_generation(student, teacher, tcfg, cache, info)
     return real_vocab_size
 
 
@@ -734,20 +736,17 @@ def train(
     info = info if info is not None else setup(tcfg.device)
     run_dir = Path(run_dir)
     ckpt_root = run_dir / tcfg.checkpoint_dir  # 绝对路径时就用它本身
-    real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache, data)
-    check_generation(student, teacher, tcfg, teacher_cache, info)
+    real = _check_models(student, teacher, tcfg, real_vocab_size, teacher_cache, data, info)
     if not resume:
         on_main(lambda: _refuse_foreign_run(run_dir, ckpt_root), info)
     loader, total = _training_loader(data, tcfg, info)
     _announce(run_dir, info, loader, tcfg, teacher)
     teacher_model = _teacher_for_training(teacher, tcfg, info)
-    rollouts = _rollouts(data, "train", tcfg, real) if tcfg.generates else None
-    stepper = _build_stepper(student, teacher_model, tcfg, real, info, teacher_cache, rollouts)
+    stepper = _build_stepper(student, teacher_model, tcfg, real, info, teacher_cache, _rollouts(data, "train", tcfg, real))
     result = _start(stepper, loader, total, ckpt_root if resume else None)
     metrics = _open_metrics(run_dir, info, result, resume)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
-    val_rollouts = _rollouts(data, "val", tcfg, real) if tcfg.evaluates_on_policy and teacher is not None else None
-    evaluator = _Evaluator(stepper, teacher_model, data.val_loader, metrics, val_teacher_cache, val_rollouts)
+    evaluator = _Evaluator(stepper, teacher_model, data, metrics, val_teacher_cache)
     bar = progress_bar(total, result.step, progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
@@ -819,11 +818,12 @@ class _Evaluator:
     """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”。"""
 
     def __init__(
-        self, stepper: _Stepper, teacher: Optional[Model], val_loader: Any, metrics: Any, val_cache: Any = None,
-        val_rollouts: Any = None,
+        self, stepper: _Stepper, teacher: Optional[Model], data: Any, metrics: Any, val_cache: Any = None
     ) -> None:
-        self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, val_loader, metrics
-        self.val_cache, self.val_rollouts = val_cache, val_rollouts
+        self.stepper, self.teacher, self.val_loader, self.metrics = stepper, teacher, data.val_loader, metrics
+        self.val_cache = val_cache
+        # 在线验证要教师给学生采样的续写打分：没有教师（只有教师缓存）时不做
+        self.val_rollouts = _rollouts(data, "val", stepper.tcfg, stepper.real_vocab_size) if teacher is not None else None
 
     def __call__(self, step: int, bar: Any) -> dict[str, float]:
         if self.val_loader is None:
