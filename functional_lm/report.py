@@ -46,6 +46,26 @@ def _points(records: list[dict[str, Any]], kind: str, key: str) -> list[tuple[An
     return [(r["step"], r[key]) for r in records if r.get("kind") == kind and r.get(key) is not None]
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot（Agg 后端，不需要显示器）；没有安装 matplotlib 时为 None。"""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(plt: Any, fig: Any, file: Path) -> Path:
+    """排版、写出 PNG、关掉图。"""
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
 def plot_loss_curves(
     curves: Mapping[str, list[dict[str, Any]]],
     file: Path,
@@ -59,12 +79,8 @@ def plot_loss_curves(
     每条曲线画训练记录的 key（点带标记，只有一个点时也看得见）；给了 val_key 时同色画出验证点；
     reference = (名字, 数值) 画一条水平参照线（例如教师在验证集上的交叉熵）。
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, records in curves.items():
@@ -81,24 +97,15 @@ def plot_loss_curves(
     ax.set_title(f"training {key}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return _save(plt, fig, file)
 
 
 def plot_eval_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, keys: tuple[str, ...]) -> Optional[Path]:
     """验证指标随步数的曲线（每个 key 一个子图，每个运行一条线）；没有 matplotlib 或没有任何点时返回 None。"""
     found = {k: {n: _points(r, "eval", k) for n, r in curves.items()} for k in keys}
     keys = tuple(k for k in keys if any(found[k].values()))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    if not keys:
+    plt = _pyplot()
+    if plt is None or not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -109,10 +116,7 @@ def plot_eval_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, key
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
-    return file
+    return _save(plt, fig, file)
 
 
 def _table(rows: Mapping[str, Mapping[str, Any]]) -> str:
