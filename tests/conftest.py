@@ -26,6 +26,17 @@ def tiny_config(**changes) -> ModelConfig:
     return base.replace(**changes)
 
 
+# 能用 Qwen2.5 分词器的极小学生与教师（词表必须容纳 151,665 个真实 token）：训练器与在线蒸馏的测试共用。
+QWEN_VOCAB_STUDENT = ModelConfig(
+    hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4,
+)
+QWEN_VOCAB_TEACHER = ModelConfig(
+    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+    vocab_size=151936, max_seq_len=64, rope_theta=1e4, tie_word_embeddings=False,
+)
+
+
 class needs:
     """惰性导入的可选依赖：``transformers = needs("transformers")``，用到时才导入，缺失时跳过当前测试。"""
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from conftest import dynamo_graph_count, fresh_dynamo
-from functional_lm import ModelConfig, TrainingConfig, init_params
+from conftest import QWEN_VOCAB_STUDENT, QWEN_VOCAB_TEACHER, dynamo_graph_count, fresh_dynamo
+from functional_lm import TrainingConfig, init_params
 from functional_lm.checkpoint import list_checkpoints
 from functional_lm.data import Document, PackedDataset, load_tokenizer, prepare_data, tokenize_documents
 from functional_lm.data.chat import encode_chat
@@ -27,14 +27,7 @@ from functional_lm.train import Model, distill_loss, train
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 
-STUDENT = ModelConfig(
-    hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32,
-    vocab_size=151936, max_seq_len=64, rope_theta=1e4,
-)
-TEACHER = ModelConfig(
-    hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-    vocab_size=151936, max_seq_len=64, rope_theta=1e4, tie_word_embeddings=False,
-)
+STUDENT, TEACHER = QWEN_VOCAB_STUDENT, QWEN_VOCAB_TEACHER
 
 
 @pytest.fixture(scope="module")
