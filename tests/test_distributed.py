@@ -100,10 +100,15 @@ def test_on_policy_steps_are_world_size_invariant(root, tmp_path):
     online = ("--on-policy-fraction", "0.5", "--prompt-length", "8", "--max-new-tokens", "8")
     assert main(_args(root, tmp_path / "one", "--batch-size", "4", *online)) == 0
     _torchrun(root, tmp_path / "two", "--batch-size", "2", *online)
-    # 随机的小模型上反向 KL 很小（~1e-3），个别参数的梯度是大量相消项之和，float32 归约顺序的差别被 AdamW 的
-    # m/√v 放大到 ~1e-4（实测 240 万个嵌入参数里有 3 个超过 1e-5）；损失与在线指标逐步对到 1e-5 才是
-    # “采到同样的续写”的证据（换了续写，损失会差到百分之几）。
-    _assert_same_student(_student(tmp_path / "two"), _student(tmp_path / "one"), atol=5e-4)
+    # 随机的小模型上反向 KL 很小（~1e-2），梯度范数 ~1e-3：梯度接近 0 的个别元素上，float32 归约顺序的差别被
+    # AdamW 的 m/(√v + ε) 放大（实测 2048 个元素的矩阵里有 3–6 个差到 1e-4…6e-4）。所以参数只要求每个张量 99% 的
+    # 元素对到 1e-5 + 1e-4·|x|、全部对到 2e-3；“采到同样的续写”的证据是下面逐步对到 1e-5 的损失与在线指标
+    # （换了续写，损失会差到百分之几）。
+    one_student, two_student = _student(tmp_path / "one"), _student(tmp_path / "two")
+    for key, value in one_student.items():
+        diff = (two_student[key] - value).abs()
+        assert float(diff.max()) < 2e-3, key
+        assert int((diff > 1e-5 + 1e-4 * value.abs()).sum()) <= diff.numel() // 100, key
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert {s for r in one if r["kind"] == "train" for s in r.get("sources", {"data": 1})} == {"data", "student"}
     for a, b in zip(two, one, strict=True):
