@@ -13,7 +13,7 @@
 
     loss = (1/(b·N)) · Σ_{生成的位置} KL(Q‖P) = Σ_v Q_v · (log Q_v − log P_v)，Q = 学生，P = 教师
 
-    ours       functional_lm 的生产路径：generate(compile=True，缓存长度固定为 P + N，编译的解码步跨步复用；
+    ours       functional_lm 的生产路径（即训练器的 --compile-generation true）：generate(compile=True，缓存长度固定为 P + N，编译的解码步跨步复用；
                每行自己的种子，vocab_limit = 真实词表) → on_policy.scoring_batch → train.teacher_hidden_states
                （只到最终隐藏状态）→ train.distill_loss（分块损失按块乘输出投影，从不物化整批 logits；设置取
                on_policy.loss_configs(...)["student"]）→ backward → clip → build_optimizer 的 AdamW

@@ -155,6 +155,7 @@ class TrainingConfig:
     generation_temperature: float = 1.0  # 生成续写的采样温度（0 = 贪心）/ sampling temperature of the rollouts (0 = greedy)
     generation_top_p: float = 1.0  # 生成续写的核采样 p（1 = 不截断）/ nucleus sampling p of the rollouts (1 = off)
     on_policy_eval: Optional[bool] = None  # 验证时也在学生采样的续写上报告教师的反向 KL 与 NLL；auto = 有生成批时 / also evaluate the teacher's reverse KL and NLL on student-sampled continuations; auto = when batches are generated
+    compile_generation: Optional[bool] = None  # 用 torch.compile 编译生成续写的解码步；auto = 同 compile / torch.compile the decode step that writes continuations; auto = same as compile
 
     def __post_init__(self) -> None:
         ints = (
@@ -241,8 +242,10 @@ class TrainingConfig:
             raise ValueError(
                 f"{name}.on_policy_divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.on_policy_divergence!r}"
             )
-        if self.on_policy_eval is not None and not isinstance(self.on_policy_eval, bool):
-            raise ValueError(f"{name}.on_policy_eval must be true, false or auto (None), got {self.on_policy_eval!r}")
+        for field in ("on_policy_eval", "compile_generation"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name}.{field} must be true, false or auto (None), got {value!r}")
 
     @property
     def generates(self) -> bool:
@@ -253,6 +256,11 @@ class TrainingConfig:
     def evaluates_on_policy(self) -> bool:
         """验证时是否在学生采样上报告教师的反向 KL 与 NLL（on_policy_eval；auto = 有生成批时）。"""
         return self.generates if self.on_policy_eval is None else self.on_policy_eval
+
+    @property
+    def compiles_generation(self) -> bool:
+        """生成续写的解码步是否编译（compile_generation；auto = 同 compile）。"""
+        return self.compile if self.compile_generation is None else self.compile_generation
 
     def replace(self, **changes: Any) -> "TrainingConfig":
         return dataclasses.replace(self, **changes)

@@ -195,7 +195,7 @@ class Rollouts:
                 temperature=t.generation_temperature, top_p=None if t.generation_top_p >= 1.0 else t.generation_top_p,
                 eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id,
                 seed=[rollout_seed(seed, step, b) for b in blocks], max_cache_len=t.prompt_length + t.max_new_tokens,
-                compile=t.compile, vocab_limit=self.real_vocab_size,
+                compile=t.compiles_generation, vocab_limit=self.real_vocab_size,
             ).cpu()
         new = out[:, t.prompt_length :]
         if new.shape[1] < t.max_new_tokens:  # 全部遇到 EOS 而提前停下：补齐到固定的 N（形状不变，编译不重来）

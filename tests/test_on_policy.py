@@ -205,7 +205,9 @@ def test_a_row_samples_the_same_continuation_in_any_batch_split(data, tokenizer)
 
 def test_the_compiled_decode_step_is_reused_across_training_steps(data, tokenizer):
     fresh_dynamo()
-    tcfg = _tcfg(on_policy_fraction=1.0, compile=True)
+    tcfg = _tcfg(on_policy_fraction=1.0, compile_generation=True)  # 只编译解码步，训练的前向仍是 eager
+    assert tcfg.compiles_generation and not tcfg.compile
+    assert _tcfg(compile=True).compiles_generation and not _tcfg().compiles_generation  # auto = 同 compile
     rollouts = make_rollouts(data.train_loader.dataset, tokenizer, tcfg, tokenizer.real_vocab_size)
     student = _student()
     rollouts.generated(student.params, STUDENT, data.train_loader.batch_at(0, 0), 0, 0)
