@@ -108,7 +108,7 @@ class PromptTable:
         ds = self.dataset
         doc = self._chosen_document(block)
         begin, end = int(ds.doc_stream_start[doc]), int(ds.doc_stream_start[doc + 1])
-        mask = ds._gather(ds.store.mask, begin, end, False)
+        mask = ds.stream_mask(begin, end)
         where = f"conversation {int(ds.doc_ids[doc])} of {ds.store.description}"
         if not mask.any():
             raise ValueError(f"{where} has no assistant turn, so it gives no prompt for on-policy distillation "
@@ -116,7 +116,7 @@ class PromptTable:
         first = int(np.argmax(mask))
         if first == 0:
             return -1, -1
-        if self.header is not None and not _contains(ds._gather(ds.store.tokens, begin, begin + first, 0), self.header):
+        if self.header is not None and not _contains(ds.stream_tokens(begin, begin + first), self.header):
             raise ValueError(f"{where} has no user turn before its first assistant reply; on-policy distillation "
                              "prompts the student with the conversation up to the assistant turn, which needs a user turn")
         return max(begin, begin + first - self.length), begin + first
@@ -126,7 +126,7 @@ class PromptTable:
         ds = self.dataset
         if self.chat and self.ranges[block, 0] >= 0:
             a, z = (int(x) for x in self.ranges[block])
-            return ds._gather(ds.store.tokens, a, z, ds.pad_id).tolist()
+            return ds.stream_tokens(a, z).tolist()
         blk = ds.block(block)
         real = int(blk.valid[: self.length].sum())
         return blk.tokens[: max(real, 1)].tolist()

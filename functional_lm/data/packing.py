@@ -96,19 +96,24 @@ class PackedDataset:
             seg += 1
         return out
 
+    def stream_tokens(self, start: int, stop: int) -> np.ndarray:
+        """数据流 [start, stop) 的 token（int64；超出流尾处为填充 id）。"""
+        return self._gather(self.store.tokens, start, stop, self.pad_id)
+
+    def stream_mask(self, start: int, stop: int) -> np.ndarray:
+        """数据流 [start, stop) 的“计损失”掩码（对话里是助手 token；没有掩码的数据全为真，超出流尾处为假）。"""
+        if self.store.mask is None:
+            return np.arange(start, stop) < self.num_tokens
+        return self._gather(self.store.mask, start, stop, False)
+
     def block(self, index: int) -> Block:
         """第 index 个块（0 ≤ index < len）。"""
         if not 0 <= index < len(self):
             raise IndexError(f"block index {index} out of range [0, {len(self)})")
         start = index * self.block_size
         stop = start + self.block_size
-        tokens = self._gather(self.store.tokens, start, stop, self.pad_id)
         valid = np.arange(start, stop) < self.num_tokens
-        if self.store.mask is None:
-            mask = valid.copy()
-        else:
-            mask = self._gather(self.store.mask, start, stop, False) & valid
-        return Block(tokens, mask, valid)
+        return Block(self.stream_tokens(start, stop), self.stream_mask(start, stop) & valid, valid)
 
     def segments(self, index: int) -> np.ndarray:
         """第 index 个块（L + 1 个 token）的文档编号 int64[L+1]：从 0 开始、单调不减，补齐的尾部另算一篇。"""
