@@ -39,6 +39,7 @@
     python benchmarks/bench_on_policy.py                  # 缺省 b 8、P 64、N 64，student-123m ← 0.5B 形状教师
     python benchmarks/bench_on_policy.py --steps 1        # 每边只计时一步
     python benchmarks/bench_on_policy.py --smoke          # 同一条路径、极小尺寸（1 层 smoke 学生与稍大的 1 层教师）
+    python benchmarks/bench_on_policy.py --device cuda    # GPU 检查（benchmarks/gpu_check.sh）：两边都在 GPU 上
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--real-vocab", type=int, default=REAL_VOCAB,
                    help="真实词表大小（其后的列不采样、不计损失）/ real vocabulary size (later columns are excluded)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU 线程数（缺省用 torch 的设置）/ torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu 或 cuda（GPU 检查用；两边都在这个设备上）/ cpu or cuda (the GPU "
+                   "check; both sides run on it)")
     return parse_with_smoke(p, argv, SMOKE)
 
 
@@ -120,9 +123,15 @@ def _hf_model(params: dict, cfg, share: bool = False) -> Any:
 
 
 def _prompts(args) -> torch.Tensor:
-    """b 条随机提示 (b, P)：id < 真实词表，种子固定，没有填充。"""
+    """b 条随机提示 (b, P)：id < 真实词表，种子固定（在 CPU 上抽，与设备无关），没有填充；放到 --device 上。"""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, args.real_vocab, (args.batch, args.prompt), generator=g)
+    return torch.randint(0, args.real_vocab, (args.batch, args.prompt), generator=g).to(args.device)
+
+
+def _sync(device: str) -> None:
+    """CUDA 的核是异步的：计时的每一段结束时等设备做完，段与段的耗时才分得开。"""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 @dataclass
@@ -132,6 +141,7 @@ class Side:
     generate: Callable[[int], Any]
     teacher: Callable[[Any], Any]
     student_loss: Callable[[Any, Any], float]
+    device: str = "cpu"
 
 
 # ---------------------------------------------------------------- 本项目的一步
@@ -185,7 +195,7 @@ def _ours(args, student: dict, teacher: dict) -> Side:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return Side(_ours_generate(params, scfg, _prompts(args), args), teacher_side, student_side)
+    return Side(_ours_generate(params, scfg, _prompts(args), args), teacher_side, student_side, args.device)
 
 
 # ---------------------------------------------------------------- 参照：GKDTrainer 式的一步
@@ -213,8 +223,8 @@ def _hf_optimizer(model) -> torch.optim.AdamW:
 def _reference(args, student: dict, teacher: dict) -> Side:
     """参照的一步：transformers generate（动态缓存）→ 教师完整 logits → 学生完整 logits + 反向 KL。"""
     scfg, tcfg_model = _configs(args)
-    s_model = _hf_model(student, scfg).train()
-    t_model = _hf_model(teacher, tcfg_model, share=True).eval().requires_grad_(False)
+    s_model = _hf_model(student, scfg).to(args.device).train()
+    t_model = _hf_model(teacher, tcfg_model, share=True).to(args.device).eval().requires_grad_(False)
     optimizer, prompts, p, n = _hf_optimizer(s_model), _prompts(args), args.prompt, args.new_tokens
 
     def generate_side(seed: int):
@@ -238,16 +248,19 @@ def _reference(args, student: dict, teacher: dict) -> Side:
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    return Side(generate_side, teacher_side, student_side)
+    return Side(generate_side, teacher_side, student_side, args.device)
 
 
 # ---------------------------------------------------------------- 计时
 def timed_step(side: Side, seed: int) -> tuple[dict, float, Any]:
     """一步、三段分别计时：返回 ({段名: 秒数, "step_s": 三段之和}, 损失, generate 的输出)。"""
+    _sync(side.device)
     start = time.perf_counter()
     x = side.generate(seed)
+    _sync(side.device)
     t1 = time.perf_counter()
     t = side.teacher(x)
+    _sync(side.device)
     t2 = time.perf_counter()
     loss = side.student_loss(x, t)  # float(loss)：这一步确实算完了
     t3 = time.perf_counter()
@@ -321,7 +334,7 @@ def _summary(args, med, losses, usage, produced, warm) -> dict:
     speedup = {k: round(med["reference"][k] / med["ours"][k], 3) for k in (*PHASES, "step_s")}
     teacher = "smoke-shaped" if args.teacher == "smoke" else "Qwen2.5-0.5B-shaped"
     return {
-        "benchmark": "on_policy_step", "device": "cpu", "threads": torch.get_num_threads(),
+        "benchmark": "on_policy_step", "device": _device_name(args.device), "threads": torch.get_num_threads(),
         "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "steps": args.steps,
         "student": args.student, "teacher": f"{teacher} (random)", "real_vocab": args.real_vocab,
         "torch": torch.__version__, "transformers": transformers.__version__,
@@ -335,12 +348,18 @@ def _summary(args, med, losses, usage, produced, warm) -> dict:
     }
 
 
+def _device_name(device: str) -> str:
+    """表头与 JSON 里的设备：CUDA 时写出卡的型号（GPU 数字必须带着卡名报告）。"""
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
 def _build_sides(args) -> dict:
     """两边共用的随机权重：学生种子 0、教师种子 1；各自拿到独立的拷贝（两边的优化器互不影响）。"""
     from functional_lm import init_params
 
     scfg, tcfg_model = _configs(args)
-    student, teacher = init_params(scfg, seed=0), init_params(tcfg_model, seed=1)
+    student = init_params(scfg, seed=0, device=args.device)
+    teacher = init_params(tcfg_model, seed=1, device=args.device)
     _log("building the transformers models (reference)")
     ref = _reference(args, student, teacher)  # 先拷走：本项目一侧随后在原张量上训练
     return {"ours": _ours(args, student, teacher), "reference": ref}
@@ -357,7 +376,7 @@ def main(argv=None) -> dict:
     rows = build_rows(med, usage)
     record = _summary(args, med, losses, usage, produced, warm)
     print("speed-up (reference / ours): " + ", ".join(f"{k} {v:.3g}x" for k, v in record["speedup"].items()))
-    print_table(f"one on-policy distillation step on cpu, {args.student} <- {record['teacher']} teacher, "
+    print_table(f"one on-policy distillation step on {record['device']}, {args.student} <- {record['teacher']} teacher, "
                 f"b {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, fp32, median of {args.steps} "
                 "(ratio = ours / reference time: < 1 means ours is faster)", rows,
                 reference_label="trl_style")

