@@ -240,3 +240,36 @@ def test_the_trainer_logs_the_reverse_kl_of_the_students_current_samples(two_blo
     assert result.final_eval["on_policy_tokens"] == n
     assert result.final_eval["on_policy_reverse_kl"] == pytest.approx(kl, rel=1e-4)
     assert result.final_eval["on_policy_teacher_nll"] == pytest.approx(nll, rel=1e-4)
+
+
+# ---------------------------------------------------------------- 教师缓存不能给生成的 token 打分
+@pytest.fixture(scope="module")
+def teacher_cache(two_blocks, tmp_path_factory):
+    """两个块的训练集的教师缓存（top-k 4、T = 2），与 _tcfg(top_k=4) 的运行对得上。"""
+    from functional_lm.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+
+    out = tmp_path_factory.mktemp("teacher-cache")
+    fp = make_fingerprint(two_blocks.tokenizer, two_blocks.store, teacher_weights="random-teacher-11")
+    build_teacher_cache(_teacher().params, TEACHER, two_blocks.train, out, top_k=4, temperature=2.0, fingerprint=fp,
+                        real_vocab_size=two_blocks.tokenizer.real_vocab_size, document_mask=True, progress=False)
+    return TeacherCache.open(out)
+
+
+@pytest.mark.parametrize("with_teacher, message", [
+    (True, "a teacher cache cannot grade generated tokens"),
+    (False, "a teacher cache only holds targets for the data's own tokens"),
+])
+@pytest.mark.parametrize("fractions", [{"on_policy_fraction": 0.5}, {"teacher_generated_fraction": 0.5}])
+def test_a_teacher_cache_with_generated_batches_is_refused(two_blocks, teacher_cache, tmp_path, with_teacher,
+                                                           message, fractions):
+    # 缓存只存了数据本身 token 上的教师目标，生成的续写没有目标：开始训练之前拒绝，什么都不写
+    real = two_blocks.tokenizer.real_vocab_size
+    tcfg = _tcfg(top_k=4, temperature=2.0, **fractions)
+    with pytest.raises(ValueError, match=message):
+        train(_student(), _teacher() if with_teacher else None, two_blocks, tcfg, tmp_path / "run",
+              real_vocab_size=real, progress=False, teacher_cache=teacher_cache)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    # 同一个缓存、λ = τ = 0：照常训练（拒绝的只是生成批，不是缓存本身）
+    ok = train(_student(), None, two_blocks, _tcfg(top_k=4, temperature=2.0, max_steps=1), tmp_path / "plain",
+               real_vocab_size=real, progress=False, teacher_cache=teacher_cache)
+    assert ok.step == 1
