@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,3 +275,107 @@ def test_distill_refuses_a_cache_built_for_other_data(root, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "data" in err and str(tmp_path / "C" / "train") in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 坏输入（外部测试者的报告）：一段话、尽早拒绝
+def _one_paragraph(err, command="teacher-cache"):
+    """stderr 以一段话的错误结束（之前可以有进度行）：命令名开头、一行、没有回溯；返回这段话。"""
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith(f"functional-lm {command}: error: "), err
+    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
+
+
+def _no_work(monkeypatch):
+    """分词打包一开始就让测试失败：证明拒绝发生在任何重活之前。"""
+    import functional_lm.data
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("prepare_data ran: the refusal came after the heavy work started")
+
+    monkeypatch.setattr(functional_lm.data, "prepare_data", refuse)
+
+
+def test_help_shows_the_required_options_in_a_required_group(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["teacher-cache", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    sections = re.split(r"\n(?=\S[^\n]*:\n)", text)
+    required = [s for s in sections if s.startswith("required arguments / 必需参数:")]
+    assert len(required) == 1, text
+    for option in ("--output-dir C", "--top-k K", "--teacher DIR", "--import FILE"):
+        assert option in required[0]
+    others = "".join(s for s in sections[1:] if s is not required[0])  # 第一段是 usage 与说明
+    assert "--output-dir" not in others and "--top-k" not in others
+    assert "--output-dir C --top-k K" in text.split("\n\n")[0]  # usage 行里它们不带方括号
+
+
+def test_a_teacher_with_nan_weights_is_refused_before_anything_is_committed(root, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "nan-teacher"
+    shutil.copytree(root / "teacher", teacher)
+    weights = teacher / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "C"
+    args = _set(_args(root, out), "--teacher", str(teacher))
+    assert main(args) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert str(teacher) in err and "non-finite" in err and "blocks 0, 1, 2, 3 " in err
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["complete"] is False and all(entry is None for entry in index["shards"])
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_before_any_work(root, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "C"  # mkdir 失败：ENOTDIR（以 root 运行也一样）
+    _no_work(monkeypatch)
+    assert main(_args(root, out)) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"output directory {out} cannot be written" in err and "[ENOTDIR]" in err
+    assert "choose another --output-dir" in err
+
+
+def test_a_full_disk_is_one_paragraph_and_the_build_resumes(root, built, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import functional_lm.teacher_cache as tc
+
+    class Full:  # 分片 1 的 ids 临时文件写不进去
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def full(path, *args, **kwargs):
+        handle = open(path, *args, **kwargs)
+        return Full(handle) if str(path).endswith(".ids-00001.bin.tmp") else handle
+
+    out = tmp_path / "C"
+    monkeypatch.setattr(tc, "open", full, raising=False)
+    assert main(_args(root, out, "--blocks-per-shard", "8")) == 1
+    monkeypatch.undo()
+    err = _one_paragraph(capsys.readouterr().err)
+    assert str(out / "train" / ".ids-00001.bin.tmp") in err and "the disk is full" in err
+    assert "1 of 3 shards" in err and "kept" in err and "free some space" in err.lower()
+    assert main(_args(root, out, "--blocks-per-shard", "8")) == 0  # 同一条命令续建，结果与一次建完的相同
+    assert _files(out) == _files(built[0])
+
+
+def test_a_binary_import_file_is_named_with_its_line(root, tmp_path, capsys):
+    topk = tmp_path / "topk.jsonl"
+    topk.write_bytes(json.dumps(_topk_row(0)).encode() + b"\n\x89PNG\r\n\x1a\n\x00\xff\xfe binary\n")
+    argv = ["teacher-cache", "--import", str(topk), "--data", str(root / "small.jsonl"), "--output-dir",
+            str(tmp_path / "C"), "--top-k", "3", "--seq-len", "8", "--val-fraction", "0", "--cache-dir",
+            str(root / "tokens"), "--no-progress"]
+    assert main(argv) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"{topk}:2: " in err and "UTF-8" in err
