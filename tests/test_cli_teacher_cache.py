@@ -296,6 +296,12 @@ def _no_work(monkeypatch):
     monkeypatch.setattr(functional_lm.data, "prepare_data", refuse)
 
 
+def _copy_of(built, tmp_path):
+    out = tmp_path / "C"
+    shutil.copytree(built[0], out)
+    return out
+
+
 def test_help_shows_the_required_options_in_a_required_group(capsys):
     with pytest.raises(SystemExit) as info:
         main(["teacher-cache", "--help"])
@@ -379,3 +385,83 @@ def test_a_binary_import_file_is_named_with_its_line(root, tmp_path, capsys):
     assert main(argv) == 2
     err = _one_paragraph(capsys.readouterr().err)
     assert f"{topk}:2: " in err and "UTF-8" in err
+
+
+@pytest.fixture(scope="module")
+def one_shard(root):
+    """默认 64 块一个分片的构建：训练集只有分片 0，蒸馏的第一步就读到它。"""
+    out = root / "one-shard"
+    assert main(_args(root, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["ids-00000.bin", "logprobs-00000.bin"])
+def test_distill_names_a_shard_file_damaged_in_place(root, one_shard, tmp_path, capsys, name):
+    out = tmp_path / "C"
+    shutil.copytree(one_shard, out)
+    damaged = out / "train" / name
+    data = bytearray(damaged.read_bytes())
+    for offset in range(100, len(data), 997):
+        data[offset] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(out))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert str(damaged) in err and "checksum" in err
+    assert f"--output-dir {out} " in err
+
+
+def _edit_index(path, change):
+    index = json.loads(path.read_text())
+    change(index)
+    path.write_text(json.dumps(index))
+
+
+def test_distill_advice_for_an_incomplete_cache_names_the_build_output_dir(root, built, tmp_path, capsys):
+    out = _copy_of(built, tmp_path)
+
+    def unfinish(index):
+        index["shards"][2], index["complete"] = None, False
+
+    _edit_index(out / "train" / "index.json", unfinish)
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(out))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert f"{out / 'train'} is incomplete (2 of 3 shards written)" in err
+    assert f"functional-lm teacher-cache --teacher DIR --output-dir {out} --top-k {K}" in err
+    assert "--blocks-per-shard 8" in err and f"output directory {out / 'train'}" not in err
+
+
+@pytest.mark.parametrize("case", ["index deleted", "split directory given"])
+def test_distill_with_no_index_says_what_to_do(root, built, tmp_path, capsys, case):
+    out = _copy_of(built, tmp_path)
+    if case == "index deleted":
+        (out / "train" / "index.json").unlink()
+        given, expected = out, [f"no teacher cache in {out / 'train'} (index.json is missing)", f"--output-dir {out} "]
+    else:
+        given, expected = out / "train", [f"--teacher-cache {out / 'train'} holds one split of a teacher cache",
+                                          f"pass --teacher-cache {out}"]
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(given))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert all(text in err for text in expected) and "delete" not in err
+
+
+def test_distill_refuses_teacher_together_with_teacher_cache(root, built, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = _distill(root, run, "--teacher", str(root / "teacher"), "--teacher-cache", str(built[0]))
+    assert main(argv) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert "--teacher" in err and "--teacher-cache" in err and "not both" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("source", ["teacher", "cache"])
+def test_distill_checks_top_k_before_any_work(root, built, tmp_path, capsys, monkeypatch, source):
+    _no_work(monkeypatch)
+    if source == "teacher":
+        extra, expected = ("--teacher", str(root / "teacher"), "--top-k", "999999"), \
+            "--top-k 999999 exceeds the vocabulary: the tokenizer has 151665 real tokens"
+    else:
+        extra, expected = ("--teacher-cache", str(built[0]), "--top-k", "4"), \
+            f"--top-k 4 differs from the teacher cache's K = {K}"
+    assert main(_distill(root, tmp_path / "run", *extra)) == 2
+    assert expected in _one_paragraph(capsys.readouterr().err, "distill")
