@@ -14,6 +14,9 @@
 以退出码 130 结束并说明怎样继续——原样再运行同一条命令即可；同样的设备与 --batch-size 下，续建完成的缓存与
 一次建完的逐字节相同（见 teacher_cache 的模块说明）。已有缓存的设置不同（教师、数据、K、T……）时报
 ``TeacherCacheMismatch``（退出码 2），绝不删除用户的缓存。
+
+尽早拒绝：参数、词表与 K、块长先核对，再确认 --output-dir 能写（与 distill 同一段话），然后才分词、跑教师。
+教师输出非有限时点名块号与教师（退出码 2）；写盘失败（磁盘满、只读）点名正在写的文件，已提交的分片保留（退出码 1）。
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from functional_lm.config import PRESETS, TrainingConfig
 from functional_lm.distill import TEXT_SPLITS, _positive_int, _tokenizer_source
-from functional_lm.rundir import Interrupted
+from functional_lm.rundir import Interrupted, ensure_output_dir
 
 __all__ = ["register"]
 
@@ -38,8 +41,13 @@ _VALUE_DTYPES = ("float16", "bfloat16", "float32")  # 与 teacher_cache.VALUE_DT
 
 # ---------------------------------------------------------------- 命令行
 def _add_source_options(p: argparse.ArgumentParser) -> None:
-    """目标从哪里来：运行教师（--teacher）或导入别处算好的 top-k（--import），以及写到哪里。"""
-    group = p.add_argument_group("targets / 目标")
+    """必需参数：目标从哪里来（运行教师 --teacher 或导入别处算好的 top-k --import，二者之一）、写到哪里、K；
+    以及温度。必需与否由 _check_args 检查（错误是一段话），这里只让 --help 把它们列在 “必需参数” 组里。"""
+    group = p.add_argument_group(
+        "required arguments / 必需参数",
+        "--output-dir、--top-k，以及 --teacher 与 --import 二者之一 / --output-dir, --top-k and one of --teacher, "
+        "--import",
+    )
     source = group.add_mutually_exclusive_group()
     source.add_argument("--teacher", metavar="DIR", help="教师检查点目录（Qwen2ForCausalLM）或 hub id；在 float32 中运行 / "
                         "teacher checkpoint directory (Qwen2ForCausalLM) or hub id; run in float32")
@@ -55,6 +63,7 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
                        "writes C/train and C/val")
     group.add_argument("--top-k", type=int, metavar="K", help="每个位置保存概率最高的 K 个 token（1 ≤ K ≤ 真实词表）/ keep the K "
                        "most likely tokens per position (1 <= K <= the real vocabulary)")
+    group = p.add_argument_group("targets / 目标")
     group.add_argument("--temperature", type=float, metavar="T", default=_DEFAULTS.temperature, help=(
         f"蒸馏温度 T，必须与 distill 的 --temperature 相同（默认 {_DEFAULTS.temperature}）/ distillation "
         f"temperature T; must equal distill's --temperature (default {_DEFAULTS.temperature})"))
@@ -106,6 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """注册 teacher-cache 子命令。"""
     p = subparsers.add_parser(
         "teacher-cache",
+        usage="%(prog)s (--teacher DIR | --import FILE) --output-dir C --top-k K [options]",
         help="预先计算教师的 top-k 目标存盘，供蒸馏读取 / precompute the teacher's top-k targets for distillation",
         description=(
             "在 distill 用同样数据选项时训练与验证的块上运行教师，把 top-k 目标写到 C/train 与 C/val；Ctrl-C 在分片"
@@ -151,10 +161,18 @@ def _check_top_k(top_k: int, real_vocab: int) -> None:
         raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab} real tokens")
 
 
+def _check_writable(out: Path) -> None:
+    """在任何重活之前确认 --output-dir 能写：建出 C（以及已有的 C/train、C/val）并各写删一个探测文件。
+    不能写（只读、不是目录、没有权限……）时是与 distill 相同的一段话（rundir.ensure_output_dir）。"""
+    for directory in [out] + [out / split for split in ("train", "val") if (out / split).is_dir()]:
+        ensure_output_dir(directory)
+
+
 def _prepare(args: argparse.Namespace, tokenizer: Any, model_config: Any) -> Any:
-    """分词并打包：与 run_distill 的 prepare_data 调用相同的参数，所以块与 distill 的完全相同。"""
+    """先确认输出目录能写，再分词并打包：与 run_distill 的 prepare_data 调用相同的参数，所以块与 distill 的完全相同。"""
     from functional_lm.data import prepare_data
 
+    _check_writable(Path(args.output_dir).expanduser())
     return prepare_data(
         args.data, tokenizer=tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
         val_fraction=args.val_fraction, seed=args.seed, cache_dir=args.cache_dir, model_config=model_config,
@@ -196,6 +214,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
             fingerprint=fp, real_vocab_size=tokenizer.real_vocab_size, document_mask=document_mask,
             batch_size=args.batch_size, blocks_per_shard=args.blocks_per_shard, device=device,
             value_dtype=args.value_dtype, progress=not args.no_progress, stop=stop,
+            teacher_name=args.teacher,
         )
 
     splits = ["train"] + (["val"] if len(data.val) > 0 else [])

@@ -257,14 +257,31 @@ def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional
 
 
 def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
-    """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。"""
+    """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。C 是 teacher-cache 的 --output-dir，
+    错误消息里的重建建议据此写出命令；误给了划分目录（C/train）时点名它的上一级。"""
     if not run.get("teacher_cache"):
         return None, None
     from functional_lm.teacher_cache import TeacherCache
 
-    root = Path(run["teacher_cache"])
-    val = TeacherCache.open(root / "val") if (root / "val" / "index.json").is_file() else None
-    return TeacherCache.open(root / "train"), val
+    root = Path(run["teacher_cache"]).expanduser()
+    if (root / "index.json").is_file() and not (root / "train").exists():
+        raise ValueError(
+            f"--teacher-cache {root} holds one split of a teacher cache (its index.json is right there); pass "
+            f"--teacher-cache {root.parent}, the directory given to teacher-cache --output-dir, which holds train/ "
+            f"and val/"
+        )
+    val = TeacherCache.open(root / "val", build_dir=root) if (root / "val" / "index.json").is_file() else None
+    return TeacherCache.open(root / "train", build_dir=root), val
+
+
+def _check_top_k(top_k: int, real_vocab: int, cache: Any) -> None:
+    """--top-k 在分词打包之前核对：不超过真实词表；有教师缓存时必须等于缓存的 K（0 = 取缓存的 K）。"""
+    if top_k > real_vocab:
+        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab} real tokens "
+                         f"(1 <= --top-k <= {real_vocab}; 0 = the full teacher distribution)")
+    if cache is not None and top_k not in (0, cache.top_k):
+        raise ValueError(f"--top-k {top_k} differs from the teacher cache's K = {cache.top_k} ({cache.directory}); "
+                         f"leave --top-k out to use the cache's K, or build a cache with --top-k {top_k}")
 
 
 def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
@@ -329,6 +346,7 @@ def run_distill(
     # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
     check_vocab_compat(tokenizer, student_cfg.vocab_size, None if teacher_cfg is None else teacher_cfg.vocab_size)
     _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
+    _check_top_k(tcfg.top_k, tokenizer.real_vocab_size, train_cache)
 
     def write_tokenizer() -> Path:
         with writing("the tokenizer files", out / "tokenizer"):

@@ -38,6 +38,8 @@ __all__ = [
     "RunFailure",
     "StorageError",
     "RunLock",
+    "storage_advice",
+    "storage_reason",
     "ensure_output_dir",
     "run_markers",
     "clear_run",
@@ -81,7 +83,7 @@ class StorageError(RunFailure):
 
 
 # ---------------------------------------------------------------- 写盘失败
-def _reason(err: OSError) -> str:
+def storage_reason(err: OSError) -> str:
     """OSError → 人话：磁盘满 / 只读 / 其他（附 errno 名）。"""
     code = err.errno
     name = errno.errorcode.get(code, str(code)) if code is not None else "?"
@@ -94,6 +96,11 @@ def _reason(err: OSError) -> str:
     return f"{what} [{name}]"
 
 
+def storage_advice(err: OSError) -> str:
+    """按写盘失败的原因给的处理办法：磁盘满就腾空间，其余（只读、无权限……）就让位置可写。"""
+    return "free some space" if err.errno in _DISK_FULL else "make the location writable"
+
+
 def write_failure(
     err: OSError, what: str, where: os.PathLike | str, last_good: Optional[Path] = None, *, atomic: bool = True
 ) -> StorageError:
@@ -104,13 +111,13 @@ def write_failure(
     """
     left = "Nothing half-written was left in place." if atomic else \
         f"The last line of {where} may be cut off; it is dropped when the run resumes."
-    advice = "free some space" if err.errno in _DISK_FULL else "make the location writable"
+    advice = storage_advice(err)
     good = (
         f"The last good checkpoint is {last_good}; {advice} and continue with --resume."
         if last_good is not None
         else f"No checkpoint had been written yet; {advice} and start again."
     )
-    return StorageError(f"could not write {what} to {where}: {_reason(err)}. {left} {good}")
+    return StorageError(f"could not write {what} to {where}: {storage_reason(err)}. {left} {good}")
 
 
 @contextlib.contextmanager
@@ -137,7 +144,9 @@ def ensure_output_dir(path: os.PathLike | str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RunDirError(f"output directory {path} cannot be written: {_reason(err)}; choose another --output-dir") from None
+        raise RunDirError(
+            f"output directory {path} cannot be written: {storage_reason(err)}; choose another --output-dir"
+        ) from None
     return path
 
 

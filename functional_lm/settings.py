@@ -244,6 +244,7 @@ def resolve_settings(
         model, training = merge_configs(get_preset(preset), base_training, file_values, cli_values, source=source)
         default_len = min(demo_seq_len, model.max_seq_len) if mode == "demo" else model.max_seq_len
         run = {"text_split": "paragraph", "seq_len": default_len, **explicit, "preset": preset}
+        _check_teacher_source(run)
         return RunSettings(mode, run, model, training)
     mode = saved["mode"]
     if mode == "demo" and explicit.get("teacher") is not None:
@@ -255,7 +256,22 @@ def resolve_settings(
         )
     base_model = get_preset(explicit["preset"]) if "preset" in explicit else ModelConfig(**saved["model"])
     model, training = merge_configs(base_model, saved_training(saved), file_values, cli_values, source=source)
-    return RunSettings(mode, {**saved.get("run", {}), **explicit}, model, training)
+    run = {**saved.get("run", {}), **explicit}
+    _check_teacher_source(run)
+    return RunSettings(mode, run, model, training)
+
+
+def _check_teacher_source(run: Mapping[str, Any]) -> None:
+    """教师目标只有一个来源：--teacher（在线教师）与 --teacher-cache（存好的目标）不能同时给。
+
+    两者同时给时训练会读缓存、验证却跑在线教师——两个不同的“教师”，所以拒绝（恢复时合并后的设置同样核对）。"""
+    if run.get("teacher") is not None and run.get("teacher_cache") is not None:
+        raise ValueError(
+            f"--teacher {run['teacher']} and --teacher-cache {run['teacher_cache']} cannot be combined: --teacher "
+            f"runs a live teacher that gives the training targets and the evaluation scores, while --teacher-cache "
+            f"reads the stored top-k targets of a teacher-cache build (C/train for training, C/val for evaluation) "
+            f"without loading any teacher; give one of them, not both"
+        )
 
 
 # 新增训练字段在旧版本里的实际行为：旧运行的 run.json / 检查点里没有这些字段，恢复时按旧行为补上，

@@ -38,14 +38,22 @@ index.json 的字段::
 逐项写明旧值 → 新值——绝不悄悄删掉已有缓存。
 
 读取：``TeacherCache.open`` 做便宜的结构检查（index.json 可解析、完整、每个文件都在且字节数与记录和布局相符；
-截断的分片点名报错，而不是读成 0），``verify=True`` 再读一遍全部文件核对 CRC-32。数据经 np.memmap 读取，
-只碰到用到的页。错误都是 ``TeacherCacheDamaged``（ValueError），写明目录、文件与原因。全程不用 pickle。
+截断的分片点名报错，而不是读成 0）。原地的损坏（大小不变）缺省也会被发现：每个分片**第一次被读到时**把它的
+三个文件读一遍核对 CRC-32（每个分片每个进程一次，不是每批一次；代价与实际读到的数据量成正比），每批读出的值
+再做取值范围检查（id ∈ [0, V_real)、log 概率有限且 ≤ 0、尾部质量 ∈ [0, 1]，见 teacher_cache_checks）。
+``verify=True`` 在打开时就核对全部分片。数据经 np.memmap 读取。错误都是 ``TeacherCacheDamaged``（ValueError），
+写明目录、文件、原因与处理办法（``build_dir`` 给出时建议里是可以照抄的 ``functional-lm teacher-cache`` 命令）。
+全程不用 pickle。
+
+构建时拒绝非有限的教师输出（``NonFiniteTeacher``，点名块号与教师）；写盘失败（磁盘满、只读）是一段话的
+``StorageError``：点名正在写的文件，已提交的分片保留，腾出空间后原样再建即从那里续建。
 
 外部目标：``import_topk_jsonl`` 把别处算好的 top-k（JSON lines，每个输入位置一行）经同一个分片写入器写成同一格式。
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -75,6 +83,16 @@ from functional_lm.model import (
     output_weight,
 )
 from functional_lm.rundir import RunDirError, RunLock, write_json_atomic
+from functional_lm.teacher_cache_checks import (
+    GENERIC_REBUILD,
+    NonFiniteTeacher,
+    damage_advice,
+    missing_index_advice,
+    non_finite_rows,
+    rebuild_command,
+    storage_failure,
+    target_problem,
+)
 
 __all__ = [
     "teacher_targets",
@@ -82,6 +100,7 @@ __all__ = [
     "FINGERPRINT_FIELDS",
     "VALUE_DTYPES",
     "BuildStatus",
+    "NonFiniteTeacher",
     "TeacherCache",
     "TeacherCacheDamaged",
     "TeacherCacheMismatch",
@@ -115,6 +134,7 @@ _LOGIT_BYTES = 64 << 20  # 每个行块的 float32 logits 至多 64 MiB（V = 15
 _OPEN_SHARDS = 16  # 读取时同时映射的分片数上限（每个 memmap 占一个文件描述符）：映射进进程的页
 # 因此至多是 16 个分片的大小，与缓存总大小无关——比内存大的缓存训练时常驻内存保持平稳
 _FLOAT16_MIN = float(np.finfo(np.float16).min)  # −65504
+_MAX_LINE = 256 << 20  # 导入时单行的上限：K = 151,665 的一行约 4 MB，远在其下；更长的多半是二进制文件
 
 # ================================================================================================
 # 错误
@@ -122,18 +142,19 @@ _FLOAT16_MIN = float(np.finfo(np.float16).min)  # −65504
 
 
 class TeacherCacheDamaged(ValueError):
-    """教师缓存不可用：index.json 读不出、不完整、分片文件缺失 / 大小不符 / 校验和不符。
+    """教师缓存不可用：index.json 缺失 / 读不出、不完整、分片文件缺失 / 大小不符 / 校验和不符 / 值超出范围。
 
-    属性：directory（缓存目录）、file（出问题的文件名）、reason（原因）。消息是完整的一段话，带处理办法。
+    属性：directory（缓存目录）、file（出问题的文件名）、reason（原因）。消息是完整的一段话，带处理办法；
+    summary 替换开头的 “teacher cache D is damaged (文件: 原因)”（缺失、不完整时用）。
     """
 
-    def __init__(self, directory: str | Path, file: str, reason: str, advice: str | None = None) -> None:
+    def __init__(
+        self, directory: str | Path, file: str, reason: str, advice: str | None = None, *, summary: str | None = None
+    ) -> None:
         self.directory, self.file, self.reason = Path(directory), file, reason
-        advice = advice or (
-            f"delete {file} and rerun the teacher-cache build with the same settings to recompute that shard, "
-            f"or delete the directory {self.directory} to rebuild everything"
-        )
-        super().__init__(f"teacher cache {self.directory} is damaged ({file}: {reason}); {advice}")
+        advice = advice or damage_advice(self.directory, file, GENERIC_REBUILD)
+        summary = summary or f"teacher cache {self.directory} is damaged ({file}: {reason})"
+        super().__init__(f"{summary}; {advice}")
 
 
 class TeacherCacheMismatch(ValueError):
@@ -311,14 +332,34 @@ def _is_count(value: Any, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _read_index(directory: Path) -> dict[str, Any]:
-    """读 index.json 并检查形状（格式、版本、布局字段、分片表的长度）；任何问题都是 index.json 的损坏。"""
+def _missing_index(directory: Path, build_dir: Path | None) -> TeacherCacheDamaged:
+    """目录里没有 index.json：这里没有缓存（从没建过，或指错了目录）——说清楚，不建议删任何东西。"""
+    return TeacherCacheDamaged(
+        directory, INDEX_FILE, "file is missing", summary=f"no teacher cache in {directory} ({INDEX_FILE} is missing)",
+        advice=missing_index_advice(build_dir),
+    )
+
+
+def _read_index(directory: Path, rebuild: str = GENERIC_REBUILD) -> dict[str, Any]:
+    """读 index.json 并检查形状（格式、版本、布局字段、分片表的长度）；任何问题都是 index.json 的损坏
+    （rebuild：建议里怎样称呼重建这个缓存的命令）。文件不存在时抛 FileNotFoundError，由调用方说明。"""
     try:
         index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise TeacherCacheDamaged(directory, INDEX_FILE, "file is missing") from None
+        raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TeacherCacheDamaged(directory, INDEX_FILE, f"not readable JSON ({err})") from None
+        raise TeacherCacheDamaged(directory, INDEX_FILE, f"not readable JSON ({err})",
+                                  damage_advice(directory, INDEX_FILE, rebuild)) from None
+    try:
+        _check_index_shape(directory, index)
+    except TeacherCacheDamaged as err:
+        advice = damage_advice(directory, err.file, rebuild)
+        raise TeacherCacheDamaged(directory, err.file, err.reason, advice) from None
+    return index
+
+
+def _check_index_shape(directory: Path, index: Any) -> None:
+    """index.json 的形状：格式、版本、布局字段、分片表的长度、指纹里读取要用的字段。"""
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise TeacherCacheDamaged(directory, INDEX_FILE, f"not a teacher-cache index (expected format {FORMAT!r})")
     if index.get("version") != VERSION:
@@ -330,7 +371,6 @@ def _read_index(directory: Path) -> dict[str, Any]:
     if not isinstance(shards, list) or len(shards) != index["num_shards"]:
         raise TeacherCacheDamaged(directory, INDEX_FILE, f"'shards' must be a list of {index['num_shards']} entries")
     _check_fingerprint_shape(directory, index.get("fingerprint"))
-    return index
 
 
 def _check_fingerprint_shape(directory: Path, fp: Any) -> None:
@@ -401,6 +441,21 @@ def _install_file(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+class _WriteFailed(Exception):
+    """构建中一次写盘失败：原始的 OSError 与正在写的路径（_run_build 把它说成一段话的 StorageError）。"""
+
+    def __init__(self, err: OSError, path: Path) -> None:
+        super().__init__(str(err))
+        self.err, self.path = err, path
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """块内写 path 时的 OSError → _WriteFailed（记下路径：file.write 的 OSError 本身不带文件名）。"""
+    try:
+        yield
+    except OSError as err:
+        raise _WriteFailed(err, Path(err.filename) if err.filename else path) from err
 
 
 class _ShardWriter:
@@ -410,7 +465,14 @@ class _ShardWriter:
         self.directory, self.value_dtype = directory, value_dtype
         self.names = _file_names(shard)
         self.temps = {kind: directory / f".{name}.tmp" for kind, name in self.names.items()}
-        self.handles = {kind: open(path, "wb") for kind, path in self.temps.items()}
+        self.handles: dict[str, Any] = {}
+        try:
+            for kind, path in self.temps.items():
+                with _writing(path):
+                    self.handles[kind] = open(path, "wb")
+        except _WriteFailed:
+            self.abort()
+            raise
         self.crc = dict.fromkeys(_KINDS, 0)
         self.bytes = dict.fromkeys(_KINDS, 0)
 
@@ -424,7 +486,8 @@ class _ShardWriter:
         total = 0
         for kind, array in arrays.items():
             data = np.ascontiguousarray(array).tobytes()
-            self.handles[kind].write(data)
+            with _writing(self.temps[kind]):
+                self.handles[kind].write(data)
             self.crc[kind] = zlib.crc32(data, self.crc[kind])
             self.bytes[kind] += len(data)
             total += len(data)
@@ -432,20 +495,26 @@ class _ShardWriter:
 
     def commit(self) -> dict[str, Any]:
         """fsync 并关闭三个临时文件，改名就位，返回 {"files": {名字: {bytes, crc32}}}。"""
-        for handle in self.handles.values():
-            handle.flush()
-            os.fsync(handle.fileno())
-            handle.close()
+        for kind, handle in self.handles.items():
+            with _writing(self.temps[kind]):
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
         for kind, name in self.names.items():
-            _install_file(self.temps[kind], self.directory / name)
-        fsync_path(self.directory)
+            with _writing(self.directory / name):
+                _install_file(self.temps[kind], self.directory / name)
+        with _writing(self.directory):
+            fsync_path(self.directory)
         return {"files": {self.names[k]: {"bytes": self.bytes[k], "crc32": self.crc[k]} for k in _KINDS}}
 
     def abort(self) -> None:
         """出错时关闭并删掉临时文件（已改名就位的文件没有进 index.json，续建时会被重算覆盖）。"""
         for kind, handle in self.handles.items():
-            handle.close()
-            self.temps[kind].unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # 磁盘满时 close 里的 flush 还会再失败一次：照样删掉临时文件
+                handle.close()
+        for path in self.temps.values():
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 # ================================================================================================
@@ -490,7 +559,8 @@ def _open_for_writing(directory: Path, fingerprint: dict[str, Any], num_blocks: 
     if not resuming:
         _clean_directory(directory, resuming=False)
         index = _new_index(fingerprint, num_blocks, per_shard)
-        write_json_atomic(index, directory / INDEX_FILE)
+        with _writing(directory / INDEX_FILE):
+            write_json_atomic(index, directory / INDEX_FILE)
         return index
     index = _read_index(directory)
     check_fingerprint(index["fingerprint"], fingerprint, directory)
@@ -550,7 +620,12 @@ def _write_shard(directory: Path, index: dict[str, Any], shard: int, producer: P
         writer.abort()
         raise
     index["shards"][shard] = {"blocks": [start, stop], **entry}
-    write_json_atomic(index, directory / INDEX_FILE)
+    try:
+        with _writing(directory / INDEX_FILE):
+            write_json_atomic(index, directory / INDEX_FILE)
+    except _WriteFailed:
+        index["shards"][shard] = None  # 没记进 index.json 就不算提交：续建时重算
+        raise
     return sum(writer.bytes.values())
 
 
@@ -574,7 +649,8 @@ def _fill_shards(
     done = sum(entry is not None for entry in index["shards"])
     if done == index["num_shards"] and not index["complete"]:
         index["complete"] = True
-        write_json_atomic(index, directory / INDEX_FILE)
+        with _writing(directory / INDEX_FILE):
+            write_json_atomic(index, directory / INDEX_FILE)
     return BuildStatus(directory, done == index["num_shards"], done, index["num_shards"], written_shards, written_bytes)
 
 
@@ -586,19 +662,31 @@ def _run_build(
     if isinstance(per_shard, bool) or not isinstance(per_shard, int) or per_shard < 1:
         raise ValueError(f"blocks_per_shard must be a positive int, got {per_shard!r}")
     directory = Path(out_dir).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] | None = None
     try:
-        lock = RunLock(directory).acquire()
+        with _writing(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+        lock = _lock(directory)
+        try:
+            index = _open_for_writing(directory, fingerprint, num_blocks, per_shard)
+            return _fill_shards(directory, index, producer, progress, stop)
+        finally:
+            lock.release()
+    except _WriteFailed as failed:
+        committed = None if index is None else (sum(e is not None for e in index["shards"]), index["num_shards"])
+        raise storage_failure(failed.err, failed.path, directory, committed) from failed.err
+
+
+def _lock(directory: Path) -> RunLock:
+    """构建期间持有缓存目录的独占锁；已被另一个构建持有时是一段话的 ValueError。"""
+    try:
+        with _writing(directory / ".lock"):
+            return RunLock(directory).acquire()
     except RunDirError:
         raise ValueError(
             f"teacher cache {directory} is being written by another process (its lock file {directory / '.lock'} "
             f"is held); wait for that build to finish, or write to another directory"
         ) from None
-    try:
-        index = _open_for_writing(directory, fingerprint, num_blocks, per_shard)
-        return _fill_shards(directory, index, producer, progress, stop)
-    finally:
-        lock.release()
 
 
 def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_vocab: int, batch_size: int) -> None:
@@ -642,10 +730,11 @@ def stored_log_probs(log_probs: torch.Tensor, value_dtype: str = "float16") -> t
 
 def _teacher_producer(
     params: dict[str, torch.Tensor], cfg: ModelConfig, dataset: Any, *, top_k: int, temperature: float,
-    real_vocab: int, document_mask: bool, batch_size: int, device: torch.device,
+    real_vocab: int, document_mask: bool, batch_size: int, device: torch.device, teacher: str, where: Path,
 ) -> Producer:
     """教师前向的生产者：分片内按固定的 batch_size 从头切批（批划分只取决于分片），
-    logits = h·Wᵀ 在 float32 中按行块计算（每块至多 _LOGIT_BYTES），再取 teacher_topk。"""
+    logits = h·Wᵀ 在 float32 中按行块计算（每块至多 _LOGIT_BYTES），再取 teacher_topk。
+    一批里有非有限的 log 概率或尾部质量时抛 NonFiniteTeacher（点名块号；teacher 是消息里教师的称呼）。"""
     weight = output_weight(params, cfg)
     weight32 = weight if weight.dtype == torch.float32 else weight.float()  # 转一次：V·d·4 字节
 
@@ -660,6 +749,8 @@ def _teacher_producer(
                 hidden = forward_hidden(params, ids_t, cfg, segment_ids=seg_t, check=False)
             ids, log_probs, tail = teacher_targets(hidden, weight32, top_k, temperature, real_vocab)
             shape = (len(blocks), dataset.seq_len)
+            if bad := non_finite_rows(log_probs.reshape(*shape, top_k), tail.reshape(shape)):
+                raise NonFiniteTeacher(teacher, [blocks[i] for i in bad], where)
             yield ids.reshape(*shape, top_k).cpu().numpy(), log_probs.reshape(*shape, top_k), tail.reshape(shape)
 
     return produce
@@ -682,6 +773,7 @@ def build_teacher_cache(
     value_dtype: str = "float16",
     progress: bool = True,
     stop: Callable[[], bool] | None = None,
+    teacher_name: str | None = None,
 ) -> BuildStatus:
     """在 out_dir 建（或续建）教师缓存：对每个未提交的分片跑教师前向、取 top-k、写文件并提交（格式见模块说明）。
 
@@ -690,7 +782,9 @@ def build_teacher_cache(
     teacher_config、top_k、temperature、value_dtype、real_vocab_size 由本函数按参数补上（若也给了，必须一致）。
     real_vocab_size 缺省为教师的 vocab_size。参数搬到 device（已在其上时不复制）。
     stop：每个分片之前调用，返回真就在分片之间干净地停下（返回的 complete 为 False，再调用即续建）。
-    已有指纹不同的缓存 → TeacherCacheMismatch（不删除任何东西）。
+    teacher_name：错误消息里怎样称呼教师（例如检查点目录）。
+    已有指纹不同的缓存 → TeacherCacheMismatch（不删除任何东西）；教师输出非有限 → NonFiniteTeacher（已提交的
+    分片保留）；写盘失败 → StorageError（点名文件，已提交的分片保留）。
     """
     real_vocab = teacher_cfg.vocab_size if real_vocab_size is None else real_vocab_size
     _check_build_args(top_k, temperature, value_dtype, real_vocab, batch_size)
@@ -707,6 +801,7 @@ def build_teacher_cache(
     producer = _teacher_producer(
         params, teacher_cfg, dataset, top_k=top_k, temperature=float(temperature), real_vocab=real_vocab,
         document_mask=bool(document_mask), batch_size=batch_size, device=device,
+        teacher=f"the teacher {teacher_name}" if teacher_name else "the teacher", where=Path(out_dir).expanduser(),
     )
     return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop)
 
@@ -717,15 +812,31 @@ def build_teacher_cache(
 
 
 class _RowReader:
-    """按顺序读 JSON-lines 文件的第 j 行（从 0 数）并校验；可以向前跳过行（续建时跳过已提交的分片）。"""
+    """按顺序读 JSON-lines 文件的第 j 行（从 0 数）并校验；可以向前跳过行（续建时跳过已提交的分片）。
+
+    以二进制读、逐行解码：不是 UTF-8 的行（例如误给了二进制文件）报 ``文件:行号``；单行至多 _MAX_LINE 字节，
+    没有换行的大文件不会被整个读进内存。"""
 
     def __init__(self, path: Path, top_k: int, real_vocab: int) -> None:
         self.path, self.top_k, self.real_vocab = path, top_k, real_vocab
-        self.handle = open(path, "r", encoding="utf-8")
+        self.handle = open(path, "rb")
         self.next_row = 0  # 下一次 readline 得到的行号（从 0 数；文件行号 = 它 + 1）
 
+    def _readline(self) -> str:
+        """下一行的文本（文件结束时为空串）；不是 UTF-8 或长得不像一行时点名文件与行号。"""
+        raw = self.handle.readline(_MAX_LINE + 1)
+        where = f"{self.path}:{self.next_row + 1}"
+        if len(raw) > _MAX_LINE:
+            raise ValueError(f"{where}: the line is longer than {_MAX_LINE >> 20} MiB; expected JSON lines "
+                             f"(one row per line), is this a binary file?")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                             f"expected JSON lines of top-k targets, is this a binary file?") from None
+
     def _line(self) -> str:
-        line = self.handle.readline()
+        line = self._readline()
         if not line:
             raise ValueError(
                 f"{self.path}: the file ends after {self.next_row} rows, but the dataset needs more "
@@ -766,7 +877,7 @@ class _RowReader:
         """读到第 total_rows 行为止后，文件里不应再有非空行。"""
         while self.next_row < total_rows:
             self._line()
-        extra = self.handle.readline()
+        extra = self._readline()
         if extra.strip():
             raise ValueError(f"{self.path}:{total_rows + 1}: extra row; the dataset has exactly {total_rows} rows "
                              f"(number of blocks × seq_len)")
@@ -876,9 +987,12 @@ class _ShardMaps:
 
 
 class TeacherCache:
-    """只读的教师缓存：``TeacherCache.open(目录)``，再用 ``targets(块号)`` 取稀疏目标（见模块说明）。"""
+    """只读的教师缓存：``TeacherCache.open(目录)``，再用 ``targets(块号)`` 取稀疏目标（见模块说明）。
 
-    def __init__(self, directory: Path, index: dict[str, Any]) -> None:
+    每个分片第一次被读到时核对它三个文件的 CRC-32（记下已核对的分片：映射被换出再换回也不重算），
+    每批读出的值做取值范围检查；任何损坏都是点名文件的 TeacherCacheDamaged。"""
+
+    def __init__(self, directory: Path, index: dict[str, Any], rebuild: str = GENERIC_REBUILD) -> None:
         self.directory = directory
         self.index = index
         self.fingerprint: dict[str, Any] = index["fingerprint"]
@@ -889,34 +1003,53 @@ class TeacherCache:
         self.real_vocab_size: int = self.fingerprint["real_vocab_size"]
         self.num_blocks: int = index["num_blocks"]
         self.blocks_per_shard: int = index["blocks_per_shard"]
+        self._rebuild = rebuild  # 建议里重建这个缓存的命令（见 open 的 build_dir）
         self._maps: OrderedDict[int, _ShardMaps] = OrderedDict()
+        self._verified: set[int] = set()  # 已核对过 CRC-32 的分片
 
     @classmethod
-    def open(cls, directory: str | Path, *, verify: bool = False) -> TeacherCache:
-        """打开缓存并做结构检查（完整、文件齐全、字节数相符）；verify=True 再核对每个文件的 CRC-32。"""
+    def open(cls, directory: str | Path, *, verify: bool = False, build_dir: str | Path | None = None) -> TeacherCache:
+        """打开缓存并做结构检查（完整、文件齐全、字节数相符）；verify=True 当场核对全部分片的 CRC-32
+        （否则每个分片在第一次被读到时核对）。
+
+        build_dir：建这个缓存时 ``functional-lm teacher-cache --output-dir`` 的目录（命令行把划分写在
+        build_dir/train、build_dir/val）；给出时错误消息里的建议是照抄即可的重建命令。"""
         directory = Path(directory).expanduser()
         if not directory.is_dir():
             raise FileNotFoundError(f"no teacher cache at {directory} (not a directory)")
-        index = _read_index(directory)
-        if not index.get("complete") or any(entry is None for entry in index["shards"]):
-            done = sum(entry is not None for entry in index["shards"])
-            raise TeacherCacheDamaged(
-                directory, INDEX_FILE, f"the cache is incomplete ({done} of {index['num_shards']} shards written)",
-                advice=f"rerun the teacher-cache build with the same settings and output directory {directory} "
-                f"to resume it",
-            )
+        build = Path(build_dir).expanduser() if build_dir is not None else None
+        try:
+            index = _read_index(directory, rebuild_command(build) if build is not None else GENERIC_REBUILD)
+        except FileNotFoundError:
+            raise _missing_index(directory, build) from None
+        rebuild = GENERIC_REBUILD if build is None else \
+            rebuild_command(build, index["fingerprint"], index["blocks_per_shard"])
+        _check_complete(directory, index, rebuild)
         for shard in range(index["num_shards"]):
             if (problem := _shard_problem(directory, index, shard)) is not None:
-                raise TeacherCacheDamaged(directory, *problem)
-        if verify:
-            _verify_checksums(directory, index)
-        return cls(directory, index)
+                file, reason = problem
+                raise TeacherCacheDamaged(directory, file, reason, damage_advice(directory, file, rebuild, reason))
+        cache = cls(directory, index, rebuild)
+        for shard in range(index["num_shards"]) if verify else ():
+            cache._verify(shard)
+        return cache
+
+    def _damaged(self, file: str, reason: str) -> TeacherCacheDamaged:
+        return TeacherCacheDamaged(self.directory, file, reason, damage_advice(self.directory, file, self._rebuild))
+
+    def _verify(self, shard: int) -> None:
+        """分片 s 的 CRC-32 与 index.json 的记录相符（每个分片只核对一次）；不符时抛点名文件的 TeacherCacheDamaged。"""
+        if shard not in self._verified:
+            if (problem := _checksum_problem(self.directory, self.index["shards"][shard])) is not None:
+                raise self._damaged(*problem)
+            self._verified.add(shard)
 
     def _shard(self, shard: int) -> _ShardMaps:
-        """分片 s 的 memmap（最近用过的至多 _OPEN_SHARDS 个保持映射）。"""
+        """分片 s 的 memmap（最近用过的至多 _OPEN_SHARDS 个保持映射）；第一次用到时先核对校验和。"""
         if shard in self._maps:
             self._maps.move_to_end(shard)
             return self._maps[shard]
+        self._verify(shard)
         start, stop = _shard_blocks(shard, self.blocks_per_shard, self.num_blocks)
         shape, names = (stop - start, self.seq_len), _file_names(shard)
         maps = _ShardMaps(
@@ -945,19 +1078,37 @@ class TeacherCache:
             shard, row = divmod(block, self.blocks_per_shard)
             maps = self._shard(shard)
             ids[j], raw[j], tail[j] = maps.ids[row], maps.log_probs[row], maps.tail[row]
-        return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(_decode_values(raw, self.value_dtype)),
+        log_probs = _decode_values(raw, self.value_dtype)
+        self._check_values(blocks, ids, log_probs, tail)
+        return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(log_probs),
                 torch.from_numpy(tail.astype(np.float32)))
 
+    def _check_values(self, blocks: np.ndarray, ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray) -> None:
+        """读出的一批目标的取值范围（teacher_cache_checks.target_problem）；有问题时点名那个块所在的分片文件。"""
+        if (problem := target_problem(ids, log_probs, tail, self.real_vocab_size)) is not None:
+            kind, row, what = problem
+            block = int(blocks[row])
+            raise self._damaged(_file_names(block // self.blocks_per_shard)[kind], f"block {block} {what}")
 
-def _verify_checksums(directory: Path, index: dict[str, Any]) -> None:
-    """读全部分片文件，核对 CRC-32 与 index.json 的记录（约每 GB 一秒）。"""
-    for shard, entry in enumerate(index["shards"]):
-        for name, record in sorted(entry["files"].items()):
-            try:
-                crc = crc32_file(directory / name)
-            except OSError as err:
-                raise TeacherCacheDamaged(directory, name, f"cannot be read ({err})") from None
-            if crc != record["crc32"]:
-                raise TeacherCacheDamaged(
-                    directory, name, f"checksum {crc:08x} does not match index.json ({record['crc32']:08x})"
-                )
+
+def _check_complete(directory: Path, index: dict[str, Any], rebuild: str) -> None:
+    """所有分片都已提交；否则是 “不完整” 的一段话：续建的办法是原样重跑构建。"""
+    if not index.get("complete") or any(entry is None for entry in index["shards"]):
+        done = sum(entry is not None for entry in index["shards"])
+        raise TeacherCacheDamaged(
+            directory, INDEX_FILE, f"{done} of {index['num_shards']} shards written",
+            summary=f"teacher cache {directory} is incomplete ({done} of {index['num_shards']} shards written)",
+            advice=f"its build stopped before the end (or is still running); resume it by rerunning {rebuild}",
+        )
+
+
+def _checksum_problem(directory: Path, entry: dict[str, Any]) -> tuple[str, str] | None:
+    """一个已提交分片的文件与 index.json 记录的 CRC-32 是否相符：(文件名, 原因)，相符时为 None。"""
+    for name, record in sorted(entry["files"].items()):
+        try:
+            crc = crc32_file(directory / name)
+        except OSError as err:
+            return name, f"cannot be read ({err})"
+        if crc != record["crc32"]:
+            return name, f"checksum {crc:08x} does not match index.json ({record['crc32']:08x}): damaged in place"
+    return None

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,3 +275,193 @@ def test_distill_refuses_a_cache_built_for_other_data(root, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "data" in err and str(tmp_path / "C" / "train") in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- 坏输入（外部测试者的报告）：一段话、尽早拒绝
+def _one_paragraph(err, command="teacher-cache"):
+    """stderr 以一段话的错误结束（之前可以有进度行）：命令名开头、一行、没有回溯；返回这段话。"""
+    lines = err.splitlines()
+    assert lines and lines[-1].startswith(f"functional-lm {command}: error: "), err
+    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
+
+
+def _no_work(monkeypatch):
+    """分词打包一开始就让测试失败：证明拒绝发生在任何重活之前。"""
+    import functional_lm.data
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("prepare_data ran: the refusal came after the heavy work started")
+
+    monkeypatch.setattr(functional_lm.data, "prepare_data", refuse)
+
+
+def _copy_of(built, tmp_path):
+    out = tmp_path / "C"
+    shutil.copytree(built[0], out)
+    return out
+
+
+def test_help_shows_the_required_options_in_a_required_group(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["teacher-cache", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    sections = re.split(r"\n(?=\S[^\n]*:\n)", text)
+    required = [s for s in sections if s.startswith("required arguments / 必需参数:")]
+    assert len(required) == 1, text
+    for option in ("--output-dir C", "--top-k K", "--teacher DIR", "--import FILE"):
+        assert option in required[0]
+    others = "".join(s for s in sections[1:] if s is not required[0])  # 第一段是 usage 与说明
+    assert "--output-dir" not in others and "--top-k" not in others
+    assert "--output-dir C --top-k K" in text.split("\n\n")[0]  # usage 行里它们不带方括号
+
+
+def test_a_teacher_with_nan_weights_is_refused_before_anything_is_committed(root, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "nan-teacher"
+    shutil.copytree(root / "teacher", teacher)
+    weights = teacher / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "C"
+    args = _set(_args(root, out), "--teacher", str(teacher))
+    assert main(args) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert str(teacher) in err and "non-finite" in err and "blocks 0, 1, 2, 3 " in err
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["complete"] is False and all(entry is None for entry in index["shards"])
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_before_any_work(root, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = blocker / "C"  # mkdir 失败：ENOTDIR（以 root 运行也一样）
+    _no_work(monkeypatch)
+    assert main(_args(root, out)) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"output directory {out} cannot be written" in err and "[ENOTDIR]" in err
+    assert "choose another --output-dir" in err
+
+
+def test_a_full_disk_is_one_paragraph_and_the_build_resumes(root, built, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import functional_lm.teacher_cache as tc
+
+    class Full:  # 分片 1 的 ids 临时文件写不进去
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def full(path, *args, **kwargs):
+        handle = open(path, *args, **kwargs)
+        return Full(handle) if str(path).endswith(".ids-00001.bin.tmp") else handle
+
+    out = tmp_path / "C"
+    monkeypatch.setattr(tc, "open", full, raising=False)
+    assert main(_args(root, out, "--blocks-per-shard", "8")) == 1
+    monkeypatch.undo()
+    err = _one_paragraph(capsys.readouterr().err)
+    assert str(out / "train" / ".ids-00001.bin.tmp") in err and "the disk is full" in err
+    assert "1 of 3 shards" in err and "kept" in err and "free some space" in err.lower()
+    assert main(_args(root, out, "--blocks-per-shard", "8")) == 0  # 同一条命令续建，结果与一次建完的相同
+    assert _files(out) == _files(built[0])
+
+
+def test_a_binary_import_file_is_named_with_its_line(root, tmp_path, capsys):
+    topk = tmp_path / "topk.jsonl"
+    topk.write_bytes(json.dumps(_topk_row(0)).encode() + b"\n\x89PNG\r\n\x1a\n\x00\xff\xfe binary\n")
+    argv = ["teacher-cache", "--import", str(topk), "--data", str(root / "small.jsonl"), "--output-dir",
+            str(tmp_path / "C"), "--top-k", "3", "--seq-len", "8", "--val-fraction", "0", "--cache-dir",
+            str(root / "tokens"), "--no-progress"]
+    assert main(argv) == 2
+    err = _one_paragraph(capsys.readouterr().err)
+    assert f"{topk}:2: " in err and "UTF-8" in err
+
+
+@pytest.fixture(scope="module")
+def one_shard(root):
+    """默认 64 块一个分片的构建：训练集只有分片 0，蒸馏的第一步就读到它。"""
+    out = root / "one-shard"
+    assert main(_args(root, out)) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["ids-00000.bin", "logprobs-00000.bin"])
+def test_distill_names_a_shard_file_damaged_in_place(root, one_shard, tmp_path, capsys, name):
+    out = tmp_path / "C"
+    shutil.copytree(one_shard, out)
+    damaged = out / "train" / name
+    data = bytearray(damaged.read_bytes())
+    for offset in range(100, len(data), 997):
+        data[offset] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(out))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert str(damaged) in err and "checksum" in err
+    assert f"--output-dir {out} " in err
+
+
+def _edit_index(path, change):
+    index = json.loads(path.read_text())
+    change(index)
+    path.write_text(json.dumps(index))
+
+
+def test_distill_advice_for_an_incomplete_cache_names_the_build_output_dir(root, built, tmp_path, capsys):
+    out = _copy_of(built, tmp_path)
+
+    def unfinish(index):
+        index["shards"][2], index["complete"] = None, False
+
+    _edit_index(out / "train" / "index.json", unfinish)
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(out))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert f"{out / 'train'} is incomplete (2 of 3 shards written)" in err
+    assert f"functional-lm teacher-cache --teacher DIR --output-dir {out} --top-k {K}" in err
+    assert "--blocks-per-shard 8" in err and f"output directory {out / 'train'}" not in err
+
+
+@pytest.mark.parametrize("case", ["index deleted", "split directory given"])
+def test_distill_with_no_index_says_what_to_do(root, built, tmp_path, capsys, case):
+    out = _copy_of(built, tmp_path)
+    if case == "index deleted":
+        (out / "train" / "index.json").unlink()
+        given, expected = out, [f"no teacher cache in {out / 'train'} (index.json is missing)", f"--output-dir {out} "]
+    else:
+        given, expected = out / "train", [f"--teacher-cache {out / 'train'} holds one split of a teacher cache",
+                                          f"pass --teacher-cache {out}"]
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(given))) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert all(text in err for text in expected) and "delete" not in err
+
+
+def test_distill_refuses_teacher_together_with_teacher_cache(root, built, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = _distill(root, run, "--teacher", str(root / "teacher"), "--teacher-cache", str(built[0]))
+    assert main(argv) == 2
+    err = _one_paragraph(capsys.readouterr().err, "distill")
+    assert "--teacher" in err and "--teacher-cache" in err and "not both" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("source", ["teacher", "cache"])
+def test_distill_checks_top_k_before_any_work(root, built, tmp_path, capsys, monkeypatch, source):
+    _no_work(monkeypatch)
+    if source == "teacher":
+        extra, expected = ("--teacher", str(root / "teacher"), "--top-k", "999999"), \
+            "--top-k 999999 exceeds the vocabulary: the tokenizer has 151665 real tokens"
+    else:
+        extra, expected = ("--teacher-cache", str(built[0]), "--top-k", "4"), \
+            f"--top-k 4 differs from the teacher cache's K = {K}"
+    assert main(_distill(root, tmp_path / "run", *extra)) == 2
+    assert expected in _one_paragraph(capsys.readouterr().err, "distill")

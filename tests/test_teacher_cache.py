@@ -188,7 +188,7 @@ def test_interrupted_build_resumes_to_identical_bytes(teacher, dataset, tmp_path
     asked = []
     status = _build(teacher, dataset, out, stop=lambda: len(asked.append(1) or asked) > 2)
     assert (status.complete, status.shards_done, status.shards_written) == (False, 2, 2)
-    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(2 of 4 shards written\).*rerun"):
+    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(2 of 4 shards written\).*resume it by rerunning"):
         TeacherCache.open(out)
 
     real_install, calls = tc._install_file, []
@@ -282,7 +282,7 @@ def test_incomplete_cache_refused_and_index_lists_committed_shards(teacher, data
     assert (status.complete, status.shards_done) == (False, 0)
     index = json.loads((out / "index.json").read_text())
     assert index["shards"] == [None] * 4 and index["complete"] is False
-    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(0 of 4 .*same settings and output directory"):
+    with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(0 of 4 .*same settings, same output directory"):
         TeacherCache.open(out)
 
 
@@ -523,3 +523,184 @@ def test_reading_every_block_keeps_at_most_a_fixed_number_of_shards_mapped(teach
     assert 0 not in cache._maps  # 最早的分片已解除映射
     for again, before in zip(cache.targets([0]), first):
         assert torch.equal(again, before)
+
+
+# ------------------------------------------------------------------------------------------------ 坏输入（issue：外部测试者）
+def _flip(path, offset=5):
+    """原地翻转文件里的一个字节（大小不变：结构检查看不出）。"""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _poke(directory, name, block_in_shard, position, value, dtype, width):
+    """把分片文件里某块某位置的第一个值改成 value，并把 index.json 里的 CRC-32 改成新内容的：
+    模拟“校验和之外”的坏值（例如写入前就坏了），只有取值范围检查能发现。"""
+    path = directory / name
+    shape = (-1, SEQ, width) if width else (-1, SEQ)
+    array = np.memmap(path, dtype, "r+").reshape(shape)
+    array[(block_in_shard, position) + ((0,) if width else ())] = value
+    array.flush()
+    del array
+    index = json.loads((directory / "index.json").read_text())
+    for entry in index["shards"]:
+        if name in entry["files"]:
+            entry["files"][name]["crc32"] = tc.crc32_file(path)
+    (directory / "index.json").write_text(json.dumps(index))
+
+
+def test_a_teacher_with_nan_outputs_is_refused_naming_the_blocks_and_the_teacher(dataset, tmp_path):
+    # 只有块 4 含有的 token 的嵌入行是 NaN（输出投影不共享嵌入，别的块不受影响）：块 0…3（分片 0、1）照常提交，
+    # 分片 2 在块 4 处被拒绝。
+    tokens = [set(dataset.examples([b], False)[0].ravel().tolist()) for b in range(len(dataset))]
+    only_in_4 = sorted(tokens[4] - set().union(*(tokens[b] for b in range(len(dataset)) if b != 4)))
+    assert only_in_4
+    untied = CFG.replace(tie_word_embeddings=False)
+    poisoned = init_params(untied, seed=3)
+    poisoned["model.embed_tokens.weight"][only_in_4[0]] = float("nan")
+    out = tmp_path / "c"
+    with pytest.raises(tc.NonFiniteTeacher) as info:
+        build_teacher_cache(poisoned, untied, dataset, out, top_k=K, temperature=T, fingerprint=_fingerprint(dataset),
+                            blocks_per_shard=2, batch_size=1, progress=False, teacher_name="nan-teacher-dir")
+    text = str(info.value)
+    assert "nan-teacher-dir" in text and "block 4" in text and str(out) in text and "block 5" not in text
+    assert info.value.blocks == [4]
+    index = json.loads((out / "index.json").read_text())
+    assert [entry is not None for entry in index["shards"]] == [True, True, False, False]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_all_nan_teacher_is_refused_in_the_first_batch(teacher, dataset, tmp_path):
+    poisoned = {**teacher, "model.norm.weight": torch.full_like(teacher["model.norm.weight"], float("nan"))}
+    with pytest.raises(tc.NonFiniteTeacher, match=r"blocks 0, 1 ") as info:
+        _build(poisoned, dataset, tmp_path / "c")  # 每个分片 2 块：第一批就是分片 0 的块 0、1
+    assert str(info.value).startswith("the teacher gives non-finite") and info.value.blocks == [0, 1]
+
+
+@pytest.mark.parametrize("name, block", [("ids-00001.bin", 2), ("logprobs-00002.bin", 5), ("tail-00003.bin", 6)])
+def test_damage_in_place_is_found_on_the_first_read_of_the_shard(copy, name, block):
+    _flip(copy / name)
+    cache = TeacherCache.open(copy)  # 结构检查（大小）看不出原地的损坏
+    cache.targets([0, 1])  # 别的分片照常可读
+    with pytest.raises(TeacherCacheDamaged) as info:
+        cache.targets([block])
+    text = str(info.value)
+    assert info.value.file == name and str(copy) in text and "checksum" in text
+    assert str(copy / name) in text and "recomputes that shard" in text
+
+
+def test_each_shard_is_checksummed_once_not_per_batch(teacher, dataset, tmp_path, monkeypatch):
+    _build(teacher, dataset, tmp_path / "c", blocks_per_shard=1)
+    monkeypatch.setattr(tc, "_OPEN_SHARDS", 3)  # 映射会被换出：换回来时不再重算校验和
+    seen = []
+    real = tc.crc32_file
+    monkeypatch.setattr(tc, "crc32_file", lambda path: seen.append(path.name) or real(path))
+    cache = TeacherCache.open(tmp_path / "c")
+    assert seen == []  # 打开时不读数据
+    for _ in range(3):
+        for block in range(7):
+            cache.targets([block, (block + 3) % 7])
+    assert sorted(seen) == sorted(f"{kind}-{s:05d}.bin" for s in range(7) for kind in ("ids", "logprobs", "tail"))
+
+
+BAD_VALUES = {  # (文件种类, 值, 原因里的话)
+    "id too large": ("ids", 211, r"token ids outside \[0, 211\)"),
+    "negative id": ("ids", -1, r"token ids outside \[0, 211\)"),
+    "nan log-prob": ("logprobs", np.float16("nan"), "log-probabilities that are not finite"),
+    "positive log-prob": ("logprobs", np.float16(0.5), "log-probabilities above 0"),
+    "tail above one": ("tail", np.float32(1.5), r"tail mass outside \[0, 1\]"),
+    "negative tail": ("tail", np.float32(-0.5), r"tail mass outside \[0, 1\]"),
+    "nan tail": ("tail", np.float32("nan"), r"tail mass outside \[0, 1\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_values_out_of_range_are_damage_even_with_a_matching_checksum(copy, case):
+    kind, value, reason = BAD_VALUES[case]
+    dtype, width = {"ids": ("<i4", K), "logprobs": ("<f2", K), "tail": ("<f4", 0)}[kind]
+    _poke(copy, f"{kind}-00001.bin", 1, 5, value, dtype, width)  # 块 3 = 分片 1 的第 2 块
+    cache = TeacherCache.open(copy, verify=True)  # 校验和相符
+    cache.targets([0, 2])
+    with pytest.raises(TeacherCacheDamaged, match=reason) as info:
+        cache.targets([6, 3])
+    assert info.value.file == f"{kind}-00001.bin" and "block 3" in str(info.value)
+
+
+def test_float16_minimum_and_a_full_tail_are_legal_values(copy):
+    _poke(copy, "logprobs-00001.bin", 1, 5, np.float16(-65504), "<f2", K)  # float16 存 −∞ 的方式
+    _poke(copy, "tail-00001.bin", 1, 6, np.float32(1.0), "<f4", 0)
+    _, log_probs, tail = TeacherCache.open(copy).targets([3])
+    assert float(log_probs[0, 5, 0]) == -65504.0 and float(tail[0, 6]) == 1.0
+
+
+def test_a_missing_index_says_so_without_advising_to_delete_it(copy):
+    (copy / "index.json").unlink()
+    with pytest.raises(TeacherCacheDamaged) as info:
+        TeacherCache.open(copy)
+    text = str(info.value)
+    assert f"no teacher cache in {copy}" in text and "index.json is missing" in text
+    assert "delete" not in text and "build" in text
+
+
+def test_incomplete_cache_advice_names_the_build_directory_and_command(teacher, dataset, tmp_path):
+    out = tmp_path / "C" / "train"
+    _build(teacher, dataset, out, stop=lambda: True)
+    with pytest.raises(TeacherCacheDamaged) as info:
+        TeacherCache.open(out, build_dir=tmp_path / "C")
+    text = str(info.value)
+    assert f"teacher cache {out} is incomplete (0 of 4 shards written)" in text
+    assert (f"functional-lm teacher-cache --teacher DIR --output-dir {tmp_path / 'C'} --top-k {K} --temperature 2 "
+            f"--seq-len {SEQ}") in text
+    assert "--blocks-per-shard 2" in text and "is damaged" not in text
+
+
+def _failing_open(target_name):
+    """替换模块里的 open：写 target_name 时像磁盘满了一样抛 ENOSPC（其余文件照常）。"""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def fake_open(path, *args, **kwargs):
+        handle = builtins.open(path, *args, **kwargs)
+        return Full(handle) if str(path).endswith(target_name) else handle
+
+    return fake_open
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_committed_shards(teacher, dataset, tmp_path, monkeypatch):
+    from functional_lm.rundir import StorageError
+
+    _build(teacher, dataset, tmp_path / "ref")
+    out = tmp_path / "c"
+    monkeypatch.setattr(tc, "open", _failing_open(".logprobs-00002.bin.tmp"), raising=False)
+    with pytest.raises(StorageError) as info:
+        _build(teacher, dataset, out)
+    monkeypatch.undo()
+    text = str(info.value)
+    assert str(out / ".logprobs-00002.bin.tmp") in text and "the disk is full" in text and "[ENOSPC]" in text
+    assert "2 of 4 shards" in text and "kept" in text and "free some space" in text.lower()
+    index = json.loads((out / "index.json").read_text())
+    assert [entry is not None for entry in index["shards"]] == [True, True, False, False]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    status = _build(teacher, dataset, out)  # 腾出空间后原样再建：从分片 2 接着建，结果逐字节相同
+    assert (status.complete, status.shards_written) == (True, 2)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
+def test_import_reports_a_binary_file_by_file_and_line(small, tmp_path):
+    lines = [json.dumps(r).encode() for r in _rows(12)]
+    lines[2] = b"\xff\xfe\x00\x81\x9f binary"
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError) as info:
+        _import(path, small, tmp_path / "c")
+    assert str(info.value).startswith(f"{path}:3: ") and "UTF-8" in str(info.value)
