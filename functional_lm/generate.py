@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from einops import rearrange
 
-from functional_lm.config import ModelConfig
+from functional_lm.config import SAMPLING_TEMPERATURE, TOP_P, ModelConfig
 from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, sub_params, swiglu
 from functional_lm.model import (
     EMBED_KEY,
@@ -193,12 +193,12 @@ def compiled_decode_step(mode: Optional[str] = None):
 
 # ---------------------------------------------------------------- 采样
 def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    """温度有限且 >= 0、top-p ∈ (0, 1]（与命令行、TrainingConfig 同一套范围，见 config.Bounds）。"""
+    SAMPLING_TEMPERATURE.check("temperature", temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_p is not None:
+        TOP_P.check("top_p", top_p)
 
 
 @typechecked
