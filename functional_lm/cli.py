@@ -9,6 +9,9 @@
     functional-lm teacher-cache (--teacher DIR | --import FILE) --output-dir C --top-k K [--temperature T ...]
                            （预先计算教师的 top-k 目标；见 functional_lm/cache_command.py）
 
+启动顺序：解析参数 → 各子命令的 ``check_args``（参数的值与范围，不导入 torch，坏值立即报错）→ 导入 torch
+与本包 → 运行。
+
 错误处理：任何失败都只打印一段话（命令名 + 原因），从不打印 Python 回溯；``--debug`` 或环境变量
 ``FUNCTIONAL_LM_DEBUG=1`` 时照常抛出、显示回溯。退出码：0 成功；2 输入或参数错误；
 130 被 Ctrl-C / SIGTERM 打断；1 其他失败（NaN 损失、磁盘满、内部错误）。
@@ -92,6 +95,25 @@ def _parse_ids(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """导入 torch 之前能查的都在这里查：数值的范围（与 distill 同一套 config.Bounds）与提示。"""
+    from functional_lm.config import POSITIVE_INT, SAMPLING_TEMPERATURE, SEED, TOP_P
+
+    if args.max_new_tokens is not None:
+        POSITIVE_INT.check("--max-new-tokens", args.max_new_tokens)
+    SAMPLING_TEMPERATURE.check("--temperature", args.temperature)
+    if args.top_k is not None:
+        POSITIVE_INT.check("--top-k", args.top_k)
+    if args.top_p is not None:
+        TOP_P.check("--top-p", args.top_p)
+    SEED.check("--seed", args.seed)
+    if args.prompt is not None:
+        if not args.prompt:
+            raise ValueError("--prompt is empty: give some text, or token ids with --prompt-ids")
+    else:
+        _parse_ids(args.prompt_ids)
+
+
 def _register_generate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate", help="从检查点目录流式生成续写 / stream a continuation from a checkpoint",
@@ -118,7 +140,7 @@ def _register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="不在 eos 处停止 / do not stop at eos")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="出错时显示 Python 回溯 / show Python tracebacks on errors")
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate, check_args=_check_generate_args)
 
 
 class _TextStream:
@@ -137,9 +159,7 @@ class _TextStream:
 
 
 def _new_token_budget(requested: Optional[int], prompt_len: int, max_len: int) -> int:
-    """新 token 数：默认 64；不超过模型剩下的位置（超出时在 stderr 说明并截短）。"""
-    if requested is not None and requested < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {requested}")
+    """新 token 数：默认 64；不超过模型剩下的位置（超出时在 stderr 说明并截短）。requested >= 1 已在启动时查过。"""
     room = max_len - prompt_len
     if room < 1:
         raise ValueError(
@@ -293,9 +313,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = _debug(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     rank = int(os.environ.get("RANK", "0") or 0)  # torchrun 下的秩：只有秩 0 说话，其余只报告自己独有的错误
+    checking = True  # 启动检查的错误每个进程都一样：torchrun 下只由秩 0 说出来
     try:
         args = build_parser().parse_args(argv)
         command = args.command
+        if getattr(args, "check_args", None) is not None:
+            args.check_args(args)  # 导入 torch 之前：参数的值与范围（见各子命令的 check_args）
+        checking = False
         with _interrupts_deferred():
             _preload()
         return int(args.func(args) or 0)
@@ -311,6 +335,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _peer_failure(err):
             return 1  # 秩 0 已经打印了原因
         text, code = _one_paragraph(err)
+        if checking and rank:
+            return code  # 秩 0 打印同一个启动错误
         where = f"functional-lm {command}" + (f" [rank {rank}]" if rank else "")
         print(f"{where}: error: {text}", file=sys.stderr)
         return code

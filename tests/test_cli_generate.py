@@ -100,9 +100,9 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model_dir, capsys):
     [
         (["--prompt-ids", "1,x,3"], "prompt-ids"),
         (["--prompt-ids", "1,999"], "vocab_size"),
-        (["--prompt-ids", "1", "--top-p", "1.5"], "top_p"),
+        (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in (0, 1] (1 = off), got 1.5"),
         (["--prompt-ids", ",".join(["1"] * 64)], "the prompt has 64 tokens, but this model reads at most 64"),
-        (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
         (["--prompt-ids", "1", "--device", "tpu9"], "'tpu9' is not a device name"),
     ],
 )
@@ -158,3 +158,4 @@ def test_module_entry_point_runs(model_dir):
     assert proc.returncode == 0, proc.stderr
     expected = generate(_params(), CFG, [[7, 8]], max_new_tokens=3)[0, 2:].tolist()
     assert [int(x) for x in proc.stdout.split()] == expected
+
