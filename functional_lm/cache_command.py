@@ -22,13 +22,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from functional_lm.config import PRESETS, TrainingConfig
+from functional_lm.config import PRESETS, TRAINING_BOUNDS, TrainingConfig
 from functional_lm.distill import TEXT_SPLITS, _positive_int, _tokenizer_source
 from functional_lm.rundir import Interrupted, ensure_output_dir
 
@@ -127,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_source_options(p)
     _add_data_options(p)
     _add_build_options(p)
-    p.set_defaults(func=_cmd_teacher_cache)
+    p.set_defaults(func=_cmd_teacher_cache, check_args=_check_args)  # check_args：导入 torch 之前
 
 
 # ---------------------------------------------------------------- 参数校验（加载任何东西之前）
@@ -145,12 +144,8 @@ def _check_args(args: argparse.Namespace) -> bool:
         raise ValueError(f"--output-dir {out} is a file; expected a directory for the teacher cache")
     if args.top_k is None or args.top_k < 1:
         raise ValueError(f"--top-k must be a positive integer (tokens kept per position), got {args.top_k}")
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for option, field in (("--temperature", "temperature"), ("--val-fraction", "val_fraction"), ("--seed", "seed")):
+        TRAINING_BOUNDS[field].check(option, getattr(args, field))  # 与 distill 的同名字段同一个范围
     if args.import_file is not None and not Path(args.import_file).expanduser().is_file():
         raise FileNotFoundError(f"--import {args.import_file}: no such file (expected JSON lines of top-k targets)")
     return bool(_convert("--document-mask", "bool", args.document_mask, "command line"))

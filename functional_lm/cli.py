@@ -9,6 +9,9 @@
     functional-lm teacher-cache (--teacher DIR | --import FILE) --output-dir C --top-k K [--temperature T ...]
                            （预先计算教师的 top-k 目标；见 functional_lm/cache_command.py）
 
+启动顺序：解析参数 → 各子命令的 ``check_args``（参数的值与范围，不导入 torch，坏值立即报错）→ 导入 torch
+与本包 → 运行。
+
 错误处理：任何失败都只打印一段话（命令名 + 原因），从不打印 Python 回溯；``--debug`` 或环境变量
 ``FUNCTIONAL_LM_DEBUG=1`` 时照常抛出、显示回溯。退出码：0 成功；2 输入或参数错误；
 130 被 Ctrl-C / SIGTERM 打断；1 其他失败（NaN 损失、磁盘满、内部错误）。
@@ -44,7 +47,7 @@ class _RawTokenizer:
         self.eos_token_id: Optional[int] = None
         config_file = directory / "tokenizer_config.json"
         if config_file.exists():
-            eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+            eos = _read_json(config_file).get("eos_token")
             eos = eos.get("content") if isinstance(eos, dict) else eos
             self.eos_token_id = self._tok.token_to_id(eos) if isinstance(eos, str) else None
 
@@ -56,21 +59,50 @@ class _RawTokenizer:
 
 
 def _load_tokenizer(directory: Path) -> Any:
-    """检查点目录里有分词器时加载它：优先 functional_lm.data.load_tokenizer，否则退回 tokenizers。"""
+    """检查点目录里有分词器时加载它：优先 functional_lm.data.load_tokenizer，否则退回 tokenizers。
+
+    两条路都失败（tokenizer.json 损坏、被截断……）时抛出一段话的 ValueError，点名文件与两个原因。"""
     if not (directory / "tokenizer.json").exists() and not (directory / "vocab.json").exists():
         return None
     try:
         from functional_lm.data import load_tokenizer
     except ImportError:
         load_tokenizer = None
+    reason = None
     if load_tokenizer is not None:
         try:
             return load_tokenizer(directory)
         except Exception as err:  # 数据模块拒绝时（例如缺少约定的特殊 token）退回原始 tokenizers
-            print(f"functional-lm: load_tokenizer failed ({err}); using tokenizers directly", file=sys.stderr)
-    if not (directory / "tokenizer.json").exists():
+            reason = " ".join(str(err).split()) or type(err).__name__
+    file = directory / "tokenizer.json"
+    if not file.exists():  # 只有 vocab.json：没有可退回的 tokenizer.json，当作没有分词器（同以前）
+        if reason is not None:
+            print(f"functional-lm: load_tokenizer failed ({reason}); continuing without a tokenizer", file=sys.stderr)
         return None
-    return _RawTokenizer(directory)
+    try:
+        raw = _RawTokenizer(directory)
+    except Exception as err:  # tokenizers 对坏文件抛出的是裸 Exception
+        detail = " ".join(str(err).split()) or type(err).__name__
+        if reason is None:
+            reason = (f"{file} is not a readable tokenizer ({detail}); copy the tokenizer files again from where "
+                      f"the model came from")
+        else:
+            reason = f"{reason} (the tokenizers library cannot read {file.name} either: {detail})"
+        raise ValueError(f"cannot load the tokenizer of {directory}: {reason}") from None
+    if reason is not None:
+        print(f"functional-lm: load_tokenizer failed ({reason}); using tokenizers directly", file=sys.stderr)
+    return raw
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """读 JSON 对象；坏文件报一段话的 ValueError（点名文件）。"""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must contain a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _config_eos(directory: Path) -> Optional[list[int]]:
@@ -78,7 +110,7 @@ def _config_eos(directory: Path) -> Optional[list[int]]:
     for name in ("generation_config.json", "config.json"):
         file = directory / name
         if file.exists():
-            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            eos = _read_json(file).get("eos_token_id")
             if eos is not None:
                 return [eos] if isinstance(eos, int) else list(eos)
     return None
@@ -86,10 +118,79 @@ def _config_eos(directory: Path) -> Optional[list[int]]:
 
 # ---------------------------------------------------------------- generate 子命令
 def _parse_ids(text: str) -> list[int]:
+    """--prompt-ids 的文字 → token id 列表：逗号或空白分隔的非负整数（上界 vocab_size 在读到模型配置后核对）。"""
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
-    if not parts or not all(re.fullmatch(r"\d+", p) for p in parts):
+    if not parts or not all(re.fullmatch(r"[+-]?\d+", p) for p in parts):
         raise ValueError(f"--prompt-ids must be non-negative integers separated by commas or spaces, got {text!r}")
-    return [int(p) for p in parts]
+    ids = [int(p) for p in parts]
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise ValueError(
+            f"--prompt-ids: token ids must be in [0, vocab_size) of the model, got {negative[0]} in {text!r}"
+        )
+    return ids
+
+
+def _check_utf8(text: str, option: str) -> None:
+    """命令行文字必须是合法 UTF-8：Python 把 argv 里的坏字节解码成代理字符（surrogateescape），分词器收不下。"""
+    try:
+        text.encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # 还原 argv 里原来的字节
+        raw.decode("utf-8")
+        detail = "it contains invalid characters"
+    except UnicodeDecodeError as err:
+        detail = f"byte 0x{raw[err.start]:02x} at byte offset {err.start} is not UTF-8"
+    except UnicodeEncodeError as err:
+        detail = f"it contains the lone surrogate U+{ord(text[err.start]):04X} at character {err.start}"
+    raise ValueError(
+        f"{option} is not valid UTF-8 text ({detail}); pass the prompt as UTF-8 (check the terminal's or the "
+        f"script's encoding), or give token ids with --prompt-ids"
+    )
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """导入 torch 之前能查的都在这里查：数值的范围（与 distill 同一套 config.Bounds）、提示、--model 不是文件。"""
+    from functional_lm.config import POSITIVE_INT, SAMPLING_TEMPERATURE, SEED, TOP_P
+
+    model = Path(args.model).expanduser()
+    if model.is_file():
+        raise NotADirectoryError(
+            f"--model {args.model} is a file; expected a checkpoint directory containing config.json and "
+            f"*.safetensors (or a hub id)"
+        )
+    if args.max_new_tokens is not None:
+        POSITIVE_INT.check("--max-new-tokens", args.max_new_tokens)
+    SAMPLING_TEMPERATURE.check("--temperature", args.temperature)
+    if args.top_k is not None:
+        POSITIVE_INT.check("--top-k", args.top_k)
+    if args.top_p is not None:
+        TOP_P.check("--top-p", args.top_p)
+    SEED.check("--seed", args.seed)
+    if args.prompt is not None:
+        _check_utf8(args.prompt, "--prompt")
+        if not args.prompt:
+            raise ValueError("--prompt is empty: give some text, or token ids with --prompt-ids")
+    else:
+        _parse_ids(args.prompt_ids)
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """``--prompt-ids -1,2`` → ``--prompt-ids=-1,2``：argparse 把以 '-' 开头的值当成选项（报“expected one
+    argument”）；连上之后值照常到达 _parse_ids，由它给出清楚的消息。"""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--prompt-ids" and i + 1 < len(argv) and re.fullmatch(r"-\d[\d,\s+-]*", argv[i + 1]):
+            out.append(f"--prompt-ids={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _register_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -118,7 +219,7 @@ def _register_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="不在 eos 处停止 / do not stop at eos")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="出错时显示 Python 回溯 / show Python tracebacks on errors")
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate, check_args=_check_generate_args)
 
 
 class _TextStream:
@@ -137,9 +238,7 @@ class _TextStream:
 
 
 def _new_token_budget(requested: Optional[int], prompt_len: int, max_len: int) -> int:
-    """新 token 数：默认 64；不超过模型剩下的位置（超出时在 stderr 说明并截短）。"""
-    if requested is not None and requested < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {requested}")
+    """新 token 数：默认 64；不超过模型剩下的位置（超出时在 stderr 说明并截短）。requested >= 1 已在启动时查过。"""
     room = max_len - prompt_len
     if room < 1:
         raise ValueError(
@@ -166,39 +265,83 @@ def _stop_ids(tokenizer: Any, directory: Path) -> Optional[list[int]]:
     return ids or None
 
 
+def _check_ids_in_vocab(prompt: Sequence[int], vocab_size: int, directory: Path) -> None:
+    """--prompt-ids 的每个 id 都在 [0, vocab_size) 中（上界取自模型的 config.json）。"""
+    outside = [i for i in prompt if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(
+            f"--prompt-ids: token id {outside[0]} is outside the vocabulary of {directory}: ids must be in "
+            f"[0, {vocab_size}) (vocab_size={vocab_size})"
+        )
+
+
+def _nonfinite_error(directory: Path, params: Any, in_prompt: bool) -> Exception:
+    """模型给出 NaN / inf 的 logits：权重本身非有限 → 坏的检查点（输入错误）；否则是数值溢出（运行失败）。"""
+    import torch
+
+    from functional_lm.rundir import RunFailure
+
+    bad = [name for name, value in params.items() if not bool(torch.isfinite(value).all())]
+    dtype = str(next(iter(params.values())).dtype).removeprefix("torch.")
+    where = "on the prompt" if in_prompt else "while generating (the tokens printed so far are meaningless)"
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return ValueError(
+            f"the model in {directory} cannot generate: {len(bad)} of its weight tensors contain NaN or inf "
+            f"({shown}), so its logits are non-finite {where}; the checkpoint is damaged or comes from a run "
+            f"that diverged"
+        )
+    return RunFailure(
+        f"the model in {directory} produced non-finite logits (NaN or inf) {where} although its weights are "
+        f"finite: the activations overflowed in --dtype {dtype}; try --dtype float32"
+    )
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any, directory: Path) -> list[int]:
+    """--prompt 经分词器编码，或 --prompt-ids 原样解析。"""
+    if args.prompt_ids is not None:
+        return _parse_ids(args.prompt_ids)
+    if tokenizer is None:
+        raise ValueError(f"{directory} has no tokenizer (tokenizer.json); pass token ids with --prompt-ids")
+    prompt = list(tokenizer.encode(args.prompt))
+    if not prompt:
+        raise ValueError("--prompt is empty: it encodes to no tokens")
+    return prompt
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from functional_lm.devices import resolve_device
-    from functional_lm.generate import generate_stream
+    from functional_lm.generate import NonFiniteLogits, generate_stream
     from functional_lm.hf import load_pretrained, resolve_checkpoint
 
     device = resolve_device(args.device)
     directory = resolve_checkpoint(args.model)
     tokenizer = _load_tokenizer(directory)
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise ValueError(f"{directory} has no tokenizer (tokenizer.json); pass token ids with --prompt-ids")
-        prompt = list(tokenizer.encode(args.prompt))
-        if not prompt:
-            raise ValueError("--prompt is empty: it encodes to no tokens")
-    else:
-        prompt = _parse_ids(args.prompt_ids)
+    prompt = _prompt_ids(args, tokenizer, directory)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     cfg, params = load_pretrained(directory, dtype=dtype, device=device)
+    if args.prompt_ids is not None:
+        _check_ids_in_vocab(prompt, cfg.vocab_size, directory)
     max_new = _new_token_budget(args.max_new_tokens, len(prompt), cfg.max_seq_len)
     eos = None if args.ignore_eos else _stop_ids(tokenizer, directory)
     stream = _TextStream(tokenizer) if tokenizer is not None else None
     out = sys.stdout
-    for token in generate_stream(
+    tokens = generate_stream(
         params, cfg, [prompt], max_new, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, eos_token_id=eos, seed=args.seed, compile=args.compile,
-    ):
-        token_id = int(token[0])
-        if eos is not None and token_id in eos:
-            break
-        out.write(stream.push(token_id) if stream is not None else f"{token_id} ")
-        out.flush()
+        top_p=args.top_p, eos_token_id=eos, seed=args.seed, compile=args.compile, check_finite=True,
+    )
+    try:
+        for token in tokens:  # 遇 eos 时流自己结束（不 break：流在最后一个 token 之后核对 logits 是否有限）
+            token_id = int(token[0])
+            if eos is None or token_id not in eos:
+                out.write(stream.push(token_id) if stream is not None else f"{token_id} ")
+                out.flush()
+    except NonFiniteLogits as err:
+        if not err.in_prompt:
+            out.write("\n")  # 已经打印的 token 之后换行，错误另起一行
+        raise _nonfinite_error(directory, params, err.in_prompt) from err
     out.write("\n")
     out.flush()
     return 0
@@ -293,9 +436,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = _debug(argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     rank = int(os.environ.get("RANK", "0") or 0)  # torchrun 下的秩：只有秩 0 说话，其余只报告自己独有的错误
+    checking = True  # 启动检查的错误每个进程都一样：torchrun 下只由秩 0 说出来
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_attach_dash_values(argv))
         command = args.command
+        if getattr(args, "check_args", None) is not None:
+            args.check_args(args)  # 导入 torch 之前：参数的值与范围（见各子命令的 check_args）
+        checking = False
         with _interrupts_deferred():
             _preload()
         return int(args.func(args) or 0)
@@ -311,6 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _peer_failure(err):
             return 1  # 秩 0 已经打印了原因
         text, code = _one_paragraph(err)
+        if checking and rank:
+            return code  # 秩 0 打印同一个启动错误
         where = f"functional-lm {command}" + (f" [rank {rank}]" if rank else "")
         print(f"{where}: error: {text}", file=sys.stderr)
         return code

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 __all__ = [
     "ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "TEACHER_SHARDINGS", "cache_root",
+    "Bounds", "MODEL_BOUNDS", "TRAINING_BOUNDS", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "POSITIVE_INT", "SEED",
+    "TOP_P", "SAMPLING_TEMPERATURE",
 ]
 
 # 蒸馏散度的名字（与 functional_lm.losses.DIVERGENCES 相同；配置层不依赖损失模块，测试保证两者一致）。
@@ -22,24 +24,99 @@ DIVERGENCE_NAMES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_fo
 TEACHER_SHARDINGS: tuple[str, ...] = ("replicate", "shard")
 
 
-def _require_positive(obj: Any, names: tuple[str, ...]) -> None:
-    """逐个检查字段为正数（整数字段还必须是 int）。"""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{type(obj).__name__}.{name} must be a number, got {value!r}")
-        if not value > 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+def _num(x: float) -> str:
+    """范围端点的写法：整数原样（种子上界 4294967295 不写成 4.29e+09），浮点用 %g。"""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def _require_int(obj: Any, names: tuple[str, ...]) -> None:
-    """整数字段不接受 float / bool（例如 12.0 层是笔误，不应悄悄通过）。"""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(
-                f"{type(obj).__name__}.{name} must be an int, got {value!r} ({type(value).__name__})"
-            )
+@dataclass(frozen=True)
+class Bounds:
+    """一个数值设置的合法范围：所有命令行选项与配置字段共用的唯一检查（``check``）。
+
+    low / high 为 None 表示该侧无界；low_open / high_open 表示不含端点，例如 top-p ∈ (0, 1] 是
+    ``Bounds(0, 1, low_open=True)``。浮点值还必须有限（NaN、±inf 一律拒绝），integer=True 时必须是 int。
+    note 是附在范围后的说明，例如 "(0 = greedy)"。
+    """
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        """范围的文字：两侧有界为区间 "in [0, 1)"，一侧有界为 "> 0" / ">= 0"（浮点加 "a finite number"）。"""
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        else:
+            text = "an integer" if self.integer else "a finite number"
+        if not self.integer and (self.low is None) != (self.high is None):
+            text = f"a finite number {text}"
+        return f"{text} {self.note}" if self.note else text
+
+    def contains(self, value: float) -> bool:
+        """value 是否在范围内（不查类型；NaN 与 ±inf 不在任何范围内）。"""
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def check(self, name: str, value: Any) -> Any:
+        """value 的类型与范围不对时抛出点名 name 的 ValueError；否则原样返回。"""
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            kind = "an int" if self.integer else "a number"
+            raise ValueError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+        if not self.contains(value):
+            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+        return value
+
+
+POSITIVE = Bounds(0, low_open=True)  # 有限且 > 0：学习率、ε、θ、温度、裁剪阈值
+NON_NEGATIVE = Bounds(0)  # 有限且 >= 0：权重衰减
+PROBABILITY = Bounds(0, 1)  # [0, 1]：α、每步的概率
+POSITIVE_INT = Bounds(0, low_open=True, integer=True)  # 整数 > 0：尺寸、步数、间隔
+SEED = Bounds(0, 2**32 - 1, integer=True)  # 随机种子：numpy 与 torch 都接受的 [0, 2^32 − 1]
+TOP_P = Bounds(0, 1, low_open=True, note="(1 = off)")  # 核采样 p ∈ (0, 1]
+SAMPLING_TEMPERATURE = Bounds(0, note="(0 = greedy)")  # 采样温度 >= 0，0 为贪心
+
+# 每个数值字段的范围：__post_init__ 用它校验，命令行在导入 torch 之前用它逐个检查明确给出的值。
+MODEL_BOUNDS: dict[str, Bounds] = {
+    **dict.fromkeys(("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                     "max_seq_len"), POSITIVE_INT),
+    "rope_theta": POSITIVE,
+    "norm_eps": POSITIVE,
+    "dropout": Bounds(0, 1, high_open=True),
+}
+TRAINING_BOUNDS: dict[str, Bounds] = {
+    **dict.fromkeys(("batch_size", "num_epochs", "log_interval", "eval_interval", "save_interval",
+                     "gradient_accumulation_steps", "keep_last", "loss_chunk_size", "eval_batches", "prompt_length",
+                     "max_new_tokens"), POSITIVE_INT),
+    "warmup_steps": Bounds(0, integer=True),
+    "max_steps": Bounds(0, integer=True, note="(0 = use num_epochs)"),
+    "top_k": Bounds(0, integer=True, note="(0 = the full teacher distribution)"),
+    "on_policy_start": Bounds(0, integer=True),
+    "seed": SEED,
+    **dict.fromkeys(("learning_rate", "gradient_clip", "temperature"), POSITIVE),
+    "weight_decay": NON_NEGATIVE,
+    "alpha": PROBABILITY,
+    "val_fraction": Bounds(0, 1, high_open=True),
+    "on_policy_fraction": Bounds(0, 1, note="(a probability per step)"),
+    "teacher_generated_fraction": Bounds(0, 1, note="(a probability per step)"),
+    "generation_temperature": SAMPLING_TEMPERATURE,
+    "generation_top_p": TOP_P,
+}
+
+
+def _check_bounds(obj: Any, bounds: dict[str, Bounds]) -> None:
+    """逐个字段按 bounds 检查类型与范围，错误点名 类名.字段。"""
+    for name, bound in bounds.items():
+        bound.check(f"{type(obj).__name__}.{name}", getattr(obj, name))
 
 
 @dataclass(frozen=True)
@@ -60,17 +137,7 @@ class ModelConfig:
     tie_word_embeddings: bool = True  # 输出投影直接复用嵌入矩阵 / output projection reuses the embedding matrix
 
     def __post_init__(self) -> None:
-        ints = (
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "intermediate_size",
-            "vocab_size",
-            "max_seq_len",
-        )
-        _require_int(self, ints)
-        _require_positive(self, ints + ("rope_theta", "norm_eps"))
+        _check_bounds(self, MODEL_BOUNDS)
         for name in ("qkv_bias", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -90,12 +157,6 @@ class ModelConfig:
                 f"ModelConfig.head_dim = hidden_size/num_heads = {self.head_dim} must be even "
                 f"(RoPE rotates pairs of dimensions)"
             )
-        if not math.isfinite(self.rope_theta):
-            raise ValueError(f"ModelConfig.rope_theta must be finite, got {self.rope_theta!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"ModelConfig.dropout must be a number, got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def head_dim(self) -> int:
@@ -158,27 +219,7 @@ class TrainingConfig:
     compile_generation: Optional[bool] = None  # 用 torch.compile 编译生成续写的解码步；auto = 同 compile / torch.compile the decode step that writes continuations; auto = same as compile
 
     def __post_init__(self) -> None:
-        ints = (
-            "batch_size",
-            "num_epochs",
-            "log_interval",
-            "eval_interval",
-            "save_interval",
-            "gradient_accumulation_steps",
-            "keep_last",
-            "loss_chunk_size",
-            "eval_batches",
-        )
-        _require_int(self, ints + ("warmup_steps", "seed", "max_steps", "top_k", "on_policy_start"))
-        if self.top_k < 0:
-            raise ValueError(f"TrainingConfig.top_k must be >= 0 (0 = the full teacher distribution), got {self.top_k!r}")
-        _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainingConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if self.seed < 0:
-            raise ValueError(f"TrainingConfig.seed must be >= 0, got {self.seed!r}")
-        if self.max_steps < 0:
-            raise ValueError(f"TrainingConfig.max_steps must be >= 0 (0 = use num_epochs), got {self.max_steps!r}")
+        _check_bounds(self, TRAINING_BOUNDS)
         if self.divergence not in DIVERGENCE_NAMES:
             raise ValueError(
                 f"TrainingConfig.divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.divergence!r}"
@@ -194,21 +235,6 @@ class TrainingConfig:
             )
         if not isinstance(self.device, str) or not self.device.strip():
             raise ValueError(f"TrainingConfig.device must be a device name such as auto, cpu or cuda, got {self.device!r}")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)):
-            raise ValueError(f"TrainingConfig.val_fraction must be a number, got {self.val_fraction!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"TrainingConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        for name in ("weight_decay", "alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"TrainingConfig.{name} must be a number, got {value!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"TrainingConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"TrainingConfig.alpha must be in [0, 1], got {self.alpha!r}")
-        for name in ("learning_rate", "gradient_clip", "temperature"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"TrainingConfig.{name} must be finite, got {getattr(self, name)!r}")
         self._check_generation()
         if not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir:
             raise ValueError(
@@ -216,28 +242,13 @@ class TrainingConfig:
             )
 
     def _check_generation(self) -> None:
-        """在线蒸馏的字段：两个比例是 [0, 1] 中的数且和不超过 1，长度为正整数，温度 ≥ 0，top-p ∈ (0, 1]。"""
+        """在线蒸馏的字段（各自的范围见 TRAINING_BOUNDS）：两个比例之和不超过 1，散度有名字，两个 auto 开关。"""
         name = type(self).__name__
-        for field in ("on_policy_fraction", "teacher_generated_fraction", "generation_temperature", "generation_top_p"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}.{field} must be a finite number, got {value!r}")
-        for field in ("on_policy_fraction", "teacher_generated_fraction"):
-            if not 0.0 <= getattr(self, field) <= 1.0:
-                raise ValueError(f"{name}.{field} must be in [0, 1] (a probability per step), got {getattr(self, field)!r}")
         if self.on_policy_fraction + self.teacher_generated_fraction > 1.0:
             raise ValueError(
                 f"{name}.on_policy_fraction + teacher_generated_fraction must be <= 1 (the rest of the steps use the "
                 f"data), got {self.on_policy_fraction} + {self.teacher_generated_fraction}"
             )
-        _require_int(self, ("prompt_length", "max_new_tokens"))
-        _require_positive(self, ("prompt_length", "max_new_tokens"))
-        if self.on_policy_start < 0:
-            raise ValueError(f"{name}.on_policy_start must be >= 0, got {self.on_policy_start!r}")
-        if self.generation_temperature < 0:
-            raise ValueError(f"{name}.generation_temperature must be >= 0 (0 = greedy), got {self.generation_temperature!r}")
-        if not 0.0 < self.generation_top_p <= 1.0:
-            raise ValueError(f"{name}.generation_top_p must be in (0, 1] (1 = off), got {self.generation_top_p!r}")
         if self.on_policy_divergence not in DIVERGENCE_NAMES:
             raise ValueError(
                 f"{name}.on_policy_divergence must be one of {list(DIVERGENCE_NAMES)}, got {self.on_policy_divergence!r}"

@@ -32,13 +32,15 @@ from functional_lm.rundir import (
 from functional_lm.settings import (
     RUN_KEYS,
     RunSettings,
+    check_field_values,
     field_help,
     load_config_file,
+    normalize_run,
     resolve_configs,
     resolve_settings,
 )
 
-__all__ = ["register", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
+__all__ = ["register", "check_arguments", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
 
 TEXT_SPLITS = ("paragraph", "file", "line")
 _TYPES = {"int": "INT", "float": "FLOAT", "bool": "true/false", "Optional[bool]": "true/false/auto", "str": "TEXT"}
@@ -139,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_run_options(p)
     _add_field_options(p)
-    p.set_defaults(func=_cmd_distill)
+    p.set_defaults(func=_cmd_distill, check_args=check_arguments)
 
 
 # ---------------------------------------------------------------- 运行目录：新开、恢复或清空（规矩见 resume.py）
@@ -177,12 +179,24 @@ def _open_run(out: Path, lock: RunLock, args: argparse.Namespace, settings_on: C
     return opening.resuming, settings.to_json()
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def _inputs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(配置文件的值, 明确给出的运行选项, 命令行上的配置字段)。"""
     file_values = load_config_file(args.config) if args.config else {}
     explicit = _explicit_run_options(args, file_values)
     cli_fields = {k[len("field_"):]: v for k, v in vars(args).items() if k.startswith("field_")}
+    return file_values, explicit, cli_fields
+
+
+def _output_dir(explicit: Mapping[str, Any]) -> Path:
+    """运行目录：--output-dir，否则演示 runs/demo、有教师时 runs/distill。"""
+    demo = explicit.get("teacher") is None and explicit.get("teacher_cache") is None
+    return Path(explicit.get("output_dir") or ("runs/demo" if demo else "runs/distill")).expanduser()
+
+
+def _settings_resolver(args: argparse.Namespace, explicit: Mapping[str, Any], file_values: Mapping[str, Any],
+                       cli_fields: Mapping[str, Any]) -> Callable[[Optional[Mapping[str, Any]]], RunSettings]:
+    """saved（run.json 的内容，新运行为 None）→ 本次运行的设置。"""
     from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
-    from functional_lm.distributed import on_main, setup, teardown
 
     def settings_on(saved: Optional[Mapping[str, Any]]) -> RunSettings:
         return resolve_settings(
@@ -190,9 +204,26 @@ def _cmd_distill(args: argparse.Namespace) -> int:
             demo_seq_len=DEMO_SEQ_LEN, source=args.config or "config",
         )
 
-    demo = explicit.get("teacher") is None and explicit.get("teacher_cache") is None
-    out = Path(explicit.get("output_dir") or ("runs/demo" if demo else "runs/distill"))
-    out = out.expanduser()
+    return settings_on
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """导入 torch 之前的检查：配置文件能读，每个明确给出的数值在它自己的范围内（命令行的错误点名 --选项）；
+    运行目录还不存在时（新运行）整套设置都在这里校验，包括字段之间的约束。"""
+    file_values, explicit, cli_fields = _inputs(args)
+    check_field_values(file_values, args.config or "config")
+    check_field_values(cli_fields, "command line", as_flags=True)
+    normalize_run(explicit)
+    if not _output_dir(explicit).exists():
+        _settings_resolver(args, explicit, file_values, cli_fields)(None)
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    file_values, explicit, cli_fields = _inputs(args)
+    from functional_lm.distributed import on_main, setup, teardown
+
+    settings_on = _settings_resolver(args, explicit, file_values, cli_fields)
+    out = _output_dir(explicit)
     fields = {**file_values, **cli_fields}
     info = setup(str(fields.get("device", "auto")))  # torchrun 下加入进程组
     lock = RunLock(out)

@@ -13,6 +13,8 @@
     * 采样：温度 → top-k → top-p（核采样：保留累计概率首次达到 p 的最小集合，至少一个），
       用带种子的 ``torch.Generator``，同一种子结果确定；温度为 0 即贪心 argmax。
     * 遇到 eos 的序列此后输出 pad（缺省为第一个 eos），全部结束时提前停止（与 transformers 相同）。
+    * ``check_finite=True``：提示的 logits 检查一次（一次同步），之后每步只在设备上累积一个“出现过非有限值”的
+      标志，流结束时读一次；解码循环里没有额外的逐 token 同步。出现 NaN / inf 时抛出 ``NonFiniteLogits``。
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 from einops import rearrange
 
-from functional_lm.config import ModelConfig
+from functional_lm.config import SAMPLING_TEMPERATURE, TOP_P, ModelConfig
 from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, sub_params, swiglu
 from functional_lm.model import (
     EMBED_KEY,
@@ -49,7 +51,17 @@ __all__ = [
     "left_pad",
     "generate_stream",
     "generate",
+    "NonFiniteLogits",
 ]
+
+
+class NonFiniteLogits(RuntimeError):
+    """模型给出了 NaN / inf 的 logits（权重坏了，或数值在所选 dtype 中溢出）；in_prompt 表示在提示上就已如此。"""
+
+    def __init__(self, in_prompt: bool) -> None:
+        where = "on the prompt" if in_prompt else "while generating"
+        super().__init__(f"the model produced non-finite logits (NaN or inf) {where}")
+        self.in_prompt = in_prompt
 
 
 class KVCache(NamedTuple):
@@ -193,12 +205,12 @@ def compiled_decode_step(mode: Optional[str] = None):
 
 # ---------------------------------------------------------------- 采样
 def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    """温度有限且 >= 0、top-p ∈ (0, 1]（与命令行、TrainingConfig 同一套范围，见 config.Bounds）。"""
+    SAMPLING_TEMPERATURE.check("temperature", temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if top_p is not None:
+        TOP_P.check("top_p", top_p)
 
 
 @typechecked
@@ -343,8 +355,12 @@ def generate_stream(
     max_cache_len: Optional[int] = None,
     compile: bool = False,
     vocab_limit: Optional[int] = None,
+    check_finite: bool = False,
 ) -> Iterator[Int[Tensor, "b"]]:
-    """逐步产出新 token（每步一个 (b,) 张量），参数含义见 ``generate``。"""
+    """逐步产出新 token（每步一个 (b,) 张量），参数含义见 ``generate``。
+
+    check_finite：提示的 logits 非有限时立即抛出 NonFiniteLogits；解码中出现的非有限值在流的最后一个 token
+    之后抛出（提前停止迭代的调用方收不到这一项检查）。"""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
@@ -367,18 +383,34 @@ def generate_stream(
     step = compiled_decode_step() if compile else decode_step
     cache = init_cache(cfg, ids.shape[0], max_len, params[EMBED_KEY].dtype, device)
     logits, cache = prefill(params, cfg, ids, cache, attention_mask=mask)
+    if check_finite and not bool(torch.isfinite(logits).all()):  # 提示上的唯一一次同步
+        raise NonFiniteLogits(in_prompt=True)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device) if check_finite else None  # 流结束时才读
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):
         if vocab_limit is not None:
             logits = logits[:, :vocab_limit]  # 嵌入矩阵的填充行（真实词表之外）永远不会被采到
+        if check_finite:
+            logits, nonfinite = _note_nonfinite(logits, nonfinite, sampling=temperature > 0)
         token = sample(logits, temperature, top_k, top_p, generator)
         if eos is not None:
             token = torch.where(finished, torch.full_like(token, pad), token)  # 已结束的行输出 pad
             finished = finished | torch.isin(token, eos)
         yield token
         if i == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+            if check_finite and bool(nonfinite):
+                raise NonFiniteLogits(in_prompt=False)
             return
         logits, cache = step(params, cfg, token, cache)
+
+
+def _note_nonfinite(logits: Tensor, flag: Tensor, *, sampling: bool) -> tuple[Tensor, Tensor]:
+    """flag |= logits 里有 NaN / inf（只在设备上，不同步）。采样时把非有限值换成 0，抽样本身不因此报错——
+    这一步的 token 已无意义，流结束时 NonFiniteLogits 会报告它。"""
+    flag = flag | ~torch.isfinite(logits).all()
+    if sampling:
+        logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
+    return logits, flag
 
 
 def generate(

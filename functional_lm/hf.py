@@ -245,6 +245,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     if local.is_dir():
         return local
     text = str(path)
+    if False:
+        raise NotADirectoryError(f"checkpoint {text!r} is a file; expected a directory containing config.json and "
+                                 f"*.safetensors")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not local.exists():
         try:
             from huggingface_hub import snapshot_download

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from functional_lm.config import ModelConfig, TrainingConfig, get_preset
+from functional_lm.config import MODEL_BOUNDS, TRAINING_BOUNDS, ModelConfig, TrainingConfig, get_preset
 
 __all__ = [
     "RUN_KEYS",
     "RunSettings",
     "field_help",
+    "check_field_values",
     "load_config_file",
     "merge_configs",
     "resolve_configs",
@@ -101,6 +102,23 @@ def _convert(name: str, kind: str, value: Any, source: str) -> Any:
             number = int(number)
         return number
     return str(value)
+
+
+def check_field_values(values: Mapping[str, Any], source: str, *, as_flags: bool = False) -> None:
+    """逐个检查明确给出的配置字段值的类型与各自的范围（config.MODEL_BOUNDS / TRAINING_BOUNDS），不看其他字段。
+
+    不导入 torch，命令行在加载任何东西之前调用；字段之间的约束（hidden_size 被 num_heads 整除……）
+    仍由配置类构造时检查。错误以 来源（as_flags 时为 --选项名）开头，再点名 类名.字段。
+    """
+    for name, raw in values.items():
+        for cls, bounds in ((ModelConfig, MODEL_BOUNDS), (TrainingConfig, TRAINING_BOUNDS)):
+            fields = _fields(cls)
+            if name not in fields:
+                continue
+            value = _convert(name, str(fields[name].type), raw, source)
+            if name in bounds:
+                where = "--" + name.replace("_", "-") if as_flags else source
+                bounds[name].check(f"{where}: {cls.__name__}.{name}", value)
 
 
 # ---------------------------------------------------------------- 配置文件

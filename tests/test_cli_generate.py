@@ -100,9 +100,9 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(model_dir, capsys):
     [
         (["--prompt-ids", "1,x,3"], "prompt-ids"),
         (["--prompt-ids", "1,999"], "vocab_size"),
-        (["--prompt-ids", "1", "--top-p", "1.5"], "top_p"),
+        (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p must be in (0, 1] (1 = off), got 1.5"),
         (["--prompt-ids", ",".join(["1"] * 64)], "the prompt has 64 tokens, but this model reads at most 64"),
-        (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be > 0, got 0"),
         (["--prompt-ids", "1", "--device", "tpu9"], "'tpu9' is not a device name"),
     ],
 )
@@ -158,3 +158,143 @@ def test_module_entry_point_runs(model_dir):
     assert proc.returncode == 0, proc.stderr
     expected = generate(_params(), CFG, [[7, 8]], max_new_tokens=3)[0, 2:].tolist()
     assert [int(x) for x in proc.stdout.split()] == expected
+
+
+# ---------------------------------------------------------------- 坏模型、坏分词器、坏提示：一段话
+def _one_line(err):
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def nan_model(tmp_path_factory):
+    """范数权重全是 NaN 的检查点（其余同 _params()）。"""
+    import torch
+
+    directory = tmp_path_factory.mktemp("nan") / "model"
+    params = {k: torch.full_like(v, float("nan")) if k.endswith("norm.weight") else v for k, v in _params().items()}
+    save_pretrained(params, CFG, directory)
+    return directory
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8"]], ids=["greedy", "sampling"])
+def test_nan_weights_are_refused_naming_the_model(nan_model, capsys, sampling):
+    rc = main(["generate", "--model", str(nan_model), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", *sampling])
+    captured = capsys.readouterr()
+    line = _one_line(captured.err)
+    assert rc == 2 and captured.out == ""  # 没有打印任何（无意义的）token
+    assert str(nan_model) in line and "NaN" in line and "model.layers.0.input_layernorm.weight" in line
+    assert "5 of its weight tensors" in line  # 2 层 × 2 个范数 + 最后的范数
+
+
+def test_overflow_in_float16_is_a_run_failure_with_a_hint(tmp_path, capsys):
+    # 权重有限，但嵌入大到 float16 的 logits 溢出（|logit| ≈ 64·3e4 > 65504）；float32 中正常。
+    import torch
+
+    params = {k: (torch.full_like(v, 3e4) if k.endswith("embed_tokens.weight") else v) for k, v in _params().items()}
+    save_pretrained(params, CFG, tmp_path / "big")
+    assert main(["generate", "--model", str(tmp_path / "big"), "--prompt-ids", "1", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    rc = main(["generate", "--model", str(tmp_path / "big"), "--prompt-ids", "1", "--max-new-tokens", "2",
+               "--dtype", "float16"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 1 and str(tmp_path / "big") in line and "--dtype float32" in line and "float16" in line
+
+
+def test_nan_during_decoding_is_reported_after_the_stream(model_dir, monkeypatch, capsys):
+    # 提示的 logits 有限，之后每个解码步都是 NaN：token 照常流出，流结束时报错（没有逐 token 同步），退出码 1。
+    import torch
+
+    import functional_lm.generate as gen
+
+    real_step = gen.decode_step
+    monkeypatch.setattr(gen, "decode_step", lambda *a: (lambda out: (out[0] * float("nan"), out[1]))(real_step(*a)))
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1,2", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    line = _one_line(captured.err)
+    assert rc == 1 and "while generating" in line and str(root / "plain") in line
+    first = generate(_params(), CFG, [[1, 2]], max_new_tokens=1)[0, 2:].tolist()
+    assert [int(x) for x in captured.out.split()] == first + [0, 0, 0]  # argmax(NaN) = 0：照常流出，最后才报错
+    stream = gen.generate_stream(_params(), CFG, [[1, 2]], 4, check_finite=True)
+    tokens = [next(stream) for _ in range(4)]
+    assert len(tokens) == 4 and all(isinstance(t, torch.Tensor) for t in tokens)
+    with pytest.raises(gen.NonFiniteLogits, match="while generating"):
+        next(stream)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 3],  # 截断
+    lambda text: text.replace('"model"', '"modle"').replace("{", "[", 3),  # 乱码
+], ids=["truncated", "garbled"])
+def test_damaged_tokenizer_json_names_the_file(model_dir, tmp_path, capsys, damage):
+    import shutil
+
+    root, _ = model_dir
+    copy = tmp_path / "model"
+    shutil.copytree(root / "with_tok", copy)
+    file = copy / "tokenizer.json"
+    file.write_text(damage(file.read_text(encoding="utf-8")), encoding="utf-8")
+    rc = main(["generate", "--model", str(copy), "--prompt", "w1 w2", "--max-new-tokens", "2"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and str(file) in line and "unexpected" not in line and "probably a bug" not in line
+
+
+def test_prompt_that_is_not_utf8_is_refused_naming_the_argument(model_dir):
+    root, _ = model_dir
+    proc = subprocess.run(
+        [sys.executable, "-m", "functional_lm", "generate", "--model", str(root / "with_tok"),
+         "--prompt", b"w1 \xff\xfe"],
+        capture_output=True, timeout=120,
+    )
+    err = proc.stderr.decode("utf-8", "replace")
+    line = _one_line(err)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert "--prompt is not valid UTF-8" in line and "0xff" in line and "byte offset 3" in line
+    assert "TypeError" not in line and "probably a bug" not in line
+
+
+def test_model_that_is_a_file_says_so(model_dir, capsys):
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain" / "config.json"), "--prompt-ids", "1"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "is a file" in line and "config.json and *.safetensors" in line
+    assert "does not exist" not in line
+
+
+@pytest.mark.parametrize("ids", [["--prompt-ids", "-1,2"], ["--prompt-ids=-1,2"], ["--prompt-ids", "3,-7"],
+                                 ["--prompt-ids", "-1"]])
+def test_negative_prompt_ids_name_the_option_and_the_range(model_dir, capsys, ids):
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), *ids])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "--prompt-ids" in line and "[0, vocab_size)" in line and "expected one argument" not in line
+
+
+def test_prompt_ids_past_the_vocabulary_name_the_range(model_dir, capsys):
+    root, _ = model_dir
+    rc = main(["generate", "--model", str(root / "plain"), "--prompt-ids", "1,211"])
+    line = _one_line(capsys.readouterr().err)
+    assert rc == 2 and "--prompt-ids: token id 211" in line and f"[0, {CFG.vocab_size})" in line
+
+
+
+def test_a_non_finite_step_that_picks_eos_is_still_reported(model_dir, monkeypatch, capsys):
+    # 第一个解码步的 logits 在 eos 上是 +inf：argmax 取到 eos、流就此结束；命令不能因为遇到 eos 就不做最后的核对。
+    import functional_lm.generate as gen
+
+    eos = CFG.vocab_size - 1
+    real_step = gen.decode_step
+
+    def step(*args):
+        logits, cache = real_step(*args)
+        return logits.index_fill(-1, logits.new_tensor([eos]).long(), float("inf")), cache
+
+    monkeypatch.setattr(gen, "decode_step", step)
+    root, tok = model_dir
+    rc = main(["generate", "--model", str(root / "with_tok"), "--prompt", "w1 w2", "--max-new-tokens", "5"])
+    captured = capsys.readouterr()
+    first = generate(_params(), CFG, [[1, 2]], max_new_tokens=1)[0, 2:].tolist()
+    assert first != [eos]
+    assert rc == 1 and "while generating" in _one_line(captured.err)
+    assert captured.out == tok.decode(first) + "\n"  # 只有第一个 token，eos 本身不打印

@@ -1,10 +1,19 @@
 """配置测试：默认值与规格书一致；每种非法输入都抛出点名字段的 ValueError。"""
 
 import dataclasses
+import re
 
 import pytest
 
-from functional_lm.config import PRESETS, ModelConfig, TrainingConfig, get_preset
+from functional_lm.config import (
+    MODEL_BOUNDS,
+    PRESETS,
+    TRAINING_BOUNDS,
+    Bounds,
+    ModelConfig,
+    TrainingConfig,
+    get_preset,
+)
 
 
 def test_model_config_defaults_match_specification():
@@ -121,3 +130,57 @@ def test_divergence_names_match_the_loss_module():
     from functional_lm.losses import DIVERGENCES
 
     assert DIVERGENCE_NAMES == DIVERGENCES
+
+
+# ---------------------------------------------------------------- 每个数值字段：有限且在范围内
+def _numeric_fields(cls):
+    return [f.name for f in dataclasses.fields(cls) if f.type in ("int", "float")]
+
+
+def test_every_numeric_field_has_bounds():
+    # 新增的数值字段必须在表里登记范围，否则命令行的早期检查与 __post_init__ 都不会管它。
+    assert sorted(MODEL_BOUNDS) == sorted(_numeric_fields(ModelConfig))
+    assert sorted(TRAINING_BOUNDS) == sorted(_numeric_fields(TrainingConfig))
+
+
+_FLOATS = [(cls, f.name) for cls in (ModelConfig, TrainingConfig) for f in dataclasses.fields(cls) if f.type == "float"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("cls, name", _FLOATS, ids=[f"{c.__name__}.{n}" for c, n in _FLOATS])
+def test_every_float_field_refuses_non_finite_values(cls, name, value):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{name} must be .*, got {value!r}"):
+        cls(**{name: value})
+
+
+@pytest.mark.parametrize("seed, ok", [(-1, False), (0, True), (2**32 - 1, True), (2**32, False)])
+def test_seed_range(seed, ok):
+    if ok:
+        assert TrainingConfig(seed=seed).seed == seed
+    else:
+        with pytest.raises(ValueError, match=r"TrainingConfig\.seed must be in \[0, 4294967295\]"):
+            TrainingConfig(seed=seed)
+
+
+@pytest.mark.parametrize("bounds, good, bad, text", [
+    (Bounds(0, 1, low_open=True), [1, 0.5, 1e-9], [0, -0.1, 1.0001, float("nan")], "in (0, 1]"),
+    (Bounds(0, 1, high_open=True), [0, 0.999], [1, -1e-9], "in [0, 1)"),
+    (Bounds(0, low_open=True), [1e-30, 1e30], [0, float("inf")], "a finite number > 0"),
+    (Bounds(0, integer=True, note="(0 = off)"), [0, 7], [-1], ">= 0 (0 = off)"),
+])
+def test_bounds_check_and_describe(bounds, good, bad, text):
+    assert bounds.describe() == text
+    for value in good:
+        assert bounds.check("x", value) == value
+    for value in bad:
+        with pytest.raises(ValueError, match=re.escape(f"x must be {text}, got {value!r}")):
+            bounds.check("x", value)
+
+
+def test_bounds_check_types():
+    with pytest.raises(ValueError, match=r"x must be an int, got 2\.0 \(float\)"):
+        Bounds(0, integer=True).check("x", 2.0)
+    with pytest.raises(ValueError, match=r"x must be a number, got True \(bool\)"):
+        Bounds(0).check("x", True)
+    with pytest.raises(ValueError, match=r"x must be a number, got '1' \(str\)"):
+        Bounds(0).check("x", "1")
