@@ -193,6 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for token in generate_stream(
         params, cfg, [prompt], max_new, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_token_id=eos, seed=args.seed, compile=args.compile,
+        vocab_limit=getattr(tokenizer, "real_vocab_size", None),  # 嵌入的填充行（分词器之外的 id）不会被采到
     ):
         token_id = int(token[0])
         if eos is not None and token_id in eos:

@@ -108,7 +108,7 @@ def _demo_teacher(
 
 
 def _samples(models: Mapping[str, Any], tokenizer: Any, prompts: list[list[int]], seed: int) -> dict[str, str]:
-    """每个模型对同一组提示采样续写（温度 0.8、top-k 50，种子固定）。"""
+    """每个模型对同一组提示采样续写（温度 0.8、top-k 50，种子固定；只在真实词表里取，嵌入的填充行不会被采到）。"""
     from functional_lm.generate import generate
 
     texts = {}
@@ -117,7 +117,7 @@ def _samples(models: Mapping[str, Any], tokenizer: Any, prompts: list[list[int]]
         for prompt in prompts:
             out = generate(
                 model.params, model.cfg, [prompt], 24, temperature=0.8, top_k=50, seed=seed,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, vocab_limit=tokenizer.real_vocab_size,
             )
             new = out[0, len(prompt) :].tolist()
             pieces.append(f"{tokenizer.decode(prompt)!r} → {tokenizer.decode(new)!r}")
