@@ -359,7 +359,8 @@ def _tokenize_into(
                 writer.write(tokens, lengths, mask)
             bar.update(len(lengths))
             bar.set_postfix(tokens=writer.num_tokens)
-        with _writing(directory.parent, "the token data and document offsets (tokens.bin, mask.bin, offsets.npy)"):
+        what = "the token data, document offsets and line numbers (tokens.bin, mask.bin, offsets.npy, lines.npy)"
+        with _writing(directory.parent, what):
             offsets = writer.close(origins.lines)
     finally:
         writer.discard()
