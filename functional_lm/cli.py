@@ -331,6 +331,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tokens = generate_stream(
         params, cfg, [prompt], max_new, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, eos_token_id=eos, seed=args.seed, compile=args.compile, check_finite=True,
+        vocab_limit=getattr(tokenizer, "real_vocab_size", None),  # 嵌入的填充行（分词器之外的 id）不会被采到
     )
     try:
         for token in tokens:  # 遇 eos 时流自己结束（不 break：流在最后一个 token 之后核对 logits 是否有限）

@@ -26,7 +26,10 @@ from typing import Any, Mapping
 from functional_lm.config import ModelConfig, TrainingConfig, cache_root, get_preset
 from functional_lm.rundir import Interrupted, materialize_tokenizer, writing
 
-__all__ = ["demo_training_defaults", "teacher_training_config", "student_configs", "run_demo", "DEMO_SEQ_LEN"]
+__all__ = [
+    "demo_training_defaults", "teacher_training_config", "student_configs", "curve_labels", "report_notes", "run_demo",
+    "DEMO_SEQ_LEN",
+]
 
 DEMO_SEQ_LEN = 64  # 演示的训练块长度
 
@@ -108,7 +111,7 @@ def _demo_teacher(
 
 
 def _samples(models: Mapping[str, Any], tokenizer: Any, prompts: list[list[int]], seed: int) -> dict[str, str]:
-    """每个模型对同一组提示采样续写（温度 0.8、top-k 50，种子固定）。"""
+    """每个模型对同一组提示采样续写（温度 0.8、top-k 50，种子固定；只在真实词表里取，嵌入的填充行不会被采到）。"""
     from functional_lm.generate import generate
 
     texts = {}
@@ -117,7 +120,7 @@ def _samples(models: Mapping[str, Any], tokenizer: Any, prompts: list[list[int]]
         for prompt in prompts:
             out = generate(
                 model.params, model.cfg, [prompt], 24, temperature=0.8, top_k=50, seed=seed,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, vocab_limit=tokenizer.real_vocab_size,
             )
             new = out[0, len(prompt) :].tolist()
             pieces.append(f"{tokenizer.decode(prompt)!r} → {tokenizer.decode(new)!r}")
@@ -229,7 +232,7 @@ def run_demo(
 
 
 def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, bundle, out) -> None:
-    """秩 0：评估教师、保存两个学生、采样续写、写报告并打印摘要。"""
+    """秩 0：评估教师、保存三个学生、采样续写、写报告并打印摘要。"""
     from functional_lm.distributed import Dist
     from functional_lm.on_policy import ON_POLICY_METRICS
     from functional_lm.report import read_metrics, write_report
@@ -253,26 +256,45 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
                 "teacher_training": teacher_training_config().to_dict(), "seq_len": seq_len,
             },
             final_metrics=final,
-            curves={f"student ({n})": read_metrics(out / n) for n in runs},
-            curve_key="ce",  # 两个学生的总损失 α 不同、不可比；交叉熵可比
+            curves={label: read_metrics(out / n) for n, label in curve_labels(tcfg, runs).items()},
+            curve_key="ce",  # 三个学生的总损失 α 不同、不可比；交叉熵可比
             val_key="val_ce",
             reference=("teacher (val CE)", teacher_eval.get("val_ce")),
             eval_keys=ON_POLICY_METRICS,
             samples=samples,
-            notes=[
-                "student_ppl column for the teacher row is the teacher's own perplexity",
-                "the CE-only student is trained with the same data, steps and schedule, alpha = 0",
-                f"the on-policy student trains like the distilled one until step {student_configs(tcfg)['on_policy'].on_policy_start}, "
-                "then on continuations it samples itself, graded by the teacher (reverse KL, no CE term)",
-                "on_policy_reverse_kl / on_policy_teacher_nll: the teacher's per-token reverse KL KL(student‖teacher) "
-                "and NLL on continuations each student samples from validation prompts (lower is better; the "
-                "quantity on-policy distillation optimises); the other columns are measured on the data's own text",
-                "the curve shows the training cross-entropy of both students (their total losses use different "
-                "alpha), their validation cross-entropy (squares) and the teacher's (dotted line)",
-                f"teacher checkpoint: {teacher_dir}",
-            ] + [f"{name} student: {path}" for name, path in students.items()],
+            notes=report_notes(tcfg, teacher_dir, students),
         )
     _print_summary(final, samples, report, students)
+
+
+def curve_labels(tcfg: TrainingConfig, names: Any) -> dict[str, str]:
+    """报告图例里每个学生的名字。在线学生在离线预热（on_policy_start 步之前）里与离线蒸馏的学生是同一次训练，
+    两条曲线在那里重合：图例写明这一点（图上它们也用不同的标记与线型画出）。"""
+    start = student_configs(tcfg)["on_policy"].on_policy_start
+    labels = {name: f"student ({name})" for name in names}
+    if "on_policy" in labels and "distilled" in labels:
+        labels["on_policy"] = f"student (on_policy; same as distilled until step {start}: warm-up)"
+    return labels
+
+
+def report_notes(tcfg: TrainingConfig, teacher_dir: Path, students: Mapping[str, Path]) -> list[str]:
+    """report.md 的说明：各列与曲线的含义、在线学生的预热、教师与各学生的位置。"""
+    start = student_configs(tcfg)["on_policy"].on_policy_start
+    return [
+        "student_ppl column for the teacher row is the teacher's own perplexity",
+        "the CE-only student is trained with the same data, steps and schedule, alpha = 0",
+        f"the on-policy student trains like the distilled one until step {start}, then on continuations it "
+        "samples itself, graded by the teacher (reverse KL, no CE term)",
+        "on_policy_reverse_kl / on_policy_teacher_nll: the teacher's per-token reverse KL KL(student‖teacher) "
+        "and NLL on continuations each student samples from validation prompts (lower is better; the "
+        "quantity on-policy distillation optimises); the other columns are measured on the data's own text",
+        f"the loss plot shows the training cross-entropy of all {len(students)} students (small filled markers; "
+        "cross-entropy because their total losses use different alpha), their validation cross-entropy (large "
+        "hollow markers) and the teacher's (dotted line); each student has its own colour, marker and line style",
+        f"until step {start} the on-policy student's curves lie exactly on the distilled student's (the same "
+        "off-policy warm-up); the two are drawn with different markers and line styles so neither hides the other",
+        f"teacher checkpoint: {teacher_dir}",
+    ] + [f"{name} student: {path}" for name, path in students.items()]
 
 
 def _print_summary(

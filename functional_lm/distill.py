@@ -99,7 +99,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "a previous run in the output directory")
     run.add_argument("--config", help="配置文件（.toml / .yaml / .json），字段平铺或放在 [model]/[training] 中 / "
                      "config file; fields flat or under [model]/[training]")
-    run.add_argument("--no-progress", action="store_true", help="不显示进度条 / no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="不画进度条，改为每 --log-interval 步与每次验证打印"
+                     "一行（适合写进日志文件）/ no progress bar: print one line per --log-interval steps and per "
+                     "validation instead (suits log files)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="出错时显示 Python 回溯 / show Python tracebacks on errors")
 

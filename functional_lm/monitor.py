@@ -1,4 +1,5 @@
-"""一次训练运行“看得见、听得见”的部分：进度条、metrics.jsonl、滑动统计、对 SIGINT / SIGTERM 的响应。
+"""一次训练运行“看得见、听得见”的部分：进度条（或 --no-progress 时每条记录一行）、metrics.jsonl、滑动统计、
+对 SIGINT / SIGTERM 的响应。
 
 这些都不参与计算；训练器只在秩 0 上显示与写入（其余进程用 ``NullMetrics`` 与关闭的进度条）。
 """
@@ -20,7 +21,10 @@ from functional_lm.checkpoint import finite_or_none
 from functional_lm.report import read_metrics_file
 from functional_lm.rundir import writing
 
-__all__ = ["StopFlag", "stop_on_signals", "Metrics", "NullMetrics", "Window", "progress_bar", "say"]
+__all__ = [
+    "StopFlag", "stop_on_signals", "Metrics", "NullMetrics", "Window", "progress_bar", "train_fields", "eval_fields",
+    "Progress", "say",
+]
 
 
 # ---------------------------------------------------------------- 信号
@@ -157,6 +161,59 @@ def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
+
+
+def train_fields(record: dict[str, Any]) -> dict[str, str]:
+    """一条训练记录里给人看的字段（进度条的后缀与 --no-progress 的一行共用）：loss、kd、ce、lr、tok/s。
+    ce 为 None（窗口里只有生成批）时写 “—”。"""
+    ce = record.get("ce")
+    return {
+        "loss": f"{record['loss']:.4f}", "kd": f"{record['kd']:.4f}", "ce": "—" if ce is None else f"{ce:.4f}",
+        "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}",
+    }
+
+
+def eval_fields(record: dict[str, Any]) -> dict[str, str]:
+    """一条验证记录里的指标（4 位有效数字）；token 计数（*_tokens）不是指标，不显示。"""
+    return {
+        k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in record.items()
+        if k not in ("kind", "step") and not k.endswith("_tokens") and v is not None
+    }
+
+
+class Progress:
+    """训练器的进度显示。
+
+    lines 为假：tqdm 进度条，后缀是最近一条训练记录（train_fields）；lines 为真（--no-progress，进度条关掉）：
+    每条训练记录与验证记录各打印一行到 stderr，例如
+    ``[train] step 10/120: loss 3.2100, kd 1.2000, ce 4.1000, lr 3.00e-03, tok/s 1234``。
+    非秩 0 的进程：关掉的进度条、lines 为假，什么都不显示。"""
+
+    def __init__(self, bar: Any, total: int, lines: bool) -> None:
+        self.bar, self.total, self.lines = bar, total, lines
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def describe(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def logged(self, record: dict[str, Any]) -> None:
+        fields = train_fields(record)
+        self.bar.set_postfix(fields)
+        if self.lines:
+            say(f"[train] step {record['step']}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        if self.lines:
+            shown = ", ".join(f"{k} {v}" for k, v in eval_fields(record).items())
+            say(f"[train] step {record['step']}/{self.total} validation: {shown}")
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def say(message: str) -> None:

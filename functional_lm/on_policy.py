@@ -102,6 +102,10 @@ class PromptTable:
             return d
         return int(np.searchsorted(starts, first, side="right")) - 1
 
+    def _where(self, doc: int) -> str:
+        """数据集内第 doc 篇文档在用户数据里的位置（``文件:行``），错误消息用。"""
+        return self.dataset.store.document_origin(int(self.dataset.doc_ids[doc]))
+
     def _chat_range(self, block: int) -> tuple[int, int]:
         """对话提示在数据流中的区间 [a, z)：z 是第一个助手 token，a = max(文档起点, z − P)。
         整篇都计损失的文档（混在对话里的纯文本）返回 (−1, −1)，表示取块前缀。"""
@@ -109,16 +113,16 @@ class PromptTable:
         doc = self._chosen_document(block)
         begin, end = int(ds.doc_stream_start[doc]), int(ds.doc_stream_start[doc + 1])
         mask = ds.stream_mask(begin, end)
-        where = f"conversation {int(ds.doc_ids[doc])} of {ds.store.description}"
         if not mask.any():
-            raise ValueError(f"{where} has no assistant turn, so it gives no prompt for on-policy distillation "
-                             "(every conversation needs a user turn followed by an assistant reply)")
+            raise ValueError(f"{self._where(doc)}: this conversation has no assistant turn, so it gives no prompt for "
+                             "on-policy distillation (every conversation needs a user turn followed by an assistant reply)")
         first = int(np.argmax(mask))
         if first == 0:
             return -1, -1
         if self.header is not None and not _contains(ds.stream_tokens(begin, begin + first), self.header):
-            raise ValueError(f"{where} has no user turn before its first assistant reply; on-policy distillation "
-                             "prompts the student with the conversation up to the assistant turn, which needs a user turn")
+            raise ValueError(f"{self._where(doc)}: this conversation has no user turn before its first assistant reply; "
+                             "on-policy distillation prompts the student with the conversation up to the assistant "
+                             "turn, which needs a user turn")
         return max(begin, begin + first - self.length), begin + first
 
     def prompt(self, block: int) -> list[int]:

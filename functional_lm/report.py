@@ -66,6 +66,27 @@ def _save(plt: Any, fig: Any, file: Path) -> Path:
     return file
 
 
+# 每个运行一种标记与线型（颜色之外再区分一次）：两个运行的曲线重合时（例如在线学生的离线预热与离线蒸馏的学生
+# 完全相同），后画的虚线压在先画的粗实线上，两条都看得见。
+_MARKERS = ("o", "^", "x", "D", "v", "*")
+_LINESTYLES = ("-", (0, (6, 3)), (0, (2, 2)), "-.", (0, (5, 1)), (0, (1, 3)))
+
+
+def _style(index: int) -> dict[str, Any]:
+    """第 index 个运行的颜色、标记、线型与线宽（越往后越细，压在上面也不遮住前面的）；两张图里同一个运行样子相同。"""
+    return {
+        "color": f"C{index % 10}",
+        "marker": _MARKERS[index % len(_MARKERS)],
+        "linestyle": _LINESTYLES[index % len(_LINESTYLES)],
+        "linewidth": max(3.0 - 0.8 * index, 1.2),
+    }
+
+
+def _legend_below(ax: Any, columns: int) -> None:
+    """图例放在坐标区下面，不压住曲线。"""
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, frameon=False)
+
+
 def plot_loss_curves(
     curves: Mapping[str, list[dict[str, Any]]],
     file: Path,
@@ -76,46 +97,52 @@ def plot_loss_curves(
 ) -> Optional[Path]:
     """把若干条训练曲线（名字 → 记录）画进一张 PNG；没有 matplotlib 时返回 None。
 
-    每条曲线画训练记录的 key（点带标记，只有一个点时也看得见）；给了 val_key 时同色画出验证点；
+    每个运行画训练记录的 key（实心小标记，只有一个点时也看得见）；给了 val_key 时同色、同线型画出验证点
+    （空心大标记），图例写明 training / validation；每个运行的标记与线型各不相同（见 _style）。
     reference = (名字, 数值) 画一条水平参照线（例如教师在验证集上的交叉熵）。
     """
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, records in curves.items():
-        points = _points(records, "train", key)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for index, (name, records) in enumerate(curves.items()):
+        points, style = _points(records, "train", key), _style(index)
         if points:
-            (line,) = ax.plot(*zip(*points), marker="o", markersize=3, label=f"{name} (train)")
+            ax.plot(*zip(*points), markersize=6, markeredgewidth=1.5, label=f"{name}: training", **style)
             val = _points(records, "eval", val_key) if val_key else []
-            if val:
-                ax.plot(*zip(*val), marker="s", linestyle="--", color=line.get_color(), label=f"{name} (val)")
+            if val:  # 验证点不连线：只有几个点，连线会横穿训练曲线
+                ax.plot(*zip(*val), markersize=11, markerfacecolor="none", markeredgewidth=1.8,
+                        label=f"{name}: validation", **(style | {"linestyle": "none"}))
     if reference is not None and reference[1] is not None:
         ax.axhline(reference[1], color="gray", linestyle=":", label=reference[0])
     ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(f"training {key}")
+    ax.set_ylabel(f"{key} / {val_key}" if val_key else key)
+    ax.set_title(f"training {key} (lines, small filled markers) and validation {val_key} (large hollow markers)"
+                 if val_key else f"training {key}", fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend_below(ax, columns=2)
     return _save(plt, fig, file)
 
 
 def plot_eval_curves(curves: Mapping[str, list[dict[str, Any]]], file: Path, keys: tuple[str, ...]) -> Optional[Path]:
-    """验证指标随步数的曲线（每个 key 一个子图，每个运行一条线）；没有 matplotlib 或没有任何点时返回 None。"""
+    """验证指标随步数的曲线（每个 key 一个子图，y 轴标着这个指标；每个运行一条线，标记与线型同 plot_loss_curves）；
+    没有 matplotlib 或没有任何点时返回 None。"""
     found = {k: {n: _points(r, "eval", k) for n, r in curves.items()} for k in keys}
     keys = tuple(k for k in keys if any(found[k].values()))
     plt = _pyplot()
     if plt is None or not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for name, points in found[key].items():
+        for index, (name, points) in enumerate(found[key].items()):
             if points:
-                ax.plot(*zip(*points), marker="s", markersize=4, label=name)
+                ax.plot(*zip(*points), markersize=7, markeredgewidth=1.5, label=name, **_style(index))
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_ylabel(key)
+        ax.set_title(f"validation {key}")
         ax.grid(alpha=0.3)
-        ax.legend()
+    for ax in axes[0]:
+        _legend_below(ax, columns=1)
     return _save(plt, fig, file)
 
 

@@ -59,7 +59,9 @@ from functional_lm.losses import (
 )
 from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
 from functional_lm.on_policy import batch_source, loss_configs, make_rollouts
-from functional_lm.monitor import Metrics, NullMetrics, StopFlag, Window, progress_bar, say, stop_on_signals
+from functional_lm.monitor import (
+    Metrics, NullMetrics, Progress, StopFlag, Window, progress_bar, say, stop_on_signals,
+)
 from functional_lm.teacher_cache import stored_log_probs, teacher_targets
 from functional_lm.rundir import Interrupted, RunDirError, RunFailure, write_failure
 from functional_lm.typing import typecheck
@@ -747,7 +749,8 @@ def train(
     metrics = _open_metrics(run_dir, info, result, resume)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
     evaluator = _Evaluator(stepper, teacher_model, data, metrics, val_teacher_cache)
-    bar = progress_bar(total, result.step, progress and info.is_main)
+    # 秩 0：有进度条时画进度条，没有时（--no-progress）每条记录打印一行；其余进程什么都不显示。
+    bar = Progress(progress_bar(total, result.step, progress and info.is_main), total, not progress and info.is_main)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
             _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, on_step_end)
@@ -815,7 +818,7 @@ def _layout_line(info: Dist, loader: Any, tcfg: TrainingConfig, teacher: Optiona
 
 
 class _Evaluator:
-    """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”。"""
+    """按间隔验证（所有进程一起算，秩 0 写指标）；验证期间进度条上写着 “evaluating”，没有进度条时结果打印一行。"""
 
     def __init__(
         self, stepper: _Stepper, teacher: Optional[Model], data: Any, metrics: Any, val_cache: Any = None
@@ -828,7 +831,7 @@ class _Evaluator:
     def __call__(self, step: int, bar: Any) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        bar.set_description("distill (evaluating)")
+        bar.describe("distill (evaluating)")
         s = self.stepper
         scores = evaluate(
             Model(s.params, s.cfg), self.teacher, self.val_loader, s.tcfg,
@@ -840,8 +843,10 @@ class _Evaluator:
                 Model(s.params, s.cfg), self.teacher, self.val_loader, self.val_rollouts, s.tcfg,
                 real_vocab_size=s.real_vocab_size, max_batches=s.tcfg.eval_batches, info=s.info,
             )
-        bar.set_description("distill")
-        self.metrics.write({"kind": "eval", "step": step, **scores})
+        bar.describe("distill")
+        record = {"kind": "eval", "step": step, **scores}
+        self.metrics.write(record)
+        bar.evaluated(record)
         return scores
 
 
@@ -867,17 +872,13 @@ def _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, 
                 f"last good checkpoint: {where}"
             ) from None
         step = result.step = result.step + 1
-        bar.update(1)
+        bar.step()
         window.add(stats)
         if step % tcfg.log_interval == 0 or step == total:
             logged = window.record(step, stats)
             metrics.write(logged)
             result.history.append(logged)
-            bar.set_postfix(
-                loss=f"{logged['loss']:.4f}", kd=f"{logged['kd']:.4f}",
-                ce="—" if logged["ce"] is None else f"{logged['ce']:.4f}",
-                lr=f"{lr:.2e}", tok_s=f"{logged['tokens_per_s']:.0f}",
-            )
+            bar.logged(logged)
         with window.paused():  # 验证与保存的时间不算进下一条记录的吞吐
             if step % tcfg.eval_interval == 0 and step != total:
                 evaluator(step, bar)

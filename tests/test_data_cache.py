@@ -133,3 +133,42 @@ def test_single_txt_file_with_val_fraction_is_accepted(tok, tmp_path):
         )
     with pytest.raises(ValueError, match=r"text_split='para'"):
         prepare_data([notes], tokenizer="/nonexistent/tokenizer", text_split="para")  # 先于加载分词器报错
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_document_knows_its_file_and_line(tok, tmp_path, workers):
+    """错误消息要点名用户的文件与行（而不是内部的 token 缓存）：缓存记下每篇文档的来源文件与行号，
+    与读取器给 Document 的 (source, line) 相同——空行、被跳过的坏行与纯文本的分段都不打乱对应。"""
+    from functional_lm.data import ReadStats, as_source
+
+    prose = tmp_path / "prose.txt"
+    prose.write_text("First paragraph.\nStill first.\n\n\nSecond one.\n\nThird.\n", encoding="utf-8")
+    rows = ['{"text": "a"}', "", '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "yo"}]}', "not json", '{"text": "b"}']
+    chat = write_jsonl(tmp_path / "chat.jsonl", rows)
+    files = [prose, chat]
+    store = build_token_cache(files, tok, tmp_path / "cache", num_workers=workers, chunk_size=2,
+                              progress=False, skip_errors=True)
+    expected = [f"{d.source}:{d.line}" for f in files for d in as_source(f).documents(True, ReadStats())]
+    assert expected == [f"{prose}:1", f"{prose}:5", f"{prose}:7", f"{chat}:1", f"{chat}:3", f"{chat}:5"]
+    assert [store.document_origin(i) for i in range(store.num_documents)] == expected
+    assert store.description == f"{prose}, {chat}"
+    again = build_token_cache(files, tok, tmp_path / "cache", num_workers=workers, chunk_size=2,
+                              progress=False, skip_errors=True)
+    assert again.meta["reused"] is True
+    assert [again.document_origin(i) for i in range(again.num_documents)] == expected
+
+
+def test_a_cache_without_line_numbers_still_names_the_file(tok, sources, tmp_path):
+    """行号文件出现之前建的缓存（index.json 里没有 has_lines）：点名文件与文档序号（从 1 数）。"""
+    store = build_token_cache(sources, tok, tmp_path / "cache", num_workers=0, progress=False)
+    index = json.loads((store.path / "index.json").read_text())
+    del index["has_lines"], index["files"]["lines.npy"]
+    for entry in index["sources"]:
+        del entry["documents"]
+    (store.path / "index.json").write_text(json.dumps(index))
+    (store.path / "lines.npy").unlink()
+    old = TokenStore.open(store.path, verify=True)
+    assert old.document_origin(5) == f"document 6 of {sources[0]}, {sources[1]}"
+    assert old.description == f"{sources[0]}, {sources[1]}"
+    assert TokenStore.from_documents([[1, 2]], separator_id=0).document_origin(0) == "document 1 of the data"

@@ -1,7 +1,7 @@
 """磁盘 token 缓存的损坏检测与自动重建、写失败（磁盘满 / 只读）的报错。
 
-损坏的方式：截断 tokens.bin、等长翻转 tokens.bin / mask.bin 的一个字节（只有校验和能发现）、index.json 写成
-垃圾、删掉 offsets.npy。每种都要：build_token_cache（或 prepare_data）打印一行“damaged … rebuilding”，
+损坏的方式：截断 tokens.bin、等长翻转 tokens.bin / mask.bin / lines.npy 的一个字节（只有校验和能发现）、
+index.json 写成垃圾、删掉 offsets.npy 或 lines.npy。每种都要：build_token_cache（或 prepare_data）打印一行“damaged … rebuilding”，
 重建出的数据与全新构建逐 token 相同，之后再调用就复用；直接 TokenStore.open 则报出文件名与重建办法。
 """
 
@@ -73,6 +73,8 @@ DAMAGE = {
     "deleted offsets.npy": ("offsets.npy", lambda d: (d / "offsets.npy").unlink()),
     # np.load 忽略尾部多余的字节，只有 index.json 记下的字节数能发现。
     "appended bytes to offsets.npy": ("offsets.npy", lambda d: open(d / "offsets.npy", "ab").write(b"\0" * 8)),
+    "deleted lines.npy": ("lines.npy", lambda d: (d / "lines.npy").unlink()),
+    "flipped byte in lines.npy": ("lines.npy", lambda d: _flip_byte(d / "lines.npy", 130)),
 }
 
 
@@ -81,7 +83,7 @@ def test_index_records_sizes_and_crc32_of_each_file(tok, sources, tmp_path, chun
     store = _build(sources, tok, tmp_path / "cache", chunk_size=chunk_size)
     index = json.loads((store.path / "index.json").read_text())
     assert index["version"] == CACHE_FORMAT_VERSION == 2
-    assert sorted(index["files"]) == ["mask.bin", "offsets.npy", "tokens.bin"]
+    assert sorted(index["files"]) == ["lines.npy", "mask.bin", "offsets.npy", "tokens.bin"]
     for name, entry in index["files"].items():
         raw = (store.path / name).read_bytes()
         assert entry == {"bytes": len(raw), "crc32": zlib.crc32(raw)}
@@ -121,7 +123,8 @@ def test_prepare_data_rebuilds_a_damaged_cache(tok, sources, tmp_path, capfd):
 
 
 @pytest.mark.parametrize(
-    "damage", ["truncated tokens.bin", "garbage index.json", "deleted offsets.npy", "appended bytes to offsets.npy"]
+    "damage", ["truncated tokens.bin", "garbage index.json", "deleted offsets.npy", "appended bytes to offsets.npy",
+               "deleted lines.npy"]
 )
 def test_open_damaged_directory_names_file_and_how_to_rebuild(tok, sources, tmp_path, damage):
     store = _build(sources, tok, tmp_path / "cache")

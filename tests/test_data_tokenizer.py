@@ -144,6 +144,25 @@ def test_default_matches_independent_hf_bpe(tok, hf_tok, text):
     assert hf_tok.decode(ids) == text
 
 
+# 解码嵌入矩阵的填充行（id ≥ 151,665，学生 / 教师的嵌入有 151,936 行）或更大的 id：保存下来的 tokenizer.json
+# （Hugging Face tokenizers）把词表外的 id 悄悄丢掉、只解码其余的；离线分词器以前抛 KeyError（演示因此丢了报告）。
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [151794],
+        [9707, 151794, 1879],  # "Hello" 填充 " world"
+        [151665, 9707, 151935, 10_000_000],
+        [151643, 151794, 151645],  # 特殊 token 照常解码
+        [82912, 151800, 246],  # 一个汉字（龘）的两个字节级 token 中间夹着一个填充 id
+    ],
+)
+def test_out_of_vocabulary_ids_decode_like_the_saved_tokenizer(tok, hf_tok, ids):
+    expected = hf_tok.decode(ids)  # 独立实现：tokenizers 读保存的 tokenizer.json
+    assert expected == hf_tok.decode([i for i in ids if i < QWEN25_REAL_VOCAB])  # 它确实是丢掉词表外的 id
+    assert tok.decode(ids) == expected
+    assert tok.decode(ids, skip_special_tokens=True) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
 def test_transformers_autotokenizer_parity(tok):
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir()))

@@ -294,7 +294,7 @@ def test_a_conversation_that_gives_no_prompt_is_a_clear_error(tokenizer, bad, me
     store = _chat_store(tokenizer, [bad] + CHATS[:3])
     with pytest.raises(ValueError, match=message) as err:
         make_rollouts(PackedDataset(store, seq_len=24), tokenizer, TrainingConfig(prompt_length=8), 151665)
-    assert "conversation 0 of the data" in str(err.value)
+    assert str(err.value).startswith("chat.jsonl:1: this conversation has")  # 文档自带的来源与行号
 
 
 # ---------------------------------------------------------------- 坏输入
@@ -363,8 +363,34 @@ def test_the_command_line_names_a_chat_row_without_a_user_turn(cli_root, tmp_pat
     assert _cli(cli_root, tmp_path / "run", data, "--on-policy-fraction", "1", "--prompt-length", "16",
                 "--max-new-tokens", "8", "--val-fraction", "0") == 2
     err = capsys.readouterr().err
-    assert "conversation 2 of the token cache" in err and "no user turn before its first assistant reply" in err
-    assert "Traceback" not in err
+    # 点名用户的文件与行（第 3 行），而不是内部的 token 缓存
+    assert f"{data}:3: this conversation has no user turn before its first assistant reply" in err
+    assert "token cache" not in err and "Traceback" not in err
+
+
+def test_the_command_line_names_a_chat_row_without_an_assistant_turn(cli_root, tmp_path, capsys):
+    rows = [{"messages": c} for c in CHATS[:6]]
+    rows.insert(4, {"messages": [{"role": "user", "content": "Anyone there?"}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert _cli(cli_root, tmp_path / "run", data, "--on-policy-fraction", "1", "--prompt-length", "16",
+                "--max-new-tokens", "8", "--val-fraction", "0") == 2
+    err = capsys.readouterr().err
+    assert f"{data}:5: this conversation has no assistant turn" in err
+    assert "token cache" not in err and "Traceback" not in err
+
+
+def test_chat_data_without_any_assistant_turn_is_refused_naming_the_file(cli_root, tmp_path, capsys):
+    """离线蒸馏只在助手回复上计损失：一个助手回合都没有的对话文件什么也训练不了。以前运行“成功”结束，
+    损失恒为 0、验证什么也没报告；现在在训练开始前点名文件报错。"""
+    rows = [{"messages": c[:1]} for c in CHATS[:8]]  # 只有用户回合
+    data = tmp_path / "questions.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert _cli(cli_root, tmp_path / "run", data) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: none of the 8 conversations has an assistant turn, so no token counts toward the loss" in err
+    assert "token cache" not in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_an_on_policy_run_from_the_command_line(cli_root, tmp_path, capsys):

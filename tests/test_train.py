@@ -286,10 +286,12 @@ def test_progress_bar_says_when_it_pauses_to_evaluate(tokenizer, cache_dir, teac
 
     descriptions = []
 
+    postfixes = []
+
     class Bar:
         def update(self, n=1): descriptions.append(("step",))
         def set_description(self, text): descriptions.append(text)
-        def set_postfix(self, **kw): pass
+        def set_postfix(self, ordered_dict=None, **kw): postfixes.append(dict(ordered_dict or {}) | kw)
         def write(self, text): pass
         def close(self): pass
 
@@ -297,6 +299,29 @@ def test_progress_bar_says_when_it_pauses_to_evaluate(tokenizer, cache_dir, teac
     _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, eval_interval=1, save_interval=100))
     # 第 1 步之后验证一次（说明暂停、再恢复），结束时的最终验证同样如此。
     assert descriptions == [("step",), "distill (evaluating)", "distill", ("step",), "distill (evaluating)", "distill"]
+    (logged,) = [r for r in _metrics(tmp_path) if r["kind"] == "train"]  # log_interval 2：第 2 步一条
+    assert postfixes == [{"loss": f"{logged['loss']:.4f}", "kd": f"{logged['kd']:.4f}", "ce": f"{logged['ce']:.4f}",
+                          "lr": f"{logged['lr']:.2e}", "tok/s": f"{logged['tokens_per_s']:.0f}"}]
+
+
+def test_without_the_bar_every_record_is_one_line(tokenizer, cache_dir, teacher_dir, tmp_path, capsys):
+    """progress=False（命令行的 --no-progress）：不画进度条，每条训练记录与验证记录各打印一行（stderr），
+    字段与进度条的后缀相同；数值与 metrics.jsonl 里的记录一致。"""
+    _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=5, log_interval=2, eval_interval=4, save_interval=100))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("[train] step")]
+    expected = []
+    for r in _metrics(tmp_path):
+        if r["kind"] == "train":
+            expected.append(f"[train] step {r['step']}/5: loss {r['loss']:.4f}, kd {r['kd']:.4f}, ce {r['ce']:.4f}, "
+                            f"lr {r['lr']:.2e}, tok/s {r['tokens_per_s']:.0f}")
+        else:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("kind", "step", "val_tokens"))
+            expected.append(f"[train] step {r['step']}/5 validation: {shown}")
+    assert [r["step"] for r in _metrics(tmp_path)] == [2, 4, 4, 5, 5]  # 训练 2、4、5（最后一步），验证 4、5
+    assert lines == expected
+    assert "val_ce" in lines[2] and "top1_agreement" in lines[2]
+    assert "distill:" not in err and "step/s" not in err and "it/s" not in err  # 没有 tqdm 进度条
 
 
 def test_a_signal_on_a_save_step_saves_once(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):

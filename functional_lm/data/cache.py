@@ -4,7 +4,9 @@
         tokens.bin    uint32[N]   所有文档（每篇后接分隔符）
         mask.bin      uint8[N]    仅当有对话文档时存在：是否计损失
         offsets.npy   int64[D+1]  文档边界
-        index.json    版本、键、分词器指纹、各数据源指纹、token / 文档数、跳过的坏行数 …
+        lines.npy     int64[D]    每篇文档在它的数据源里的行号（错误消息点名 ``文件:行``）
+        index.json    版本、键、分词器指纹、各数据源（名字、指纹、文档数）、token / 文档数、计损失的 token 数、
+                      跳过的坏行数 …
 
 键 = sha256(格式版本, 分词器指纹, 各数据源指纹, skip_errors)；数据源指纹对文件是 (绝对路径, 大小, mtime,
 读取选项，纯文本还有 text_split)，文件或切法一改就换键重建。写入先进临时目录，完成后原子改名，
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 import zlib
+from array import array
 from collections import deque
 from itertools import islice
 from pathlib import Path
@@ -126,6 +129,7 @@ class _Writer:
         self.crc = {"tokens.bin": 0}
         self.lengths: list[np.ndarray] = []
         self.num_tokens = 0
+        self.loss_tokens = 0  # 计损失的 token 数（没有掩码时等于 num_tokens）
         self.max_id = -1
 
     def _put(self, name: str, f: Any, data: bytes) -> None:
@@ -144,10 +148,12 @@ class _Writer:
             self._put("mask.bin", self.mask, m.astype(np.uint8).tobytes())
         self.lengths.append(lengths)
         self.num_tokens += len(tokens)
+        self.loss_tokens += len(tokens) if mask is None else int(np.count_nonzero(mask))
         if len(tokens):
             self.max_id = max(self.max_id, int(tokens.max()))
 
-    def close(self) -> np.ndarray:
+    def close(self, lines: Sequence[int]) -> np.ndarray:
+        """关闭数据文件，写出 offsets.npy 与 lines.npy（lines：每篇文档的行号，按写入顺序）。"""
         self.tokens.close()
         if self.mask is not None:
             self.mask.close()
@@ -156,6 +162,8 @@ class _Writer:
         np.cumsum(lengths, out=offsets[1:])
         np.save(self.dir / "offsets.npy", offsets)
         self.crc["offsets.npy"] = crc32_file(self.dir / "offsets.npy")  # 很小：写完读一遍即可
+        np.save(self.dir / "lines.npy", np.asarray(lines, dtype=np.int64))
+        self.crc["lines.npy"] = crc32_file(self.dir / "lines.npy")
         return offsets
 
     def discard(self) -> None:
@@ -236,7 +244,10 @@ def build_token_cache(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:20]}-", dir=cache_dir))
     try:
         meta = _tokenize_into(tmp, srcs, tokenizer, num_workers, chunk_size, skip_errors, progress)
-        meta.update(key=key, sources=[{"name": s.name, "fingerprint": s.fingerprint} for s in srcs])
+        counts = meta.pop("source_documents")
+        meta.update(key=key, sources=[
+            {"name": s.name, "fingerprint": s.fingerprint, "documents": n} for s, n in zip(srcs, counts)
+        ])
         with _writing(cache_dir, "the index (index.json)"):
             (tmp / "index.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         _install(tmp, final)
@@ -295,6 +306,19 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+class _Origins:
+    """主进程读文档时按顺序记下每篇的行号与各数据源的文档数（结果按同样的顺序写盘，两者一一对应）。"""
+
+    def __init__(self, sources: int) -> None:
+        self.lines = array("q")
+        self.counts = [0] * sources
+
+    def note(self, source: int, doc: Document) -> Document:
+        self.lines.append(doc.line)
+        self.counts[source] += 1
+        return doc
+
+
 def _windowed(pool: Any, chunks: Iterator[list[Payload]], window: int) -> Iterator[Encoded]:
     """按顺序取回结果，同时最多 window 个分块在途：读文档在主线程（坏输入照常抛出），内存有上界。"""
     pending: deque = deque()
@@ -319,7 +343,8 @@ def _tokenize_into(
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
     stats = ReadStats()
-    docs = (doc for src in sources for doc in src.documents(skip_errors, stats))
+    origins = _Origins(len(sources))
+    docs = (origins.note(k, doc) for k, src in enumerate(sources) for doc in src.documents(skip_errors, stats))
     with _writing(directory.parent, "tokens.bin"):
         writer = _Writer(directory)
     bar = _progress(progress, "tokenizing")
@@ -334,8 +359,9 @@ def _tokenize_into(
                 writer.write(tokens, lengths, mask)
             bar.update(len(lengths))
             bar.set_postfix(tokens=writer.num_tokens)
-        with _writing(directory.parent, "the token data and document offsets (tokens.bin, mask.bin, offsets.npy)"):
-            offsets = writer.close()
+        what = "the token data, document offsets and line numbers (tokens.bin, mask.bin, offsets.npy, lines.npy)"
+        with _writing(directory.parent, what):
+            offsets = writer.close(origins.lines)
     finally:
         writer.discard()
         bar.close()
@@ -344,7 +370,7 @@ def _tokenize_into(
             pool.join()
     if len(offsets) == 1:
         raise ValueError(f"no documents found in {[s.name for s in sources]}")
-    return _index_meta(writer, offsets, tokenizer, stats)
+    return _index_meta(writer, offsets, tokenizer, stats) | {"source_documents": origins.counts}
 
 
 def _index_meta(writer: _Writer, offsets: np.ndarray, tokenizer: Tokenizer, stats: ReadStats) -> dict[str, Any]:
@@ -355,6 +381,8 @@ def _index_meta(writer: _Writer, offsets: np.ndarray, tokenizer: Tokenizer, stat
         "num_tokens": int(offsets[-1]),
         "num_documents": len(offsets) - 1,
         "has_mask": writer.mask is not None,
+        "has_lines": True,
+        "loss_tokens": writer.loss_tokens,
         "separator_id": tokenizer.separator_token_id,
         "max_token_id": writer.max_id,
         "tokenizer": tokenizer.fingerprint,
@@ -369,6 +397,7 @@ def _index_meta(writer: _Writer, offsets: np.ndarray, tokenizer: Tokenizer, stat
 def tokenize_documents(documents: Iterable[Document], tokenizer: Tokenizer | str | None) -> TokenStore:
     """小语料的内存版：不写盘，直接得到 TokenStore（与磁盘缓存布局相同）。"""
     tokenizer = load_tokenizer(tokenizer)
+    documents = list(documents)
     parts = [_encode_chunk_with(tokenizer, c) for c in _chunks(documents, 512)]
     if not parts:
         raise ValueError("no documents to tokenize")
@@ -378,4 +407,12 @@ def tokenize_documents(documents: Iterable[Document], tokenizer: Tokenizer | str
     mask = None
     if any(p[2] is not None for p in parts):
         mask = np.concatenate([p[2] if p[2] is not None else np.ones(len(p[0]), dtype=bool) for p in parts])
-    return TokenStore(tokens, offsets, tokenizer.separator_token_id, mask)
+    runs: list[dict[str, Any]] = []  # 来自同一数据源的连续几篇算一段（与磁盘缓存的 sources 同形）
+    for doc in documents:
+        if runs and runs[-1]["name"] == doc.source:
+            runs[-1]["documents"] += 1
+        else:
+            runs.append({"name": doc.source, "documents": 1})
+    meta = {"sources": runs}
+    lines = np.array([d.line for d in documents], dtype=np.int64)
+    return TokenStore(tokens, offsets, tokenizer.separator_token_id, mask, meta=meta, lines=lines)

@@ -43,6 +43,17 @@ class DataBundle:
     val_loader: BatchLoader | None
 
 
+def _check_something_counts(store: TokenStore) -> None:
+    """对话只在助手回复上计损失：一个助手回合都没有（也没有纯文本）的数据什么也训练不了，点名数据文件报错。
+    掩码全为假就说明每篇都是对话（纯文本文档的掩码全为真）。旧缓存没记下计损失的 token 数时不检查。"""
+    if store.loss_token_count() == 0:
+        raise ValueError(
+            f"{store.description}: none of the {store.num_documents} conversations has an assistant turn, so no "
+            f"token counts toward the loss (distillation trains on the assistant replies only); add assistant "
+            f"replies to the conversations, or give plain text as {{\"text\": ...}} rows"
+        )
+
+
 def prepare_data(
     sources: Sequence[Any] | None = None,
     *,
@@ -68,6 +79,7 @@ def prepare_data(
         srcs, tok, cache_dir or default_cache_dir(), num_workers=num_workers,
         skip_errors=skip_errors, progress=progress, text_split=text_split,
     )
+    _check_something_counts(store)
     train, val = pack(store, seq_len, val_fraction=val_fraction, seed=seed, model_config=model_config)
     train_loader = BatchLoader(train, batch_size, seed=seed, shuffle=True, drop_last=True)
     val_loader = None

@@ -5,8 +5,11 @@
     mask     bool[N]|None  每个 token 是否计损失（None 表示全部计；对话文档只有助手 token 为 True，
                            其后的分隔符为 False；纯文本文档连同分隔符全为 True）
     offsets  int64[D+1]    第 i 篇文档（含分隔符）占 tokens[offsets[i]:offsets[i+1]]
+    lines    int64[D]|None 第 i 篇文档在它的数据源里的行号（从 1 起；parquet / datasets 为行序号），与 index.json
+                           ``sources`` 里各数据源的文档数一起给出 ``文件:行``，错误消息用它点名用户的数据
 
-磁盘上：``tokens.bin``（uint32 原始字节）、可选的 ``mask.bin``（uint8）、``offsets.npy`` 与小的 ``index.json``，
+磁盘上：``tokens.bin``（uint32 原始字节）、可选的 ``mask.bin``（uint8）、``offsets.npy``、``lines.npy``（有这个文件
+之前建的缓存没有它，消息里就只有文件名与文档序号）与小的 ``index.json``，
 打开时用 numpy memmap，语料可以远大于内存。
 
 损坏检测：index.json 记下每个数据文件的字节数与 CRC-32（``files``）。``TokenStore.open`` 总做便宜的结构检查
@@ -91,6 +94,8 @@ def _check_sizes(directory: Path, meta: dict[str, Any]) -> None:
     implied = {"tokens.bin": 4 * n, "offsets.npy": None}  # offsets.npy 带 npy 头，大小只能比对记录
     if meta.get("has_mask"):
         implied["mask.bin"] = n
+    if meta.get("has_lines"):
+        implied["lines.npy"] = None
     recorded = meta.get("files", {})
     for name, size in implied.items():
         path = directory / name
@@ -122,10 +127,25 @@ def _load_offsets(directory: Path, meta: dict[str, Any]) -> np.ndarray:
     return offsets
 
 
+def _load_lines(directory: Path, meta: dict[str, Any], documents: int) -> np.ndarray | None:
+    """读 lines.npy（memmap）：一维 int64，每篇文档一个行号；index.json 没有 has_lines 时为 None。"""
+    if not meta.get("has_lines"):
+        return None
+    try:
+        lines = np.load(directory / "lines.npy", mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise CacheDamagedError(directory, "lines.npy", f"not a readable .npy array ({err})") from None
+    if lines.ndim != 1 or lines.dtype != np.int64 or len(lines) != documents:
+        got = f"{lines.dtype}{list(lines.shape)}"
+        raise CacheDamagedError(directory, "lines.npy", f"expected an int64[{documents}] array, got {got}")
+    return lines
+
+
 def _verify_contents(directory: Path, meta: dict[str, Any]) -> None:
     """读全部数据：CRC-32 与记录相符，token id 都在分词器的范围内（verify=True 时调用）。"""
     files = meta.get("files") or {}
-    for name in ("tokens.bin", "offsets.npy") + (("mask.bin",) if meta.get("has_mask") else ()):
+    optional = (("mask.bin",) if meta.get("has_mask") else ()) + (("lines.npy",) if meta.get("has_lines") else ())
+    for name in ("tokens.bin", "offsets.npy") + optional:
         if name not in files:
             raise CacheDamagedError(directory, "index.json", f"no checksum recorded for {name}")
         try:
@@ -151,6 +171,7 @@ class TokenStore:
     mask: np.ndarray | None = None  # bool/uint8[N]，None = 全部计损失
     path: Path | None = None  # 磁盘缓存目录（内存中构造时为 None）
     meta: dict[str, Any] = field(default_factory=dict)  # index.json 的内容（+ 运行时信息）
+    lines: np.ndarray | None = None  # int64[D]：每篇文档在它的数据源里的行号（不知道时为 None）
 
     @property
     def num_documents(self) -> int:
@@ -162,8 +183,33 @@ class TokenStore:
 
     @property
     def description(self) -> str:
-        """错误消息里怎样称呼这份数据：磁盘缓存写出目录，内存中构造的叫 "the data"。"""
+        """错误消息里怎样称呼这份数据：用户给的数据源（文件路径 / 数据集名，多于 3 个时写前 2 个与其余的个数）；
+        不知道数据源时，磁盘缓存写出目录，内存中构造的叫 "the data"。"""
+        names = list(dict.fromkeys(str(s.get("name")) for s in self.meta.get("sources", ()) if isinstance(s, dict)))
+        if len(names) > 3:
+            return f"{names[0]}, {names[1]} and {len(names) - 2} more data sources"
+        if names:
+            return ", ".join(names)
         return f"the token cache {self.path}" if self.path is not None else "the data"
+
+    def document_origin(self, doc: int) -> str:
+        """第 doc 篇文档（从 0 起）从哪里来，供错误消息使用：``文件:行``；缓存没有记下行号时为
+        ``document N of <数据源>``（N 从 1 起）。"""
+        sources = [s for s in self.meta.get("sources", ()) if isinstance(s, dict)]
+        counts = [s.get("documents") for s in sources]
+        if self.lines is not None and counts and all(isinstance(c, int) for c in counts):
+            k = int(np.searchsorted(np.cumsum(counts), doc, side="right"))
+            if k < len(sources):
+                return f"{sources[k].get('name')}:{int(self.lines[doc])}"
+        return f"document {doc + 1} of {self.description}"
+
+    def loss_token_count(self) -> int | None:
+        """计损失的 token 数（index.json 记着；没有掩码时为全部 token）；旧缓存没记下时为 None（不扫全量）。"""
+        if self.mask is None:
+            return self.num_tokens
+        if "loss_tokens" in self.meta:
+            return int(self.meta["loss_tokens"])
+        return int(np.count_nonzero(self.mask)) if self.path is None else None
 
     def max_token_id(self) -> int:
         """最大 token id（磁盘缓存在 index.json 里记着，不必扫全量）。"""
@@ -208,6 +254,7 @@ class TokenStore:
         meta = _read_index(directory)
         _check_sizes(directory, meta)
         offsets = _load_offsets(directory, meta)
+        lines = _load_lines(directory, meta, len(offsets) - 1)
         if verify:
             _verify_contents(directory, meta)
         n = meta["num_tokens"]
@@ -215,4 +262,4 @@ class TokenStore:
         mask = None
         if meta.get("has_mask"):
             mask = np.memmap(directory / "mask.bin", dtype=np.bool_, mode="r", shape=(n,))
-        return cls(tokens, offsets, meta["separator_id"], mask, directory, meta)
+        return cls(tokens, offsets, meta["separator_id"], mask, directory, meta, lines)

@@ -114,9 +114,12 @@ class _TiktokenBackend:
         return self.enc.encode_batch(texts, allowed_special="all", disallowed_special=(), num_threads=4)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        # 词表外的 id（嵌入矩阵末尾的填充行 ≥ 151,665，或更大）与 Hugging Face tokenizers 一样悄悄丢掉：
+        # 保存下来的 tokenizer.json 就是这样解码的，两种来源的分词器对同一串 id 给出同一段文本。
+        ids = [i for i in ids if i < self.num_ids]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
-        return self.enc.decode(list(ids), errors="replace")
+        return self.enc.decode(ids, errors="replace")
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         """返回 id 与每个 token 在（NFC 后）文本中的起始字符位置。"""
@@ -228,7 +231,7 @@ class Tokenizer:
         return self._backend.encode_batch(texts)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """token id → 文本；不完整的 UTF-8 字节以 U+FFFD 代替。"""
+        """token id → 文本；不完整的 UTF-8 字节以 U+FFFD 代替，词表外的 id（填充行）被丢掉（同 tokenizers）。"""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens)
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
