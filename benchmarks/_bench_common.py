@@ -24,17 +24,35 @@
 它们由 ``Usage``（getrusage(RUSAGE_SELF) 的快照与差值）与 ``measured``（把一段 with 块的差值累加进字典）
 测得，``usage_rows`` 排成两行；比值一律为 None。在子进程里运行的变体（bench_loss、bench_train）由子进程
 自己测量计时步的差值，放进它打印的 JSON（``Usage.as_dict``），父进程用 ``Usage.from_dict`` 读回。
+
+结果文件（``--out FILE``，每个脚本都有；``parse_with_smoke`` 加上这个参数）：脚本结束时 ``write_result`` 把
+一次运行写成一个 JSON 对象——README 的表格引用的就是 ``benchmarks/results/`` 里这样的文件，而不是手抄的数字：
+
+    benchmark  脚本名（如 bench_generate）
+    command    重现这次运行的命令行（``python benchmarks/<脚本>.py <参数>``）
+    machine    机器记录（``machine_record``）：CPU 型号、逻辑核数与本进程可用的核数、torch 线程数、
+               运行前后的 1/5/15 分钟负载、torch / transformers / python 版本、平台、malloc 调优、
+               CUDA 设备名（有的话）、UTC 日期时间
+    record     脚本打印的那行 JSON（各脚本自己的字段）
+    rows       比值表的各行（未取整）
+
+已有的文件不覆盖（结果文件是别人引用的数据）：解析参数时就拒绝，写入时用 link 原子地“只在不存在时创建”。
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
+import os
+import platform
 import resource
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 from typing import Optional
 
 from functional_lm.allocator import tune_malloc
@@ -46,6 +64,7 @@ MALLOC_TUNED = tune_malloc()
 __all__ = [
     "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "step_rows", "run_workers", "process_note",
     "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
+    "cpu_model", "machine_record", "command_line", "write_result", "hf_model_from_params",
 ]
 # 进程开销行的单位：这样的行允许有参照而没有比值。
 PROCESS_UNITS = ("%user", "faults/step")
@@ -64,15 +83,130 @@ def model_config(preset: str):
     return ModelConfig(**SMOKE_MODEL) if preset == "smoke" else get_preset(preset)
 
 
+def hf_model_from_params(params: dict, cfg, share: bool = False):
+    """同一组张量的 transformers Qwen2ForCausalLM：配置经 hf.config_to_hf 转换，权重经 load_state_dict 装入
+    （参照一侧与本项目一侧因此从同一组初始权重出发）。
+
+    share=False 拷入（学生：两边各自训练）；share=True 直接用同一块存储（教师：只读，省下一份权重；dtype 也随之
+    取参数字典的，如 bf16 教师）。共享嵌入时参数字典里没有 lm_head.weight，所以只允许缺这一个键；装入后重新绑定
+    并核对 lm_head 与嵌入是同一块存储。"""
+    import transformers
+
+    from functional_lm.hf import config_to_hf
+
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config_to_hf(cfg)))
+    result = model.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False, assign=share)
+    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    if set(result.missing_keys) - allowed or result.unexpected_keys:
+        raise RuntimeError(f"weights do not map onto Qwen2ForCausalLM: {result}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+            raise RuntimeError("transformers did not tie lm_head to embed_tokens")
+    return model
+
+
 def parse_with_smoke(parser, argv, smoke: dict):
-    """加上 ``--smoke`` 并解析：给了它就换上 smoke 缺省值再解析一次，命令行上显式给出的参数仍然优先
-    （bench_loss、bench_train 的子进程拿到同样的 argv，也会这样做）。"""
+    """加上 ``--smoke`` 与 ``--out`` 并解析：给了 --smoke 就换上 smoke 缺省值再解析一次，命令行上显式给出的
+    参数仍然优先（bench_loss、bench_train 的子进程拿到同样的 argv，也会这样做）。
+
+    --out 指向已有的文件时立刻报错（argparse 的一段话、退出码 2），不等跑完才发现写不进去。
+    ``args.load_before`` 记下解析时（即运行开始时）的负载，``write_result`` 把它写进机器记录。"""
     parser.add_argument("--smoke", action="store_true", help="极小尺寸试跑 / tiny sizes: " + str(smoke))
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="把结果行与机器记录写成 JSON（不覆盖已有文件）/ write the rows and the machine record "
+                        "as JSON to FILE (an existing file is never overwritten)")
     args = parser.parse_args(argv)
     if args.smoke:
         parser.set_defaults(**smoke)
         args = parser.parse_args(argv)
+    if args.out is not None and Path(args.out).exists() and not getattr(args, "worker", None):
+        parser.error(f"--out {args.out} already exists; result files are never overwritten: choose a new name "
+                     "(e.g. with today's date) or delete the old file first")
+    args.load_before = _load_average()
     return args
+
+
+# ---------------------------------------------------------------- 结果文件（--out）
+def _load_average() -> Optional[list[float]]:
+    """1/5/15 分钟负载（os.getloadavg）；平台不支持时为 None。"""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """CPU 型号：/proc/cpuinfo 第一行 ``model name``；读不到时退回 platform.processor()（可能为空串）。"""
+    try:
+        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict:
+    """torch / transformers / python 的版本（transformers 没装时为 None）。"""
+    import torch
+
+    try:
+        import transformers
+
+        hf = transformers.__version__
+    except ImportError:
+        hf = None
+    return {"torch": torch.__version__, "transformers": hf, "python": platform.python_version()}
+
+
+def machine_record(load_before: Optional[list[float]]) -> dict:
+    """这台机器与这次运行的环境：CPU、核数、线程、运行前后的负载、版本、malloc 调优、CUDA 设备、日期时间（UTC）。"""
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "usable_cores": usable,
+        "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": _load_average(),
+        **_versions(), "platform": platform.platform(), "malloc_tuned": MALLOC_TUNED, "cuda_device": cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def command_line(script: str, argv: Optional[list[str]]) -> str:
+    """重现这次运行的命令：``python benchmarks/<脚本>.py <参数>``（argv 为 None 时取 sys.argv[1:]）。"""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *argv])
+
+
+def write_result(args, script: str, argv: Optional[list[str]], record: dict, rows: list[dict]) -> Optional[Path]:
+    """给了 --out 时把这次运行写成 JSON（格式见模块说明）并返回路径；没给时什么都不做、返回 None。
+
+    先写同目录的临时文件并 fsync，再 os.link 到目标名：目标已存在时 link 失败（FileExistsError），
+    已有的文件因此永远不会被覆盖；写到一半的文件也永远不会出现在目标名下。"""
+    if args.out is None:
+        return None
+    target = Path(args.out)
+    payload = {"benchmark": Path(script).stem, "command": command_line(script, argv),
+               "machine": machine_record(getattr(args, "load_before", None)), "record": record, "rows": rows}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, target)
+    except FileExistsError:
+        raise SystemExit(f"--out {target} appeared while the benchmark ran; it was left as it was and this run's "
+                         f"result was not written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"result written to {target}", file=sys.stderr)
+    return target
 
 
 def row(name: str, unit: str, ours: float, reference: Optional[float] = None, ratio: Optional[float] = None) -> dict:
@@ -154,15 +288,17 @@ def step_rows(name: str, mine: dict, ref: dict, tokens: int) -> list[dict]:
     ]
 
 
-def run_workers(script: str, argv: list[str], variants: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict:
+def run_workers(script: str, argv: list[str], variants: tuple[str, ...], extra: tuple[str, ...] = (),
+                env: Optional[dict] = None) -> dict:
     """每个变体一个子进程：``python script argv --worker 变体 extra``（峰值内存因此是这个变体自己的）。
 
+    env：在本进程环境之上为子进程另设的变量（例如 FUNCTIONAL_LM_MALLOC=default：子进程不调 malloc）。
     返回 变体 → 子进程打印的最后一行 JSON；失败的变体记下退出码与 stderr 末尾。"""
     results = {}
     for variant in variants:
         print(f"running {variant} …", file=sys.stderr)
         command = [sys.executable, script, *argv, "--worker", variant, *extra]
-        out = subprocess.run(command, capture_output=True, text=True)
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env} if env else None)
         if out.returncode != 0:
             results[variant] = {"error": f"exit {out.returncode}", "stderr_tail": out.stderr[-2000:]}
             continue

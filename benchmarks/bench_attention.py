@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm.layers import gqa_attention, sub_params
 from functional_lm.model import init_params
@@ -135,6 +135,7 @@ def main(argv=None):
     print_table(f"attention (train = fwd+bwd, infer = no_grad fwd), {args.preset} shape, {args.batch}x{args.seq}, median of {args.rounds} rounds "
                 "(ratio = with segment ids / without)", rows, ours_label="with_segments", reference_label="without")
     print(json.dumps(result))
+    write_result(args, __file__, argv, result, rows)
     return {**result, "rows": rows}
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from _bench_common import (
     MALLOC_TUNED, Usage, measured, parse_with_smoke, print_table, row, run_workers, step_rows,
-    usage_rows,
+    usage_rows, write_result,
 )
 from bench_train import _configs, add_step_arguments
 
@@ -284,6 +284,7 @@ def main(argv=None):
                 f"top-k {args.top_k}, float16 values (build: ours = cache build, reference = teacher forward only; "
                 f"step: ours = targets from the cache, reference = live teacher + top-k)", rows)
     print(json.dumps(summary))
+    write_result(args, __file__, argv, summary, rows)
     return {**summary, "rows": rows}
 
 

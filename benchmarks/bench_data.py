@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench_common import Usage, measured, model_config, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import Usage, measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm.data import BatchLoader, DocumentSource, build_token_cache, default_corpus, load_tokenizer, pack
 from functional_lm.data.sources import Document
@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
              *usage_rows("loader", load_usage, student_usage)]
     print_table(f"data pipeline, corpus x{args.repeat}, batches ({args.batch_size}, {args.seq_len}) "
                 "(ratio = ours / reference)", rows)
-    return {"bench": "data", "repeat": args.repeat, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "rows": rows}
+    record = {"bench": "data", "repeat": args.repeat, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    write_result(args, __file__, argv, record, rows)
+    return {**record, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm import forward, init_params
 from functional_lm.typing import typecheck
@@ -186,6 +186,7 @@ def main(argv=None):
     print_table(f"forward+backward, {args.preset}, {args.batch}x{args.seq}, median of {args.rounds} rounds "
                 "(ratio = ours / transformers)", rows, reference_label="transformers")
     print(json.dumps(result))
+    write_result(args, __file__, argv, result, rows)
     return {**result, "rows": rows}
 
 

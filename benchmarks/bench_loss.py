@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import MALLOC_TUNED, Usage, measured, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import MALLOC_TUNED, Usage, measured, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
 
@@ -203,6 +203,7 @@ def main(argv=None):
     print_table(f"distillation loss, {args.batch}x{args.seq} tokens, vocab {args.vocab} (ratio = chunked / plain)",
                 rows, ours_label="chunked", reference_label="plain")
     print(json.dumps(record))
+    write_result(args, __file__, argv, record, rows)
     return {**record, "rows": rows}
 
 

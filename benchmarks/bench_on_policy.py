@@ -6,8 +6,18 @@
 一个在线步分三段计时：
 
     generate      学生按温度 1 采样 N 个新 token（不设 EOS，两边都恰好生成 N 个），并整理出打分用的批
-    teacher       教师在 [提示 | 续写] 上前向（no_grad）
-    student_loss  学生前向 + 损失 + 反向 + 梯度裁剪（全局范数 1）+ AdamW 一步
+    teacher       教师的主干在 [提示 | 续写] 上前向到最终隐藏状态（最后的 RMSNorm 之后；no_grad）
+    student_loss  教师的输出投影（隐藏状态 × 教师的输出矩阵，no_grad）+ 学生前向 + 损失 + 反向
+                  + 梯度裁剪（全局范数 1）+ AdamW 一步
+
+教师的输出投影为什么算在 student_loss 段（两边一样）：本项目训练器的缺省路径（top_k = 0）把它放进分块损失，
+每块先乘教师的输出矩阵得到这一块的教师 logits、再与学生的这一块比较，完整的教师 logits 从不存在——这一乘法
+与学生的损失交织在一起，拆出来单独计时就得换一条计算路径（例如先物化教师 logits，或改走 top-k 稀疏目标，
+损失也随之变了，预热步的损失核对就不再成立）。所以反过来让参照一侧把它的 lm_head 挪到同一段：参照的
+teacher 段只跑 ``model.model``（主干 + 最终范数），student_loss 段先在 no_grad 下乘 ``lm_head`` 得到完整的教师
+logits，再做学生一侧。这样两边的每一段做同样的工作：teacher 段比的是两个主干，student_loss 段比的是
+“教师投影 + 学生的前向反向与损失 + 优化器”。参照仍像 GKDTrainer 那样对全部 P + N 个位置做投影，本项目只对
+计损失的 N 个位置做——这是实现上真正省下的工作，落在 student_loss 段里，两边都算在这一段。
 
 损失是只在生成的 token 上平均的逐 token 反向 KL（α = 1、T = 1，没有交叉熵项）：
 
@@ -17,18 +27,19 @@
                每行自己的种子，vocab_limit = 真实词表) → on_policy.scoring_batch → train.teacher_hidden_states
                （只到最终隐藏状态）→ train.distill_loss（分块损失按块乘输出投影，从不物化整批 logits；设置取
                on_policy.loss_configs(...)["student"]）→ backward → clip → build_optimizer 的 AdamW
-    reference  GKDTrainer 的做法（TRL 没有安装，这里用 transformers 与 torch 重写其计算模式）：学生
+    reference  GKDTrainer 的做法（用 transformers 与 torch 重写其计算模式；真正的 TRL 见 bench_trl.py）：学生
                Qwen2ForCausalLM.generate(do_sample, temperature 1, top_k 0, top_p 1，动态 KV 缓存) → 教师
-               整段前向取完整 logits (b, P+N, V) → 学生整段前向（带梯度）取完整 logits → 截到续写位置
-               [P−1 : −1]、log_softmax 后按 GKD 的 β = 1（即反向 KL）逐 token 求和、在续写 token 上平均
-               → backward → clip → AdamW
+               主干整段前向（model.model）→ [student_loss 段] 教师 lm_head 得完整 logits (b, P+N, V)
+               → 学生整段前向（带梯度）取完整 logits → 截到续写位置 [P−1 : −1]、log_softmax 后按 GKD 的
+               β = 1（即反向 KL）逐 token 求和、在续写 token 上平均 → backward → clip → AdamW
 
 本项目一侧保持训练器的缺省设置：运行时形状检查打开（typecheck），学生 float32、不编译前向与损失。
 每边先完整预热一步（不计时；本项目的解码步在这里编译）。预热时参照一侧的教师与学生打分用的是本项目预热生成的
 同一批序列，两边的初始权重相同，所以两个损失应当一致（JSON 里的 warmup_loss_rel_diff，核对两边算的是同一个量）。
-随后两边轮流各跑 --steps 步（机器与别人共享，轮流让两边经历相近的负载），每段取各步的中位数。表中各行：
+随后两边轮流各跑 --steps 步（缺省 3；机器与别人共享，轮流让两边经历相近的负载），每段取各步的中位数。表中各行：
 
-    generate_s / teacher_s / student_loss_s   s  各段耗时，比值 = ours / reference（< 1 表示本项目更快）
+    generate_s / teacher_s / student_loss_s   s  各段耗时（teacher_s 不含教师的输出投影，见上），
+                                                 比值 = ours / reference（< 1 表示本项目更快）
     step_s                                    s  整步墙钟时间（三段之和），比值同上
     step_sys                              %user  100 · 系统态 / 用户态 CPU 秒（计时各步合计），无比值
     step_faults                     faults/step  每个计时步的次缺页数，无比值
@@ -36,7 +47,8 @@
 两边在同一个进程、同样的 malloc 设置下测量（导入 _bench_common 即应用 tune_malloc）。表前另打印一行加速比
 （reference / ours），表后是一行 JSON；main(argv) 返回 JSON 的内容，外加 "rows"（见 _bench_common.py）。
 
-    python benchmarks/bench_on_policy.py                  # 缺省 b 8、P 64、N 64，student-123m ← 0.5B 形状教师
+    python benchmarks/bench_on_policy.py                  # 缺省 b 8、P 64、N 64，3 步中位数，student-123m ← 0.5B 形状教师
+    python benchmarks/bench_on_policy.py --out benchmarks/results/bench_on_policy-$(date +%F).json
     python benchmarks/bench_on_policy.py --steps 1        # 每边只计时一步
     python benchmarks/bench_on_policy.py --smoke          # 同一条路径、极小尺寸（1 层 smoke 学生与稍大的 1 层教师）
     python benchmarks/bench_on_policy.py --device cuda    # GPU 检查（benchmarks/gpu_check.sh）：两边都在 GPU 上
@@ -55,7 +67,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _bench_common import SMOKE_MODEL, measured, model_config, parse_with_smoke, print_table, row, usage_rows
+from _bench_common import (
+    SMOKE_MODEL, hf_model_from_params, measured, model_config, parse_with_smoke, print_table, row, usage_rows,
+    write_result,
+)
 
 # 教师形状：Qwen2.5-0.5B（与 bench_train.TEACHER_SHAPE 相同）；smoke 教师比 smoke 学生宽一些（隐藏 96、前馈 192）。
 TEACHERS = {
@@ -80,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--student", default="student-123m",
                    help="学生预设名（smoke 为 _bench_common.SMOKE_MODEL）/ student preset (smoke = SMOKE_MODEL)")
     p.add_argument("--teacher", choices=sorted(TEACHERS), default="qwen2.5-0.5b", help="教师形状 / teacher shape")
-    p.add_argument("--steps", type=int, default=2, help="每边计时的步数（另有一步预热）/ timed steps per side (plus one warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="每边计时的步数，各段取中位数（另有一步预热）/ timed steps per "
+                   "side, median per phase (plus one warm-up)")
     p.add_argument("--real-vocab", type=int, default=REAL_VOCAB,
                    help="真实词表大小（其后的列不采样、不计损失）/ real vocabulary size (later columns are excluded)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU 线程数（缺省用 torch 的设置）/ torch CPU threads")
@@ -99,27 +115,6 @@ def _configs(args):
     from functional_lm import ModelConfig
 
     return model_config(args.student), ModelConfig(**TEACHERS[args.teacher])
-
-
-def _hf_model(params: dict, cfg, share: bool = False) -> Any:
-    """同一组张量的 transformers Qwen2ForCausalLM：配置经 hf.config_to_hf 转换，权重经 load_state_dict 装入。
-
-    share=False 拷入（学生：两边各自训练）；share=True 直接用同一块存储（教师：只读，省下一份 0.5B 的权重）。
-    共享嵌入时参数字典里没有 lm_head.weight，所以只允许缺这一个键；装入后重新绑定并核对 lm_head 与嵌入同一块存储。"""
-    import transformers
-
-    from functional_lm.hf import config_to_hf
-
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config_to_hf(cfg)))
-    result = model.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False, assign=share)
-    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    if set(result.missing_keys) - allowed or result.unexpected_keys:
-        raise RuntimeError(f"weights do not map onto Qwen2ForCausalLM: {result}")
-    if cfg.tie_word_embeddings:
-        model.tie_weights()
-        if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-            raise RuntimeError("transformers did not tie lm_head to embed_tokens")
-    return model
 
 
 def _prompts(args) -> torch.Tensor:
@@ -164,7 +159,7 @@ def _ours_generate(params, cfg, prompts, args) -> Callable[[int], Any]:
     return run
 
 
-def _ours(args, student: dict, teacher: dict) -> Side:
+def ours_side(args, student: dict, teacher: dict) -> Side:
     """本项目的一步：与训练器 optimizer_step → _micro_step（来源 "student"）相同的组成。"""
     from functional_lm import TrainingConfig
     from functional_lm.model import unique_tensors
@@ -220,11 +215,12 @@ def _hf_optimizer(model) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _reference(args, student: dict, teacher: dict) -> Side:
-    """参照的一步：transformers generate（动态缓存）→ 教师完整 logits → 学生完整 logits + 反向 KL。"""
+def reference_side(args, student: dict, teacher: dict) -> Side:
+    """参照的一步：transformers generate（动态缓存）→ 教师主干 → 教师 lm_head 的完整 logits + 学生完整 logits
+    + 反向 KL（后两者同在 student_loss 段）。"""
     scfg, tcfg_model = _configs(args)
-    s_model = _hf_model(student, scfg).to(args.device).train()
-    t_model = _hf_model(teacher, tcfg_model, share=True).to(args.device).eval().requires_grad_(False)
+    s_model = hf_model_from_params(student, scfg).to(args.device).train()
+    t_model = hf_model_from_params(teacher, tcfg_model, share=True).to(args.device).eval().requires_grad_(False)
     optimizer, prompts, p, n = _hf_optimizer(s_model), _prompts(args), args.prompt, args.new_tokens
 
     def generate_side(seed: int):
@@ -235,11 +231,13 @@ def _reference(args, student: dict, teacher: dict) -> Side:
                 top_p=1.0, max_new_tokens=n, min_new_tokens=n, eos_token_id=None, pad_token_id=0,
             )
 
-    def teacher_side(seq):
+    def teacher_side(seq):  # 主干到最终隐藏状态；输出投影在 student_side（见模块说明）
         with torch.no_grad():
-            return t_model(seq, attention_mask=torch.ones_like(seq)).logits
+            return t_model.model(seq, attention_mask=torch.ones_like(seq)).last_hidden_state
 
-    def student_side(seq, t_logits) -> float:
+    def student_side(seq, t_hidden) -> float:
+        with torch.no_grad():
+            t_logits = t_model.lm_head(t_hidden)
         s_logits = s_model(seq, attention_mask=torch.ones_like(seq)).logits
         loss = reverse_kl_on_completion(s_logits, t_logits, p, args.real_vocab)
         loss.backward()
@@ -338,6 +336,7 @@ def _summary(args, med, losses, usage, produced, warm) -> dict:
         "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "steps": args.steps,
         "student": args.student, "teacher": f"{teacher} (random)", "real_vocab": args.real_vocab,
         "torch": torch.__version__, "transformers": transformers.__version__,
+        "teacher_projection_phase": "student_loss_s",  # 两边都把教师的输出投影计在这一段（见模块说明）
         "median_s": {side: {k: round(v, 4) for k, v in per.items()} for side, per in med.items()},
         "speedup": speedup, "losses": losses, "new_tokens_out": produced,
         "sys_pct_user": {s: round(u.sys_pct(), 2) for s, u in usage.items()},
@@ -361,8 +360,8 @@ def _build_sides(args) -> dict:
     student = init_params(scfg, seed=0, device=args.device)
     teacher = init_params(tcfg_model, seed=1, device=args.device)
     _log("building the transformers models (reference)")
-    ref = _reference(args, student, teacher)  # 先拷走：本项目一侧随后在原张量上训练
-    return {"ours": _ours(args, student, teacher), "reference": ref}
+    ref = reference_side(args, student, teacher)  # 先拷走：本项目一侧随后在原张量上训练
+    return {"ours": ours_side(args, student, teacher), "reference": ref}
 
 
 def main(argv=None) -> dict:
@@ -381,6 +380,7 @@ def main(argv=None) -> dict:
                 "(ratio = ours / reference time: < 1 means ours is faster)", rows,
                 reference_label="trl_style")
     print(json.dumps(record))
+    write_result(args, __file__, argv, record, rows)
     return {**record, "rows": rows}
 
 

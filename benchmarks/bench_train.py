@@ -8,7 +8,16 @@
     ours_compile       同上，打开 TrainingConfig.compile：torch.compile 编译师生前向与分块损失的逐元素部分
     ours_teacher_bf16  ours_compile 再加上教师以 bfloat16 权重运行（TrainingConfig.teacher_bf16）
     baseline  transformers 的 Qwen2ForCausalLM（学生训练、教师 no_grad）+ 教科书式的完整 logits 损失：
-              F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy
+              F.kl_div(log_softmax(s/T), log_softmax(t/T)) · T² 与 F.cross_entropy，教师 float32
+    baseline_teacher_bf16  同一个基线，教师换成同一组 bfloat16 权重（logits 转回 float32 再算损失）
+
+比值各自只改变一件事：ours、ours_compile 对 baseline（教师都是 float32），ours_teacher_bf16 对
+baseline_teacher_bf16（两边教师都是同一组 bf16 权重），见 REFERENCE。
+
+两边从同一组权重出发：学生 init_params(种子 0)、教师 init_params(种子 1，bf16 变体直接以 bf16 生成)，基线的
+transformers 模型由这些张量 load_state_dict 而来（_bench_common.hf_model_from_params）；同一批 token。所以每对
+（变体, 它的参照）第一步的损失应当一致——JSON 的 first_loss_rel_diff 逐对记下相对差（float32 只差舍入，
+bf16 教师差在两边 bf16 logits 的舍入上）。
 
 每个变体在独立子进程中运行；峰值内存取子进程自身的 max RSS，时间取若干步中最快的一步（首步预热不计）。
 子进程还用 getrusage 测量计时各步（同样不含首步）的用户态 / 系统态 CPU 秒与次缺页数，写进它的 JSON（"usage"）。
@@ -19,10 +28,13 @@
     <变体>_faults      faults/step  每个计时步的次缺页数，参照同上，无比值
     <变体>_peak_rss    MiB          峰值内存，比值
 
+（参照一列是这个变体的参照：baseline 或 baseline_teacher_bf16。）
+
 每个子进程都导入 _bench_common（即应用 tune_malloc），两边在同样的 malloc 设置下运行（表前打印一行说明）。
 main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
     python benchmarks/bench_train.py                       # 缺省 4 × 512 个 token
+    python benchmarks/bench_train.py --out benchmarks/results/bench_train-$(date +%F).json
     python benchmarks/bench_train.py --batch 1 --seq 128   # 快速试跑
     python benchmarks/bench_train.py --smoke               # 同一条路径、极小尺寸（1 层 smoke 学生与 1 层小教师、2×16）
 """
@@ -38,7 +50,8 @@ import time
 import torch
 import torch.nn.functional as F
 from _bench_common import (
-    MALLOC_TUNED, SMOKE_MODEL, Usage, measured, model_config, parse_with_smoke, print_table, run_workers, step_rows,
+    MALLOC_TUNED, SMOKE_MODEL, Usage, hf_model_from_params, measured, model_config, parse_with_smoke, print_table,
+    run_workers, step_rows, write_result,
 )
 
 TEACHER_SHAPE = dict(
@@ -55,7 +68,14 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 # --smoke 的教师：smoke 学生的形状，隐藏维度与前馈更宽（96 / 192，与学生不同），层数由 --teacher-layers 决定。
 SMOKE_TEACHER_SHAPE = {**SMOKE_MODEL, "hidden_size": 96, "intermediate_size": 192}
 REAL_VOCAB = 151665
-VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline")
+VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline", "baseline_teacher_bf16")
+# 每个本项目变体的参照：只差实现本身（教师精度相同）。
+REFERENCE = {"ours": "baseline", "ours_compile": "baseline", "ours_teacher_bf16": "baseline_teacher_bf16"}
+
+
+def references(bf16: bool) -> dict:
+    """各变体的参照。--bf16（GPU 检查）时两边的教师本来就都是 bf16：baseline 已是 bf16 教师，不另跑一遍。"""
+    return {name: "baseline" for name in REFERENCE} if bf16 else dict(REFERENCE)
 # --smoke 的缺省值（显式参数仍然优先）：分块 8 个 token，让 32 个 token 真的分成 4 块。
 SMOKE = dict(batch=2, seq=16, steps=2, teacher_layers=1, student="smoke", real_vocab=250, chunk_size=8)
 
@@ -102,9 +122,18 @@ def _batch(args):
     return batch.to(args.device)
 
 
+def initial_weights(args, teacher_bf16: bool) -> tuple[dict, dict]:
+    """两边共用的初始权重：(学生参数 float32、种子 0, 教师参数、种子 1、bf16 教师直接以 bf16 生成)。"""
+    from functional_lm import init_params
+
+    scfg, tcfg_model = _configs(args)
+    dtype = torch.bfloat16 if teacher_bf16 or args.bf16 else torch.float32
+    return init_params(scfg, seed=0, device=args.device), init_params(tcfg_model, seed=1, dtype=dtype, device=args.device)
+
+
 def _ours(args, teacher_bf16=False, compile=False):
     """本项目的训练步（与 functional_lm.train.train 中的一步相同的组成）。"""
-    from functional_lm import TrainingConfig, init_params
+    from functional_lm import TrainingConfig
     from functional_lm.model import forward_hidden
     from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
 
@@ -113,9 +142,9 @@ def _ours(args, teacher_bf16=False, compile=False):
     tcfg = TrainingConfig(loss_chunk_size=args.chunk_size, teacher_bf16=teacher_bf16, compile=compile, bf16=args.bf16)
     student_fwd = torch.compile(forward_hidden) if compile else forward_hidden
     teacher_fwd = torch.compile(forward_hidden) if compile else forward_hidden
-    params = {k: v.requires_grad_(True) for k, v in init_params(scfg, seed=0, device=args.device).items()}
-    dtype = torch.bfloat16 if teacher_bf16 else torch.float32
-    teacher = Model(init_params(tcfg_model, seed=1, dtype=dtype, device=args.device), tcfg_model)
+    student, teacher_params = initial_weights(args, teacher_bf16)
+    params = {k: v.requires_grad_(True) for k, v in student.items()}
+    teacher = Model(teacher_params, tcfg_model)
     optimizer = build_optimizer(params, tcfg, fused=args.device.startswith("cuda"))
     batch = _batch(args)
 
@@ -133,23 +162,12 @@ def _ours(args, teacher_bf16=False, compile=False):
     return step
 
 
-def _hf_model(cfg):
-    import transformers
-
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    return transformers.Qwen2ForCausalLM(hf_cfg)
-
-
-def _baseline(args, alpha=0.5, temperature=2.0):
-    """基线：transformers 模型 + 完整 logits 的 KD 损失（常见写法）。"""
+def _baseline(args, teacher_bf16=False, alpha=0.5, temperature=2.0):
+    """基线：transformers 模型（与本项目同一组初始权重）+ 完整 logits 的 KD 损失（常见写法）。"""
     scfg, tcfg_model = _configs(args)
-    student = _hf_model(scfg).to(args.device).train()
-    teacher = _hf_model(tcfg_model).to(args.device, torch.bfloat16 if args.bf16 else torch.float32)
+    student_params, teacher_params = initial_weights(args, teacher_bf16)
+    student = hf_model_from_params(student_params, scfg).to(args.device).train()
+    teacher = hf_model_from_params(teacher_params, tcfg_model, share=True).to(args.device)
     teacher = teacher.eval().requires_grad_(False)
     decay = [p for n, p in student.named_parameters() if not (n.endswith("bias") or n.endswith("norm.weight"))]
     keep = [p for n, p in student.named_parameters() if n.endswith("bias") or n.endswith("norm.weight")]
@@ -188,8 +206,8 @@ def _setup(args):
             handle.write("1000")
     except OSError:
         pass
-    if args.worker == "baseline":
-        return _baseline(args)
+    if args.worker.startswith("baseline"):
+        return _baseline(args, teacher_bf16=args.worker == "baseline_teacher_bf16")
     bf16 = args.worker == "ours_teacher_bf16"
     return _ours(args, teacher_bf16=bf16, compile=bf16 or args.worker == "ours_compile")
 
@@ -251,14 +269,33 @@ def _peak_tflops(args) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def ratio_rows(results, tokens):
-    """每个本项目变体四行：tokens/s、两行进程开销与峰值内存，参照都是 baseline；比值由步时与 RSS 直接算出，
-    进程开销行没有比值。"""
-    base = results["baseline"]
+def ratio_rows(results, tokens, refs=REFERENCE):
+    """每个本项目变体四行：tokens/s、两行进程开销与峰值内存，参照是 refs 里它的参照；比值由步时与 RSS
+    直接算出，进程开销行没有比值。"""
     rows = []
-    for name in VARIANTS[:-1]:
-        rows += step_rows(name, results[name], base, tokens)
+    for name, ref in refs.items():
+        rows += step_rows(name, results[name], results[ref], tokens)
     return rows
+
+
+def first_loss_rel_diff(results, refs=REFERENCE) -> dict:
+    """每对（变体, 它的参照）第一步损失的相对差 |ℓ_ours − ℓ_ref| / |ℓ_ref|：同一组权重、同一批，应当只差舍入。"""
+    return {name: abs(results[name]["losses"][0] - results[ref]["losses"][0]) / max(abs(results[ref]["losses"][0]), 1e-30)
+            for name, ref in refs.items()}
+
+
+def _comparisons(results, tokens, refs=REFERENCE) -> dict:
+    """JSON 里每个本项目变体的 tokens/s、对它的参照的速度比与内存比，以及各参照的 tokens/s。"""
+    out = {f"{ref}_tokens_per_s": round(tokens / results[ref]["step_s"], 1) for ref in sorted(set(refs.values()))}
+    for name, ref in refs.items():
+        mine, base = results[name], results[ref]
+        out[name] = {
+            "reference": ref,
+            "tokens_per_s": round(tokens / mine["step_s"], 1),
+            "speed_ratio": round(base["step_s"] / mine["step_s"], 3),
+            "memory_ratio": round(mine["peak_rss_mib"] / base["peak_rss_mib"], 3),
+        }
+    return out
 
 
 def main(argv=None):
@@ -266,7 +303,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    results = run_workers(__file__, argv, VARIANTS)
+    refs = references(args.bf16)
+    results = run_workers(__file__, argv, tuple(v for v in VARIANTS if v in refs or v in refs.values()))
     tokens = args.batch * args.seq
     teacher = "smoke-shaped" if args.smoke else f"Qwen2.5-{args.teacher_shape.upper()}-shaped"
     layers = _configs(args)[1].num_layers
@@ -282,25 +320,19 @@ def main(argv=None):
         summary["mfu"] = {name: round(flops / r["step_s"] / (peak * 1e12), 4) for name, r in results.items()}
     rows = []
     if all("step_s" in r for r in results.values()):
-        base = results["baseline"]
-        summary["baseline_tokens_per_s"] = round(tokens / base["step_s"], 1)
-        for name in VARIANTS[:-1]:
-            mine = results[name]
-            summary[name] = {
-                "tokens_per_s": round(tokens / mine["step_s"], 1),
-                "speed_ratio": round(base["step_s"] / mine["step_s"], 3),
-                "memory_ratio": round(mine["peak_rss_mib"] / base["peak_rss_mib"], 3),
-            }
-        rows = ratio_rows(results, tokens)
+        summary.update(_comparisons(results, tokens, refs))
+        summary["first_loss_rel_diff"] = first_loss_rel_diff(results, refs)
+        rows = ratio_rows(results, tokens, refs)
         summary["targets"] = {"speed_ratio_min": 1.5, "memory_ratio_max": 0.5}
     memory = "device peak" if args.device.startswith("cuda") else "peak RSS"
     print_table(f"distillation train step on {device}, {args.student} <- {teacher} teacher, {args.batch}x{args.seq}, "
-                f"{'bf16' if args.bf16 else 'fp32'}, memory = {memory} (ratio = ours / baseline)", rows,
-                reference_label="baseline")
+                f"{'bf16' if args.bf16 else 'fp32'}, memory = {memory} (ratio = ours / its baseline: the same teacher "
+                "precision, see REFERENCE)", rows, reference_label="baseline")
     if "mfu" in summary:
         print("MFU (model FLOPs / step time / peak bf16 FLOPs): "
               + ", ".join(f"{k} {v:.1%}" for k, v in summary["mfu"].items()))
     print(json.dumps(summary))
+    write_result(args, __file__, argv, summary, rows)
     return {**summary, "rows": rows}
 
 

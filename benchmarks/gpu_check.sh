@@ -17,6 +17,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export FUNCTIONAL_LM_CACHE=${FUNCTIONAL_LM_CACHE:-/tmp/functional_lm_cache}
+# 结果文件（--out，见 benchmarks/results/README.md）：缺省写到 $OUT/results（设备机器上带回的目录），否则 /tmp/results。
+RESULTS=${RESULTS:-${OUT:-/tmp}/results}
+DAY=$(date +%F)
+mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 status=0
@@ -29,9 +33,9 @@ step() {  # step 名字 超时秒数 命令…：一步失败不影响后面的�
 }
 step "CUDA tests" 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step "bench_train: student-123m <- Qwen2.5-1.5B-shaped teacher, bf16, 8x512" 200 \
-    $PY benchmarks/bench_train.py --device cuda --bf16 --teacher-shape 1.5b --batch 8 --seq 512 --steps 6
+    $PY benchmarks/bench_train.py --device cuda --bf16 --teacher-shape 1.5b --batch 8 --seq 512 --steps 6 --out "$RESULTS/bench_train-cuda-$DAY.json"
 step "bench_generate: student-123m, batch 1 and 8, CUDA graphs" 150 \
-    $PY benchmarks/bench_generate.py --device cuda --batches 1,8 --new-tokens 128 --compile-mode reduce-overhead
+    $PY benchmarks/bench_generate.py --device cuda --batches 1,8 --new-tokens 128 --compile-mode reduce-overhead --out "$RESULTS/bench_generate-cuda-$DAY.json"
 step "bench_on_policy: student-123m <- Qwen2.5-0.5B-shaped teacher, b 8, prompt 64, 64 new tokens" 150 \
-    $PY benchmarks/bench_on_policy.py --device cuda --steps 3
+    $PY benchmarks/bench_on_policy.py --device cuda --steps 3 --out "$RESULTS/bench_on_policy-cuda-$DAY.json"
 exit $status

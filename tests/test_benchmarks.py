@@ -7,6 +7,10 @@
 （bench_forward、bench_generate、bench_on_policy 会编译）。每个脚本只跑一次（模块级夹具 ``smoke_run`` 记下结果），
 所有测试都只读这份结果。不断言耗时。
 
+每次冒烟运行都带 ``--out``：结果文件（机器记录、命令行、记录与各行）写到本模块的临时目录，
+test_result_file_holds_the_run 逐个核对。bench_trl 不在这里运行（它需要 TRL，测试环境不装），它的纯函数见
+test_bench_trl.py。
+
 进程开销行（单位 %user 与 faults/step，行名以 ``_sys``、``_faults`` 结尾）紧跟在各变体的吞吐行之后：
 冒烟尺寸下它们可能为 0，只要求有限、非负，有参照（同一次运行里测得的参照实现）而没有比值。
 
@@ -14,11 +18,15 @@
 第二次起命中），bench_forward、bench_generate、bench_on_policy（解码步）各编译一次；其余几秒钟。
 """
 
+import argparse
 import contextlib
+import datetime
 import importlib
 import io
 import json
 import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -46,7 +54,7 @@ SCRIPTS = {
         argv=["--threads", "{threads}"],
         rows=[n for v in ("ours", "ours_compile", "ours_teacher_bf16") for n in (*_with_usage(v), v + "_peak_rss")],
     ),
-    "bench_generate": dict(argv=[], rows=_with_usage("b1_eager", "b1_compiled")),
+    "bench_generate": dict(argv=[], rows=_with_usage("b1_eager", "b1_compiled", "b1_compiled_vs_static")),
     "bench_attention": dict(
         argv=["--threads", "{threads}"],
         rows=_with_usage("eager_train_doc16", "compiled_train_doc16", "eager_infer_doc16", "compiled_infer_doc16"),
@@ -105,22 +113,24 @@ def _run(module, argv):
     return result, out.getvalue(), graphs
 
 
-def _smoke(bench_modules, name):
+def _smoke(bench_modules, name, out_dir):
+    """冒烟运行，带 --out：结果文件写到 out_dir/<脚本>.json（test_result_file_* 读它）。"""
     spec = SCRIPTS[name]
-    argv = ["--smoke"] + [a.format(threads=torch.get_num_threads()) for a in spec["argv"]]
+    out = out_dir / f"{name}.json"
+    argv = ["--smoke", *[a.format(threads=torch.get_num_threads()) for a in spec["argv"]], "--out", str(out)]
     result, printed, graphs = _run(bench_modules(name), argv)
-    return dict(name=name, spec=spec, result=result, printed=printed, graphs=graphs)
+    return dict(name=name, spec=spec, result=result, printed=printed, graphs=graphs, argv=argv, out=out)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(bench_modules):
+def smoke_run(bench_modules, tmp_path_factory):
     """按名字取某个脚本的冒烟结果；每个脚本只跑一次（失败也只跑一次，之后原样抛出）。"""
-    cache = {}
+    cache, out_dir = {}, tmp_path_factory.mktemp("bench_results")
 
     def get(name):
         if name not in cache:
             try:
-                cache[name] = _smoke(bench_modules, name)
+                cache[name] = _smoke(bench_modules, name, out_dir)
             except Exception as err:  # noqa: BLE001 —— 记下失败，别的测试不再重跑这个脚本
                 cache[name] = err
         if isinstance(cache[name], Exception):
@@ -229,6 +239,60 @@ def _by_name(result):
     return {r["name"]: r for r in result["rows"]}
 
 
+# ---------------------------------------------------------------- 结果文件（--out）
+MACHINE_FIELDS = ("cpu_model", "logical_cores", "usable_cores", "torch_threads", "load_before", "load_after", "torch",
+                  "transformers", "python", "platform", "malloc_tuned", "cuda_device", "date")
+
+
+def test_result_file_holds_the_run(smoke):
+    # --out 写出的文件：能解析，机器记录齐全，行与记录就是 main 返回的，命令行能重现这次运行
+    saved = json.loads(smoke["out"].read_text(encoding="utf-8"))
+    assert set(saved) == {"benchmark", "command", "machine", "record", "rows"}
+    assert saved["benchmark"] == smoke["name"]
+    assert saved["rows"] == json.loads(json.dumps(smoke["result"]["rows"]))
+    assert saved["record"] == json.loads(json.dumps({k: v for k, v in smoke["result"].items() if k != "rows"}))
+    machine = saved["machine"]
+    assert set(MACHINE_FIELDS) <= set(machine)
+    assert machine["torch"] == torch.__version__ and machine["logical_cores"] == os.cpu_count()
+    assert machine["torch_threads"] >= 1 and machine["cpu_model"]
+    for key in ("load_before", "load_after"):
+        assert len(machine[key]) == 3 and all(x >= 0 for x in machine[key]), key
+    assert datetime.datetime.fromisoformat(machine["date"]).tzinfo is not None
+    assert shlex.split(saved["command"]) == ["python", f"benchmarks/{smoke['name']}.py", *smoke["argv"]]
+
+
+def test_out_refuses_an_existing_file(bench_modules, tmp_path, capsys):
+    # 已有的结果文件不覆盖：解析参数时就报错（argparse 的一段话，退出码 2），文件原样
+    old = tmp_path / "old.json"
+    old.write_text("keep me", encoding="utf-8")
+    with pytest.raises(SystemExit) as err:
+        bench_modules("bench_generate").parse_args(["--smoke", "--out", str(old)])
+    assert err.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert old.read_text(encoding="utf-8") == "keep me"
+
+
+def test_write_result_never_overwrites(bench_modules, tmp_path):
+    # 运行期间才出现的同名文件也不会被覆盖（os.link 只在目标不存在时创建），临时文件不留下
+    common = bench_modules("_bench_common")
+    target = tmp_path / "sub" / "r.json"
+    args = argparse.Namespace(out=str(target), load_before=[0.0, 0.0, 0.0])
+    assert common.write_result(args, "bench_x.py", ["--a"], {"k": 1}, []) == target
+    assert json.loads(target.read_text(encoding="utf-8"))["record"] == {"k": 1}
+    target.write_text("appeared", encoding="utf-8")
+    with pytest.raises(SystemExit, match="left as it was"):
+        common.write_result(args, "bench_x.py", ["--a"], {"k": 2}, [])
+    assert target.read_text(encoding="utf-8") == "appeared"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.json"]
+    assert common.write_result(argparse.Namespace(out=None), "bench_x.py", [], {}, []) is None
+
+
+def test_cpu_model_reads_model_name(bench_modules, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Test CPU 9000\n\nprocessor\t: 1\n"
+                       "model name\t: Other\n", encoding="utf-8")
+    assert bench_modules("_bench_common").cpu_model(str(cpuinfo)) == "Test CPU 9000"
+
+
 def _close_to_rounded(shown, exact, digits):
     """JSON 里取整后的数与未取整的值一致（差不超过半个末位）。"""
     return abs(shown - exact) <= 0.5 * 10.0**-digits + 1e-12
@@ -296,27 +360,95 @@ def test_train_every_variant_trains(smoke_run, bench_modules):
     results = record["results"]
     _every_worker_trained(results, bench_modules)
     # 编译变体真的编译了，eager 变体没有
-    assert results["ours"]["compiled_graphs"] == results["baseline"]["compiled_graphs"] == 0
+    for name in ("ours", "baseline", "baseline_teacher_bf16"):
+        assert results[name]["compiled_graphs"] == 0, name
     assert results["ours_compile"]["compiled_graphs"] >= 1 and results["ours_teacher_bf16"]["compiled_graphs"] >= 1
-    # 同一组初始权重与批：编译与否第一步的损失一致，bf16 教师只差舍入
-    first = results["ours"]["losses"][0]
-    assert results["ours_compile"]["losses"][0] == pytest.approx(first, rel=1e-4)
-    assert results["ours_teacher_bf16"]["losses"][0] == pytest.approx(first, rel=1e-2)
-    for name in ("ours", "ours_compile", "ours_teacher_bf16"):
+    # 两边同一组初始权重与批：每对（变体, 它的参照）第一步的损失一致——float32 只差舍入，bf16 教师的一对也
+    # 只差两边 bf16 logits 的舍入（两边教师的精度相同）
+    pairs = {"ours": "baseline", "ours_compile": "baseline", "ours_teacher_bf16": "baseline_teacher_bf16"}
+    for name, ref in pairs.items():
+        assert results[name]["losses"][0] == pytest.approx(results[ref]["losses"][0], rel=1e-3 if "bf16" in name else 1e-5)
+        mine, theirs = results[name]["losses"][0], results[ref]["losses"][0]
+        assert record["first_loss_rel_diff"][name] == pytest.approx(abs(mine - theirs) / abs(theirs), abs=1e-12)
+        # 表中这一行的参照正是它的参照（bf16 教师对 bf16 教师）
+        assert rows[name]["reference"] == pytest.approx(record["batch"] * record["seq"] / results[ref]["step_s"])
+        assert rows[name + "_peak_rss"]["reference"] == results[ref]["peak_rss_mib"]
+        assert record[name]["reference"] == ref
         assert _close_to_rounded(record[name]["speed_ratio"], rows[name]["ratio"], 3), name
         assert _close_to_rounded(record[name]["memory_ratio"], rows[name + "_peak_rss"]["ratio"], 3), name
+
+
+def test_train_bf16_mode_needs_no_second_baseline(bench_modules):
+    # --bf16（GPU 检查）时两边的教师都已是 bf16：每个变体的参照都是 baseline；平时 bf16 教师一行对 bf16 教师的基线
+    module = bench_modules("bench_train")
+    assert module.references(True) == {"ours": "baseline", "ours_compile": "baseline", "ours_teacher_bf16": "baseline"}
+    assert module.references(False)["ours_teacher_bf16"] == "baseline_teacher_bf16"
+    assert module.references(False)["ours"] == module.references(False)["ours_compile"] == "baseline"
 
 
 def test_generate_every_variant_generates_every_token(smoke_run):
     run = smoke_run("bench_generate")
     record, rows = run["result"], _by_name(run["result"])
     batch = record["results"]["batch_1"]
-    assert batch["new_tokens_out"] == {"hf": 8, "eager": 8, "compiled": 8}  # tok/s 的分子名副其实
-    assert run["graphs"] >= 1
+    # tok/s 的分子名副其实
+    assert batch["new_tokens_out"] == {"hf": 8, "hf_static": 8, "eager": 8, "compiled": 8}
+    assert run["graphs"] >= 2
     assert _close_to_rounded(batch["eager_vs_hf"], rows["b1_eager"]["ratio"], 3)
     assert _close_to_rounded(batch["compiled_vs_hf"], rows["b1_compiled"]["ratio"], 3)
+    assert _close_to_rounded(batch["compiled_vs_hf_static"], rows["b1_compiled_vs_static"]["ratio"], 3)
     assert _close_to_rounded(batch["compiled_tok_s"], rows["b1_compiled"]["ours"], 2)
     assert _close_to_rounded(batch["hf_tok_s"], rows["b1_compiled"]["reference"], 2)
+    assert _close_to_rounded(batch["hf_static_tok_s"], rows["b1_compiled_vs_static"]["reference"], 2)
+
+
+def test_generate_static_reference_compiles_once_and_agrees(smoke_run):
+    # transformers 的静态缓存 + torch.compile 真的编译了（prefill 与解码步），计时的各轮里两边都没有再编译
+    batch = smoke_run("bench_generate")["result"]["results"]["batch_1"]
+    assert batch["graphs_in_warmup"]["ours"] >= 1 and batch["graphs_in_warmup"]["hf_static"] >= 1
+    assert batch["graphs_while_timed"] == 0
+    # 同一组权重的贪心输出：冒烟尺寸下四个变体逐位相同（近似平局的放宽只在大模型上才可能用到）
+    for pair, check in batch["token_checks"].items():
+        assert check == {"equal": True, "rows_differing": 0, "first_differences": [], "ok": True}, pair
+
+
+def test_generate_agreement_is_judged_by_the_logit_gap(bench_modules):
+    # 一个 token 被换成次优候选：logit 差（由前向独立算出）在容差内算近似平局，超出就不算
+    module = bench_modules("bench_generate")
+    from functional_lm import ModelConfig, forward, init_params
+
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                      vocab_size=64, max_seq_len=32)
+    params = init_params(cfg, seed=3)
+    reference = torch.tensor([[5, 9, 2, 7, 7, 1]])
+    with torch.no_grad():
+        logits = forward(params, reference[:, :4], cfg)[0, -1]
+    top2 = torch.topk(logits, 2)
+    reference[0, 4] = top2.indices[0]
+    swapped = reference.clone()
+    swapped[0, 4] = top2.indices[1]
+    gap = float(top2.values[0] - top2.values[1])
+    tie = module.greedy_agreement(swapped, reference, params, cfg, 2, tolerance=gap * 1.01)
+    assert tie["equal"] is False and tie["ok"] is True and tie["rows_differing"] == 1
+    assert tie["first_differences"][0][:2] == [0, 4]
+    assert tie["first_differences"][0][2] == pytest.approx(gap, rel=1e-5)
+    assert module.greedy_agreement(swapped, reference, params, cfg, 2, tolerance=gap * 0.5)["ok"] is False
+    assert module.greedy_agreement(reference, reference, params, cfg, 2, tolerance=0.0)["equal"] is True
+
+
+def test_generate_sanity_check_refuses_disagreeing_sides(bench_modules):
+    check = bench_modules("bench_generate").check_sanity
+    good = {"equal": True, "rows_differing": 0, "first_differences": [], "ok": True}
+    result = {"token_checks": {"compiled_vs_hf_static": good}, "graphs_while_timed": 0,
+              "graphs_in_warmup": {"ours": 1, "hf_static": 2}}
+    check({"batch_1": result})  # 一致：不报错
+    bad = dict(result, token_checks={"compiled_vs_hf_static": dict(good, equal=False, ok=False,
+                                                                     first_differences=[[0, 5, 0.3]])})
+    with pytest.raises(SystemExit, match="compiled_vs_hf_static"):
+        check({"batch_1": bad})
+    with pytest.raises(SystemExit, match="during the timed rounds"):
+        check({"batch_1": dict(result, graphs_while_timed=1)})
+    with pytest.raises(SystemExit, match="not compiled"):
+        check({"batch_1": dict(result, graphs_in_warmup={"ours": 1, "hf_static": 0})})
 
 
 def test_data_smoke_sizes_reach_the_result(smoke_run):
@@ -358,6 +490,24 @@ def test_on_policy_both_sides_grade_the_same_step(smoke_run):
     for name in ("generate_s", "teacher_s", "student_loss_s", "step_s"):
         assert _close_to_rounded(record["speedup"][name], 1.0 / rows[name]["ratio"], 3), name
     assert record["target_met"] == (record["speedup"]["step_s"] >= 2.0)
+    assert record["teacher_projection_phase"] == "student_loss_s"
+
+
+def test_on_policy_reference_teacher_phase_stops_before_the_projection(bench_modules):
+    # 参照的 teacher 段只跑主干（返回隐藏状态 (b, t, d)，不是 logits），输出投影在 student_loss 段——与本项目一侧相同
+    module = bench_modules("bench_on_policy")
+    args = module.parse_args(["--smoke"])
+    from functional_lm import ModelConfig, init_params
+
+    scfg, tcfg = bench_modules("_bench_common").model_config(args.student), ModelConfig(**module.TEACHERS[args.teacher])
+    side = module.reference_side(args, init_params(scfg, seed=0), init_params(tcfg, seed=1))
+    seq = torch.randint(0, args.real_vocab, (args.batch, args.prompt + args.new_tokens))
+    hidden = side.teacher(seq)
+    assert hidden.shape == (args.batch, seq.shape[1], tcfg.hidden_size)
+    from functional_lm.model import forward_hidden
+
+    expected = forward_hidden(init_params(tcfg, seed=1), seq, tcfg)
+    torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- 参数：--smoke 只换缺省值
@@ -375,7 +525,7 @@ FULL_DEFAULTS = {
                         top_ks="16,64,256", top_k=64, temperature=2.0,
                         build_blocks=16, chunk_size=256),  # build_blocks 缺省为 batch × 4
     "bench_on_policy": dict(batch=8, prompt=64, new_tokens=64, student="student-123m", teacher="qwen2.5-0.5b",
-                            steps=2, real_vocab=151665, device="cpu"),
+                            steps=3, real_vocab=151665, device="cpu"),  # README：3 步中位数
 }
 
 
