@@ -268,12 +268,17 @@ def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
 
 
 def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
-    """缓存是为这份数据、这个分词器、这个划分建的：三项指纹逐项核对，不符的点名（温度、K 等由训练器核对）。"""
+    """缓存是为这份数据（按内容，不按路径）、这个分词器、这个划分建的：三项指纹逐项核对，不符的用文字点名
+    （温度、K 等由训练器核对）。"""
     from functional_lm.teacher_cache import check_fingerprint, make_fingerprint
 
     wanted = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
                               val_fraction=tcfg.val_fraction, seed=tcfg.seed)
-    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory)
+    advice = ("build a cache for this run with `functional-lm teacher-cache` and the same data options (--data, "
+              "--seq-len, --val-fraction, --seed, --text-split, --tokenizer), or change the run to match "
+              "the cache")
+    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory, store=data.store,
+                      who="this run", advice=advice)
 
 
 def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: TrainingConfig,
