@@ -131,7 +131,8 @@ class TrainingConfig:
     log_interval: int = 50  # 每隔多少步记录一次 / steps between log records
     eval_interval: int = 500  # 每隔多少步验证一次 / steps between evaluations
     save_interval: int = 1000  # 每隔多少步保存检查点 / steps between checkpoints
-    seed: int = 0  # 随机种子（初始化、数据划分与打乱）/ random seed (init, data split and order)
+    seed: int = 0  # 随机种子（初始化、数据顺序、在线采样）；不决定划分 / random seed (init, data order, sampling); not the split
+    split_seed: int = 0  # 训练 / 验证划分的种子：换 seed 不换划分，一份教师缓存供多个学生 / seed of the train/validation split: students with different seeds share one teacher cache
     gradient_accumulation_steps: int = 1  # 每个优化步累积的微批数 / micro-batches accumulated per optimizer step
     max_steps: int = 0  # 优化步数；0 = 由 num_epochs 决定 / optimizer steps; 0 = from num_epochs
     keep_last: int = 3  # 只保留最近的几个检查点 / checkpoints to keep
@@ -169,7 +170,7 @@ class TrainingConfig:
             "loss_chunk_size",
             "eval_batches",
         )
-        _require_int(self, ints + ("warmup_steps", "seed", "max_steps", "top_k", "on_policy_start"))
+        _require_int(self, ints + ("warmup_steps", "seed", "split_seed", "max_steps", "top_k", "on_policy_start"))
         if self.top_k < 0:
             raise ValueError(f"TrainingConfig.top_k must be >= 0 (0 = the full teacher distribution), got {self.top_k!r}")
         _require_positive(self, ints + ("learning_rate", "gradient_clip", "temperature"))
@@ -177,6 +178,8 @@ class TrainingConfig:
             raise ValueError(f"TrainingConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
         if self.seed < 0:
             raise ValueError(f"TrainingConfig.seed must be >= 0, got {self.seed!r}")
+        if self.split_seed < 0:
+            raise ValueError(f"TrainingConfig.split_seed must be >= 0, got {self.split_seed!r}")
         if self.max_steps < 0:
             raise ValueError(f"TrainingConfig.max_steps must be >= 0 (0 = use num_epochs), got {self.max_steps!r}")
         if self.divergence not in DIVERGENCE_NAMES:

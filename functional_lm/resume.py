@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from functional_lm.checkpoint import STATE_JSON, list_checkpoints
 from functional_lm.rundir import SETTINGS_FILE, RunDirError, clear_run, read_settings, run_markers, write_json_atomic, writing
-from functional_lm.settings import RunSettings, compare_settings, settings_from_checkpoint
+from functional_lm.settings import RunSettings, compare_settings, legacy_notes, settings_from_checkpoint
 
 __all__ = ["Opening", "checkpoint_roots", "latest_in", "decide", "open_settings"]
 
@@ -88,8 +88,8 @@ def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings) 
     if fixed:
         raise RunDirError(
             f"cannot resume {out}: {'; '.join(fixed)}. A resumed run keeps the student's architecture, the data "
-            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--seed, --val-fraction); start "
-            f"a new run for these (--overwrite or another --output-dir)"
+            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--split-seed, --val-fraction, "
+            f"--seed); start a new run for these (--overwrite or another --output-dir)"
         )
     if trajectory:
         print(f"[distill] resuming with changed settings that alter the training trajectory: {'; '.join(trajectory)}",
@@ -134,6 +134,8 @@ def open_settings(
     saved = _saved_settings(out, roots) if opening.resuming else None
     settings = settings_on(saved)
     if saved is not None:
+        for note in legacy_notes(saved):
+            print(f"[distill] note: {note}", file=sys.stderr)
         _report_changes(out, saved, settings)
         _check_global_batch(latest_in(roots), settings, world_size)
     if opening.clear:

@@ -36,7 +36,8 @@ index.json 的字段::
 大小不符或文件缺失的分片重算），删掉被打断的写入留下的临时文件。每个分片的批划分只取决于分片本身，
 所以同样的设备与 batch_size 下，续建写出的字节与一次建完的完全相同。指纹不同时抛 ``TeacherCacheMismatch``，
 逐项用文字说明哪一样不同（数据、划分种子、分词器……）——绝不悄悄删掉已有缓存。数据的指纹只看内容
-（token、文档边界、掩码的 CRC-32），与数据文件的路径和修改时间无关（见 functional_lm/cache_identity.py）。
+（token、文档边界、掩码的 CRC-32），与数据文件的路径和修改时间无关；划分记的是划分种子 split_seed
+（``split.seed``），与训练的 seed 无关，所以一份缓存供不同 seed 的学生共用（见 functional_lm/cache_identity.py）。
 
 读取：``TeacherCache.open`` 做便宜的结构检查（index.json 可解析、完整、每个文件都在且字节数与记录和布局相符；
 截断的分片点名报错，而不是读成 0），``verify=True`` 再读一遍全部文件核对 CRC-32。数据经 np.memmap 读取，
@@ -217,19 +218,21 @@ def data_fingerprint(store: TokenStore) -> dict[str, Any]:
 
 def make_fingerprint(
     tokenizer: Any, store: TokenStore, *, teacher_weights: str | None, split: str = "train",
-    val_fraction: float = 0.0, seed: int = 0,
+    val_fraction: float = 0.0, seed: int = 0, split_seed: int | None = None,
 ) -> dict[str, Any]:
     """调用方负责的四个指纹字段（tokenizer、data、split、teacher_weights）；其余字段由构建函数补上。
 
     tokenizer：分词器指纹字符串，或带 ``.fingerprint`` 的分词器；split："train" 或 "val"，连同划分的
-    val_fraction 与 seed（``pack`` 的参数）；teacher_weights：``teacher_weights_fingerprint(目录)``，
+    val_fraction 与划分种子 split_seed（``pack`` 的 seed；记为 ``split.seed``，旧的参数名 seed 仍可用，
+    split_seed 给了时以它为准）；teacher_weights：``teacher_weights_fingerprint(目录)``，
     内存中的教师可以传任意能标识它的字符串；None 时不写这一项（导入时由 import_topk_jsonl 记下文件的 sha256）。"""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     fingerprint = {
         "tokenizer": str(getattr(tokenizer, "fingerprint", tokenizer)),
         "data": data_fingerprint(store),
-        "split": {"split": split, "val_fraction": float(val_fraction), "seed": int(seed)},
+        "split": {"split": split, "val_fraction": float(val_fraction),
+                  "seed": int(seed if split_seed is None else split_seed)},
     }
     if teacher_weights is not None:
         fingerprint["teacher_weights"] = str(teacher_weights)
