@@ -291,17 +291,20 @@ def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare_settings(
-    saved: Mapping[str, Any], new: RunSettings
+    saved: Mapping[str, Any], new: RunSettings, *, movable: tuple[str, ...] = ()
 ) -> tuple[list[str], list[str], list[str]]:
     """比较保存的设置与本次设置，返回三组“名字 旧值 → 新值”：
-    (无法恢复的改动, 改变训练轨迹的改动, 无关轨迹的改动)。"""
+    (无法恢复的改动, 改变训练轨迹的改动, 无关轨迹的改动)。movable 里的名字（例如检查点记着数据的内容指纹时的
+    data：换了路径的同一份数据，内容由训练器核对）改了也算无关轨迹的改动。"""
     old, cur = _flat(saved), _flat(new.to_json())
     fixed, trajectory, neutral = [], [], []
     for name in sorted(set(old) | set(cur)):
         if old.get(name) == cur.get(name) or (saved.get("legacy") and name in new.run and name not in old):
             continue  # 旧版本的运行没有记下运行选项：明确给出的值就是它们
         text = f"{name.removeprefix('model.')} {old.get(name)!r} → {cur.get(name)!r}"
-        if name.startswith("model.") or name in _FIXED_RUN or name in _FIXED_TRAINING:
+        if name in movable:
+            neutral.append(text)
+        elif name.startswith("model.") or name in _FIXED_RUN or name in _FIXED_TRAINING:
             fixed.append(text)
         elif name in _NEUTRAL:
             neutral.append(text)

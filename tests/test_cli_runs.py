@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import re
 import resource
 import shutil
@@ -430,3 +431,33 @@ def test_a_run_saved_before_split_seed_resumes_with_its_seed_bit_exactly(setup, 
     assert _losses(old) == _losses(full) and [s for s, _ in _losses(old)] == [1, 2, 3, 4]
     assert _same_student(old, full)  # 与不间断的运行逐位相同
     assert json.loads((old / "run.json").read_text())["training"]["split_seed"] == 3
+
+
+def test_a_run_whose_data_moved_resumes_from_the_copy_and_refuses_changed_data(setup, tmp_path, capsys):
+    data = tmp_path / "d" / "data.jsonl"
+    data.parent.mkdir()
+    shutil.copyfile(setup / "data.jsonl", data)
+    argv = _args(setup, tmp_path / "full", "--max-steps", "4")
+    argv[argv.index(str(setup / "data.jsonl"))] = str(data)
+    assert main(argv) == 0
+    moved, edited = tmp_path / "moved", tmp_path / "edited"
+    _cut_back_to_step_2(tmp_path / "full", moved)
+    _cut_back_to_step_2(tmp_path / "full", edited)
+    elsewhere = tmp_path / "elsewhere" / "data.jsonl"  # 数据挪到了别处（换了机器），修改时间也变了
+    elsewhere.parent.mkdir()
+    shutil.move(data, elsewhere)
+    os.utime(elsewhere, (1_000_000_000, 1_000_000_000))
+    capsys.readouterr()
+    assert main(["distill", "--output-dir", str(moved), "--resume", "--no-progress"]) == 2
+    line = _one_paragraph(capsys.readouterr().err)
+    assert f"its data file {data} no longer exists; if it moved, resume with --data NEW_PATH" in line
+    assert main(["distill", "--output-dir", str(moved), "--resume", "--no-progress", "--data", str(elsewhere)]) == 0
+    err = capsys.readouterr().err
+    assert f"also changed: data ['{data}'] → ['{elsewhere}'] (the data's content is checked" in err
+    assert "resumed from step 2 of 4" in err and _losses(moved) == _losses(tmp_path / "full")
+    assert _same_student(moved, tmp_path / "full")
+    # 原来的路径上放了改过一个词的数据：检查点记着内容，拒绝，用文字说是数据不同
+    data.write_text(elsewhere.read_text().replace("lazy", "sleepy", 1))
+    assert main(["distill", "--output-dir", str(edited), "--resume", "--no-progress"]) == 2
+    line = _one_paragraph(capsys.readouterr().err)
+    assert "cannot resume from" in line and "the data's tokens differ (different text or a different file)" in line
