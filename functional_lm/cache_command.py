@@ -1,11 +1,12 @@
 """``functional-lm teacher-cache``：把教师在蒸馏数据上的 top-k 目标预先算好存盘（格式见 functional_lm/teacher_cache.py）。
 
     functional-lm teacher-cache --teacher DIR --output-dir C --top-k K [--temperature T] [--data FILES ...]
-                                [--seq-len N --val-fraction F --seed S --document-mask true/false ...]
+                                [--seq-len N --val-fraction F --split-seed S --document-mask true/false ...]
     functional-lm teacher-cache --import TOPK.jsonl --output-dir C --top-k K [...]
 
 块与 ``functional-lm distill`` 用同样的数据选项时训练、验证的块完全相同：数据经同一个 ``prepare_data``
-（同样的分词器来源、块长、验证比例与种子）打包。目录布局::
+（同样的分词器来源、块长、验证比例与划分种子 --split-seed）打包；distill 的 --seed 只管初始化、数据顺序与采样，
+所以一份缓存供不同 --seed 的学生共用。旧的 ``--seed`` 是 ``--split-seed`` 的别名（已弃用，打印一行提示）。目录布局::
 
     C/train/    训练块的教师缓存（index.json + 分片文件）
     C/val/      验证块的教师缓存（验证集有块时才有；--import 时没有）
@@ -87,8 +88,13 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=float, metavar="F", default=_DEFAULTS.val_fraction, help=(
         f"按文档划出的验证集比例（默认 {_DEFAULTS.val_fraction}）/ fraction of documents held out for validation "
         f"(default {_DEFAULTS.val_fraction})"))
-    data.add_argument("--seed", type=int, metavar="S", default=_DEFAULTS.seed, help=f"划分的随机种子（默认 {_DEFAULTS.seed}）"
-                      f" / seed of the split (default {_DEFAULTS.seed})")
+    data.add_argument("--split-seed", type=int, metavar="S", default=None, help=(
+        f"训练 / 验证划分的种子，与 distill 的 --split-seed 相同（默认 {_DEFAULTS.split_seed}）；distill 的 --seed 不影响"
+        f"划分，不同 --seed 的学生共用这份缓存 / seed of the train/validation split, as distill's --split-seed "
+        f"(default {_DEFAULTS.split_seed}); distill's --seed does not change the split, so students of any --seed "
+        f"share the cache"))
+    data.add_argument("--seed", type=int, metavar="S", dest="legacy_seed", default=None, help=(
+        "已弃用：同 --split-seed（打印一行提示）/ deprecated: the same as --split-seed (prints a note)"))
     data.add_argument("--document-mask", default="true", metavar="true/false", help="打包的文档互不可见（默认 "
                       "true，与 distill 相同）/ packed documents do not attend to each other (default: true, as "
                       "in distill)")
@@ -144,11 +150,27 @@ def _check_args(args: argparse.Namespace) -> bool:
         raise ValueError(f"--output-dir {out} is a file; expected a directory for the teacher cache")
     if args.top_k is None or args.top_k < 1:
         raise ValueError(f"--top-k must be a positive integer (tokens kept per position), got {args.top_k}")
-    for option, field in (("--temperature", "temperature"), ("--val-fraction", "val_fraction"), ("--seed", "seed")):
+    seed_option = "--split-seed" if args.legacy_seed is None else "--seed"  # 点名用户写的那个选项
+    args.split_seed = _split_seed(args)
+    for option, field in (("--temperature", "temperature"), ("--val-fraction", "val_fraction"),
+                          (seed_option, "split_seed")):
         TRAINING_BOUNDS[field].check(option, getattr(args, field))  # 与 distill 的同名字段同一个范围
     if args.import_file is not None and not Path(args.import_file).expanduser().is_file():
         raise FileNotFoundError(f"--import {args.import_file}: no such file (expected JSON lines of top-k targets)")
     return bool(_convert("--document-mask", "bool", args.document_mask, "command line"))
+
+
+def _split_seed(args: argparse.Namespace) -> int:
+    """划分种子：--split-seed；旧的 --seed 是它的别名（以前它就是划分种子），打印一行提示；两者不同时报错。"""
+    if args.legacy_seed is None:
+        return _DEFAULTS.split_seed if args.split_seed is None else args.split_seed
+    if args.split_seed is not None and args.split_seed != args.legacy_seed:
+        raise ValueError(f"--seed {args.legacy_seed} and --split-seed {args.split_seed} disagree; --seed is the old "
+                         f"name of --split-seed, give only --split-seed")
+    print(f"note: teacher-cache --seed is deprecated, use --split-seed {args.legacy_seed} (the same split); distill's "
+          f"--seed no longer chooses the split, so pass --split-seed {args.legacy_seed} to distill as well",
+          file=sys.stderr)
+    return args.legacy_seed
 
 
 def _check_top_k(top_k: int, real_vocab: int) -> None:
@@ -170,8 +192,8 @@ def _prepare(args: argparse.Namespace, tokenizer: Any, model_config: Any) -> Any
     _check_writable(Path(args.output_dir).expanduser())
     return prepare_data(
         args.data, tokenizer=tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
-        val_fraction=args.val_fraction, seed=args.seed, cache_dir=args.cache_dir, model_config=model_config,
-        progress=not args.no_progress, text_split=args.text_split,
+        val_fraction=args.val_fraction, seed=args.split_seed, cache_dir=args.cache_dir, model_config=model_config,
+        progress=not args.no_progress, text_split=args.text_split, split_seed=args.split_seed,
     )
 
 
@@ -203,7 +225,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
 
     def job(split: str) -> Callable:
         fp = make_fingerprint(tokenizer, data.store, teacher_weights=weights, split=split,
-                              val_fraction=args.val_fraction, seed=args.seed)
+                              val_fraction=args.val_fraction, split_seed=args.split_seed)
         return lambda stop: build_teacher_cache(
             params, teacher_cfg, getattr(data, split), out / split, top_k=args.top_k, temperature=args.temperature,
             fingerprint=fp, real_vocab_size=tokenizer.real_vocab_size, document_mask=document_mask,
@@ -226,7 +248,7 @@ def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> li
     data = _prepare(args, tokenizer, None)
     # teacher_weights=None：import_topk_jsonl 记下 "jsonl-sha256:<文件内容的 sha256>"。
     fp = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
-                          val_fraction=args.val_fraction, seed=args.seed)
+                          val_fraction=args.val_fraction, split_seed=args.split_seed)
     if len(data.val) > 0:
         print(f"note: --import fills only {out / 'train'}; the {len(data.val)} validation blocks get no cached "
               f"targets", file=sys.stderr)

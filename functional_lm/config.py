@@ -102,6 +102,7 @@ TRAINING_BOUNDS: dict[str, Bounds] = {
     "top_k": Bounds(0, integer=True, note="(0 = the full teacher distribution)"),
     "on_policy_start": Bounds(0, integer=True),
     "seed": SEED,
+    "split_seed": SEED,
     **dict.fromkeys(("learning_rate", "gradient_clip", "temperature"), POSITIVE),
     "weight_decay": NON_NEGATIVE,
     "alpha": PROBABILITY,
@@ -192,7 +193,8 @@ class TrainingConfig:
     log_interval: int = 50  # 每隔多少步记录一次 / steps between log records
     eval_interval: int = 500  # 每隔多少步验证一次 / steps between evaluations
     save_interval: int = 1000  # 每隔多少步保存检查点 / steps between checkpoints
-    seed: int = 0  # 随机种子（初始化、数据划分与打乱）/ random seed (init, data split and order)
+    seed: int = 0  # 随机种子（初始化、数据顺序、在线采样）；不决定划分 / random seed (init, data order, sampling); not the split
+    split_seed: int = 0  # 训练 / 验证划分的种子：换 seed 不换划分，一份教师缓存供多个学生 / seed of the train/validation split: students with different seeds share one teacher cache
     gradient_accumulation_steps: int = 1  # 每个优化步累积的微批数 / micro-batches accumulated per optimizer step
     max_steps: int = 0  # 优化步数；0 = 由 num_epochs 决定 / optimizer steps; 0 = from num_epochs
     keep_last: int = 3  # 只保留最近的几个检查点 / checkpoints to keep

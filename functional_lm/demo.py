@@ -85,7 +85,10 @@ def _demo_teacher(
     cfg = get_preset("demo-teacher")
     tcfg = teacher_training_config().replace(seed=seed)
     corpus = ("pydoc_data.topics", sys.version_info[:2], tokenizer.real_vocab_size, seq_len)
-    target = _demo_cache() / f"teacher-{_fingerprint(cfg.to_dict(), tcfg.to_dict(), corpus)}"
+    # split_seed 不进键：教师的数据按上面的 seed 划分（prepare_data 的 split_seed 缺省即 seed），
+    # 这个字段出现之前缓存的演示教师照常复用
+    settings = {k: v for k, v in tcfg.to_dict().items() if k != "split_seed"}
+    target = _demo_cache() / f"teacher-{_fingerprint(cfg.to_dict(), settings, corpus)}"
     if (target / "model.safetensors").is_file():
         return target, False
     print(f"[demo] training the demo teacher ({tcfg.max_steps} steps, cached in {target})", file=sys.stderr)
@@ -214,6 +217,7 @@ def run_demo(
             run.get("data"), tokenizer=tokenizer, seq_len=seq_len, batch_size=tcfg.batch_size,
             val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
             model_config=student_cfg, progress=progress and info.is_main, text_split=run.get("text_split", "paragraph"),
+            split_seed=tcfg.split_seed,
         )
 
     with main_first(info):  # 秩 0 先分词建缓存，其余进程随后复用

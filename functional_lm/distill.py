@@ -318,12 +318,17 @@ def _check_top_k(top_k: int, real_vocab: int, cache: Any) -> None:
 
 
 def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
-    """缓存是为这份数据、这个分词器、这个划分建的：三项指纹逐项核对，不符的点名（温度、K 等由训练器核对）。"""
+    """缓存是为这份数据（按内容，不按路径）、这个分词器、这个划分（val_fraction 与 split_seed）建的：三项指纹逐项
+    核对，不符的用文字点名（温度、K 等由训练器核对）。训练的 seed 不在其中：不同 seed 的学生共用一份缓存。"""
     from functional_lm.teacher_cache import check_fingerprint, make_fingerprint
 
     wanted = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
-                              val_fraction=tcfg.val_fraction, seed=tcfg.seed)
-    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory)
+                              val_fraction=tcfg.val_fraction, split_seed=tcfg.split_seed)
+    advice = ("build a cache for this run with `functional-lm teacher-cache` and the same data options (--data, "
+              "--seq-len, --val-fraction, --split-seed, --text-split, --tokenizer), or change the run to match "
+              "the cache")
+    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory, store=data.store,
+                      who="this run", advice=advice)
 
 
 def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: TrainingConfig,
@@ -391,7 +396,7 @@ def run_distill(
             run.get("data"), tokenizer=tokenizer, seq_len=int(run["seq_len"]), batch_size=tcfg.batch_size,
             val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
             model_config=student_cfg, progress=progress and info.is_main,
-            text_split=run.get("text_split", "paragraph"),
+            text_split=run.get("text_split", "paragraph"), split_seed=tcfg.split_seed,
         )
     if train_cache is not None:
         _check_cache_identity(train_cache, tokenizer, data, tcfg)

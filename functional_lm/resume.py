@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from functional_lm.checkpoint import STATE_JSON, list_checkpoints
 from functional_lm.rundir import SETTINGS_FILE, RunDirError, clear_run, read_settings, run_markers, write_json_atomic, writing
-from functional_lm.settings import RunSettings, compare_settings, settings_from_checkpoint
+from functional_lm.settings import RunSettings, compare_settings, legacy_notes, settings_from_checkpoint
 
 __all__ = ["Opening", "checkpoint_roots", "latest_in", "decide", "open_settings"]
 
@@ -82,20 +82,50 @@ def _saved_settings(out: Path, roots: list[Path]) -> Optional[dict[str, Any]]:
     return saved
 
 
-def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings) -> None:
-    """恢复时：无法恢复的改动拒绝并点名；改变轨迹的改动逐个列出；其余改动简单提一句。"""
-    fixed, trajectory, neutral = compare_settings(saved, settings)
+def _records_data(checkpoint: Optional[Path]) -> bool:
+    """检查点是否记着数据的内容指纹（trainer_state.json 的 "data"）：记着时数据文件可以换路径，内容由训练器核对。"""
+    try:
+        state = json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8")) if checkpoint else {}
+    except (OSError, ValueError):
+        return False  # 读不出的检查点由装回时报错
+    return isinstance(state, dict) and isinstance(state.get("data"), dict)
+
+
+def _report_changes(out: Path, saved: Mapping[str, Any], settings: RunSettings, checkpoint: Optional[Path]) -> None:
+    """恢复时：无法恢复的改动拒绝并点名；改变轨迹的改动逐个列出；其余改动简单提一句。
+    检查点记着数据的内容指纹时，数据文件换了路径（拷到别处、换了机器）不算无法恢复：内容在装回检查点时核对。"""
+    movable = ("data",) if _records_data(checkpoint) else ()
+    fixed, trajectory, neutral = compare_settings(saved, settings, movable=movable)
     if fixed:
         raise RunDirError(
             f"cannot resume {out}: {'; '.join(fixed)}. A resumed run keeps the student's architecture, the data "
-            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--seed, --val-fraction); start "
-            f"a new run for these (--overwrite or another --output-dir)"
+            f"(files, --seq-len, --text-split, --tokenizer) and the split and order (--split-seed, --val-fraction, "
+            f"--seed); start a new run for these (--overwrite or another --output-dir)"
         )
     if trajectory:
         print(f"[distill] resuming with changed settings that alter the training trajectory: {'; '.join(trajectory)}",
               file=sys.stderr)
     if neutral:
-        print(f"[distill] also changed: {'; '.join(neutral)}", file=sys.stderr)
+        checked = " (the data's content is checked against the checkpoint)" if any(
+            t.startswith("data ") for t in neutral) else ""
+        print(f"[distill] also changed: {'; '.join(neutral)}{checked}", file=sys.stderr)
+
+
+def _check_data_present(out: Path, settings: RunSettings, checkpoint: Optional[Path]) -> None:
+    """恢复时本地数据文件都还在；不在时（数据挪走了）一段话说明怎样继续，而不是只说文件找不到。"""
+    from functional_lm.data.sources import looks_like_path
+
+    missing = [str(item) for item in settings.run.get("data") or []
+               if not Path(str(item)).exists() and looks_like_path(str(item))]
+    if not missing:
+        return
+    if _records_data(checkpoint):
+        how = ("if it moved, resume with --data NEW_PATH: the checkpoint records the data's content, so a copy at "
+               "another path is accepted when its tokens are the same")
+    else:
+        how = (f"put it back at that path: {checkpoint} predates data fingerprints, so a copy at another path "
+               f"cannot be checked against it")
+    raise RunDirError(f"cannot resume {out}: its data file {missing[0]} no longer exists; {how}")
 
 
 def _check_global_batch(checkpoint: Path, settings: RunSettings, world_size: int) -> None:
@@ -134,7 +164,10 @@ def open_settings(
     saved = _saved_settings(out, roots) if opening.resuming else None
     settings = settings_on(saved)
     if saved is not None:
-        _report_changes(out, saved, settings)
+        for note in legacy_notes(saved):
+            print(f"[distill] note: {note}", file=sys.stderr)
+        _report_changes(out, saved, settings, latest_in(roots))
+        _check_data_present(out, settings, latest_in(roots))
         _check_global_batch(latest_in(roots), settings, world_size)
     if opening.clear:
         _preflight(settings)

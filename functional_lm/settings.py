@@ -30,6 +30,7 @@ __all__ = [
     "resolve_settings",
     "compare_settings",
     "saved_training",
+    "legacy_notes",
     "settings_from_checkpoint",
 ]
 
@@ -42,7 +43,8 @@ SETTINGS_FORMAT = 1
 # 恢复时不能改的设置：检查点里的数据位置与参数形状都以它们为前提。
 _FIXED_RUN = ("data", "seq_len", "tokenizer", "text_split")
 # batch_size、gradient_accumulation_steps 可以改：只要全局批 batch_size × 进程数 × 累积不变（训练器核对）。
-_FIXED_TRAINING = ("seed", "val_fraction", "checkpoint_dir")
+# seed 定数据顺序与在线采样，split_seed 与 val_fraction 定划分：检查点里的数据位置以三者为前提。
+_FIXED_TRAINING = ("seed", "split_seed", "val_fraction", "checkpoint_dir")
 # 改了也不影响训练轨迹的设置（只影响记录、验证、保存的频率与位置）。
 _NEUTRAL = (
     "log_interval", "eval_interval", "save_interval", "keep_last", "eval_batches", "cache_dir", "preset",
@@ -298,8 +300,20 @@ _BEFORE_FIELD_EXISTED = {"document_mask": False}
 
 
 def saved_training(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """保存的训练配置，缺的新字段按旧版本的行为补齐（见 _BEFORE_FIELD_EXISTED）。"""
-    return {**_BEFORE_FIELD_EXISTED, **saved.get("training", {})}
+    """保存的训练配置，缺的新字段按旧版本的行为补齐（见 _BEFORE_FIELD_EXISTED）；
+    没有 split_seed 的旧运行按它自己的 seed 划分过数据，所以 split_seed = seed。"""
+    training = dict(saved.get("training", {}))
+    return {**_BEFORE_FIELD_EXISTED, "split_seed": training.get("seed", 0), **training}
+
+
+def legacy_notes(saved: Mapping[str, Any]) -> list[str]:
+    """恢复旧运行时按旧行为补上的字段，每项一行说明（现在只有 split_seed）。"""
+    training = saved.get("training", {})
+    if "split_seed" in training:
+        return []
+    seed = training.get("seed", 0)
+    return [f"this run was saved before split_seed existed; it resumes with split_seed = its seed ({seed}), "
+            f"the train/validation split it was trained on"]
 
 
 def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,17 +325,20 @@ def _flat(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare_settings(
-    saved: Mapping[str, Any], new: RunSettings
+    saved: Mapping[str, Any], new: RunSettings, *, movable: tuple[str, ...] = ()
 ) -> tuple[list[str], list[str], list[str]]:
     """比较保存的设置与本次设置，返回三组“名字 旧值 → 新值”：
-    (无法恢复的改动, 改变训练轨迹的改动, 无关轨迹的改动)。"""
+    (无法恢复的改动, 改变训练轨迹的改动, 无关轨迹的改动)。movable 里的名字（例如检查点记着数据的内容指纹时的
+    data：换了路径的同一份数据，内容由训练器核对）改了也算无关轨迹的改动。"""
     old, cur = _flat(saved), _flat(new.to_json())
     fixed, trajectory, neutral = [], [], []
     for name in sorted(set(old) | set(cur)):
         if old.get(name) == cur.get(name) or (saved.get("legacy") and name in new.run and name not in old):
             continue  # 旧版本的运行没有记下运行选项：明确给出的值就是它们
         text = f"{name.removeprefix('model.')} {old.get(name)!r} → {cur.get(name)!r}"
-        if name.startswith("model.") or name in _FIXED_RUN or name in _FIXED_TRAINING:
+        if name in movable:
+            neutral.append(text)
+        elif name.startswith("model.") or name in _FIXED_RUN or name in _FIXED_TRAINING:
             fixed.append(text)
         elif name in _NEUTRAL:
             neutral.append(text)

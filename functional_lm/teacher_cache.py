@@ -35,7 +35,9 @@ index.json 的字段::
 ``build_teacher_cache`` 发现目录里已有指纹相同的 index.json 时续建：跳过已提交的分片（核对其文件大小；
 大小不符或文件缺失的分片重算），删掉被打断的写入留下的临时文件。每个分片的批划分只取决于分片本身，
 所以同样的设备与 batch_size 下，续建写出的字节与一次建完的完全相同。指纹不同时抛 ``TeacherCacheMismatch``，
-逐项写明旧值 → 新值——绝不悄悄删掉已有缓存。
+逐项用文字说明哪一样不同（数据、划分种子、分词器……）——绝不悄悄删掉已有缓存。数据的指纹只看内容
+（token、文档边界、掩码的 CRC-32），与数据文件的路径和修改时间无关；划分记的是划分种子 split_seed
+（``split.seed``），与训练的 seed 无关，所以一份缓存供不同 seed 的学生共用（见 functional_lm/cache_identity.py）。
 
 读取：``TeacherCache.open`` 做便宜的结构检查（index.json 可解析、完整、每个文件都在且字节数与记录和布局相符；
 截断的分片点名报错，而不是读成 0）。原地的损坏（大小不变）缺省也会被发现：每个分片**第一次被读到时**把它的
@@ -72,6 +74,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from functional_lm.cache_identity import comparable, describe
+from functional_lm.cache_identity import data_fingerprint as content_fingerprint
+from functional_lm.cache_identity import differences as _differences
+from functional_lm.cache_identity import jsonable as _jsonable
+from functional_lm.cache_identity import short as _short
 from functional_lm.config import ModelConfig
 from functional_lm.data.store import TokenStore, crc32_file
 from functional_lm.hf import fsync_path
@@ -158,25 +165,22 @@ class TeacherCacheDamaged(ValueError):
 
 
 class TeacherCacheMismatch(ValueError):
-    """已有缓存的指纹（或布局）与这次要求的不同；属性 directory 与 fields（不同字段的名字，含嵌套的点路径）。"""
+    """已有缓存的指纹（或布局）与这次要求的不同；属性 directory 与 fields（不同字段的名字，含嵌套的点路径）。
 
-    def __init__(self, directory: str | Path, differences: Sequence[tuple[str, Any, Any]]) -> None:
+    消息用文字说明每一项是什么不同（cache_identity.describe）：例如 “the split seed (--split-seed) differs:
+    cache 0, this run 5”、“the data's tokens differ (different text or a different file)”。who 是消息里
+    “这一次”的叫法（构建时 this build，蒸馏时 this run），advice 是句末的处理办法。"""
+
+    def __init__(
+        self, directory: str | Path, differences: Sequence[tuple[str, Any, Any]], *, who: str = "this build",
+        advice: str | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.fields = [name for name, _, _ in differences]
-        listed = "; ".join(f"{name}: {_short(old)} → {_short(new)}" for name, old, new in differences)
-        super().__init__(
-            f"teacher cache {self.directory} was built with different settings ({listed}); it was left untouched: "
-            f"write the new cache to another directory, or delete {self.directory} to rebuild it"
-        )
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """错误消息里的值：JSON 写法，过长时截断。"""
-    text = "(absent)" if value is _ABSENT else json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-_ABSENT = object()  # 一侧没有这个字段
+        listed = "; ".join(describe(differences, who))
+        advice = advice or (f"it was left untouched: write the new cache to another directory, or delete "
+                            f"{self.directory} to rebuild it")
+        super().__init__(f"teacher cache {self.directory} was built for something else: {listed}; {advice}")
 
 
 # ================================================================================================
@@ -184,34 +188,17 @@ _ABSENT = object()  # 一侧没有这个字段
 # ================================================================================================
 
 
-def _jsonable(value: Any) -> Any:
-    """经一次 JSON 往返（元组变列表、键变字符串），与从 index.json 读回的值可以直接比较。"""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+def check_fingerprint(
+    index_fp: Mapping[str, Any], wanted_fp: Mapping[str, Any], cache_dir: str | Path, *, store: Any = None,
+    who: str = "this build", advice: str | None = None,
+) -> None:
+    """核对缓存的指纹与这次要求的指纹；有差异时抛 TeacherCacheMismatch，逐项用文字说明哪一样不同（一段话）。
 
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """两份 JSON 值的差异 [(字段路径, 旧值, 新值)]；字典逐键递归（路径用点连接），其余整体比较。"""
-    if isinstance(old, dict) and isinstance(new, dict):
-        found = []
-        for key in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{key}" if prefix else str(key)
-            found += _differences(old.get(key, _ABSENT), new.get(key, _ABSENT), path)
-        return found
-    same = (old == new and type(old) is type(new)) or _same_number(old, new)
-    return [] if same else [(prefix, old, new)]
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    """2 与 2.0 视为相同（JSON 不区分）；布尔不算数字。"""
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-    return numbers and a == b
-
-
-def check_fingerprint(index_fp: Mapping[str, Any], wanted_fp: Mapping[str, Any], cache_dir: str | Path) -> None:
-    """核对缓存的指纹与这次要求的指纹；有差异时抛 TeacherCacheMismatch，逐项写明 旧值 → 新值（一段话）。"""
-    differences = _differences(_jsonable(dict(index_fp)), _jsonable(dict(wanted_fp)))
-    if differences:
-        raise TeacherCacheMismatch(cache_dir, differences)
+    给了 store（这次的 TokenStore）时，旧版本缓存的数据指纹按它记下的校验和核对（cache_identity.comparable）。"""
+    recorded = comparable(index_fp, store) if store is not None else dict(index_fp)
+    found = _differences(_jsonable(recorded), _jsonable(dict(wanted_fp)))
+    if found:
+        raise TeacherCacheMismatch(cache_dir, found, who=who, advice=advice)
 
 
 def teacher_weights_fingerprint(checkpoint_dir: str | Path) -> str:
@@ -245,32 +232,28 @@ def _safetensors_identity(file: Path, sample: int = 1 << 20) -> bytes:
 
 
 def data_fingerprint(store: TokenStore) -> dict[str, Any]:
-    """token 缓存的身份：磁盘缓存用 index.json 里的缓存键与各文件的 CRC-32（不读数据）；
-    内存中的 TokenStore 现算 tokens / offsets / mask 的 CRC-32。两者都带 num_tokens。"""
-    files = store.meta.get("files")
-    if store.path is not None and isinstance(files, dict):
-        crcs = {name: entry.get("crc32") for name, entry in sorted(files.items())}
-        return {"key": store.meta.get("key"), "files": crcs, "num_tokens": store.num_tokens}
-    arrays = {"tokens": store.tokens, "offsets": store.offsets, "mask": store.mask}
-    crcs = {name: zlib.crc32(np.ascontiguousarray(a).tobytes()) for name, a in arrays.items() if a is not None}
-    return {"key": None, "crc32": crcs, "num_tokens": store.num_tokens}
+    """数据的内容指纹：token、文档边界与损失掩码的 CRC-32 加 token 数，与文件的路径、修改时间无关
+    （格式与旧版本的兼容见 functional_lm/cache_identity.py）。"""
+    return content_fingerprint(store)
 
 
 def make_fingerprint(
     tokenizer: Any, store: TokenStore, *, teacher_weights: str | None, split: str = "train",
-    val_fraction: float = 0.0, seed: int = 0,
+    val_fraction: float = 0.0, seed: int = 0, split_seed: int | None = None,
 ) -> dict[str, Any]:
     """调用方负责的四个指纹字段（tokenizer、data、split、teacher_weights）；其余字段由构建函数补上。
 
     tokenizer：分词器指纹字符串，或带 ``.fingerprint`` 的分词器；split："train" 或 "val"，连同划分的
-    val_fraction 与 seed（``pack`` 的参数）；teacher_weights：``teacher_weights_fingerprint(目录)``，
+    val_fraction 与划分种子 split_seed（``pack`` 的 seed；记为 ``split.seed``，旧的参数名 seed 仍可用，
+    split_seed 给了时以它为准）；teacher_weights：``teacher_weights_fingerprint(目录)``，
     内存中的教师可以传任意能标识它的字符串；None 时不写这一项（导入时由 import_topk_jsonl 记下文件的 sha256）。"""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     fingerprint = {
         "tokenizer": str(getattr(tokenizer, "fingerprint", tokenizer)),
         "data": data_fingerprint(store),
-        "split": {"split": split, "val_fraction": float(val_fraction), "seed": int(seed)},
+        "split": {"split": split, "val_fraction": float(val_fraction),
+                  "seed": int(seed if split_seed is None else split_seed)},
     }
     if teacher_weights is not None:
         fingerprint["teacher_weights"] = str(teacher_weights)
@@ -552,9 +535,11 @@ def _clean_directory(directory: Path, resuming: bool) -> None:
             entry.unlink()
 
 
-def _open_for_writing(directory: Path, fingerprint: dict[str, Any], num_blocks: int, per_shard: int) -> dict[str, Any]:
-    """新建或续建：已有 index.json 时核对指纹与布局（不同 → TeacherCacheMismatch），清掉临时文件，
-    并把文件大小不对的已提交分片标回未提交（之后重算）。"""
+def _open_for_writing(
+    directory: Path, fingerprint: dict[str, Any], num_blocks: int, per_shard: int, store: Any = None,
+) -> dict[str, Any]:
+    """新建或续建：已有 index.json 时核对指纹与布局（不同 → TeacherCacheMismatch；旧版本的数据指纹按 store
+    核对），清掉临时文件，并把文件大小不对的已提交分片标回未提交（之后重算）。"""
     resuming = (directory / INDEX_FILE).exists()
     if not resuming:
         _clean_directory(directory, resuming=False)
@@ -563,7 +548,7 @@ def _open_for_writing(directory: Path, fingerprint: dict[str, Any], num_blocks: 
             write_json_atomic(index, directory / INDEX_FILE)
         return index
     index = _read_index(directory)
-    check_fingerprint(index["fingerprint"], fingerprint, directory)
+    check_fingerprint(index["fingerprint"], fingerprint, directory, store=store)
     layout = {"num_blocks": index["num_blocks"], "blocks_per_shard": index["blocks_per_shard"]}
     check_fingerprint(layout, {"num_blocks": num_blocks, "blocks_per_shard": per_shard}, directory)
     _clean_directory(directory, resuming=True)
@@ -656,9 +641,9 @@ def _fill_shards(
 
 def _run_build(
     out_dir: str | Path, fingerprint: dict[str, Any], num_blocks: int, per_shard: int, producer: Producer,
-    progress: bool, stop: Callable[[], bool] | None,
+    progress: bool, stop: Callable[[], bool] | None, store: Any = None,
 ) -> BuildStatus:
-    """在目录锁之内：打开（新建或续建）→ 写分片 → 标记完成。"""
+    """在目录锁之内：打开（新建或续建）→ 写分片 → 标记完成。store：这次的数据，核对旧版本缓存的数据指纹用。"""
     if isinstance(per_shard, bool) or not isinstance(per_shard, int) or per_shard < 1:
         raise ValueError(f"blocks_per_shard must be a positive int, got {per_shard!r}")
     directory = Path(out_dir).expanduser()
@@ -668,7 +653,7 @@ def _run_build(
             directory.mkdir(parents=True, exist_ok=True)
         lock = _lock(directory)
         try:
-            index = _open_for_writing(directory, fingerprint, num_blocks, per_shard)
+            index = _open_for_writing(directory, fingerprint, num_blocks, per_shard, store)
             return _fill_shards(directory, index, producer, progress, stop)
         finally:
             lock.release()
@@ -803,7 +788,8 @@ def build_teacher_cache(
         document_mask=bool(document_mask), batch_size=batch_size, device=device,
         teacher=f"the teacher {teacher_name}" if teacher_name else "the teacher", where=Path(out_dir).expanduser(),
     )
-    return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop)
+    return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
+                      getattr(dataset, "store", None))
 
 
 # ================================================================================================
@@ -956,7 +942,8 @@ def import_topk_jsonl(
     reader = _RowReader(path, top_k, real_vocab_size)
     try:
         producer = _import_producer(reader, dataset.seq_len, top_k, len(dataset))
-        return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop)
+        return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
+                          getattr(dataset, "store", None))
     finally:
         reader.handle.close()
 

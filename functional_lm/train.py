@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from functional_lm.allocator import tune_malloc
+from functional_lm.cache_identity import data_fingerprint, describe, differences
 from functional_lm.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
@@ -913,6 +914,7 @@ class _Saver:
     def __init__(self, root, stepper, loader, total, tokenizer_dir, result) -> None:
         self.root, self.stepper, self.loader = root, stepper, loader
         self.total, self.tokenizer_dir, self.result = total, tokenizer_dir, result
+        self.data = _data_identity(loader)  # 数据的内容指纹：开始时算一次，每个检查点都记下
 
     def save(self, step: int, stop: StopFlag) -> Optional[Path]:
         last = self.result.last_checkpoint
@@ -927,7 +929,7 @@ class _Saver:
         s = self.stepper
         state = {
             "loader": self.loader.state_dict(), "training_config": s.tcfg.to_dict(), "total_steps": self.total,
-            "real_vocab_size": s.real_vocab_size, "world_size": s.info.world_size,
+            "real_vocab_size": s.real_vocab_size, "world_size": s.info.world_size, "data": self.data,
         }
         try:
             with stop.protect():
@@ -951,6 +953,7 @@ def _restore(path: Path, stepper: _Stepper, loader: Any) -> tuple[int, Path]:
             f"{k} {v} → {getattr(stepper.cfg, k)}" for k, v in saved_cfg.to_dict().items() if getattr(stepper.cfg, k) != v
         )
         raise ValueError(f"cannot resume from {path}: the student's model config changed ({changed})")
+    _check_same_data(path, state, loader)  # 先于数据位置：内容换了时说“数据不同”，而不是块数对不上
     with torch.no_grad():
         for key, value in stepper.params.items():
             value.copy_(saved[key])
@@ -967,3 +970,23 @@ def _restore(path: Path, stepper: _Stepper, loader: Any) -> tuple[int, Path]:
     if not restore_rng(tensors, stepper.info.rank):
         torch.manual_seed(stepper.tcfg.seed * 1_000_003 + step * 1009 + stepper.info.rank)
     return step, path
+
+
+def _data_identity(loader: Any) -> Optional[dict[str, Any]]:
+    """加载器背后那份分词数据的内容指纹（cache_identity.data_fingerprint，与文件路径无关）；没有 TokenStore 时 None。"""
+    store = getattr(getattr(loader, "dataset", None), "store", None)
+    return data_fingerprint(store) if store is not None else None
+
+
+def _check_same_data(path: Path, state: Mapping[str, Any], loader: Any) -> None:
+    """恢复的数据必须与检查点训练过的内容相同（文件可以换了路径或被 touch 过）；旧检查点没有记录时不查。"""
+    saved, now = state.get("data"), _data_identity(loader)
+    if saved is None or now is None:
+        return
+    found = differences({"data": saved}, {"data": now})
+    if found:
+        words = "; ".join(describe(found, "this run", built="the checkpoint was trained on"))
+        raise ValueError(
+            f"cannot resume from {path}: {words}; resume with the data this run was trained on, or start a new "
+            f"run (--overwrite or another --output-dir)"
+        )

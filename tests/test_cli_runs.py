@@ -6,8 +6,10 @@
 """
 
 import json
+import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -99,7 +101,7 @@ def test_resume_restores_the_runs_settings_and_names_what_changed(setup, tmp_pat
     saved = json.loads((out / "run.json").read_text())
     assert saved["training"]["max_steps"] == 4 and saved["run"]["seq_len"] == 32
     for extra, changed in ((["--seq-len", "16"], "seq_len 32 → 16"), (["--hidden-size", "32"], "hidden_size 16 → 32"),
-                           (["--seed", "1"], "seed 0 → 1")):
+                           (["--seed", "1"], "seed 0 → 1"), (["--split-seed", "1"], "split_seed 0 → 1")):
         assert main(["distill", "--output-dir", str(out), "--resume", *extra]) == 2
         line = _one_paragraph(capsys.readouterr().err)
         assert f"cannot resume {out}" in line and changed in line, line
@@ -384,3 +386,78 @@ def test_ctrl_c_while_start_up_imports_run_is_held_until_they_finish():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+# ---------------------------------------------------------------- 旧运行、挪走的数据（issue：划分种子与内容指纹）
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+def _same_student(a, b):
+    _, pa = load_pretrained(a / "student")
+    _, pb = load_pretrained(b / "student")
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def _cut_back_to_step_2(full, copy):
+    """把跑完 4 步的运行拷一份，删掉第 4 步的检查点：拷贝就是一个停在第 2 步、等着 --resume 的运行。"""
+    shutil.copytree(full, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000004")
+    return copy / "checkpoints" / "step-00000002" / "trainer_state.json"
+
+
+def test_a_run_saved_before_split_seed_resumes_with_its_seed_bit_exactly(setup, tmp_path, capsys):
+    # 以前的运行按 seed 划分数据：造一个 seed 3、划分种子 3 的运行跑满 4 步，再做一份停在第 2 步的拷贝，
+    # 从它的 run.json 与检查点的训练配置里删掉 split_seed（检查点里也没有数据指纹）——旧版本留下的就是这样。
+    full = tmp_path / "full"
+    assert main(_args(setup, full, "--seed", "3", "--split-seed", "3", "--max-steps", "4")) == 0
+    old = tmp_path / "old"
+    state_file = _cut_back_to_step_2(full, old)
+    state = json.loads(state_file.read_text())
+    del state["training_config"]["split_seed"]
+    state.pop("data", None)
+    state_file.write_text(json.dumps(state))
+    run = json.loads((old / "run.json").read_text())
+    del run["training"]["split_seed"]
+    (old / "run.json").write_text(json.dumps(run))
+    capsys.readouterr()
+    assert main(["distill", "--output-dir", str(old), "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "split_seed" in line] == [
+        "[distill] note: this run was saved before split_seed existed; it resumes with split_seed = its seed (3), "
+        "the train/validation split it was trained on"]
+    assert "resumed from step 2 of 4" in err
+    assert _losses(old) == _losses(full) and [s for s, _ in _losses(old)] == [1, 2, 3, 4]
+    assert _same_student(old, full)  # 与不间断的运行逐位相同
+    assert json.loads((old / "run.json").read_text())["training"]["split_seed"] == 3
+
+
+def test_a_run_whose_data_moved_resumes_from_the_copy_and_refuses_changed_data(setup, tmp_path, capsys):
+    data = tmp_path / "d" / "data.jsonl"
+    data.parent.mkdir()
+    shutil.copyfile(setup / "data.jsonl", data)
+    argv = _args(setup, tmp_path / "full", "--max-steps", "4")
+    argv[argv.index(str(setup / "data.jsonl"))] = str(data)
+    assert main(argv) == 0
+    moved, edited = tmp_path / "moved", tmp_path / "edited"
+    _cut_back_to_step_2(tmp_path / "full", moved)
+    _cut_back_to_step_2(tmp_path / "full", edited)
+    elsewhere = tmp_path / "elsewhere" / "data.jsonl"  # 数据挪到了别处（换了机器），修改时间也变了
+    elsewhere.parent.mkdir()
+    shutil.move(data, elsewhere)
+    os.utime(elsewhere, (1_000_000_000, 1_000_000_000))
+    capsys.readouterr()
+    assert main(["distill", "--output-dir", str(moved), "--resume", "--no-progress"]) == 2
+    line = _one_paragraph(capsys.readouterr().err)
+    assert f"its data file {data} no longer exists; if it moved, resume with --data NEW_PATH" in line
+    assert main(["distill", "--output-dir", str(moved), "--resume", "--no-progress", "--data", str(elsewhere)]) == 0
+    err = capsys.readouterr().err
+    assert f"also changed: data ['{data}'] → ['{elsewhere}'] (the data's content is checked" in err
+    assert "resumed from step 2 of 4" in err and _losses(moved) == _losses(tmp_path / "full")
+    assert _same_student(moved, tmp_path / "full")
+    # 原来的路径上放了改过一个词的数据：检查点记着内容，拒绝，用文字说是数据不同
+    data.write_text(elsewhere.read_text().replace("lazy", "sleepy", 1))
+    assert main(["distill", "--output-dir", str(edited), "--resume", "--no-progress"]) == 2
+    line = _one_paragraph(capsys.readouterr().err)
+    assert "cannot resume from" in line and "the data's tokens differ (different text or a different file)" in line

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_teacher_and_data
@@ -65,13 +66,13 @@ def _files(directory):
     }
 
 
-def _data(root, val_fraction=VAL, seq_len=SEQ, source="small.jsonl"):
+def _data(root, val_fraction=VAL, seq_len=SEQ, source="small.jsonl", split_seed=0):
     """与命令相同的 prepare_data 调用（复用分词缓存）：参照用的训练 / 验证块。"""
     from functional_lm.data import load_tokenizer, prepare_data
 
     return prepare_data(
         [str(root / source)], tokenizer=load_tokenizer(None), seq_len=seq_len, batch_size=4,
-        val_fraction=val_fraction, seed=0, cache_dir=root / "tokens", progress=False,
+        val_fraction=val_fraction, seed=0, cache_dir=root / "tokens", progress=False, split_seed=split_seed,
     )
 
 
@@ -134,7 +135,8 @@ def test_mismatched_cache_is_refused_and_left_untouched(root, built, tmp_path, c
     args[args.index("--top-k") + 1] = "4"
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "top_k: 8 → 4" in err and "left untouched" in err and "Traceback" not in err
+    assert "top-k (--top-k) differs: cache 8, this build 4" in err and "left untouched" in err
+    assert "Traceback" not in err
     assert _files(out) == before
 
 
@@ -239,42 +241,136 @@ def _set(args, option, value):
 
 # ---------------------------------------------------------------- distill --teacher-cache（issue 14 第 3 项）
 def _distill(root, out, *extra):
-    """distill 的共同参数：小学生（词表 151,936），块长与验证比例同缓存，4 步。"""
+    """distill 的共同参数：小学生（词表 151,936），块长与验证比例同缓存，4 步，验证只用 1 批（全词表的验证最费时）。"""
     return [
         "distill", "--data", str(root / "small.jsonl"), "--output-dir", str(out), "--preset", "tiny",
         "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads", "1",
         "--seq-len", str(SEQ), "--val-fraction", str(VAL), "--temperature", str(T), "--max-steps", "4",
         "--batch-size", "2", "--save-interval", "4", "--eval-interval", "4", "--learning-rate", "0.01",
-        "--warmup-steps", "1", "--cache-dir", str(root / "tokens"), "--device", "cpu", "--no-progress", *extra,
+        "--warmup-steps", "1", "--eval-batches", "1", "--cache-dir", str(root / "tokens"), "--device", "cpu",
+        "--no-progress", *extra,
     ]
 
 
-def test_distill_from_the_cache_equals_the_live_top_k_run_and_evaluates_against_it(root, tmp_path):
+def _records(out, kind):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _student(out):
     from functional_lm.hf import load_pretrained
 
-    assert main(_args(root, tmp_path / "C")) == 0
-    assert main(_distill(root, tmp_path / "cached", "--teacher-cache", str(tmp_path / "C"))) == 0
-    assert main(_distill(root, tmp_path / "live", "--teacher", str(root / "teacher"), "--top-k", str(K))) == 0
-    _, cached = load_pretrained(tmp_path / "cached" / "student")
-    _, live = load_pretrained(tmp_path / "live" / "student")
-    for key, value in live.items():
-        assert (value - cached[key]).abs().max() <= 1e-6, key
-    saved = json.loads((tmp_path / "cached" / "run.json").read_text())
-    assert "teacher" not in saved["run"] and saved["run"]["teacher_cache"] == str((tmp_path / "C").resolve())
-    evals = [json.loads(r) for r in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in evals if r["kind"] == "eval"][-1]
+    return load_pretrained(out / "student")[1]
+
+
+def test_one_cache_trains_students_of_two_seeds_each_equal_to_its_live_top_k_run(root, built, tmp_path):
+    # 一份缓存（划分种子缺省 0，只建一次）训练 seed 0 与 seed 5 的学生；各自与同 seed、在线教师 --top-k K 的运行比，
+    # 每步损失与最终参数相差 ≤ 1e-6。能这么紧是因为在线 top-k 的 log 概率同样经 float16 取整（stored_log_probs），
+    # 两边的目标是同一批数；剩下的只是 float32 的求和次序（缓存建时教师 4 块一批，训练时 2 块一批）。
+    cache = built[0]
+    runs = {}
+    for seed in (0, 5):
+        for name, extra in (("cached", ["--teacher-cache", str(cache)]),
+                            ("live", ["--teacher", str(root / "teacher"), "--top-k", str(K)])):
+            out = tmp_path / f"{name}-{seed}"
+            assert main(_distill(root, out, "--seed", str(seed), "--log-interval", "1", *extra)) == 0
+            training = json.loads((out / "run.json").read_text())["training"]
+            assert (training["seed"], training["split_seed"]) == (seed, 0)
+            runs[name, seed] = ([(r["step"], r["loss"]) for r in _records(out, "train")], _student(out))
+    for seed in (0, 5):
+        (cached_losses, cached), (live_losses, live) = runs["cached", seed], runs["live", seed]
+        assert [step for step, _ in cached_losses] == [step for step, _ in live_losses] == [1, 2, 3, 4]
+        assert all(abs(a - b) <= 1e-6 for (_, a), (_, b) in zip(cached_losses, live_losses)), seed
+        for key, value in live.items():
+            assert (value - cached[key]).abs().max() <= 1e-6, (seed, key)
+    # 两个 seed 的学生确实不同（初始化与数据顺序都不同），否则上面的相等什么也没证明
+    (losses0, student0), (losses5, student5) = runs["cached", 0], runs["cached", 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(losses0, losses5)) > 1e-3
+    assert max(float((student0[k] - student5[k]).abs().max()) for k in student0) > 1e-3
+    saved = json.loads((tmp_path / "cached-0" / "run.json").read_text())
+    assert "teacher" not in saved["run"] and saved["run"]["teacher_cache"] == str(cache.resolve())
+    final = _records(tmp_path / "cached-0", "eval")[-1]
     assert final["kl_cache_student"] > 0 and 0.0 <= final["top1_agreement"] <= 1.0 and final["student_ppl"] > 1
 
 
-def test_distill_refuses_a_cache_built_for_other_data(root, tmp_path, capsys):
-    assert main(_args(root, tmp_path / "C")) == 0
-    other = root / "other.jsonl"
-    other.write_text("\n".join((root / "data.jsonl").read_text().splitlines()[12:24]) + "\n")
-    argv = _distill(root, tmp_path / "run", "--teacher-cache", str(tmp_path / "C"))
-    argv[argv.index(str(root / "small.jsonl"))] = str(other)
-    assert main(argv) == 2
+def test_split_seed_chooses_the_split_and_seed_is_its_deprecated_alias(root, built, tmp_path, capsys):
+    from functional_lm.hf import load_pretrained
+    from functional_lm.losses import teacher_topk
+    from functional_lm.model import forward
+    from functional_lm.teacher_cache import TeacherCache
+
+    out = tmp_path / "C"
+    shutil.copytree(built[0], out)
+    before = _files(out)
+    # 旧的 --seed 0 就是划分种子 0：已建好的缓存原样认得（什么都不重写），只多一行提示
+    assert main(_args(root, out, "--blocks-per-shard", "8", "--seed", "0")) == 0
     err = capsys.readouterr().err
-    assert "data" in err and str(tmp_path / "C" / "train") in err and "Traceback" not in err
+    assert "note: teacher-cache --seed is deprecated, use --split-seed 0 (the same split)" in err
+    assert _files(out) == before
+    # 另一个划分种子：用文字说明哪里不同，缓存不动
+    assert main(_args(root, out, "--blocks-per-shard", "8", "--split-seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert "the split seed (--split-seed) differs: cache 0, this build 3" in err and _files(out) == before
+    assert main(_args(root, tmp_path / "D", "--seed", "1", "--split-seed", "2")) == 2
+    assert "--seed 1 and --split-seed 2 disagree" in capsys.readouterr().err
+    # 划分种子 3 的缓存装的是划分 3 的训练块：与按划分 3 打包的块逐个相同（划分 0 的块不同，所以这能失败）
+    assert main(_args(root, tmp_path / "E", "--split-seed", "3")) == 0
+    cache = TeacherCache.open(tmp_path / "E" / "train")
+    assert cache.fingerprint["split"] == {"split": "train", "val_fraction": VAL, "seed": 3}
+    three, zero = _data(root, split_seed=3).train, _data(root).train
+    blocks = [0, len(three) - 1]
+    inputs, _, _, segments = three.examples(blocks, True)
+    assert cache.num_blocks == len(three) and not np.array_equal(inputs, zero.examples(blocks, True)[0])
+    cfg, params = load_pretrained(root / "teacher", dtype=torch.float32)
+    logits = forward(params, torch.from_numpy(inputs), cfg, segment_ids=torch.from_numpy(segments))
+    assert torch.equal(cache.targets(blocks)[0], teacher_topk(logits, K, temperature=T, real_vocab_size=151665)[0])
+    # distill 的划分种子与缓存的不同：一段话，用文字点名
+    capsys.readouterr()
+    assert main(_distill(root, tmp_path / "run", "--teacher-cache", str(out), "--split-seed", "3")) == 2
+    err = capsys.readouterr().err
+    assert "the split seed (--split-seed) differs: cache 0, this run 3" in err and "Traceback" not in err
+    assert main(_distill(root, tmp_path / "run3", "--teacher-cache", str(tmp_path / "E"), "--split-seed", "3",
+                         "--max-steps", "1", "--seed", "7")) == 0
+
+
+def test_a_copied_and_touched_data_file_uses_the_cache_and_one_changed_word_is_refused(root, built, tmp_path, capsys):
+    from functional_lm.data.store import crc32_file
+
+    cache = built[0]
+    copy = tmp_path / "elsewhere" / "copy.jsonl"  # 另一个路径、另一个名字、另一个修改时间，字节相同
+    copy.parent.mkdir()
+    shutil.copyfile(root / "small.jsonl", copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+
+    def distill(data, out, teacher_cache=cache):
+        return main(_set(_distill(root, out, "--teacher-cache", str(teacher_cache), "--max-steps", "2"),
+                         "--data", str(data)))
+
+    assert distill(root / "small.jsonl", tmp_path / "here") == 0
+    assert distill(copy, tmp_path / "there") == 0
+    here, there = _student(tmp_path / "here"), _student(tmp_path / "there")
+    assert all(torch.equal(here[k], there[k]) for k in here)
+    # 这个版本之前建的缓存（数据指纹带分词缓存的键与各文件的 CRC-32）：校验和相符，照样接受
+    old = tmp_path / "old"
+    shutil.copytree(cache, old)
+    store = _data(root).store
+    files = {p.name: crc32_file(p) for p in sorted(store.path.iterdir()) if p.name != "index.json"}
+    for split in ("train", "val"):
+        index = json.loads((old / split / "index.json").read_text())
+        index["fingerprint"]["data"] = {"key": store.meta["key"], "files": files, "num_tokens": store.num_tokens}
+        (old / split / "index.json").write_text(json.dumps(index))
+    assert distill(copy, tmp_path / "from-old", old) == 0
+    from_old = _student(tmp_path / "from-old")
+    assert all(torch.equal(here[k], from_old[k]) for k in here)
+    # 改一个词：用文字说是数据不同，点名缓存
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(copy.read_text().replace("lazy", "sleepy", 1))
+    capsys.readouterr()
+    assert distill(edited, tmp_path / "edited") == 2
+    err = capsys.readouterr().err
+    assert "the data's tokens differ (different text or a different file)" in err
+    assert f"teacher cache {cache / 'train'} was built for something else" in err and "Traceback" not in err
+    assert distill(edited, tmp_path / "edited-old", old) == 2
+    assert "the cache predates content fingerprints" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 坏输入（外部测试者的报告）：一段话、尽早拒绝

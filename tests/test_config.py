@@ -31,6 +31,7 @@ def test_training_config_defaults_match_specification():
     assert (tc.num_epochs, tc.gradient_clip, tc.alpha, tc.temperature) == (3, 1.0, 0.5, 2.0)
     assert (tc.log_interval, tc.eval_interval, tc.save_interval) == (50, 500, 1000)
     assert isinstance(tc.checkpoint_dir, str) and tc.checkpoint_dir
+    assert (tc.seed, tc.split_seed) == (0, 0)  # 划分有自己的种子，缺省与 seed 一样是 0
 
 
 def test_configs_are_frozen():
@@ -98,6 +99,8 @@ def test_model_config_error_names_the_value():
         ({"eval_batches": 0}, "eval_batches"),
         ({"bf16": 1}, "bf16"),
         ({"val_fraction": 1.0}, "val_fraction"),
+        ({"split_seed": -1}, "split_seed must be >= 0"),
+        ({"split_seed": 1.0}, "split_seed must be an int"),
     ],
 )
 def test_training_config_rejects_invalid(changes, field):

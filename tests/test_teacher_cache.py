@@ -302,16 +302,23 @@ def _changed(teacher, dataset, field):
     """把一个指纹字段改掉的构建参数：(关键字参数, 期望出现在消息里的旧值、新值片段)。"""
     fp = _fingerprint(dataset)
     return {
-        "top_k": ({"top_k": 4}, "top_k: 8 → 4"),
-        "temperature": ({"temperature": 1.0}, "temperature: 2.0 → 1.0"),
-        "value_dtype": ({"value_dtype": "float32"}, 'value_dtype: "float16" → "float32"'),
-        "document_mask": ({"document_mask": False}, "document_mask: true → false"),
-        "real_vocab_size": ({"real_vocab_size": 200}, "real_vocab_size: 211 → 200"),
-        "tokenizer": ({"fingerprint": {**fp, "tokenizer": "other"}}, 'tokenizer: "tok-fingerprint" → "other"'),
-        "split": ({"fingerprint": {**fp, "split": {**fp["split"], "split": "val"}}}, 'split.split: "train" → "val"'),
-        "teacher_weights": ({"fingerprint": {**fp, "teacher_weights": "w2"}}, '→ "w2"'),
-        "data": ({"fingerprint": {**fp, "data": {**fp["data"], "num_tokens": 1}}}, "data.num_tokens: "),
-        "teacher_config": ({"cfg": CFG.replace(rope_theta=500.0)}, "teacher_config.rope_theta: 1000000.0 → 500.0"),
+        "top_k": ({"top_k": 4}, "top-k (--top-k) differs: cache 8, this build 4"),
+        "temperature": ({"temperature": 1.0}, "the temperature (--temperature) differs: cache 2.0, this build 1.0"),
+        "value_dtype": ({"value_dtype": "float32"},
+                        'the stored value type (--value-dtype) differs: cache "float16", this build "float32"'),
+        "document_mask": ({"document_mask": False},
+                          "the document mask (--document-mask) differs: cache true, this build false"),
+        "real_vocab_size": ({"real_vocab_size": 200},
+                            "the real vocabulary size (the tokenizer's) differs: cache 211, this build 200"),
+        "tokenizer": ({"fingerprint": {**fp, "tokenizer": "other"}}, "the tokenizer differs (another vocabulary"),
+        "split": ({"fingerprint": {**fp, "split": {**fp["split"], "split": "val"}}},
+                  'the split (train or val) differs: cache "train", this build "val"'),
+        "teacher_weights": ({"fingerprint": {**fp, "teacher_weights": "w2"}}, "the teacher's weights differ"),
+        "data": ({"fingerprint": {**fp, "data": {**fp["data"], "num_tokens": 1}}},
+                 "the data's tokens differ (different text or a different file): the cache was built from 111 tokens, "
+                 "this data has 1"),
+        "teacher_config": ({"cfg": CFG.replace(rope_theta=500.0)},
+                           "the teacher's config.json (rope_theta) differs: cache 1000000.0, this build 500.0"),
     }[field]
 
 
@@ -334,11 +341,12 @@ def test_every_fingerprint_mismatch_is_named(teacher, dataset, built, field):
 def test_seq_len_and_layout_mismatch(teacher, built):
     other = pack_documents(_documents(), seq_len=8, separator_id=0)
     fp = make_fingerprint("tok-fingerprint", other.store, teacher_weights="random-teacher-seed-3")
-    with pytest.raises(TeacherCacheMismatch, match="seq_len: 16 → 8"):
+    with pytest.raises(TeacherCacheMismatch, match=r"the block length \(--seq-len\) differs: cache 16, this build 8"):
         build_teacher_cache(teacher, CFG, other, built, top_k=K, temperature=T, fingerprint=fp,
                             blocks_per_shard=2, progress=False)
     ds = pack_documents(_documents(), seq_len=SEQ, separator_id=0)
-    with pytest.raises(TeacherCacheMismatch, match="blocks_per_shard: 2 → 3"):
+    with pytest.raises(TeacherCacheMismatch,
+                       match=r"blocks per shard \(--blocks-per-shard\) differs: cache 2, this build 3"):
         _build(teacher, ds, built, blocks_per_shard=3)
 
 
@@ -350,8 +358,10 @@ def test_check_fingerprint_names_all_fields_in_one_paragraph(tmp_path):
         check_fingerprint(old, new, tmp_path)
     assert info.value.fields == ["extra", "teacher_config.hidden_size", "top_k"]  # 2 与 2.0 相同
     message = str(info.value)
-    assert "extra: (absent) → true" in message and "teacher_config.hidden_size: 32 → 64" in message
-    assert "top_k: 8 → 16" in message and "\n" not in message and str(tmp_path) in message
+    assert "extra differs: cache (absent), this build true" in message
+    assert "the teacher's config.json (hidden_size) differs: cache 32, this build 64" in message
+    assert "top-k (--top-k) differs: cache 8, this build 16" in message and "\n" not in message
+    assert str(tmp_path) in message
     check_fingerprint(old, dict(old), tmp_path)  # 相同：不抛
 
 

@@ -1,9 +1,10 @@
 """一站式入口：分词器 + 数据源 → 磁盘缓存 → 打包（训练 / 验证）→ 批加载器。
 
     data = prepare_data(["corpus.jsonl"], tokenizer="path/to/teacher", seq_len=512, batch_size=8,
-                        val_fraction=0.01, seed=0, cache_dir=".cache/tokens", model_config=cfg)
+                        val_fraction=0.01, seed=0, split_seed=0, cache_dir=".cache/tokens", model_config=cfg)
     batch = data.train_loader.next_batch()        # Batch(input_ids, labels, loss_mask)，形状 (8, 512)
 
+seed 决定训练集每轮的打乱顺序，split_seed 决定哪些文档进验证集（None = 同 seed，即以前的做法）。
 sources 为 None 时使用内置默认语料（pydoc_data.topics）。text_split 决定纯文本文件怎样切成文档
 （"paragraph" 默认：空白行分段；"file"：整文件一篇；"line"：每个非空白行一篇），见 sources.TEXT_SPLITS。
 """
@@ -68,8 +69,9 @@ def prepare_data(
     skip_errors: bool = False,
     progress: bool = True,
     text_split: str = DEFAULT_TEXT_SPLIT,
+    split_seed: int | None = None,
 ) -> DataBundle:
-    """分词（复用缓存）→ 检查词表与块长 → 划分打包 → 构造加载器。"""
+    """分词（复用缓存）→ 检查词表与块长 → 划分打包（种子 split_seed，None 时用 seed）→ 构造加载器（种子 seed）。"""
     check_text_split(text_split)  # 先于加载分词器：参数写错立刻报，不等几秒
     tok = load_tokenizer(tokenizer)
     if model_config is not None:
@@ -80,7 +82,8 @@ def prepare_data(
         skip_errors=skip_errors, progress=progress, text_split=text_split,
     )
     _check_something_counts(store)
-    train, val = pack(store, seq_len, val_fraction=val_fraction, seed=seed, model_config=model_config)
+    split = seed if split_seed is None else split_seed
+    train, val = pack(store, seq_len, val_fraction=val_fraction, seed=split, model_config=model_config)
     train_loader = BatchLoader(train, batch_size, seed=seed, shuffle=True, drop_last=True)
     val_loader = None
     if len(val) > 0:
