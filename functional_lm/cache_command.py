@@ -150,11 +150,12 @@ def _check_args(args: argparse.Namespace) -> bool:
         raise ValueError(f"--output-dir {out} is a file; expected a directory for the teacher cache")
     if args.top_k is None or args.top_k < 1:
         raise ValueError(f"--top-k must be a positive integer (tokens kept per position), got {args.top_k}")
-    seed_option = "--split-seed" if args.legacy_seed is None else "--seed"  # 点名用户写的那个选项
-    args.split_seed = _split_seed(args)
-    for option, field in (("--temperature", "temperature"), ("--val-fraction", "val_fraction"),
-                          (seed_option, "split_seed")):
-        TRAINING_BOUNDS[field].check(option, getattr(args, field))  # 与 distill 的同名字段同一个范围
+    checks = (("--temperature", "temperature", args.temperature), ("--val-fraction", "val_fraction", args.val_fraction),
+              ("--split-seed", "split_seed", args.split_seed), ("--seed", "split_seed", args.legacy_seed))
+    for option, field, value in checks:
+        if value is not None:
+            TRAINING_BOUNDS[field].check(option, value)  # 与 distill 的同名字段同一个范围
+    args.split_seed = _split_seed(args)  # 范围先查过：--seed 的提示只在它可用时才打印
     if args.import_file is not None and not Path(args.import_file).expanduser().is_file():
         raise FileNotFoundError(f"--import {args.import_file}: no such file (expected JSON lines of top-k targets)")
     return bool(_convert("--document-mask", "bool", args.document_mask, "command line"))

@@ -54,7 +54,8 @@ def _reference(store):
 
 def _legacy(store):
     """这个版本之前的 data 指纹（磁盘形式）：分词缓存的键 + 各文件的 CRC-32（从磁盘文件读）+ token 数。"""
-    files = {p.name: crc32_file(p) for p in sorted(store.path.iterdir()) if p.name != "index.json"}
+    # 旧版本的分词缓存只有 tokens.bin、offsets.npy（与 mask.bin）；lines.npy 是之后才加的
+    files = {p.name: crc32_file(p) for p in sorted(store.path.iterdir()) if p.name not in ("index.json", "lines.npy")}
     return {"key": store.meta["key"], "files": files, "num_tokens": store.num_tokens}
 
 

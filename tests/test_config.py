@@ -99,7 +99,7 @@ def test_model_config_error_names_the_value():
         ({"eval_batches": 0}, "eval_batches"),
         ({"bf16": 1}, "bf16"),
         ({"val_fraction": 1.0}, "val_fraction"),
-        ({"split_seed": -1}, "split_seed must be >= 0"),
+        ({"split_seed": -1}, r"split_seed must be in \[0, 4294967295\]"),
         ({"split_seed": 1.0}, "split_seed must be an int"),
     ],
 )
