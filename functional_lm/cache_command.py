@@ -138,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- 参数校验（加载任何东西之前）
 def _check_args(args: argparse.Namespace) -> bool:
     """必填项与数值范围，错误点名参数；返回 document_mask 的布尔值。"""
-    from functional_lm.settings import _convert
+    from functional_lm.settings import convert_setting
 
     if args.teacher is None and args.import_file is None:
         raise ValueError("give --teacher DIR (run a teacher checkpoint over the data) or --import FILE (convert "
@@ -158,7 +158,7 @@ def _check_args(args: argparse.Namespace) -> bool:
     args.split_seed = _split_seed(args)  # 范围先查过：--seed 的提示只在它可用时才打印
     if args.import_file is not None and not Path(args.import_file).expanduser().is_file():
         raise FileNotFoundError(f"--import {args.import_file}: no such file (expected JSON lines of top-k targets)")
-    return bool(_convert("--document-mask", "bool", args.document_mask, "command line"))
+    return bool(convert_setting("--document-mask", "bool", args.document_mask, "command line"))
 
 
 def _split_seed(args: argparse.Namespace) -> int:
@@ -291,7 +291,7 @@ def _build_all(out: Path, jobs: list[tuple[str, Any, Callable]]) -> None:
 
 def _summary(out: Path, splits: list[str]) -> str:
     """一行总结：每个划分的块数与 token 数，合计字节数、每 token 字节数与位置。"""
-    from functional_lm.teacher_cache import TeacherCache, _human_bytes
+    from functional_lm.teacher_cache import TeacherCache, human_bytes
 
     parts, tokens, nbytes = [], 0, 0
     for split in splits:
@@ -301,7 +301,7 @@ def _summary(out: Path, splits: list[str]) -> str:
         tokens += n
         nbytes += sum(rec["bytes"] for shard in cache.index["shards"] for rec in shard["files"].values())
     per = nbytes / max(tokens, 1)
-    return (f"teacher cache complete: {', '.join(parts)}; {_human_bytes(nbytes)}, {per:.1f} bytes/token "
+    return (f"teacher cache complete: {', '.join(parts)}; {human_bytes(nbytes)}, {per:.1f} bytes/token "
             f"(top-k {cache.top_k}, T={cache.temperature:g}, {cache.value_dtype}) in {out}")
 
 

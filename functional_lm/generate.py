@@ -339,6 +339,21 @@ def _eos_tensor(eos_token_id, device) -> Optional[Tensor]:
 
 
 # ---------------------------------------------------------------- 生成循环
+def _cache_length(t: int, max_new_tokens: int, max_cache_len: Optional[int], cfg: ModelConfig) -> int:
+    """KV 缓存的长度：缺省 t + max_new_tokens；给定时必须装得下提示与全部新 token，且不超过 max_seq_len。"""
+    max_len = t + max_new_tokens if max_cache_len is None else max_cache_len
+    if t > max_len:
+        raise ValueError(f"prompt of length {t} does not fit the KV cache of max_len={max_len}")
+    if t + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} overflows "
+            f"the KV cache of max_len={max_len}"
+        )
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    return max_len
+
+
 def generate_stream(
     params: Mapping[str, Tensor],
     cfg: ModelConfig,
@@ -366,17 +381,7 @@ def generate_stream(
     _check_sampling(temperature, top_k, top_p)
     device = params[EMBED_KEY].device
     ids, mask = _prepare_prompt(prompt_ids, attention_mask, device)
-    t = ids.shape[1]
-    max_len = t + max_new_tokens if max_cache_len is None else max_cache_len
-    if t > max_len:
-        raise ValueError(f"prompt of length {t} does not fit the KV cache of max_len={max_len}")
-    if t + max_new_tokens > max_len:
-        raise ValueError(
-            f"prompt length {t} + max_new_tokens {max_new_tokens} = {t + max_new_tokens} overflows "
-            f"the KV cache of max_len={max_len}"
-        )
-    if max_len > cfg.max_seq_len:
-        raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    max_len = _cache_length(ids.shape[1], max_new_tokens, max_cache_len, cfg)
     eos = _eos_tensor(eos_token_id, device)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if eos is not None else 0)
     generator = _generators(seed, ids.shape[0], device)

@@ -21,6 +21,7 @@ from functional_lm.config import MODEL_BOUNDS, TRAINING_BOUNDS, ModelConfig, Tra
 
 __all__ = [
     "RUN_KEYS",
+    "convert_setting",
     "RunSettings",
     "field_help",
     "check_field_values",
@@ -68,7 +69,7 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _convert(name: str, kind: str, value: Any, source: str) -> Any:
+def convert_setting(name: str, kind: str, value: Any, source: str) -> Any:
     """把命令行字符串或配置文件值转成字段类型；类型不对时报错并点名来源与字段。
 
     ``Optional[bool]`` 字段另外接受 auto / none（None，即“按设备自动决定”）。
@@ -117,7 +118,7 @@ def check_field_values(values: Mapping[str, Any], source: str, *, as_flags: bool
             fields = _fields(cls)
             if name not in fields:
                 continue
-            value = _convert(name, str(fields[name].type), raw, source)
+            value = convert_setting(name, str(fields[name].type), raw, source)
             if name in bounds:
                 where = "--" + name.replace("_", "-") if as_flags else source
                 bounds[name].check(f"{where}: {cls.__name__}.{name}", value)
@@ -185,7 +186,7 @@ def merge_configs(
             for cls, changes in ((ModelConfig, model_changes), (TrainingConfig, train_changes)):
                 fields = _fields(cls)
                 if name in fields:
-                    changes[name] = _convert(name, str(fields[name].type), value, where)
+                    changes[name] = convert_setting(name, str(fields[name].type), value, where)
     return dataclasses.replace(base_model, **model_changes), TrainingConfig(**train_changes)
 
 
@@ -228,7 +229,7 @@ def normalize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     """运行选项的规范形式：data 是列表，本地路径是绝对路径，不含 output_dir。"""
     out = {k: v for k, v in run.items() if k != "output_dir" and v is not None}
     if "seq_len" in out:
-        out["seq_len"] = _convert("seq_len", "int", out["seq_len"], "seq_len")
+        out["seq_len"] = convert_setting("seq_len", "int", out["seq_len"], "seq_len")
         if out["seq_len"] < 1:
             raise ValueError(f"--seq-len must be a positive number of tokens, got {out['seq_len']}")
     if isinstance(out.get("data"), str):

@@ -102,6 +102,7 @@ from functional_lm.teacher_cache_checks import (
 )
 
 __all__ = [
+    "human_bytes",
     "teacher_targets",
     "stored_log_probs",
     "FINGERPRINT_FIELDS",
@@ -574,13 +575,13 @@ class _Progress:
     def advance(self, tokens: int, nbytes: int) -> None:
         self.bytes += nbytes
         self.bar.update(tokens)
-        self.bar.set_postfix(written=_human_bytes(self.bytes), refresh=False)
+        self.bar.set_postfix(written=human_bytes(self.bytes), refresh=False)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _human_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     """字节数的简写：812 B、12.3 MB …（十进制单位）。"""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:

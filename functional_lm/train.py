@@ -750,8 +750,7 @@ def train(
     metrics = _open_metrics(run_dir, info, result, resume)
     saver = _Saver(ckpt_root, stepper, loader, total, tokenizer_dir, result)
     evaluator = _Evaluator(stepper, teacher_model, data, metrics, val_teacher_cache)
-    # 秩 0：有进度条时画进度条，没有时（--no-progress）每条记录打印一行；其余进程什么都不显示。
-    bar = Progress(progress_bar(total, result.step, progress and info.is_main), total, not progress and info.is_main)
+    bar = _progress(total, result.step, progress, info)
     try:
         with stop_on_signals() as stop, peer_loss_explained(info, lambda: result.last_checkpoint):
             _loop(stepper, loader, total, result, metrics, saver, evaluator, bar, stop, on_step_end)
@@ -762,6 +761,11 @@ def train(
         bar.close()
         result.params = {k: v.detach() for k, v in stepper.params.items()}
     return result
+
+
+def _progress(total: int, step: int, progress: bool, info: Dist) -> Progress:
+    """秩 0：有进度条时画进度条，没有时（--no-progress）每条记录打印一行；其余进程什么都不显示。"""
+    return Progress(progress_bar(total, step, progress and info.is_main), total, not progress and info.is_main)
 
 
 def _announce(run_dir: Path, info: Dist, loader: Any, tcfg: TrainingConfig, teacher: Optional[Model]) -> None:

@@ -120,3 +120,25 @@ def _isolated_cache() -> None:
 
 
 _isolated_cache()
+
+
+def full_disk_open(target_name):
+    """给 monkeypatch 替换模块里的 open 用：写 target_name 时像磁盘满了一样抛 ENOSPC（其余文件照常）。"""
+    import builtins
+    import errno
+
+    class Full:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    def fake_open(path, *args, **kwargs):
+        handle = builtins.open(path, *args, **kwargs)
+        return Full(handle) if str(path).endswith(target_name) else handle
+
+    return fake_open

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import write_teacher_and_data
+from conftest import full_disk_open, write_teacher_and_data
 
 from functional_lm.cli import main
 from functional_lm.config import ModelConfig
@@ -444,26 +444,10 @@ def test_an_output_dir_that_cannot_be_created_is_refused_before_any_work(root, t
 
 
 def test_a_full_disk_is_one_paragraph_and_the_build_resumes(root, built, tmp_path, capsys, monkeypatch):
-    import errno
-
     import functional_lm.teacher_cache as tc
 
-    class Full:  # 分片 1 的 ids 临时文件写不进去
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-    def full(path, *args, **kwargs):
-        handle = open(path, *args, **kwargs)
-        return Full(handle) if str(path).endswith(".ids-00001.bin.tmp") else handle
-
     out = tmp_path / "C"
-    monkeypatch.setattr(tc, "open", full, raising=False)
+    monkeypatch.setattr(tc, "open", full_disk_open(".ids-00001.bin.tmp"), raising=False)  # 分片 1 的 ids 写不进去
     assert main(_args(root, out, "--blocks-per-shard", "8")) == 1
     monkeypatch.undo()
     err = _one_paragraph(capsys.readouterr().err)

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import full_disk_open
+
 import functional_lm.teacher_cache as tc
 from functional_lm.config import ModelConfig
 from functional_lm.data import pack_documents
@@ -664,34 +666,12 @@ def test_incomplete_cache_advice_names_the_build_directory_and_command(teacher, 
     assert "--blocks-per-shard 2" in text and "is damaged" not in text
 
 
-def _failing_open(target_name):
-    """替换模块里的 open：写 target_name 时像磁盘满了一样抛 ENOSPC（其余文件照常）。"""
-    import builtins
-    import errno
-
-    class Full:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-    def fake_open(path, *args, **kwargs):
-        handle = builtins.open(path, *args, **kwargs)
-        return Full(handle) if str(path).endswith(target_name) else handle
-
-    return fake_open
-
-
 def test_a_full_disk_names_the_file_and_keeps_the_committed_shards(teacher, dataset, tmp_path, monkeypatch):
     from functional_lm.rundir import StorageError
 
     _build(teacher, dataset, tmp_path / "ref")
     out = tmp_path / "c"
-    monkeypatch.setattr(tc, "open", _failing_open(".logprobs-00002.bin.tmp"), raising=False)
+    monkeypatch.setattr(tc, "open", full_disk_open(".logprobs-00002.bin.tmp"), raising=False)
     with pytest.raises(StorageError) as info:
         _build(teacher, dataset, out)
     monkeypatch.undo()
