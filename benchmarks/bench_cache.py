@@ -18,7 +18,7 @@
     step_from_cache_peak_rss MiB  两个子进程各自的峰值 RSS，ratio = 缓存 / 在线
 
 一个训练步 = 学生前向 + 稀疏损失 α·T²·KL(top-k 目标 ‖ 学生, T) + (1−α)·CE + 反向 + 梯度裁剪 + AdamW，与
-functional_lm.train 中的一步（_teacher_side → distill_loss）相同的组成。两个训练变体像 bench_train 一样各在
+functional_lm.kd.trainer 中的一步（_teacher_side → distill_loss）相同的组成。两个训练变体像 bench_train 一样各在
 独立子进程中运行（峰值内存取子进程自身的 max RSS；缓存一侧的子进程从不构造教师），父进程先建好缓存、
 放掉教师，再依次启动两个子进程。第 i 步用块 [i·batch, (i+1)·batch)（按块数回绕），与建缓存的批划分一致，
 所以两边的稀疏目标逐位相同，首步损失也相同（JSON 里的 first_loss_rel_diff）。
@@ -87,14 +87,14 @@ def _dataset(args, blocks: int, seed: int = 0):
 
 def _fingerprint(dataset):
     """调用方的四个指纹字段：分词器用一个固定字符串，教师权重用随机初始化的种子。"""
-    from functional_lm.teacher_cache import make_fingerprint
+    from functional_lm.kd.teacher_cache import make_fingerprint
 
     return make_fingerprint("bench-synthetic-ids", dataset.store, teacher_weights=f"random-init-seed-{TEACHER_SEED}")
 
 
 def _build(args, teacher, teacher_cfg, dataset, out_dir, top_k):
     """建一个缓存（float16、文档掩码、批大小 --batch）。"""
-    from functional_lm.teacher_cache import build_teacher_cache
+    from functional_lm.kd.teacher_cache import build_teacher_cache
 
     return build_teacher_cache(
         teacher, teacher_cfg, dataset, out_dir, top_k=top_k, temperature=args.temperature,
@@ -106,8 +106,8 @@ def _build(args, teacher, teacher_cfg, dataset, out_dir, top_k):
 def _forward_only(args, teacher, teacher_cfg, dataset):
     """建缓存的参照：同样的块、同样的批划分与文档编号，只跑教师前向与输出投影（float32，按建缓存同样的
     行块相乘，每块至多 teacher_cache._LOGIT_BYTES），不取 top-k、不写盘。"""
-    from functional_lm.model import forward_hidden, output_weight
-    from functional_lm.teacher_cache import _LOGIT_BYTES
+    from functional_lm.models.qwen2 import forward_hidden, output_weight
+    from functional_lm.kd.teacher_cache import _LOGIT_BYTES
 
     weight = output_weight(teacher, teacher_cfg)
     weight32 = weight if weight.dtype == torch.float32 else weight.float()
@@ -178,8 +178,8 @@ def _step_fn(args):
     """这个子进程的训练步函数（参数为步号）。cache：目标从 --cache-dir 读，进程里没有教师；
     live：构造教师（与建缓存同一个种子），每步跑教师前向与在线 top-k。两边之后的损失、反向与优化器一步相同。"""
     from functional_lm import TrainingConfig, init_params
-    from functional_lm.teacher_cache import TeacherCache
-    from functional_lm.train import (
+    from functional_lm.kd.teacher_cache import TeacherCache
+    from functional_lm.kd.trainer import (
         Model, build_optimizer, cached_targets, distill_loss, live_topk_targets, teacher_hidden_states,
     )
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm import forward, init_params
-from functional_lm.typing import typecheck
+from functional_lm.shapes import typecheck
 
 # --smoke 的缺省值：同一条代码路径，极小尺寸（命令行上显式给出的参数仍然优先）。
 SMOKE = dict(preset="smoke", batch=2, seq=16, rounds=1, warmup=1, check_rounds=2)

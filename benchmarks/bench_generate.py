@@ -56,7 +56,7 @@ from _bench_common import measured, model_config, parse_with_smoke, print_table,
 from functional_lm import init_params
 from functional_lm.generate import generate
 from functional_lm.hf import load_pretrained, save_pretrained
-from functional_lm.typing import typecheck
+from functional_lm.shapes import typecheck
 
 # --smoke 的缺省值：同一条代码路径，极小尺寸（命令行上显式给出的参数仍然优先）。
 SMOKE = dict(preset="smoke", batches="1", new_tokens=8, prompt_len=4, repeats=1)

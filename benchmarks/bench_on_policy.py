@@ -144,7 +144,7 @@ def _ours_generate(params, cfg, prompts, args) -> Callable[[int], Any]:
     """学生写续写（编译的解码步、每行一个种子），再整理成打分批：输入 = 序列[:-1]，标签 = 序列[1:]，
     只有生成的 token 计损失。EOS 取嵌入的最后一行（≥ 真实词表，vocab_limit 之下永远采不到）。"""
     from functional_lm.generate import generate
-    from functional_lm.on_policy import rollout_seed, scoring_batch
+    from functional_lm.kd.on_policy import rollout_seed, scoring_batch
 
     mask = torch.ones_like(prompts)
     p, n = args.prompt, args.new_tokens
@@ -162,9 +162,9 @@ def _ours_generate(params, cfg, prompts, args) -> Callable[[int], Any]:
 def ours_side(args, student: dict, teacher: dict) -> Side:
     """本项目的一步：与训练器 optimizer_step → _micro_step（来源 "student"）相同的组成。"""
     from functional_lm import TrainingConfig
-    from functional_lm.model import unique_tensors
-    from functional_lm.on_policy import loss_configs
-    from functional_lm.train import (
+    from functional_lm.models.qwen2 import unique_tensors
+    from functional_lm.kd.on_policy import loss_configs
+    from functional_lm.kd.trainer import (
         Model,
         build_optimizer,
         distill_loss,

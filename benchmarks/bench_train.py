@@ -4,7 +4,7 @@
 前馈 4864、词表 151,936、共享嵌入），float32，CPU。一个训练步 = 教师前向（no_grad）+ 学生前向 +
 损失 α·T²·KL(教师‖学生, T) + (1−α)·CE + 反向 + 梯度裁剪 + AdamW。
 
-    ours      functional_lm.train：forward_hidden + 分块蒸馏损失（从不物化整批 logits），教师 float32
+    ours      functional_lm.kd.trainer：forward_hidden + 分块蒸馏损失（从不物化整批 logits），教师 float32
     ours_compile       同上，打开 TrainingConfig.compile：torch.compile 编译师生前向与分块损失的逐元素部分
     ours_teacher_bf16  ours_compile 再加上教师以 bfloat16 权重运行（TrainingConfig.teacher_bf16）
     baseline  transformers 的 Qwen2ForCausalLM（学生训练、教师 no_grad）+ 教科书式的完整 logits 损失：
@@ -132,10 +132,10 @@ def initial_weights(args, teacher_bf16: bool) -> tuple[dict, dict]:
 
 
 def _ours(args, teacher_bf16=False, compile=False):
-    """本项目的训练步（与 functional_lm.train.train 中的一步相同的组成）。"""
+    """本项目的训练步（与 functional_lm.kd.trainer.train 中的一步相同的组成）。"""
     from functional_lm import TrainingConfig
-    from functional_lm.model import forward_hidden
-    from functional_lm.train import Model, build_optimizer, distill_loss, teacher_hidden_states
+    from functional_lm.models.qwen2 import forward_hidden
+    from functional_lm.kd.trainer import Model, build_optimizer, distill_loss, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
     teacher_bf16 = teacher_bf16 or args.bf16
@@ -248,7 +248,7 @@ def step_flops(args) -> float:
     scfg, tcfg_model = _configs(args)
 
     def matmul_params(cfg):
-        from functional_lm.model import param_shapes
+        from functional_lm.models.qwen2 import param_shapes
 
         blocks = sum(math.prod(shape) for key, shape in param_shapes(cfg).items()
                      if len(shape) == 2 and key not in ("model.embed_tokens.weight", "lm_head.weight"))

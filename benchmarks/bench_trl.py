@@ -45,7 +45,7 @@ tune_malloc）；另有 TRL “as installed” 一侧（子进程设 FUNCTIONAL_
 可省去。一步的时间 = 相邻两次“优化步结束”之间的墙钟时间（以及进程的用户态 + 系统态 CPU 秒）：TRL 用
 TrainerCallback 的 on_step_end（另记 on_step_begin → on_step_end 一段），我们用训练器的 on_step_end 回调。两边的这一段
 都含取批（TRL 还含整理器的分词）、生成（在线一行）、前向反向、裁剪与优化器，都不含验证与保存（计时的步里两边都
-没有验证与保存）。我们一侧跑的是真正的 ``functional_lm.cli.main(["distill", ...])``：只把 functional_lm.train.train
+没有验证与保存）。我们一侧跑的是真正的 ``functional_lm.cli.main(["distill", ...])``：只把 functional_lm.kd.trainer.train
 包一层加上 on_step_end 回调、把 optimizer_step 包一层数 token，其余一切（参数解析、设置、数据、教师加载、训练、
 最后的验证与保存）都是命令行的原样。峰值内存取最后一个计时步结束时的 max RSS（训练期间的峰值）。
 
@@ -290,7 +290,7 @@ def prepare_workdir(args, root: Path) -> dict:
 
 def _write_eos(student_dir: Path, tokenizer) -> None:
     """学生的 generation_config.json：EOS 与我们的续写相同（分词器的 eos 与 <|im_end|>），TRL 的 GKDTrainer 读它。"""
-    from functional_lm.on_policy import end_of_text_ids
+    from functional_lm.kd.on_policy import end_of_text_ids
 
     eos = list(end_of_text_ids(tokenizer, tokenizer.eos_token_id))
     (student_dir / "generation_config.json").write_text(
@@ -319,7 +319,7 @@ def training_order(args, work: dict, tokenizer, scfg) -> list[int]:
 # ---------------------------------------------------------------- 子进程：我们一侧
 def ours_worker(args, work: dict, setting: Setting) -> dict:
     """``functional_lm.cli.main(["distill", ...])``：train 包一层加上 on_step_end，optimizer_step 包一层数 token。"""
-    import functional_lm.train as train_module
+    import functional_lm.kd.trainer as train_module
     from functional_lm import cli
 
     clock, losses, tokens = StepClock(), [], []

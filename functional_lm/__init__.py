@@ -11,12 +11,12 @@ import importlib
 from functional_lm.config import PRESETS, ModelConfig, TrainingConfig, get_preset
 
 _LAZY = {
-    "init_params": "functional_lm.model",
-    "forward": "functional_lm.model",
-    "forward_hidden": "functional_lm.model",
-    "count_parameters": "functional_lm.model",
-    "typecheck": "functional_lm.typing",
-    "typecheck_enabled": "functional_lm.typing",
+    "init_params": "functional_lm.models.qwen2",
+    "forward": "functional_lm.models.qwen2",
+    "forward_hidden": "functional_lm.models.qwen2",
+    "count_parameters": "functional_lm.models.qwen2",
+    "typecheck": "functional_lm.shapes",
+    "typecheck_enabled": "functional_lm.shapes",
 }
 
 __all__ = ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset", *_LAZY]

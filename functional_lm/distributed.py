@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from functional_lm.devices import resolve_device
-from functional_lm.rundir import RunFailure
+from functional_lm.errors import RunFailure
+from functional_lm.errors import PeerFailure, PeerLost
 
 __all__ = [
     "Dist",
@@ -45,8 +46,6 @@ __all__ = [
     "gather_to_main",
     "main_first",
     "on_main",
-    "PeerFailure",
-    "PeerLost",
     "peer_loss_explained",
 ]
 
@@ -254,10 +253,6 @@ def gather_to_main(obj: Any, info: Dist) -> Optional[list[Any]]:
     return out
 
 
-class PeerLost(RunFailure):
-    """另一个进程死了或连不上：集合通信失败（gloo 立刻发现断开的连接，NCCL 等到超时）。"""
-
-
 # 表明“对面的进程不在了”的错误文字（gloo / NCCL / c10d 的措辞）；本进程自己的 CUDA / NCCL 错误不算。
 _LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out")
 
@@ -277,10 +272,6 @@ def peer_loss_explained(info: Dist, last_good: Callable[[], Any]) -> Iterator[No
             f"The last good checkpoint is {last_good() or 'none (no checkpoint was written yet)'}; "
             f"restart all processes with --resume"
         ) from err
-
-
-class PeerFailure(RuntimeError):
-    """秩 0 上的一步失败了（它已经打印了原因）；其余进程以这个异常安静地退出。"""
 
 
 def _outcome_from_main(info: Dist) -> Any:

@@ -28,7 +28,7 @@ from einops import rearrange
 
 from functional_lm.config import SAMPLING_TEMPERATURE, TOP_P, ModelConfig
 from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, sub_params, swiglu
-from functional_lm.model import (
+from functional_lm.models.qwen2 import (
     EMBED_KEY,
     FINAL_NORM_KEY,
     check_input_ids,
@@ -37,7 +37,8 @@ from functional_lm.model import (
     layer_params,
     output_weight,
 )
-from functional_lm.typing import Bool, Float, Int, Integer, Tensor, typechecked
+from functional_lm.shapes import Bool, Float, Int, Integer, Tensor, typechecked
+from functional_lm.errors import NonFiniteLogits
 
 __all__ = [
     "KVCache",
@@ -53,15 +54,6 @@ __all__ = [
     "generate",
     "NonFiniteLogits",
 ]
-
-
-class NonFiniteLogits(RuntimeError):
-    """模型给出了 NaN / inf 的 logits（权重坏了，或数值在所选 dtype 中溢出）；in_prompt 表示在提示上就已如此。"""
-
-    def __init__(self, in_prompt: bool) -> None:
-        where = "on the prompt" if in_prompt else "while generating"
-        super().__init__(f"the model produced non-finite logits (NaN or inf) {where}")
-        self.in_prompt = in_prompt
 
 
 class KVCache(NamedTuple):

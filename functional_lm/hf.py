@@ -36,24 +36,21 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from functional_lm.config import ModelConfig
-from functional_lm.model import EMBED_KEY, LM_HEAD_KEY, check_params, param_shapes
-from functional_lm.typing import Tensor
+from functional_lm.models.qwen2 import EMBED_KEY, LM_HEAD_KEY, check_params, param_shapes
+from functional_lm.shapes import Tensor
+from functional_lm.atomic import fsync_path, replace_dir, write_safetensors
 
 __all__ = [
     "ARCHITECTURE",
     "TOKENIZER_FILES",
     "config_from_hf",
-    "fsync_path",
     "config_to_hf",
     "load_config",
     "load_pretrained",
-    "replace_dir",
     "resolve_checkpoint",
     "save_pretrained",
-    "write_safetensors",
 ]
 
 ARCHITECTURE = "Qwen2ForCausalLM"
@@ -437,37 +434,6 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return shards
 
 
-def fsync_path(path: Path) -> None:
-    """把文件（或目录项）刷到磁盘；不支持目录 fsync 的平台上静默跳过。"""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_safetensors(tensors: Mapping[str, Tensor], file: Path, metadata: Optional[dict[str, str]] = None) -> None:
-    """写一个 safetensors 文件并 fsync。
-
-    safetensors 把写盘失败（磁盘满、文件过大……）报成 SafetensorError("... (os error 28)")；这里还原成
-    带 errno 的 OSError，调用方因此能像对待任何写盘失败一样说清楚“磁盘满了”。
-    """
-    try:
-        save_file(dict(tensors), str(file), metadata=metadata)
-    except SafetensorError as err:
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
-            raise
-        number = int(code.group(1))
-        raise OSError(number, os.strerror(number), str(file)) from err
-    fsync_path(file)
-
-
 def _write_shard(tensors: dict[str, Tensor], file: Path) -> None:
     """写一个 safetensors 文件（metadata format=pt，transformers 要求）。"""
     write_safetensors(tensors, file, metadata={"format": "pt"})
@@ -483,25 +449,6 @@ def _tokenizer_files(directory: Path) -> list[Path]:
     if not files:
         raise ValueError(f"tokenizer directory {directory}: no tokenizer files found (looked for {TOKENIZER_FILES})")
     return files
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """把写好的临时目录换到目标名：已有目标先改名挪开，换好后再删除旧的。"""
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save_pretrained: {target} exists and is not a directory")
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)  # 换不上就把旧的放回原处
-        raise
-    fsync_path(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pretrained(

@@ -1,6 +1,6 @@
 """Qwen2 解码器的纯函数层：RMSNorm、RoPE、GQA 注意力、SwiGLU 与 Transformer 块。
 
-图例（见 functional_lm/typing.py）：b 批，t 查询位置，s 键位置，d 隐藏，h 查询头，k 键值头，
+图例（见 functional_lm/shapes.py）：b 批，t 查询位置，s 键位置，d 隐藏，h 查询头，k 键值头，
 g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
 
 结构选择（与 Qwen2 / Qwen2.5 一致，真实检查点无需任何权重置换）：
@@ -25,7 +25,7 @@ from einops import rearrange, repeat
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from functional_lm.config import ModelConfig
-from functional_lm.typing import Bool, Float, Integer, Tensor, typechecked, under_transform
+from functional_lm.shapes import Bool, Float, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
     "rms_norm",

@@ -1,4 +1,4 @@
-"""教师缓存的身份（functional_lm.cache_identity）：数据指纹只看内容（拷到别的路径、touch 之后不变，改一个 token 就变），
+"""教师缓存的身份（functional_lm.kd.cache_identity）：数据指纹只看内容（拷到别的路径、touch 之后不变，改一个 token 就变），
 旧版本缓存的数据指纹在校验和相符时被接受，差异用文字说明。
 
 数据是真实的磁盘分词缓存（离线 Qwen2.5 分词器，一段纯文本 + 30 行 JSON lines，其中一篇对话，所以有损失掩码）。
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from _data_fixtures import write_jsonl
-from functional_lm.cache_identity import comparable, data_fingerprint, describe, differences
+from functional_lm.kd.cache_identity import comparable, data_fingerprint, describe, differences
 from functional_lm.data import TokenStore, build_token_cache, load_tokenizer
 from functional_lm.data.store import crc32_file
-from functional_lm.teacher_cache import TeacherCacheMismatch, check_fingerprint
+from functional_lm.kd.teacher_cache import TeacherCacheMismatch, check_fingerprint
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 

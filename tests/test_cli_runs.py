@@ -149,7 +149,7 @@ def test_disk_full_while_saving_a_checkpoint_is_one_paragraph(setup, tmp_path):
 def test_disk_full_while_writing_metrics_names_the_file(setup, tmp_path, capsys, monkeypatch):
     import errno
 
-    import functional_lm.monitor as monitor_module
+    import functional_lm.runs.monitor as monitor_module
 
     def full(path, *args, **kwargs):
         if str(path).endswith("metrics.jsonl"):
@@ -294,7 +294,7 @@ def test_corrupt_tokenizer_json_is_named(setup, tmp_path, capsys):
 
 def test_a_single_text_file_splits_into_paragraphs(setup, tmp_path, capsys):
     from functional_lm.data import TEXT_SPLITS
-    from functional_lm.distill import TEXT_SPLITS as CLI_CHOICES
+    from functional_lm.cli.distill import TEXT_SPLITS as CLI_CHOICES
 
     assert CLI_CHOICES == TEXT_SPLITS
     notes = tmp_path / "notes.txt"

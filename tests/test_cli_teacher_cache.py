@@ -90,8 +90,8 @@ def built(root):
 def test_build_matches_teacher_topk_computed_directly(root, built):
     from functional_lm.hf import load_pretrained
     from functional_lm.losses import teacher_topk
-    from functional_lm.model import forward
-    from functional_lm.teacher_cache import TeacherCache
+    from functional_lm.models.qwen2 import forward
+    from functional_lm.kd.teacher_cache import TeacherCache
 
     out, err = built
     data = _data(root)
@@ -179,7 +179,7 @@ def _topk_row(j):
 
 
 def test_import_jsonl_round_trips_through_the_command(root, tmp_path, capsys):
-    from functional_lm.teacher_cache import TeacherCache
+    from functional_lm.kd.teacher_cache import TeacherCache
 
     data = _data(root, val_fraction=0.0, seq_len=8)
     rows = len(data.train) * 8
@@ -295,8 +295,8 @@ def test_one_cache_trains_students_of_two_seeds_each_equal_to_its_live_top_k_run
 def test_split_seed_chooses_the_split_and_seed_is_its_deprecated_alias(root, built, tmp_path, capsys):
     from functional_lm.hf import load_pretrained
     from functional_lm.losses import teacher_topk
-    from functional_lm.model import forward
-    from functional_lm.teacher_cache import TeacherCache
+    from functional_lm.models.qwen2 import forward
+    from functional_lm.kd.teacher_cache import TeacherCache
 
     out = tmp_path / "C"
     shutil.copytree(built[0], out)
@@ -444,7 +444,7 @@ def test_an_output_dir_that_cannot_be_created_is_refused_before_any_work(root, t
 
 
 def test_a_full_disk_is_one_paragraph_and_the_build_resumes(root, built, tmp_path, capsys, monkeypatch):
-    import functional_lm.teacher_cache as tc
+    import functional_lm.kd.teacher_cache as tc
 
     out = tmp_path / "C"
     monkeypatch.setattr(tc, "open", full_disk_open(".ids-00001.bin.tmp"), raising=False)  # 分片 1 的 ids 写不进去

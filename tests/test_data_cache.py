@@ -13,7 +13,8 @@ pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 �
 
 from _data_fixtures import write_jsonl  # noqa: E402
 
-from functional_lm.data import DataError, TokenStore, build_token_cache, load_tokenizer  # noqa: E402
+from functional_lm.data import TokenStore, build_token_cache, load_tokenizer
+from functional_lm.errors import DataError
 
 
 @pytest.fixture(scope="module")

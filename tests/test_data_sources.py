@@ -11,7 +11,8 @@ import pytest
 
 from _data_fixtures import write_jsonl
 
-from functional_lm.data import TEXT_SPLITS, DataError, ReadStats, as_source, read_documents
+from functional_lm.data import TEXT_SPLITS, ReadStats, as_source, read_documents
+from functional_lm.errors import DataError
 from functional_lm.data.sources import looks_like_path
 
 

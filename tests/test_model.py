@@ -6,8 +6,8 @@ from jaxtyping import TypeCheckError
 
 from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm import ModelConfig, count_parameters, forward, forward_hidden, init_params
-from functional_lm.model import check_params, decode_embeddings, output_weight, param_shapes
-from functional_lm.typing import typecheck, typecheck_enabled
+from functional_lm.models.qwen2 import check_params, decode_embeddings, output_weight, param_shapes
+from functional_lm.shapes import typecheck, typecheck_enabled
 
 CFG = tiny_config()
 
@@ -209,7 +209,7 @@ def test_env_var_disables_checking():
 
     import os
 
-    code = "from functional_lm.typing import typecheck_enabled; print(typecheck_enabled())"
+    code = "from functional_lm.shapes import typecheck_enabled; print(typecheck_enabled())"
     env = dict(os.environ, FUNCTIONAL_LM_TYPECHECK="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,13 +9,13 @@ import torch
 
 from conftest import QWEN_VOCAB_STUDENT, QWEN_VOCAB_TEACHER, dynamo_graph_count, fresh_dynamo
 from functional_lm import TrainingConfig, init_params
-from functional_lm.checkpoint import list_checkpoints
+from functional_lm.runs.checkpoint import list_checkpoints
 from functional_lm.data import Document, PackedDataset, load_tokenizer, prepare_data, tokenize_documents
 from functional_lm.data.chat import encode_chat
 from functional_lm.generate import generate
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
-from functional_lm.model import forward, forward_hidden, output_weight
-from functional_lm.on_policy import (
+from functional_lm.models.qwen2 import forward, forward_hidden, output_weight
+from functional_lm.kd.on_policy import (
     PromptTable,
     batch_source,
     loss_configs,
@@ -23,7 +23,7 @@ from functional_lm.on_policy import (
     rollout_seed,
     scoring_batch,
 )
-from functional_lm.train import Model, distill_loss, train
+from functional_lm.kd.trainer import Model, distill_loss, train
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 

@@ -23,9 +23,9 @@ from functional_lm.data.loader import BatchLoader
 from functional_lm.data.pipeline import DataBundle
 from functional_lm.data.store import TokenStore
 from functional_lm.generate import generate
-from functional_lm.model import forward
-from functional_lm.on_policy import batch_source, make_rollouts, rollout_seed
-from functional_lm.train import Model, evaluate_on_policy, train
+from functional_lm.models.qwen2 import forward
+from functional_lm.kd.on_policy import batch_source, make_rollouts, rollout_seed
+from functional_lm.kd.trainer import Model, evaluate_on_policy, train
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 
@@ -78,7 +78,7 @@ def _tcfg(**changes):
 
 def _captured_run(monkeypatch, data, tcfg, run_dir):
     """跑一次训练，截下每一步：来源、这一步开始时的学生参数（拷贝）与训练器拿去训练的微批。"""
-    import functional_lm.train as trainer
+    import functional_lm.kd.trainer as trainer
 
     steps, original = [], trainer.optimizer_step
 
@@ -246,7 +246,7 @@ def test_the_trainer_logs_the_reverse_kl_of_the_students_current_samples(two_blo
 @pytest.fixture(scope="module")
 def teacher_cache(two_blocks, tmp_path_factory):
     """两个块的训练集的教师缓存（top-k 4、T = 2），与 _tcfg(top_k=4) 的运行对得上。"""
-    from functional_lm.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+    from functional_lm.kd.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
 
     out = tmp_path_factory.mktemp("teacher-cache")
     fp = make_fingerprint(two_blocks.tokenizer, two_blocks.store, teacher_weights="random-teacher-11")

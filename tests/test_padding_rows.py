@@ -14,7 +14,7 @@ from conftest import QWEN_VOCAB_STUDENT, tiny_config
 
 from functional_lm.cli import main
 from functional_lm.hf import save_pretrained
-from functional_lm.model import init_params
+from functional_lm.models.qwen2 import init_params
 
 
 def _prefers_padding(cfg, real_vocab: int, winner: int) -> dict[str, torch.Tensor]:
@@ -35,8 +35,8 @@ def _prefers_padding(cfg, real_vocab: int, winner: int) -> dict[str, torch.Tenso
 @pytest.mark.usefixtures("qwen_tokenizer")
 def test_demo_samples_never_draw_a_padding_row():
     from functional_lm.data import load_tokenizer
-    from functional_lm.demo import _samples
-    from functional_lm.train import Model
+    from functional_lm.kd.demo import _samples
+    from functional_lm.kd.trainer import Model
 
     tok = load_tokenizer(None)
     (winner,) = tok.encode(" cat")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from functional_lm.report import read_metrics, write_report
+from functional_lm.runs.report import read_metrics, write_report
 
 
 def _records():
@@ -49,7 +49,7 @@ def test_plot_marks_points_and_draws_validation_and_teacher_reference(tmp_path, 
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from functional_lm.report import plot_loss_curves
+    from functional_lm.runs.report import plot_loss_curves
 
     captured = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: captured.append(fig))
@@ -79,7 +79,7 @@ def _captured_figures(monkeypatch):
 def test_runs_with_identical_curves_stay_distinguishable(tmp_path, monkeypatch):
     """在线学生的离线预热与离线蒸馏的学生完全相同：两条重合的曲线要用不同的标记与线型画出，后画的更细。"""
     pytest.importorskip("matplotlib")
-    from functional_lm.report import plot_eval_curves, plot_loss_curves
+    from functional_lm.runs.report import plot_eval_curves, plot_loss_curves
 
     captured = _captured_figures(monkeypatch)
     same = [{"kind": "train", "step": s, "ce": 3.0 - 0.1 * s} for s in (1, 2, 3)]
@@ -101,7 +101,7 @@ def test_runs_with_identical_curves_stay_distinguishable(tmp_path, monkeypatch):
 
 def test_each_validation_panel_names_its_metric_on_the_y_axis(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from functional_lm.report import plot_eval_curves
+    from functional_lm.runs.report import plot_eval_curves
 
     captured = _captured_figures(monkeypatch)
     records = [{"kind": "eval", "step": 2, "on_policy_reverse_kl": 0.4, "on_policy_teacher_nll": 3.1}]
@@ -114,7 +114,7 @@ def test_each_validation_panel_names_its_metric_on_the_y_axis(tmp_path, monkeypa
 
 def test_the_demo_report_speaks_of_three_students_and_their_shared_warm_up(tmp_path):
     from functional_lm.config import TrainingConfig
-    from functional_lm.demo import curve_labels, demo_training_defaults, report_notes, student_configs
+    from functional_lm.kd.demo import curve_labels, demo_training_defaults, report_notes, student_configs
 
     tcfg = TrainingConfig(**demo_training_defaults())
     names = list(student_configs(tcfg))
@@ -128,7 +128,7 @@ def test_the_demo_report_speaks_of_three_students_and_their_shared_warm_up(tmp_p
 
 
 def test_torn_last_line_is_dropped_but_a_damaged_middle_line_is_named(tmp_path):
-    from functional_lm.report import read_metrics_file
+    from functional_lm.runs.report import read_metrics_file
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')

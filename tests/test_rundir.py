@@ -10,20 +10,12 @@ import sys
 import pytest
 
 from conftest import tiny_config
-from functional_lm.checkpoint import list_checkpoints, save_checkpoint
-from functional_lm.model import init_params
-from functional_lm.rundir import (
-    RunDirError,
-    RunLock,
-    StorageError,
-    clear_run,
-    ensure_output_dir,
-    remove_stale_temps,
-    run_markers,
-    write_failure,
-)
-from functional_lm.monitor import StopFlag
-from functional_lm.train import build_optimizer
+from functional_lm.runs.checkpoint import list_checkpoints, save_checkpoint
+from functional_lm.models.qwen2 import init_params
+from functional_lm.runs.rundir import RunLock, clear_run, ensure_output_dir, remove_stale_temps, run_markers
+from functional_lm.errors import RunDirError, StorageError, write_failure
+from functional_lm.runs.monitor import StopFlag
+from functional_lm.kd.trainer import build_optimizer
 from functional_lm.config import TrainingConfig
 
 
@@ -37,7 +29,7 @@ def test_second_lock_is_refused_with_the_holders_pid(tmp_path):
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     code = (
-        "import sys, time; from functional_lm.rundir import RunLock; "
+        "import sys, time; from functional_lm.runs.rundir import RunLock; "
         f"RunLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -11,7 +11,7 @@ import torch
 from conftest import dynamo_graph_count, fresh_dynamo, needs
 from conftest import tiny_config as _tiny_cfg
 from functional_lm.layers import segment_mask, segment_positions
-from functional_lm.model import forward, init_params
+from functional_lm.models.qwen2 import forward, init_params
 
 transformers = needs("transformers")
 
@@ -151,7 +151,7 @@ def test_transformers_with_restarted_positions_and_a_block_diagonal_mask(params)
 def test_bad_segment_ids_are_refused_clearly(params, bad, message):
     from jaxtyping import TypeCheckError
 
-    from functional_lm.typing import typecheck
+    from functional_lm.shapes import typecheck
 
     ids, seg = _packed()
     # 形状检查开着时，形状与 dtype 错误由 jaxtyping 报出（点名 forward 的 segment_ids 参数）；

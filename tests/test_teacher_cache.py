@@ -1,4 +1,4 @@
-"""教师缓存（functional_lm.teacher_cache）：往返、K = V 时与稠密损失相等、中断后续建逐字节相同、
+"""教师缓存（functional_lm.kd.teacher_cache）：往返、K = V 时与稠密损失相等、中断后续建逐字节相同、
 截断 / 校验和 / 不完整的检测、指纹逐项比对、JSON-lines 导入与逐行报错，以及 float16 与 bfloat16 的舍入误差实测。
 
 全部用 1 层、隐藏 32 的小教师与几百个 token 的打包数据（seq_len = 16，7 个块；blocks_per_shard = 2 → 4 个分片，
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conftest import full_disk_open
 
-import functional_lm.teacher_cache as tc
+import functional_lm.kd.teacher_cache as tc
 from functional_lm.config import ModelConfig
 from functional_lm.data import pack_documents
 from functional_lm.hf import save_pretrained
@@ -27,8 +27,8 @@ from functional_lm.losses import (
     sparse_distillation_loss,
     teacher_topk,
 )
-from functional_lm.model import forward_hidden, init_params, output_weight
-from functional_lm.teacher_cache import (
+from functional_lm.models.qwen2 import forward_hidden, init_params, output_weight
+from functional_lm.kd.teacher_cache import (
     FINGERPRINT_FIELDS,
     TeacherCache,
     TeacherCacheDamaged,
@@ -522,7 +522,7 @@ def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
 def test_reading_every_block_keeps_at_most_a_fixed_number_of_shards_mapped(teacher, dataset, tmp_path, monkeypatch):
     # 流式读取：按块号读遍整个缓存时，同时映射的分片至多 _OPEN_SHARDS 个（最久未用的先解除映射），
     # 所以映射进进程的页与缓存总大小无关；读到的值与一次只读一块时相同。上限调到 3，7 个分片就超过它。
-    import functional_lm.teacher_cache as module
+    import functional_lm.kd.teacher_cache as module
 
     monkeypatch.setattr(module, "_OPEN_SHARDS", 3)
     _build(teacher, dataset, tmp_path / "c", blocks_per_shard=1)
@@ -667,7 +667,7 @@ def test_incomplete_cache_advice_names_the_build_directory_and_command(teacher, 
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_committed_shards(teacher, dataset, tmp_path, monkeypatch):
-    from functional_lm.rundir import StorageError
+    from functional_lm.errors import StorageError
 
     _build(teacher, dataset, tmp_path / "ref")
     out = tmp_path / "c"

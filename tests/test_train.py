@@ -11,10 +11,11 @@ import torch
 
 from conftest import QWEN_VOCAB_STUDENT, QWEN_VOCAB_TEACHER, dynamo_graph_count, fresh_dynamo
 from functional_lm import TrainingConfig, init_params
-from functional_lm.checkpoint import list_checkpoints, load_checkpoint
+from functional_lm.runs.checkpoint import list_checkpoints, load_checkpoint
 from functional_lm.hf import load_pretrained, save_pretrained
-from functional_lm.model import forward
-from functional_lm.train import Model, NonFiniteLossError, learning_rate, no_weight_decay, train
+from functional_lm.models.qwen2 import forward
+from functional_lm.kd.trainer import Model, learning_rate, no_weight_decay, train
+from functional_lm.errors import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
 from functional_lm.data import load_tokenizer, prepare_data  # noqa: E402
@@ -226,7 +227,7 @@ def test_cross_entropy_only_training_without_teacher(tokenizer, cache_dir, tmp_p
 
 
 def test_chunked_cross_entropy_matches_plain():
-    from functional_lm.train import chunked_cross_entropy
+    from functional_lm.kd.trainer import chunked_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 7, 8, generator=gen, requires_grad=True)
@@ -273,7 +274,7 @@ def test_bf16_runs_stay_within_the_measured_bound_of_fp32(tokenizer, cache_dir, 
 
 
 def test_training_into_a_directory_that_holds_a_run_is_refused(tokenizer, cache_dir, teacher_dir, tmp_path):
-    from functional_lm.rundir import RunDirError
+    from functional_lm.errors import RunDirError
 
     _run(tokenizer, cache_dir, teacher_dir, tmp_path, _tcfg(max_steps=2, save_interval=2))
     with pytest.raises(RunDirError, match=r"already holds a training run \(checkpoints step-00000002"):
@@ -282,7 +283,7 @@ def test_training_into_a_directory_that_holds_a_run_is_refused(tokenizer, cache_
 
 
 def test_progress_bar_says_when_it_pauses_to_evaluate(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
-    import functional_lm.train as train_module
+    import functional_lm.kd.trainer as train_module
 
     descriptions = []
 
@@ -325,7 +326,7 @@ def test_without_the_bar_every_record_is_one_line(tokenizer, cache_dir, teacher_
 
 
 def test_a_signal_on_a_save_step_saves_once(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
-    import functional_lm.train as train_module
+    import functional_lm.kd.trainer as train_module
 
     saved = []
     real_save = train_module.save_checkpoint
@@ -426,7 +427,7 @@ def test_accumulation_equals_the_big_batch(tokenizer, cache_dir, teacher_dir, tm
 
 
 def test_optimizer_groups_and_a_tiny_clip_bounds_the_update(tokenizer, cache_dir, teacher_dir, tmp_path):
-    from functional_lm.train import build_optimizer
+    from functional_lm.kd.trainer import build_optimizer
 
     params = init_params(STUDENT, seed=3)
     names = {id(v): k for k, v in params.items()}
@@ -456,7 +457,7 @@ def test_optimizer_groups_and_a_tiny_clip_bounds_the_update(tokenizer, cache_dir
 
 # ---------------------------------------------------------------- 验证的数值
 def test_evaluation_of_a_teacher_identical_to_the_student(tokenizer, cache_dir):
-    from functional_lm.train import evaluate
+    from functional_lm.kd.trainer import evaluate
 
     data = _data(tokenizer, cache_dir)
     student = Model(init_params(STUDENT, seed=5), STUDENT)
@@ -472,7 +473,7 @@ def test_evaluation_of_a_teacher_identical_to_the_student(tokenizer, cache_dir):
 def test_evaluation_against_a_hand_computed_case(tokenizer, cache_dir, teacher_dir):
     # 学生的最终范数权重为 0 ⇒ 隐藏状态为 0 ⇒ logits 全为 0 ⇒ 在真实词表上均匀分布：
     # CE = ln V，困惑度 = V；KL(教师 ‖ 均匀) = ln V − H(P)，H(P) 用 torch.softmax 在教师的完整 logits 上直接算。
-    from functional_lm.train import count_valid_tokens, evaluate
+    from functional_lm.kd.trainer import count_valid_tokens, evaluate
 
     data = _data(tokenizer, cache_dir)
     params = init_params(STUDENT, seed=5)
@@ -507,8 +508,8 @@ def test_training_leaves_the_callers_parameters_untouched(tokenizer, cache_dir, 
 
 
 def test_training_leaves_the_shape_check_switch_alone(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
-    import functional_lm.train as train_module
-    from functional_lm.typing import typecheck, typecheck_enabled
+    import functional_lm.kd.trainer as train_module
+    from functional_lm.shapes import typecheck, typecheck_enabled
 
     seen = []
     real = train_module.teacher_hidden_states
@@ -520,8 +521,8 @@ def test_training_leaves_the_shape_check_switch_alone(tokenizer, cache_dir, teac
 
 
 def test_throughput_excludes_evaluation_and_saving(monkeypatch):
-    import functional_lm.monitor as monitor
-    from functional_lm.train import StepStats
+    import functional_lm.runs.monitor as monitor
+    from functional_lm.kd.trainer import StepStats
 
     clock = iter([0.0, 10.0, 40.0, 50.0, 50.0])  # 开始；暂停开始；暂停结束；记录；记录后重新计时
     monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
@@ -536,7 +537,7 @@ def test_throughput_excludes_evaluation_and_saving(monkeypatch):
 # ---------------------------------------------------------------- 文档掩码（issue 13）
 def _spy_segment_ids(monkeypatch):
     """记下每次解码（学生、教师、验证）收到的 segment_ids。"""
-    import functional_lm.model as model_module
+    import functional_lm.models.qwen2 as model_module
 
     seen, real = [], model_module.decode_embeddings
 
@@ -560,7 +561,7 @@ def _short_documents(tokenizer, cache_dir, tmp_path):
 
 def test_evaluate_scores_the_tokens_of_its_own_document_mask(tokenizer, cache_dir, tmp_path):
     # 验证的标签与注意力用同一个设置：传进来的加载器设置不同时，evaluate 自己换成 tcfg.document_mask 的那一种。
-    from functional_lm.train import evaluate
+    from functional_lm.kd.trainer import evaluate
 
     data = _short_documents(tokenizer, cache_dir, tmp_path)
     student = Model(init_params(STUDENT, seed=3), STUDENT)
@@ -593,7 +594,7 @@ def test_document_mask_off_runs_the_previous_computation(tokenizer, cache_dir, t
 
 # ---------------------------------------------------------------- 稀疏教师：在线 top-k 与教师缓存（issue 14）
 def _cache_for(data, teacher_dir, tmp_path, tokenizer, top_k, temperature=2.0):
-    from functional_lm.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+    from functional_lm.kd.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
 
     teacher = _teacher(teacher_dir)
     fp = make_fingerprint(tokenizer, data.store, teacher_weights="test-teacher", split="train", val_fraction=0.05, seed=0)

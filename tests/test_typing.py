@@ -10,7 +10,7 @@ from jaxtyping import TypeCheckError, jaxtyped
 import functional_lm
 from functional_lm import ModelConfig, forward, init_params
 from functional_lm.layers import rms_norm
-from functional_lm.typing import Float, Tensor, _short_message, typecheck, typecheck_enabled, typechecked
+from functional_lm.shapes import Float, Tensor, _short_message, typecheck, typecheck_enabled, typechecked
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def test_default_config_shape_error_is_short(default_model):
     ids = torch.zeros(2, 3, 4, dtype=torch.long)
     error = _raised(forward, params, ids, cfg)
     assert str(error).splitlines() == [
-        "functional_lm.model.forward: argument 'input_ids' does not match its annotation",
+        "functional_lm.models.qwen2.forward: argument 'input_ids' does not match its annotation",
         "  actual:   i64[2,3,4]",
         "  expected: Integer[Tensor, 'b t']",
     ]

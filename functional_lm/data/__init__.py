@@ -14,14 +14,13 @@ packing（定长块与划分）、loader（确定性可恢复加载器）、corp
 from functional_lm.data.cache import build_token_cache, tokenize_documents
 from functional_lm.data.chat import ChatEncoding, render_chat
 from functional_lm.data.corpus import default_corpus, default_corpus_source
-from functional_lm.data.errors import CacheDamagedError, CacheWriteError
+from functional_lm.errors import CacheDamagedError, CacheWriteError
 from functional_lm.data.loader import Batch, BatchLoader
 from functional_lm.data.packing import IGNORE_INDEX, PackedDataset, pack, pack_documents, split_documents
 from functional_lm.data.pipeline import DataBundle, prepare_data
 from functional_lm.data.sources import (
     DEFAULT_TEXT_SPLIT,
     TEXT_SPLITS,
-    DataError,
     Document,
     DocumentSource,
     ReadStats,
@@ -30,6 +29,7 @@ from functional_lm.data.sources import (
     read_documents,
     read_hf_dataset,
 )
+from functional_lm.errors import DataError
 from functional_lm.data.store import TokenStore
 from functional_lm.data.tokenizer import (
     Tokenizer,

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from functional_lm.data.errors import CacheDamagedError, CacheWriteError
+from functional_lm.errors import CacheDamagedError, CacheWriteError
 from functional_lm.data.sources import (
     DEFAULT_TEXT_SPLIT,
     Document,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from functional_lm.data.packing import PackedDataset
-from functional_lm.typing import Bool, Int, Tensor
+from functional_lm.shapes import Bool, Int, Tensor
 
 __all__ = ["Batch", "BatchLoader"]
 

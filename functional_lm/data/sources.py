@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from functional_lm.data.chat import validate_messages
+from functional_lm.errors import DataError
 
 __all__ = [
-    "DataError",
     "Document",
     "ReadStats",
     "DocumentSource",
@@ -54,14 +54,6 @@ PARQUET_SUFFIXES = {".parquet", ".pq"}
 TEXT_SPLITS = ("paragraph", "file", "line")  # 纯文本切分方式（见模块说明）
 DEFAULT_TEXT_SPLIT = "paragraph"
 MAX_KEPT_ERRORS = 100  # ReadStats 里最多保留多少条错误信息
-
-
-class DataError(ValueError):
-    """输入数据错误；``str()`` 形如 ``path:line: message``。"""
-
-    def __init__(self, path: str, line: int, message: str) -> None:
-        self.path, self.line, self.message = str(path), line, message
-        super().__init__(f"{self.path}:{line}: {message}")
 
 
 @dataclass

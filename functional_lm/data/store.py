@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from functional_lm.data.errors import CacheDamagedError
+from functional_lm.errors import CacheDamagedError
 
 __all__ = ["TokenStore", "TOKEN_DTYPE", "CACHE_FORMAT_VERSION", "crc32_file"]
 

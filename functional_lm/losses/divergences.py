@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from functional_lm.typing import Bool, Float, Int, Integer, Tensor, typechecked, under_transform
+from functional_lm.shapes import Bool, Float, Int, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
     "DIVERGENCES",

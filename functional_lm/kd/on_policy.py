@@ -33,7 +33,7 @@ from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.data.loader import Batch
 from functional_lm.data.packing import IGNORE_INDEX
 from functional_lm.generate import generate, left_pad
-from functional_lm.typing import Int, Tensor
+from functional_lm.shapes import Int, Tensor
 
 __all__ = [
     "SOURCES",

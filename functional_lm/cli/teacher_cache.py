@@ -1,4 +1,4 @@
-"""``functional-lm teacher-cache``：把教师在蒸馏数据上的 top-k 目标预先算好存盘（格式见 functional_lm/teacher_cache.py）。
+"""``functional-lm teacher-cache``：把教师在蒸馏数据上的 top-k 目标预先算好存盘（格式见 functional_lm/kd/teacher_cache.py）。
 
     functional-lm teacher-cache --teacher DIR --output-dir C --top-k K [--temperature T] [--data FILES ...]
                                 [--seq-len N --val-fraction F --split-seed S --document-mask true/false ...]
@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from functional_lm.config import PRESETS, TRAINING_BOUNDS, TrainingConfig
-from functional_lm.distill import TEXT_SPLITS, _positive_int, _tokenizer_source
-from functional_lm.rundir import Interrupted, ensure_output_dir
+from functional_lm.cli.distill import TEXT_SPLITS, _positive_int, _tokenizer_source
+from functional_lm.runs.rundir import ensure_output_dir
+from functional_lm.errors import Interrupted
 
 __all__ = ["register"]
 
@@ -54,11 +55,11 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--import", dest="import_file", metavar="FILE", help=(
         "不跑教师，导入别处算好的 top-k（JSON lines），只写 C/train。每行 {\"ids\": [K 个 id], \"logprobs\": [温度 T 下"
         "的 K 个 log 概率]}；第 j 行是训练块 j // L 的输入位置 j %% L 的目标（L = --seq-len），共 训练块数 × L 行，"
-        "格式见 functional_lm/teacher_cache.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
+        "格式见 functional_lm/kd/teacher_cache.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
         "(JSON lines) into C/train instead of running a teacher. Each row is {\"ids\": [K ids], \"logprobs\": "
         "[K log-probabilities at temperature T]}; row j holds the target of input position j %% L of train block "
         "j // L (L = --seq-len), number of train blocks × L rows in all; the format is described at "
-        "import_topk_jsonl in functional_lm/teacher_cache.py"))
+        "import_topk_jsonl in functional_lm/kd/teacher_cache.py"))
     group.add_argument("--output-dir", metavar="C", help="缓存目录 C：写出 C/train 与 C/val / cache directory C: "
                        "writes C/train and C/val")
     group.add_argument("--top-k", type=int, metavar="K", help="每个位置保存概率最高的 K 个 token（1 ≤ K ≤ 真实词表）/ keep the K "
@@ -138,7 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- 参数校验（加载任何东西之前）
 def _check_args(args: argparse.Namespace) -> bool:
     """必填项与数值范围，错误点名参数；返回 document_mask 的布尔值。"""
-    from functional_lm.settings import convert_setting
+    from functional_lm.runs.settings import convert_setting
 
     if args.teacher is None and args.import_file is None:
         raise ValueError("give --teacher DIR (run a teacher checkpoint over the data) or --import FILE (convert "
@@ -206,7 +207,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     from functional_lm.data import check_vocab_compat, load_tokenizer
     from functional_lm.devices import resolve_device
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
-    from functional_lm.teacher_cache import (
+    from functional_lm.kd.teacher_cache import (
         build_teacher_cache,
         make_fingerprint,
         teacher_weights_fingerprint,
@@ -242,7 +243,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
 def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
     """导入 JSON lines：分词打包（与 distill 相同），只为训练块建缓存；teacher_weights 由库取文件的 sha256。"""
     from functional_lm.data import load_tokenizer
-    from functional_lm.teacher_cache import import_topk_jsonl, make_fingerprint
+    from functional_lm.kd.teacher_cache import import_topk_jsonl, make_fingerprint
 
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)
     _check_top_k(args.top_k, tokenizer.real_vocab_size)
@@ -271,7 +272,7 @@ def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> li
 # ---------------------------------------------------------------- 构建、中断与总结
 def _build_all(out: Path, jobs: list[tuple[str, Any, Callable]]) -> None:
     """依次构建各划分；SIGINT / SIGTERM 让构建在分片之间停下，抛 Interrupted（退出码 130）说明怎样继续。"""
-    from functional_lm.monitor import stop_on_signals
+    from functional_lm.runs.monitor import stop_on_signals
 
     again = "the committed shards are kept; rerun the same command to continue"
     try:
@@ -291,7 +292,7 @@ def _build_all(out: Path, jobs: list[tuple[str, Any, Callable]]) -> None:
 
 def _summary(out: Path, splits: list[str]) -> str:
     """一行总结：每个划分的块数与 token 数，合计字节数、每 token 字节数与位置。"""
-    from functional_lm.teacher_cache import TeacherCache, human_bytes
+    from functional_lm.kd.teacher_cache import TeacherCache, human_bytes
 
     parts, tokens, nbytes = [], 0, 0
     for split in splits:

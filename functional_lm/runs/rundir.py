@@ -19,7 +19,6 @@ run.json 设置记录，以及把写盘失败（磁盘满、只读）说成一�
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -29,24 +28,18 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from functional_lm.config import cache_root
+from functional_lm.errors import RunDirError, storage_reason, write_failure
+from functional_lm.atomic import write_json_atomic
 
 __all__ = [
-    "Interrupted",
     "RUN_MARKERS",
     "SETTINGS_FILE",
-    "RunDirError",
-    "RunFailure",
-    "StorageError",
     "RunLock",
-    "storage_advice",
-    "storage_reason",
     "ensure_output_dir",
     "run_markers",
     "clear_run",
     "remove_stale_temps",
-    "write_json_atomic",
     "read_settings",
-    "write_failure",
     "writing",
     "materialize_tokenizer",
 ]
@@ -59,65 +52,9 @@ RUN_MARKERS = (SETTINGS_FILE, "metrics.jsonl", "checkpoints", "student", "report
 _STALE = re.compile(r"^\..+\.(?:tmp|old)-[0-9a-f]{8}$")  # 被打断的原子保存留下的隐藏目录
 _OLD = re.compile(r"^\.(.+)\.old-[0-9a-f]{8}$")  # 替换时被挪开的旧目录：.名字.old-xxxxxxxx
 _STALE_DEPTH = 3  # 运行目录 / 演示子运行 / checkpoints：临时目录最深在第 3 层
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-class RunDirError(ValueError):
-    """运行目录不可用：是文件、不可写、已有运行、被另一个进程占用……（消息是一整段说明）。"""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT / SIGTERM 之后，训练已保存进度并停下；消息说明保存在哪、怎样继续。命令行以退出码 130 结束。
-
-    是 KeyboardInterrupt 的子类：和 Ctrl-C 一样穿过一般的 ``except Exception``，一直传到命令行入口。
-    """
-
-
-class RunFailure(RuntimeError):
-    """运行中途的失败（不是输入错误）：消息是完整的一段话，命令行照印、退出码 1。"""
-
-
-class StorageError(RunFailure):
-    """写盘失败（磁盘满、配额、只读）：消息说明在写什么、写到哪里、最后一个完好的检查点。"""
 
 
 # ---------------------------------------------------------------- 写盘失败
-def storage_reason(err: OSError) -> str:
-    """OSError → 人话：磁盘满 / 只读 / 其他（附 errno 名）。"""
-    code = err.errno
-    name = errno.errorcode.get(code, str(code)) if code is not None else "?"
-    if code in _DISK_FULL:
-        what = "the disk is full (or a size/quota limit was reached)"
-    elif code in _READ_ONLY:
-        what = "the location is read-only or not writable"
-    else:
-        what = err.strerror or str(err)
-    return f"{what} [{name}]"
-
-
-def storage_advice(err: OSError) -> str:
-    """按写盘失败的原因给的处理办法：磁盘满就腾空间，其余（只读、无权限……）就让位置可写。"""
-    return "free some space" if err.errno in _DISK_FULL else "make the location writable"
-
-
-def write_failure(
-    err: OSError, what: str, where: os.PathLike | str, last_good: Optional[Path] = None, *, atomic: bool = True
-) -> StorageError:
-    """把写盘时的 OSError 包成一段话：写的是什么、写到哪、为什么失败、留下了什么、最后一个完好的检查点在哪。
-
-    atomic：这次写入是否原子（临时文件再改名）——是则什么都没留下；否（追加写指标）则最后一行可能被截断，
-    恢复时会丢掉它。建议按原因给：磁盘满就腾空间，只读就换个能写的地方。
-    """
-    left = "Nothing half-written was left in place." if atomic else \
-        f"The last line of {where} may be cut off; it is dropped when the run resumes."
-    advice = storage_advice(err)
-    good = (
-        f"The last good checkpoint is {last_good}; {advice} and continue with --resume."
-        if last_good is not None
-        else f"No checkpoint had been written yet; {advice} and start again."
-    )
-    return StorageError(f"could not write {what} to {where}: {storage_reason(err)}. {left} {good}")
 
 
 @contextlib.contextmanager
@@ -213,7 +150,7 @@ def clear_run(path: os.PathLike | str, *, extra_roots: Iterable[os.PathLike | st
     extra_roots：运行的检查点目录（--checkpoint-dir 可以是别的名字，甚至在运行目录之外）：运行目录里的
     整个删掉；运行目录外的只删其中的 step-* 检查点。
     """
-    from functional_lm.checkpoint import list_checkpoints
+    from functional_lm.runs.checkpoint import list_checkpoints
 
     path = Path(path)
     removed = []
@@ -269,20 +206,6 @@ def remove_stale_temps(path: os.PathLike | str) -> list[Path]:
 
 
 # ---------------------------------------------------------------- run.json
-def write_json_atomic(data: Any, file: os.PathLike | str) -> Path:
-    """原子地写 JSON：先写同目录的临时文件并 fsync，再改名。"""
-    file = Path(file)
-    tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return file
 
 
 def read_settings(path: os.PathLike | str) -> Optional[dict[str, Any]]:
@@ -303,7 +226,7 @@ def read_settings(path: os.PathLike | str) -> Optional[dict[str, Any]]:
 def _default_tokenizer_files(tokenizer: Any) -> Path:
     """离线默认分词器导出成 tokenizer.json + tokenizer_config.json（约 4 秒），按指纹缓存，之后直接复用。"""
     from functional_lm.data.tokenizer import save_default_tokenizer
-    from functional_lm.hf import replace_dir
+    from functional_lm.atomic import replace_dir
 
     target = cache_root() / "tokenizer" / f"qwen2.5-{tokenizer.fingerprint[:16]}"
     if (target / "tokenizer.json").is_file() and (target / "tokenizer_config.json").is_file():
@@ -333,7 +256,8 @@ def materialize_tokenizer(tokenizer: Any, source: Optional[os.PathLike | str], t
     source 为分词器目录（教师目录或 --tokenizer）时复制其中的分词器文件；为 None（离线默认）时导出。
     之后每个检查点与学生都从这里复制一份，于是任何一个都能独立地 ``generate --prompt``。
     """
-    from functional_lm.hf import TOKENIZER_FILES, replace_dir
+    from functional_lm.hf import TOKENIZER_FILES
+    from functional_lm.atomic import replace_dir
 
     target = Path(target)
     origin = Path(source) if source is not None else _default_tokenizer_files(tokenizer)

@@ -5,9 +5,9 @@
 
     functional-lm generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N]
                            [--temperature T --top-k K --top-p P --seed S --dtype D --device DEV --compile]
-    functional-lm distill  [--teacher DIR --data FILES ...]（见 functional_lm/distill.py）
+    functional-lm distill  [--teacher DIR --data FILES ...]（见 functional_lm/cli/distill.py）
     functional-lm teacher-cache (--teacher DIR | --import FILE) --output-dir C --top-k K [--temperature T ...]
-                           （预先计算教师的 top-k 目标；见 functional_lm/cache_command.py）
+                           （预先计算教师的 top-k 目标；见 functional_lm/cli/teacher_cache.py）
 
 启动顺序：解析参数 → 各子命令的 ``check_args``（参数的值与范围，不导入 torch，坏值立即报错）→ 导入 torch
 与本包 → 运行。
@@ -279,7 +279,7 @@ def _nonfinite_error(directory: Path, params: Any, in_prompt: bool) -> Exception
     """模型给出 NaN / inf 的 logits：权重本身非有限 → 坏的检查点（输入错误）；否则是数值溢出（运行失败）。"""
     import torch
 
-    from functional_lm.rundir import RunFailure
+    from functional_lm.errors import RunFailure
 
     bad = [name for name, value in params.items() if not bool(torch.isfinite(value).all())]
     dtype = str(next(iter(params.values())).dtype).removeprefix("torch.")
@@ -313,7 +313,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from functional_lm.devices import resolve_device
-    from functional_lm.generate import NonFiniteLogits, generate_stream
+    from functional_lm.generate import generate_stream
+    from functional_lm.errors import NonFiniteLogits
     from functional_lm.hf import load_pretrained, resolve_checkpoint
 
     device = resolve_device(args.device)
@@ -350,13 +351,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- 入口
 def _register_distill(subparsers: argparse._SubParsersAction) -> None:
-    from functional_lm.distill import register
+    from functional_lm.cli.distill import register
 
     register(subparsers)
 
 
 def _register_teacher_cache(subparsers: argparse._SubParsersAction) -> None:
-    from functional_lm.cache_command import register
+    from functional_lm.cli.teacher_cache import register
 
     register(subparsers)
 
@@ -387,7 +388,7 @@ def _debug(argv: Sequence[str]) -> bool:
 
 def _one_paragraph(err: BaseException) -> tuple[str, int]:
     """异常 → (一段话, 退出码)。输入错误为 2，运行中的失败为 1；意外的异常提示用 --debug 看回溯。"""
-    from functional_lm.rundir import RunFailure
+    from functional_lm.errors import RunFailure
 
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, (ValueError, FileNotFoundError, ImportError, NotADirectoryError, IsADirectoryError)):
@@ -425,7 +426,7 @@ def _preload() -> None:
     """先导入所有子命令都要的重模块（torch 与训练器及其依赖）；之后各处的惰性导入只是查表。"""
     import torch  # noqa: F401
 
-    import functional_lm.train  # noqa: F401
+    import functional_lm.kd.trainer  # noqa: F401
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from functional_lm.config import ModelConfig
-from functional_lm.hf import load_pretrained, replace_dir, save_pretrained, write_safetensors
+from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.atomic import replace_dir, write_safetensors
 
 __all__ = [
     "STATE_JSON",

@@ -24,7 +24,7 @@
 
 index.json 的字段::
 
-    format, version       "functional_lm.teacher_cache", 1
+    format, version       "functional_lm.kd.teacher_cache", 1
     fingerprint           {tokenizer, data, split, seq_len, document_mask, teacher_config, teacher_weights,
                            top_k, temperature, value_dtype, real_vocab_size}（见 FINGERPRINT_FIELDS）
     num_blocks, blocks_per_shard, num_shards
@@ -37,7 +37,7 @@ index.json 的字段::
 所以同样的设备与 batch_size 下，续建写出的字节与一次建完的完全相同。指纹不同时抛 ``TeacherCacheMismatch``，
 逐项用文字说明哪一样不同（数据、划分种子、分词器……）——绝不悄悄删掉已有缓存。数据的指纹只看内容
 （token、文档边界、掩码的 CRC-32），与数据文件的路径和修改时间无关；划分记的是划分种子 split_seed
-（``split.seed``），与训练的 seed 无关，所以一份缓存供不同 seed 的学生共用（见 functional_lm/cache_identity.py）。
+（``split.seed``），与训练的 seed 无关，所以一份缓存供不同 seed 的学生共用（见 functional_lm/kd/cache_identity.py）。
 
 读取：``TeacherCache.open`` 做便宜的结构检查（index.json 可解析、完整、每个文件都在且字节数与记录和布局相符；
 截断的分片点名报错，而不是读成 0）。原地的损坏（大小不变）缺省也会被发现：每个分片**第一次被读到时**把它的
@@ -74,23 +74,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from functional_lm.cache_identity import comparable, describe
-from functional_lm.cache_identity import data_fingerprint as content_fingerprint
-from functional_lm.cache_identity import differences as _differences
-from functional_lm.cache_identity import jsonable as _jsonable
-from functional_lm.cache_identity import short as _short
+from functional_lm.kd.cache_identity import comparable, describe
+from functional_lm.kd.cache_identity import data_fingerprint as content_fingerprint
+from functional_lm.kd.cache_identity import differences as _differences
+from functional_lm.kd.cache_identity import jsonable as _jsonable
+from functional_lm.kd.cache_identity import short as _short
 from functional_lm.config import ModelConfig
 from functional_lm.data.store import TokenStore, crc32_file
-from functional_lm.hf import fsync_path
+from functional_lm.atomic import fsync_path
 from functional_lm.losses import teacher_topk
-from functional_lm.model import (
+from functional_lm.models.qwen2 import (
     check_input_ids,
     check_params,
     forward_hidden,
     output_weight,
 )
-from functional_lm.rundir import RunDirError, RunLock, write_json_atomic
-from functional_lm.teacher_cache_checks import (
+from functional_lm.runs.rundir import RunLock
+from functional_lm.atomic import write_json_atomic
+from functional_lm.errors import RunDirError
+from functional_lm.kd.cache_checks import (
     GENERIC_REBUILD,
     NonFiniteTeacher,
     damage_advice,
@@ -120,7 +122,7 @@ __all__ = [
     "teacher_weights_fingerprint",
 ]
 
-FORMAT = "functional_lm.teacher_cache"
+FORMAT = "functional_lm.kd.teacher_cache"
 VERSION = 1
 INDEX_FILE = "index.json"
 FINGERPRINT_FIELDS = (
@@ -234,7 +236,7 @@ def _safetensors_identity(file: Path, sample: int = 1 << 20) -> bytes:
 
 def data_fingerprint(store: TokenStore) -> dict[str, Any]:
     """数据的内容指纹：token、文档边界与损失掩码的 CRC-32 加 token 数，与文件的路径、修改时间无关
-    （格式与旧版本的兼容见 functional_lm/cache_identity.py）。"""
+    （格式与旧版本的兼容见 functional_lm/kd/cache_identity.py）。"""
     return content_fingerprint(store)
 
 

@@ -1,15 +1,15 @@
 """``functional-lm distill``：命令行参数、运行目录的规矩（锁、已有运行、恢复）、真实教师的蒸馏流程。
 
 配置的优先级（后者覆盖前者）：字段默认值 < 预设 (--preset) < 配置文件 (--config) < 命令行 (--field-name)；
-恢复运行时以 run.json 中保存的设置为底（见 functional_lm/settings.py）。
+恢复运行时以 run.json 中保存的设置为底（见 functional_lm/runs/settings.py）。
 
-运行目录的规矩（见 functional_lm/rundir.py）：
+运行目录的规矩（见 functional_lm/runs/rundir.py）：
     * 开始前先确认目录能写（加载教师之前）；整个运行期间持有目录的独占锁；
     * 目录里已有一次运行时，不带 --resume / --overwrite 就拒绝；--resume 找不到检查点时报错，
       --resume auto 有检查点就继续、否则从头开始；
     * 被打断的保存留下的临时目录在开始时清理。
 
-不带 --teacher 运行时是离线演示（见 functional_lm/demo.py）。
+不带 --teacher 运行时是离线演示（见 functional_lm/kd/demo.py）。
 """
 
 from __future__ import annotations
@@ -21,15 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from functional_lm.config import DIVERGENCE_NAMES, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
-from functional_lm.rundir import (
-    Interrupted,
-    RunLock,
-    ensure_output_dir,
-    read_settings,
-    remove_stale_temps,
-    writing,
-)
-from functional_lm.settings import (
+from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings, remove_stale_temps, writing
+from functional_lm.errors import Interrupted
+from functional_lm.runs.settings import (
     RUN_KEYS,
     RunSettings,
     check_field_values,
@@ -58,7 +52,7 @@ def _positive_int(text: str) -> int:
 
 
 def _demo_note() -> str:
-    from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
+    from functional_lm.kd.demo import DEMO_SEQ_LEN, demo_training_defaults
 
     shown = ", ".join(f"{k}={v}" for k, v in demo_training_defaults().items())
     return (
@@ -168,7 +162,7 @@ def _explicit_checkpoint_dir(out: Path, explicit_fields: Mapping[str, Any]) -> s
 def _open_run(out: Path, lock: RunLock, args: argparse.Namespace, settings_on: Callable, fields: Mapping[str, Any],
               world_size: int) -> tuple[bool, dict]:
     """秩 0 上：确认目录、拿锁、清理临时目录、决定新开还是恢复、核对并写出设置。返回 (是否恢复, 设置)。"""
-    from functional_lm.resume import checkpoint_roots, decide, open_settings
+    from functional_lm.runs.resume import checkpoint_roots, decide, open_settings
 
     if not out.exists():
         settings_on(None)  # 新目录：先校验所有值，坏值不留下任何目录
@@ -198,7 +192,7 @@ def _output_dir(explicit: Mapping[str, Any]) -> Path:
 def _settings_resolver(args: argparse.Namespace, explicit: Mapping[str, Any], file_values: Mapping[str, Any],
                        cli_fields: Mapping[str, Any]) -> Callable[[Optional[Mapping[str, Any]]], RunSettings]:
     """saved（run.json 的内容，新运行为 None）→ 本次运行的设置。"""
-    from functional_lm.demo import DEMO_SEQ_LEN, demo_training_defaults
+    from functional_lm.kd.demo import DEMO_SEQ_LEN, demo_training_defaults
 
     def settings_on(saved: Optional[Mapping[str, Any]]) -> RunSettings:
         return resolve_settings(
@@ -236,7 +230,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     except Interrupted:
         raise
     except KeyboardInterrupt:
-        from functional_lm.resume import checkpoint_roots, latest_in
+        from functional_lm.runs.resume import checkpoint_roots, latest_in
 
         found = latest_in(checkpoint_roots(out, _explicit_checkpoint_dir(out, fields)))
         where = f"the last complete checkpoint is {found}" if found else "no checkpoint was written"
@@ -264,7 +258,7 @@ def _same_device(info: Any, settings: RunSettings) -> Any:
 
 def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool, info: Any) -> None:
     if settings.mode == "demo":
-        from functional_lm.demo import run_demo
+        from functional_lm.kd.demo import run_demo
 
         run_demo(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress, info=info)
     else:
@@ -294,7 +288,7 @@ def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
     错误消息里的重建建议据此写出命令；误给了划分目录（C/train）时点名它的上一级。"""
     if not run.get("teacher_cache"):
         return None, None
-    from functional_lm.teacher_cache import TeacherCache
+    from functional_lm.kd.teacher_cache import TeacherCache
 
     root = Path(run["teacher_cache"]).expanduser()
     if (root / "index.json").is_file() and not (root / "train").exists():
@@ -320,7 +314,7 @@ def _check_top_k(top_k: int, real_vocab: int, cache: Any) -> None:
 def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
     """缓存是为这份数据（按内容，不按路径）、这个分词器、这个划分（val_fraction 与 split_seed）建的：三项指纹逐项
     核对，不符的用文字点名（温度、K 等由训练器核对）。训练的 seed 不在其中：不同 seed 的学生共用一份缓存。"""
-    from functional_lm.teacher_cache import check_fingerprint, make_fingerprint
+    from functional_lm.kd.teacher_cache import check_fingerprint, make_fingerprint
 
     wanted = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
                               val_fraction=tcfg.val_fraction, split_seed=tcfg.split_seed)
@@ -335,8 +329,8 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: Trai
             run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
     """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
     from functional_lm.hf import save_pretrained
-    from functional_lm.on_policy import ON_POLICY_METRICS
-    from functional_lm.report import read_metrics, write_report
+    from functional_lm.kd.on_policy import ON_POLICY_METRICS
+    from functional_lm.runs.report import read_metrics, write_report
 
     with writing("the final student", out / "student", result.last_checkpoint):
         final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_dir)
@@ -371,9 +365,9 @@ def run_distill(
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
-    from functional_lm.model import init_params
-    from functional_lm.rundir import materialize_tokenizer
-    from functional_lm.train import Model, teacher_dtype, train
+    from functional_lm.models.qwen2 import init_params
+    from functional_lm.runs.rundir import materialize_tokenizer
+    from functional_lm.kd.trainer import Model, teacher_dtype, train
 
     info = info or SINGLE
     teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from functional_lm.checkpoint import STATE_JSON, list_checkpoints
-from functional_lm.rundir import SETTINGS_FILE, RunDirError, clear_run, read_settings, run_markers, write_json_atomic, writing
-from functional_lm.settings import RunSettings, compare_settings, legacy_notes, settings_from_checkpoint
+from functional_lm.runs.checkpoint import STATE_JSON, list_checkpoints
+from functional_lm.runs.rundir import SETTINGS_FILE, clear_run, read_settings, run_markers, writing
+from functional_lm.atomic import write_json_atomic
+from functional_lm.errors import RunDirError
+from functional_lm.runs.settings import RunSettings, compare_settings, legacy_notes, settings_from_checkpoint
 
 __all__ = ["Opening", "checkpoint_roots", "latest_in", "decide", "open_settings"]
 

@@ -350,7 +350,7 @@ def compare_settings(
 
 def settings_from_checkpoint(checkpoint: Path, mode: str) -> dict[str, Any]:
     """没有 run.json 的旧运行：从最新检查点还原模型与训练配置（运行选项需要重新给出）。"""
-    from functional_lm.checkpoint import STATE_JSON
+    from functional_lm.runs.checkpoint import STATE_JSON
     from functional_lm.hf import load_config
 
     state = json.loads((checkpoint / STATE_JSON).read_text(encoding="utf-8"))

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from functional_lm.checkpoint import finite_or_none
-from functional_lm.report import read_metrics_file
-from functional_lm.rundir import writing
+from functional_lm.runs.checkpoint import finite_or_none
+from functional_lm.runs.report import read_metrics_file
+from functional_lm.runs.rundir import writing
 
 __all__ = [
     "StopFlag", "stop_on_signals", "Metrics", "NullMetrics", "Window", "progress_bar", "train_fields", "eval_fields",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from functional_lm.rundir import StorageError, storage_advice, storage_reason
+from functional_lm.errors import StorageError, storage_advice, storage_reason
 
 __all__ = [
     "GENERIC_REBUILD",

@@ -27,8 +27,8 @@ from typing import Any, Optional
 import torch
 
 from functional_lm.allocator import tune_malloc
-from functional_lm.cache_identity import data_fingerprint, describe, differences
-from functional_lm.checkpoint import (
+from functional_lm.kd.cache_identity import data_fingerprint, describe, differences
+from functional_lm.runs.checkpoint import (
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
@@ -58,20 +58,19 @@ from functional_lm.losses import (
     distillation_loss,
     sparse_distillation_loss,
 )
-from functional_lm.model import check_params, forward_hidden, output_weight, unique_tensors
-from functional_lm.on_policy import batch_source, loss_configs, make_rollouts
-from functional_lm.monitor import (
+from functional_lm.models.qwen2 import check_params, forward_hidden, output_weight, unique_tensors
+from functional_lm.kd.on_policy import batch_source, loss_configs, make_rollouts
+from functional_lm.runs.monitor import (
     Metrics, NullMetrics, Progress, StopFlag, Window, progress_bar, say, stop_on_signals,
 )
-from functional_lm.teacher_cache import stored_log_probs, teacher_targets
-from functional_lm.rundir import Interrupted, RunDirError, RunFailure, write_failure
-from functional_lm.typing import typecheck
+from functional_lm.kd.teacher_cache import stored_log_probs, teacher_targets
+from functional_lm.errors import RunDirError, write_failure
+from functional_lm.shapes import typecheck
+from functional_lm.errors import NonFiniteLossError
 
 __all__ = [
     "Model",
     "TrainResult",
-    "NonFiniteLossError",
-    "Interrupted",
     "no_weight_decay",
     "build_optimizer",
     "learning_rate",
@@ -108,10 +107,6 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # 每次记录的训练指标
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # 训练后的学生参数（已 detach）
-
-
-class NonFiniteLossError(RunFailure):
-    """损失或梯度出现 NaN / inf：训练停止，消息中给出步数与最后一个好的检查点。"""
 
 
 # ---------------------------------------------------------------- 优化器与学习率

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from functional_lm.config import ModelConfig, TrainingConfig, cache_root, get_preset
-from functional_lm.rundir import Interrupted, materialize_tokenizer, writing
+from functional_lm.runs.rundir import materialize_tokenizer, writing
+from functional_lm.errors import Interrupted
 
 __all__ = [
     "demo_training_defaults", "teacher_training_config", "student_configs", "curve_labels", "report_notes", "run_demo",
@@ -79,8 +80,8 @@ def _demo_teacher(
     """返回演示教师的检查点目录（没有缓存时先在本进程训练）与“是否新训练”。多进程时只由秩 0 调用。"""
     from functional_lm.data import prepare_data
     from functional_lm.hf import save_pretrained
-    from functional_lm.model import init_params
-    from functional_lm.train import Model, train
+    from functional_lm.models.qwen2 import init_params
+    from functional_lm.kd.trainer import Model, train
 
     cfg = get_preset("demo-teacher")
     tcfg = teacher_training_config().replace(seed=seed)
@@ -157,8 +158,8 @@ def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, r
     """三个学生（见 student_configs）依次训练。
 
     几次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
-    from functional_lm.model import init_params
-    from functional_lm.train import Model, train
+    from functional_lm.models.qwen2 import init_params
+    from functional_lm.kd.trainer import Model, train
 
     runs = {}
     for name, cfg in student_configs(tcfg).items():
@@ -192,8 +193,8 @@ def run_demo(
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_pretrained
-    from functional_lm.model import count_parameters, param_shapes
-    from functional_lm.train import Model
+    from functional_lm.models.qwen2 import count_parameters, param_shapes
+    from functional_lm.kd.trainer import Model
 
     info = info or SINGLE
     tokenizer = load_tokenizer(run.get("tokenizer"))
@@ -238,9 +239,9 @@ def run_demo(
 def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, tok_dir, bundle, out) -> None:
     """秩 0：评估教师、保存三个学生、采样续写、写报告并打印摘要。"""
     from functional_lm.distributed import Dist
-    from functional_lm.on_policy import ON_POLICY_METRICS
-    from functional_lm.report import read_metrics, write_report
-    from functional_lm.train import Model, evaluate
+    from functional_lm.kd.on_policy import ON_POLICY_METRICS
+    from functional_lm.runs.report import read_metrics, write_report
+    from functional_lm.kd.trainer import Model, evaluate
 
     device = next(iter(teacher.params.values())).device
     teacher_eval = evaluate(teacher, None, bundle.val_loader, tcfg, real_vocab_size=tokenizer.real_vocab_size,
