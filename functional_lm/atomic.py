@@ -14,12 +14,10 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from safetensors import SafetensorError
-from safetensors.torch import save_file
-
-from functional_lm.shapes import Tensor
+if TYPE_CHECKING:  # 运行时不导入 torch：命令行在导入 torch 之前就要用到本模块（原子写 run.json）
+    from torch import Tensor
 
 __all__ = ["fsync_path", "replace_dir", "write_json_atomic", "write_safetensors"]
 
@@ -44,6 +42,9 @@ def write_safetensors(tensors: Mapping[str, Tensor], file: Path, metadata: Optio
     safetensors 把写盘失败（磁盘满、文件过大……）报成 SafetensorError("... (os error 28)")；这里还原成
     带 errno 的 OSError，调用方因此能像对待任何写盘失败一样说清楚“磁盘满了”。
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     try:
         save_file(dict(tensors), str(file), metadata=metadata)
     except SafetensorError as err:

@@ -294,7 +294,7 @@ def test_corrupt_tokenizer_json_is_named(setup, tmp_path, capsys):
 
 def test_a_single_text_file_splits_into_paragraphs(setup, tmp_path, capsys):
     from functional_lm.data import TEXT_SPLITS
-    from functional_lm.cli.distill import TEXT_SPLITS as CLI_CHOICES
+    from functional_lm.cli.options import TEXT_SPLITS as CLI_CHOICES
 
     assert CLI_CHOICES == TEXT_SPLITS
     notes = tmp_path / "notes.txt"

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from functional_lm.config import DIVERGENCE_NAMES, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
-from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings, remove_stale_temps, writing
+from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings, remove_stale_temps
 from functional_lm.errors import Interrupted
 from functional_lm.runs.settings import (
     RUN_KEYS,
@@ -33,22 +32,14 @@ from functional_lm.runs.settings import (
     resolve_configs,
     resolve_settings,
 )
+from functional_lm.cli.options import TEXT_SPLITS, positive_int
 
-__all__ = ["register", "check_arguments", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS", "run_distill"]
+__all__ = ["register", "check_arguments", "resolve_configs", "load_config_file", "field_help", "RUN_KEYS"]
 
-TEXT_SPLITS = ("paragraph", "file", "line")
 _TYPES = {"int": "INT", "float": "FLOAT", "bool": "true/false", "Optional[bool]": "true/false/auto", "str": "TEXT"}
 
 
 # ---------------------------------------------------------------- 命令行
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _demo_note() -> str:
@@ -78,7 +69,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                      "demo-student）/ student preset (default: student-123m; demo: demo-student)")
     run.add_argument("--output-dir", help="运行目录（默认 runs/distill，演示 runs/demo）/ run directory "
                      "(default: runs/distill; demo: runs/demo)")
-    run.add_argument("--seq-len", type=_positive_int, help="训练块的 token 数（默认为学生的 max_seq_len，演示 64）/ "
+    run.add_argument("--seq-len", type=positive_int, help="训练块的 token 数（默认为学生的 max_seq_len，演示 64）/ "
                      "tokens per training block (default: the student's max_seq_len; demo: 64)")
     run.add_argument("--tokenizer", help="分词器目录（默认用教师目录里的，没有时用离线 Qwen2.5 词表）/ tokenizer "
                      "directory (default: the teacher's, else the offline Qwen2.5 vocabulary)")
@@ -262,153 +253,13 @@ def _run(settings: RunSettings, out: Path, resuming: bool, *, progress: bool, in
 
         run_demo(settings.model, settings.training, settings.run, out, resume=resuming, progress=progress, info=info)
     else:
+        from functional_lm.kd.pipeline import run_distill
+
         run_distill(
             settings.model, settings.training, settings.run, out, resume=resuming, progress=progress, info=info,
         )
 
 
 # ---------------------------------------------------------------- 真实教师的蒸馏
-def _tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Optional[Path]:
-    """分词器来源：--tokenizer，否则教师目录（有 tokenizer.json 时），否则 None（离线默认）。"""
-    if run.get("tokenizer"):
-        return Path(run["tokenizer"])
-    if teacher_dir is not None and (teacher_dir / "tokenizer.json").is_file():
-        return teacher_dir
-    return None
 
 
-def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig]) -> None:
-    for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
-        if cfg is not None and seq_len > cfg.max_seq_len:
-            raise ValueError(f"--seq-len {seq_len} exceeds the {name}'s max_seq_len={cfg.max_seq_len}")
-
-
-def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
-    """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。C 是 teacher-cache 的 --output-dir，
-    错误消息里的重建建议据此写出命令；误给了划分目录（C/train）时点名它的上一级。"""
-    if not run.get("teacher_cache"):
-        return None, None
-    from functional_lm.kd.teacher_cache import TeacherCache
-
-    root = Path(run["teacher_cache"]).expanduser()
-    if (root / "index.json").is_file() and not (root / "train").exists():
-        raise ValueError(
-            f"--teacher-cache {root} holds one split of a teacher cache (its index.json is right there); pass "
-            f"--teacher-cache {root.parent}, the directory given to teacher-cache --output-dir, which holds train/ "
-            f"and val/"
-        )
-    val = TeacherCache.open(root / "val", build_dir=root) if (root / "val" / "index.json").is_file() else None
-    return TeacherCache.open(root / "train", build_dir=root), val
-
-
-def _check_top_k(top_k: int, real_vocab: int, cache: Any) -> None:
-    """--top-k 在分词打包之前核对：不超过真实词表；有教师缓存时必须等于缓存的 K（0 = 取缓存的 K）。"""
-    if top_k > real_vocab:
-        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab} real tokens "
-                         f"(1 <= --top-k <= {real_vocab}; 0 = the full teacher distribution)")
-    if cache is not None and top_k not in (0, cache.top_k):
-        raise ValueError(f"--top-k {top_k} differs from the teacher cache's K = {cache.top_k} ({cache.directory}); "
-                         f"leave --top-k out to use the cache's K, or build a cache with --top-k {top_k}")
-
-
-def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
-    """缓存是为这份数据（按内容，不按路径）、这个分词器、这个划分（val_fraction 与 split_seed）建的：三项指纹逐项
-    核对，不符的用文字点名（温度、K 等由训练器核对）。训练的 seed 不在其中：不同 seed 的学生共用一份缓存。"""
-    from functional_lm.kd.teacher_cache import check_fingerprint, make_fingerprint
-
-    wanted = make_fingerprint(tokenizer, data.store, teacher_weights=None, split="train",
-                              val_fraction=tcfg.val_fraction, split_seed=tcfg.split_seed)
-    advice = ("build a cache for this run with `functional-lm teacher-cache` and the same data options (--data, "
-              "--seq-len, --val-fraction, --split-seed, --text-split, --tokenizer), or change the run to match "
-              "the cache")
-    check_fingerprint({k: cache.fingerprint.get(k) for k in wanted}, wanted, cache.directory, store=data.store,
-                      who="this run", advice=advice)
-
-
-def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: TrainingConfig,
-            run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
-    """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
-    from functional_lm.hf import save_pretrained
-    from functional_lm.kd.on_policy import ON_POLICY_METRICS
-    from functional_lm.runs.report import read_metrics, write_report
-
-    with writing("the final student", out / "student", result.last_checkpoint):
-        final = save_pretrained(result.params, student_cfg, out / "student", tokenizer=tok_dir)
-    with writing("the report", out / "report.md", result.last_checkpoint):
-        write_report(
-            out,
-            title="functional_lm distillation report",
-            configs={"student": student_cfg.to_dict(), "teacher": teacher_info,
-                     "training": tcfg.to_dict(), "run": dict(run)},
-            final_metrics={"student (distilled)": result.final_eval},
-            curves={"distilled student": read_metrics(out)},
-            val_key="val_ce",
-            reference=("teacher (val CE)", result.final_eval.get("teacher_ce")),
-            curve_key="ce",
-            eval_keys=ON_POLICY_METRICS,  # 有在线验证指标时另画一张曲线
-            notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
-        )
-    print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)
-    return final
-
-
-def run_distill(
-    student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
-    progress: bool, info: Any = None,
-) -> Path:
-    """加载教师与数据，蒸馏，保存学生（HF 格式，带分词器）并写报告；返回运行目录。
-
-    多进程时每个进程都运行它：秩 0 先写分词器、建分词缓存，其余进程复用；只有秩 0 保存学生与报告。
-    """
-    import torch
-
-    from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
-    from functional_lm.distributed import SINGLE, main_first, on_main
-    from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
-    from functional_lm.models.qwen2 import init_params
-    from functional_lm.runs.rundir import materialize_tokenizer
-    from functional_lm.kd.trainer import Model, teacher_dtype, train
-
-    info = info or SINGLE
-    teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
-    teacher_cfg = load_config(teacher_dir) if teacher_dir is not None else None
-    train_cache, val_cache = _open_teacher_caches(run)
-    tok_source = _tokenizer_source(run, teacher_dir)
-    tokenizer = load_tokenizer(tok_source)
-    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
-    check_vocab_compat(tokenizer, student_cfg.vocab_size, None if teacher_cfg is None else teacher_cfg.vocab_size)
-    _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
-    _check_top_k(tcfg.top_k, tokenizer.real_vocab_size, train_cache)
-
-    def write_tokenizer() -> Path:
-        with writing("the tokenizer files", out / "tokenizer"):
-            return materialize_tokenizer(tokenizer, tok_source, out / "tokenizer")
-
-    tok_dir = on_main(write_tokenizer, info)
-    with main_first(info):  # 秩 0 分词并写缓存，其余进程直接复用
-        data = prepare_data(
-            run.get("data"), tokenizer=tokenizer, seq_len=int(run["seq_len"]), batch_size=tcfg.batch_size,
-            val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
-            model_config=student_cfg, progress=progress and info.is_main,
-            text_split=run.get("text_split", "paragraph"), split_seed=tcfg.split_seed,
-        )
-    if train_cache is not None:
-        _check_cache_identity(train_cache, tokenizer, data, tcfg)
-        tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
-    teacher = None
-    if teacher_dir is not None:
-        # 教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。
-        dtype = teacher_dtype(tcfg, info.device) or torch.float32
-        teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=dtype)
-        teacher = Model(teacher_params, teacher_cfg)
-    student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
-    result = train(
-        student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,
-        tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
-    )
-    if result.interrupted:
-        raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
-    if info.is_main:
-        teacher_info = teacher_cfg.to_dict() if teacher_cfg is not None else train_cache.fingerprint.get("teacher_config")
-        _finish(result, student_cfg, teacher_info, tcfg, run, out, tok_dir)
-    return out

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from functional_lm.config import PRESETS, TRAINING_BOUNDS, TrainingConfig
-from functional_lm.cli.distill import TEXT_SPLITS, _positive_int, _tokenizer_source
+from functional_lm.cli.options import TEXT_SPLITS, positive_int
 from functional_lm.runs.rundir import ensure_output_dir
 from functional_lm.errors import Interrupted
 
@@ -80,7 +80,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     data.add_argument("--tokenizer", metavar="DIR", help="分词器目录（默认用教师目录里的，没有时或 --import 时用离线 Qwen2.5 "
                       "词表）/ tokenizer directory (default: the teacher's; else, and with --import, the offline Qwen2.5 "
                       "vocabulary)")
-    data.add_argument("--seq-len", type=_positive_int, metavar="N", default=_DEFAULT_SEQ_LEN, help=(
+    data.add_argument("--seq-len", type=positive_int, metavar="N", default=_DEFAULT_SEQ_LEN, help=(
         f"块的 token 数（默认 {_DEFAULT_SEQ_LEN}，即 distill 默认学生 student-123m 的 max_seq_len；distill 用了别的"
         f" --seq-len 或预设时这里给同样的值）/ tokens per block (default {_DEFAULT_SEQ_LEN}, the max_seq_len of "
         f"distill's default student student-123m; pass the same --seq-len as distill when it differs)"))
@@ -105,10 +105,10 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     build = p.add_argument_group("build / 构建")
     build.add_argument("--device", metavar="DEV", default=_DEFAULTS.device, help="教师运行的设备：auto、cpu、cuda、cuda:N（默认 "
                        "auto）/ device for the teacher: auto, cpu, cuda, cuda:N (default: auto)")
-    build.add_argument("--batch-size", type=_positive_int, metavar="B", default=4, help="教师每次前向的块数（默认 4；续建时用"
+    build.add_argument("--batch-size", type=positive_int, metavar="B", default=4, help="教师每次前向的块数（默认 4；续建时用"
                        "同样的值才逐字节相同）/ blocks per teacher forward (default 4; keep it when resuming for "
                        "byte-identical files)")
-    build.add_argument("--blocks-per-shard", type=_positive_int, metavar="N", default=64, help="每个分片的块数：中断最多丢掉"
+    build.add_argument("--blocks-per-shard", type=positive_int, metavar="N", default=64, help="每个分片的块数：中断最多丢掉"
                        "一个分片（默认 64）/ blocks per shard: an interruption loses at most one shard (default 64)")
     build.add_argument("--value-dtype", choices=_VALUE_DTYPES, default="float16", help="log 概率的存储类型（默认 "
                        "float16）/ storage type of the log-probabilities (default: float16)")
@@ -207,6 +207,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     from functional_lm.data import check_vocab_compat, load_tokenizer
     from functional_lm.devices import resolve_device
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
+    from functional_lm.kd.pipeline import tokenizer_source
     from functional_lm.kd.teacher_cache import (
         build_teacher_cache,
         make_fingerprint,
@@ -216,7 +217,7 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     device = resolve_device(args.device)
     teacher_dir = resolve_checkpoint(args.teacher)
     teacher_cfg = load_config(teacher_dir)
-    tokenizer = load_tokenizer(_tokenizer_source({"tokenizer": args.tokenizer}, teacher_dir))
+    tokenizer = load_tokenizer(tokenizer_source({"tokenizer": args.tokenizer}, teacher_dir))
     check_vocab_compat(tokenizer, tokenizer.real_vocab_size, teacher_cfg.vocab_size)  # 没有学生：只核对教师
     _check_top_k(args.top_k, tokenizer.real_vocab_size)
     if args.seq_len > teacher_cfg.max_seq_len:
