@@ -179,8 +179,13 @@ def _step_fn(args):
     live：构造教师（与建缓存同一个种子），每步跑教师前向与在线 top-k。两边之后的损失、反向与优化器一步相同。"""
     from functional_lm import TrainingConfig, init_params
     from functional_lm.kd.teacher_cache import TeacherCache
-    from functional_lm.kd.trainer import (
-        Model, build_optimizer, cached_targets, distill_loss, live_topk_targets, teacher_hidden_states,
+    from functional_lm.kd.step import build_optimizer
+    from functional_lm.kd.objective import (
+        Model,
+        cached_targets,
+        distill_loss,
+        live_topk_targets,
+        teacher_hidden_states,
     )
 
     scfg, teacher_cfg = _configs(args)

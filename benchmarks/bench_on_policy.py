@@ -26,7 +26,7 @@ logits，再做学生一侧。这样两边的每一段做同样的工作：teach
     ours       functional_lm 的生产路径（即训练器的 --compile-generation true）：generate(compile=True，缓存长度固定为 P + N，编译的解码步跨步复用；
                每行自己的种子，vocab_limit = 真实词表) → on_policy.scoring_batch → train.teacher_hidden_states
                （只到最终隐藏状态）→ train.distill_loss（分块损失按块乘输出投影，从不物化整批 logits；设置取
-               on_policy.loss_configs(...)["student"]）→ backward → clip → build_optimizer 的 AdamW
+               on_policy.source_settings(...)["student"]）→ backward → clip → build_optimizer 的 AdamW
     reference  GKDTrainer 的做法（用 transformers 与 torch 重写其计算模式；真正的 TRL 见 bench_trl.py）：学生
                Qwen2ForCausalLM.generate(do_sample, temperature 1, top_k 0, top_p 1，动态 KV 缓存) → 教师
                主干整段前向（model.model）→ [student_loss 段] 教师 lm_head 得完整 logits (b, P+N, V)
@@ -163,18 +163,13 @@ def ours_side(args, student: dict, teacher: dict) -> Side:
     """本项目的一步：与训练器 optimizer_step → _micro_step（来源 "student"）相同的组成。"""
     from functional_lm import TrainingConfig
     from functional_lm.models.qwen2 import unique_tensors
-    from functional_lm.kd.on_policy import loss_configs
-    from functional_lm.kd.trainer import (
-        Model,
-        build_optimizer,
-        distill_loss,
-        document_segments,
-        teacher_hidden_states,
-    )
+    from functional_lm.kd.on_policy import source_settings
+    from functional_lm.kd.step import build_optimizer
+    from functional_lm.kd.objective import Model, distill_loss, document_segments, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
     base = TrainingConfig(on_policy_fraction=1.0, loss_chunk_size=1024, temperature=1.0)
-    tcfg = loss_configs(base)["student"]  # α = 1、反向 KL、按“填充 / 真实”编号遮挡
+    tcfg = source_settings(base)["student"]  # α = 1、反向 KL、按“填充 / 真实”编号遮挡
     params = {k: v.requires_grad_(True) for k, v in student.items()}
     teacher_model = Model(teacher, tcfg_model)
     optimizer = build_optimizer(params, tcfg)

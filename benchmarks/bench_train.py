@@ -135,7 +135,8 @@ def _ours(args, teacher_bf16=False, compile=False):
     """本项目的训练步（与 functional_lm.kd.trainer.train 中的一步相同的组成）。"""
     from functional_lm import TrainingConfig
     from functional_lm.models.qwen2 import forward_hidden
-    from functional_lm.kd.trainer import Model, build_optimizer, distill_loss, teacher_hidden_states
+    from functional_lm.kd.step import build_optimizer
+    from functional_lm.kd.objective import Model, distill_loss, teacher_hidden_states
 
     scfg, tcfg_model = _configs(args)
     teacher_bf16 = teacher_bf16 or args.bf16

@@ -31,7 +31,8 @@ from functional_lm.data import PackedDataset
 from functional_lm.data.loader import BatchLoader
 from functional_lm.data.pipeline import DataBundle
 from functional_lm.data.store import TokenStore
-from functional_lm.kd.trainer import Model, train
+from functional_lm.kd.trainer import train
+from functional_lm.kd.objective import Model
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "golden_off_policy.json"
 VOCAB, SEPARATOR = 256, 255

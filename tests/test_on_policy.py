@@ -18,12 +18,13 @@ from functional_lm.models.qwen2 import forward, forward_hidden, output_weight
 from functional_lm.kd.on_policy import (
     PromptTable,
     batch_source,
-    loss_configs,
+    source_settings,
     make_rollouts,
     rollout_seed,
     scoring_batch,
 )
-from functional_lm.kd.trainer import Model, distill_loss, train
+from functional_lm.kd.trainer import train
+from functional_lm.kd.objective import Model, distill_loss
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 
@@ -144,7 +145,7 @@ def test_prompt_padding_and_tokens_after_eos_carry_exactly_zero_loss_and_gradien
     cfg = STUDENT.replace(vocab_size=64, max_seq_len=16)
     tcfg_teacher = cfg.replace(tie_word_embeddings=False)
     student, teacher = init_params(cfg, seed=1), init_params(tcfg_teacher, seed=2)
-    tcfg = loss_configs(TrainingConfig(loss_chunk_size=4))["student"]
+    tcfg = source_settings(TrainingConfig(loss_chunk_size=4))["student"]
 
     def loss_and_hidden_grad(batch):
         hidden = forward_hidden(student, batch.input_ids, cfg, segment_ids=batch.segment_ids).detach().requires_grad_()
@@ -174,7 +175,7 @@ def test_the_on_policy_gradient_is_the_gradient_of_the_plain_per_token_divergenc
     real = tokenizer.real_vocab_size
     leaves = {k: v.clone().requires_grad_() for k, v in student.params.items()}
     t_hidden = forward_hidden(teacher.params, gen.input_ids, TEACHER, segment_ids=gen.segment_ids)
-    loss, _ = distill_loss(leaves, STUDENT, gen, teacher, t_hidden, loss_configs(tcfg)["student"], real_vocab_size=real)
+    loss, _ = distill_loss(leaves, STUDENT, gen, teacher, t_hidden, source_settings(tcfg)["student"], real_vocab_size=real)
     ours = torch.autograd.grad(loss, list(leaves.values()))
 
     ref_leaves = {k: v.clone().requires_grad_() for k, v in student.params.items()}

@@ -25,7 +25,9 @@ from functional_lm.data.store import TokenStore
 from functional_lm.generate import generate
 from functional_lm.models.qwen2 import forward
 from functional_lm.kd.on_policy import batch_source, make_rollouts, rollout_seed
-from functional_lm.kd.trainer import Model, evaluate_on_policy, train
+from functional_lm.kd.trainer import train
+from functional_lm.kd.evaluate import evaluate_on_policy
+from functional_lm.kd.objective import Model
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")
 

@@ -36,7 +36,7 @@ def _prefers_padding(cfg, real_vocab: int, winner: int) -> dict[str, torch.Tenso
 def test_demo_samples_never_draw_a_padding_row():
     from functional_lm.data import load_tokenizer
     from functional_lm.kd.demo import _samples
-    from functional_lm.kd.trainer import Model
+    from functional_lm.kd.objective import Model
 
     tok = load_tokenizer(None)
     (winner,) = tok.encode(" cat")

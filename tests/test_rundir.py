@@ -15,7 +15,7 @@ from functional_lm.models.qwen2 import init_params
 from functional_lm.runs.rundir import RunLock, clear_run, ensure_output_dir, remove_stale_temps, run_markers
 from functional_lm.errors import RunDirError, StorageError, write_failure
 from functional_lm.runs.monitor import StopFlag
-from functional_lm.kd.trainer import build_optimizer
+from functional_lm.kd.step import build_optimizer
 from functional_lm.config import TrainingConfig
 
 

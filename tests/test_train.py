@@ -14,7 +14,9 @@ from functional_lm import TrainingConfig, init_params
 from functional_lm.runs.checkpoint import list_checkpoints, load_checkpoint
 from functional_lm.hf import load_pretrained, save_pretrained
 from functional_lm.models.qwen2 import forward
-from functional_lm.kd.trainer import Model, learning_rate, no_weight_decay, train
+from functional_lm.kd.trainer import train
+from functional_lm.kd.step import learning_rate, no_weight_decay
+from functional_lm.kd.objective import Model
 from functional_lm.errors import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 分词器
@@ -227,7 +229,7 @@ def test_cross_entropy_only_training_without_teacher(tokenizer, cache_dir, tmp_p
 
 
 def test_chunked_cross_entropy_matches_plain():
-    from functional_lm.kd.trainer import chunked_cross_entropy
+    from functional_lm.kd.objective import chunked_cross_entropy
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 7, 8, generator=gen, requires_grad=True)
@@ -427,7 +429,7 @@ def test_accumulation_equals_the_big_batch(tokenizer, cache_dir, teacher_dir, tm
 
 
 def test_optimizer_groups_and_a_tiny_clip_bounds_the_update(tokenizer, cache_dir, teacher_dir, tmp_path):
-    from functional_lm.kd.trainer import build_optimizer
+    from functional_lm.kd.step import build_optimizer
 
     params = init_params(STUDENT, seed=3)
     names = {id(v): k for k, v in params.items()}
@@ -457,7 +459,7 @@ def test_optimizer_groups_and_a_tiny_clip_bounds_the_update(tokenizer, cache_dir
 
 # ---------------------------------------------------------------- 验证的数值
 def test_evaluation_of_a_teacher_identical_to_the_student(tokenizer, cache_dir):
-    from functional_lm.kd.trainer import evaluate
+    from functional_lm.kd.evaluate import evaluate
 
     data = _data(tokenizer, cache_dir)
     student = Model(init_params(STUDENT, seed=5), STUDENT)
@@ -473,7 +475,8 @@ def test_evaluation_of_a_teacher_identical_to_the_student(tokenizer, cache_dir):
 def test_evaluation_against_a_hand_computed_case(tokenizer, cache_dir, teacher_dir):
     # 学生的最终范数权重为 0 ⇒ 隐藏状态为 0 ⇒ logits 全为 0 ⇒ 在真实词表上均匀分布：
     # CE = ln V，困惑度 = V；KL(教师 ‖ 均匀) = ln V − H(P)，H(P) 用 torch.softmax 在教师的完整 logits 上直接算。
-    from functional_lm.kd.trainer import count_valid_tokens, evaluate
+    from functional_lm.kd.evaluate import evaluate
+    from functional_lm.kd.objective import count_valid_tokens
 
     data = _data(tokenizer, cache_dir)
     params = init_params(STUDENT, seed=5)
@@ -522,7 +525,7 @@ def test_training_leaves_the_shape_check_switch_alone(tokenizer, cache_dir, teac
 
 def test_throughput_excludes_evaluation_and_saving(monkeypatch):
     import functional_lm.runs.monitor as monitor
-    from functional_lm.kd.trainer import StepStats
+    from functional_lm.kd.step import StepStats
 
     clock = iter([0.0, 10.0, 40.0, 50.0, 50.0])  # 开始；暂停开始；暂停结束；记录；记录后重新计时
     monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
@@ -561,7 +564,7 @@ def _short_documents(tokenizer, cache_dir, tmp_path):
 
 def test_evaluate_scores_the_tokens_of_its_own_document_mask(tokenizer, cache_dir, tmp_path):
     # 验证的标签与注意力用同一个设置：传进来的加载器设置不同时，evaluate 自己换成 tcfg.document_mask 的那一种。
-    from functional_lm.kd.trainer import evaluate
+    from functional_lm.kd.evaluate import evaluate
 
     data = _short_documents(tokenizer, cache_dir, tmp_path)
     student = Model(init_params(STUDENT, seed=3), STUDENT)

@@ -81,7 +81,8 @@ def _demo_teacher(
     from functional_lm.data import prepare_data
     from functional_lm.hf import save_pretrained
     from functional_lm.models.qwen2 import init_params
-    from functional_lm.kd.trainer import Model, train
+    from functional_lm.kd.trainer import train
+    from functional_lm.kd.objective import Model
 
     cfg = get_preset("demo-teacher")
     tcfg = teacher_training_config().replace(seed=seed)
@@ -159,7 +160,8 @@ def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, r
 
     几次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
     from functional_lm.models.qwen2 import init_params
-    from functional_lm.kd.trainer import Model, train
+    from functional_lm.kd.trainer import train
+    from functional_lm.kd.objective import Model
 
     runs = {}
     for name, cfg in student_configs(tcfg).items():
@@ -194,7 +196,7 @@ def run_demo(
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_pretrained
     from functional_lm.models.qwen2 import count_parameters, param_shapes
-    from functional_lm.kd.trainer import Model
+    from functional_lm.kd.objective import Model
 
     info = info or SINGLE
     tokenizer = load_tokenizer(run.get("tokenizer"))
@@ -241,7 +243,8 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
     from functional_lm.distributed import Dist
     from functional_lm.kd.on_policy import ON_POLICY_METRICS
     from functional_lm.runs.report import read_metrics, write_report
-    from functional_lm.kd.trainer import Model, evaluate
+    from functional_lm.kd.evaluate import evaluate
+    from functional_lm.kd.objective import Model
 
     device = next(iter(teacher.params.values())).device
     teacher_eval = evaluate(teacher, None, bundle.val_loader, tcfg, real_vocab_size=tokenizer.real_vocab_size,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ from functional_lm.data.packing import IGNORE_INDEX
 from functional_lm.generate import generate, left_pad
 from functional_lm.shapes import Int, Tensor
 
+if TYPE_CHECKING:
+    from functional_lm.data.pipeline import DataBundle
+
 __all__ = [
     "SOURCES",
     "ON_POLICY_METRICS",
@@ -43,13 +46,15 @@ __all__ = [
     "PromptTable",
     "scoring_batch",
     "Rollouts",
-    "loss_configs",
+    "SourceSettings",
+    "source_settings",
+    "rollouts_for",
     "end_of_text_ids",
     "make_rollouts",
 ]
 
 SOURCES = ("data", "teacher", "student")  # 一步的整批由谁写：数据、教师（SeqKD）、学生（在线）
-# 在线验证指标（train.evaluate_on_policy）：学生采样的续写上教师的逐 token 反向 KL 与 NLL。
+# 在线验证指标（kd.evaluate.evaluate_on_policy）：学生采样的续写上教师的逐 token 反向 KL 与 NLL。
 ON_POLICY_METRICS = ("on_policy_reverse_kl", "on_policy_teacher_nll")
 
 
@@ -70,7 +75,10 @@ def rollout_seed(seed: int, step: int | str, block: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def loss_configs(tcfg: TrainingConfig) -> dict[str, TrainingConfig]:
+SourceSettings = dict[str, TrainingConfig]  # 来源（SOURCES 之一）→ 这一来源的批用的损失设置
+
+
+def source_settings(tcfg: TrainingConfig) -> SourceSettings:
     """每个来源的损失设置。数据批：原样。学生写的批：α = 1（自己的样本没有金标准，不加交叉熵）、
     散度 on_policy_divergence。教师写的批：散度与 α 同数据批（教师的样本就是标签，SeqKD 的交叉熵照常）。
     生成批总带着“填充 / 真实”编号，所以打开 document_mask 让前向按编号遮住左填充。"""
@@ -222,3 +230,12 @@ def make_rollouts(dataset: Any, tokenizer: Any, tcfg: TrainingConfig, real_vocab
     header = role_header_ids(tokenizer) if dataset.store.mask is not None and tokenizer is not None else None
     table = PromptTable(dataset, tcfg.prompt_length, header)
     return Rollouts(table, end_of_text_ids(tokenizer, dataset.pad_id), dataset.pad_id, tcfg, real_vocab_size)
+
+
+def rollouts_for(data: DataBundle, split: str, tcfg: TrainingConfig, real_vocab_size: int) -> Optional[Rollouts]:
+    """训练集（有生成批时）或验证集（在线验证打开时）的 Rollouts（提示表；对话数据在这里核对每段对话）；
+    用不到或没有这个划分时为 None。"""
+    loader = data.train_loader if split == "train" else data.val_loader
+    if loader is None or not (tcfg.generates if split == "train" else tcfg.evaluates_on_policy):
+        return None
+    return make_rollouts(loader.dataset, getattr(data, "tokenizer", None), tcfg, real_vocab_size)

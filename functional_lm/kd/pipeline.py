@@ -116,7 +116,9 @@ def run_distill(
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
     from functional_lm.models.qwen2 import init_params
     from functional_lm.runs.rundir import materialize_tokenizer
-    from functional_lm.kd.trainer import Model, teacher_dtype, train
+    from functional_lm.kd.trainer import train
+    from functional_lm.kd.step import teacher_dtype
+    from functional_lm.kd.objective import Model
 
     info = info or SINGLE
     teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
