@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import functional_lm.losses as losses
+import functional_lm.losses.chunked as chunked_engine
+import functional_lm.losses.divergences as dense_divergences
 from functional_lm.losses import (
     DIVERGENCES,
     chunked_distillation_loss,
@@ -740,7 +741,7 @@ def test_chunked_with_minus_inf_columns_equals_plain(name, case, monkeypatch):
     """分块版（前向与反向 KL 走写解析梯度的快速路径，其余散度走 autograd 的通用路径）与普通版的值和 ∂W 相同，
     有 −∞ 列时也有限；行块切成每块 2 行，使快速路径的逐行块归约确实分成多块。
     h 不求梯度：h·Wᵀ 的反向 g·W 含 0·(−∞)，那是矩阵乘法本身的事，与损失无关。"""
-    monkeypatch.setattr(losses, "_CPU_BLOCK_ELEMS", 2 * 30)
+    monkeypatch.setattr(chunked_engine, "_CPU_BLOCK_ELEMS", 2 * 30)
     h, w, t, labels, kept = chunked_masked_case(case)
     kw = dict(divergence=name, temperature=1.7, alpha=0.4)
     plain = distillation_loss(F.linear(h, w), t, labels, **kw)
@@ -840,7 +841,7 @@ def test_fast_path_sub_blocks_policy():
     其他设备上一块 c 行至多切 16 块；各块首尾相接、覆盖全部行。"""
     def sizes(rows, cols, device):
         x = torch.empty(1, device=device).expand(rows, cols)  # 不分配 (rows × cols) 内存
-        blocks = losses._sub_blocks(x)
+        blocks = chunked_engine._sub_blocks(x)
         assert blocks[0].start == 0 and blocks[-1].stop == rows
         assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
         return [b.stop - b.start for b in blocks]
@@ -854,7 +855,7 @@ def test_fast_path_sub_blocks_policy():
 def test_reported_divergence_clamp_keeps_gradient():
     """报告值夹到 ≥ 0（舍入造成的微小负值变成 0，+∞ 保持 +∞），梯度原样直通（不被夹断）。"""
     x = torch.tensor([-1e-12, 0.0, 0.25, math.inf], dtype=torch.float64, requires_grad=True)
-    y = losses._nonnegative(x)
+    y = dense_divergences._nonnegative(x)
     assert y.tolist() == [0.0, 0.0, 0.25, math.inf]
     weights = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     (g,) = torch.autograd.grad((y * weights).sum(), x)
@@ -899,7 +900,7 @@ def test_forward_and_reverse_kl_take_the_analytic_path_not_autograd(divergence, 
     def refuse(*_args):
         raise AssertionError("the generic autograd chunk ran")
 
-    monkeypatch.setattr(losses, "_generic_chunk", refuse)
+    monkeypatch.setattr(chunked_engine, "_generic_chunk", refuse)
     got = chunked_distillation_loss(h, w, labels, teacher_hidden=th, teacher_weight=tw, chunk_size=4, **kw)
     (g_got,) = torch.autograd.grad(got, w)
     torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-14)
