@@ -3,13 +3,13 @@
 图例：l 层数，b 批，t 本次写入的位置数，s 缓存槽位数（预分配的最大长度 S），k 键值头，e 头维度，v 词表。
 
 设计（gpt-fast / jax-llm-examples 风格）：
+    * 这里没有第二份解码块：prefill 与解码步都走模型自己的缓存路径 ``forward_hidden(..., cache=cache)``
+      （models.qwen2，块即 layers.transformer_block，缓存见 models.cache.KVCache，在此重新导出）。
     * ``KVCache``：k、v 形状 (l, b, k, S, e)，预分配到最大长度 S，解码步的形状因此是静态的、可编译；
-      ``mask`` (b, S) 标记哪些槽位存着真实 token（左填充与尚未写入的槽位为假）；
-      ``positions`` (b,) 是每条序列下一个 token 的 RoPE 位置（= 已有真实 token 数）；
-      ``index`` () 是下一个写入的槽位（左填充让各行末尾对齐，所以全批共用一个槽位下标）。
-    * 写入用非原地的 ``index_copy``：输入缓存不变，返回新缓存（像 JAX 一样数据进、数据出）。
-      每步多一次缓存拷贝，量级 l·b·k·S·e，远小于每步读一遍的权重。
+      写入用非原地的 ``index_copy``：输入缓存不变，返回新缓存（像 JAX 一样数据进、数据出）。
     * 注意力在整个 S 上做，用布尔掩码遮住未写入槽位、左填充与未来位置，因此解码步不依赖当前长度。
+    * 只编译解码步（``compiled_decode_step``）：编译时只有几行的 ``linear`` 改走 ``layers.streaming_linear``
+      （输入行先过 ``fusion_barrier``），prefill 留在 eager（与 transformers 逐位一致）。
     * 采样：温度 → top-k → top-p（核采样：保留累计概率首次达到 p 的最小集合，至少一个），
       用带种子的 ``torch.Generator``，同一种子结果确定；温度为 0 即贪心 argmax。
     * 遇到 eos 的序列此后输出 pad（缺省为第一个 eos），全部结束时提前停止（与 transformers 相同）。
@@ -21,22 +21,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-from einops import rearrange
 
 from functional_lm.config import SAMPLING_TEMPERATURE, TOP_P, ModelConfig
-from functional_lm.layers import attend, linear, project_qkv, rms_norm, rope_tables, sub_params, swiglu
-from functional_lm.models.qwen2 import (
-    EMBED_KEY,
-    FINAL_NORM_KEY,
-    check_input_ids,
-    check_params,
-    embed,
-    layer_params,
-    output_weight,
-)
+from functional_lm.layers import linear
+from functional_lm.models.cache import KVCache, init_cache
+from functional_lm.models.qwen2 import EMBED_KEY, check_input_ids, check_params, forward_hidden, output_weight
 from functional_lm.shapes import Bool, Float, Int, Integer, Tensor, typechecked
 from functional_lm.errors import NonFiniteLogits
 
@@ -56,53 +48,6 @@ __all__ = [
 ]
 
 
-class KVCache(NamedTuple):
-    """预分配的键值缓存（一个 pytree：NamedTuple 的每个字段都是张量）。"""
-
-    k: Float[Tensor, "l b k s e"]  # 各层 RoPE 之后的键
-    v: Float[Tensor, "l b k s e"]  # 各层的值
-    mask: Bool[Tensor, "b s"]  # 槽位是否存着真实 token
-    positions: Int[Tensor, "b"]  # 每行下一个 token 的 RoPE 位置
-    index: Int[Tensor, ""]  # 下一个写入的槽位（全批共用）
-
-    @property
-    def max_len(self) -> int:
-        """缓存槽位数 S。"""
-        return self.k.shape[3]
-
-
-def init_cache(
-    cfg: ModelConfig,
-    batch_size: int,
-    max_len: int,
-    dtype: torch.dtype = torch.float32,
-    device: Optional[torch.device | str] = None,
-) -> KVCache:
-    """全零的空缓存：S = max_len 个槽位，全部标记为空。"""
-    if max_len < 1 or batch_size < 1:
-        raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return KVCache(
-        k=torch.zeros(shape, dtype=dtype, device=device),
-        v=torch.zeros(shape, dtype=dtype, device=device),
-        mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
-        positions=torch.zeros(batch_size, dtype=torch.int64, device=device),
-        index=torch.zeros((), dtype=torch.int64, device=device),
-    )
-
-
-def _cache_mask(new_mask: Tensor, slots: Tensor) -> Tensor:
-    """查询 i（槽位 slots[i]）可看键槽位 j ⇔ j 存着真实 token 且 j ≤ slots[i]；另外总可看自己。
-
-    “总可看自己”只影响左填充位置上的查询（否则整行被遮、softmax 得 NaN），其输出无人使用。
-    返回 (b, 1, t, S)。
-    """
-    key_slots = torch.arange(new_mask.shape[1], device=new_mask.device)
-    causal = key_slots[None, :] <= slots[:, None]  # (t, S)
-    keep = causal & rearrange(new_mask, "b s -> b 1 1 s")
-    return keep | (key_slots[None, :] == slots[:, None])
-
-
 @typechecked
 def extend(
     params: Mapping[str, Tensor],
@@ -113,45 +58,11 @@ def extend(
 ) -> tuple[Float[Tensor, "b t d"], KVCache]:
     """把 t 个新 token 写进缓存槽位 index … index+t−1，返回最终 RMSNorm 后的隐藏状态与新缓存。
 
-    prefill（t = 提示长度）与 decode_step（t = 1）共用这一个函数。
+    就是模型自己的缓存路径 ``forward_hidden(..., cache=cache)``（同一个解码块，见 models.qwen2），不做逐键核对：
+    prefill（t = 提示长度）在调用前核对一次，解码步（t = 1）在热循环里不核对。
     attention_mask：1 = 真实 token，0 = 左填充；缺省全为真实 token。
     """
-    b, t = input_ids.shape
-    if not torch.compiler.is_compiling() and int(cache.index) + t > cache.max_len:
-        raise ValueError(
-            f"KV cache is full: writing {t} token(s) at slot {int(cache.index)} overflows max_len={cache.max_len}"
-        )
-    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    slots = cache.index + torch.arange(t, device=input_ids.device)  # (t,)
-    new_mask = cache.mask.index_copy(1, slots, real)
-    # 位置：接着每行已有的真实 token 数往下数；左填充位置取 0（其输出不被使用）
-    positions = cache.positions[:, None] + (real.long().cumsum(dim=-1) - 1).clamp(min=0)
-    mask = _cache_mask(new_mask, slots)
-    x = embed(input_ids, params[EMBED_KEY])
-    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, x.dtype)  # 所有层共用
-    keys, values = [], []
-    for i in range(cfg.num_layers):
-        layer = layer_params(params, cfg, i)
-        attn = sub_params(layer, "self_attn.")
-        q, k, v = project_qkv(rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps), attn, cfg, cos, sin)
-        k_all = cache.k[i].index_copy(2, slots, k)  # (b, k, S, e)：新键写到各自的槽位
-        v_all = cache.v[i].index_copy(2, slots, v)
-        keys.append(k_all)
-        values.append(v_all)
-        out = rearrange(attend(q, k_all, v_all, mask), "b h t e -> b t (h e)")
-        x = x + linear(out, attn["o_proj.weight"])
-        ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)
-        x = x + swiglu(
-            ffn_in, layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"], layer["mlp.down_proj.weight"]
-        )
-    new_cache = KVCache(
-        k=torch.stack(keys),
-        v=torch.stack(values),
-        mask=new_mask,
-        positions=cache.positions + real.long().sum(dim=-1),
-        index=cache.index + t,
-    )
-    return rms_norm(x, params[FINAL_NORM_KEY], cfg.norm_eps), new_cache
+    return forward_hidden(params, input_ids, cfg, attention_mask=attention_mask, check=False, cache=cache)
 
 
 @typechecked

@@ -1,4 +1,4 @@
-"""Qwen2 解码器的纯函数层：RMSNorm、RoPE、GQA 注意力、SwiGLU 与 Transformer 块。
+"""Qwen2 解码器的纯函数层：RMSNorm、RoPE、GQA 注意力、SwiGLU 与 Transformer 块（可带一层的 KV 缓存槽）。
 
 图例（见 functional_lm/shapes.py）：b 批，t 查询位置，s 键位置，d 隐藏，h 查询头，k 键值头，
 g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
@@ -8,7 +8,9 @@ g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
     * RMSNorm 在 float32 中计算后转回输入 dtype，再乘可学习权重；
     * RoPE 使用 "rotate-half" 约定：头维度的前半与后半配对旋转；
     * GQA：k 个键值头被扩展（重复）到 h 个查询头；
-    * q/k/v 投影可带偏置，o 投影无偏置；前馈网络为无偏置的 SwiGLU。
+    * q/k/v 投影可带偏置，o 投影无偏置；前馈网络为无偏置的 SwiGLU；
+    * 块只写一遍：训练 / 完整前向不带缓存；prefill 与解码步给块一个 ``KVSlot``（这一层的 k、v 缓存与
+      写入槽位），块把新键值写进去、在整个缓存上做注意力，并把新的槽返回（数据进、数据出，jax-llm-examples 风格）。
 
 这里所有函数都是纯函数：输入张量，输出张量，不读写任何全局状态（dropout 例外，
 仅在显式传入 dropout_p > 0 时使用 torch 的随机数生成器）。
@@ -17,7 +19,7 @@ g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
 import functools
 import math
 from collections.abc import Mapping
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,9 @@ __all__ = [
     "project_qkv",
     "attend",
     "attention_bias_mask",
+    "cache_attention_mask",
+    "KVSlot",
+    "write_kv",
     "check_segment_ids",
     "segment_positions",
     "segment_mask",
@@ -55,6 +60,17 @@ RopeTables = tuple[Float[Tensor, "b t e"], Float[Tensor, "b t e"]]
 # 预先建好、所有层共用的注意力掩码：None = 纯因果；布尔张量 (b, 1, t, s)，True = 可以看；
 # 或 FlexAttention 的 BlockMask（编译 / CUDA 下的文档掩码，整块被遮的键块直接跳过）。
 AttentionMask = Optional[Bool[Tensor, "b 1 t s"] | BlockMask]
+
+
+class KVSlot(NamedTuple):
+    """一层的 KV 缓存槽：预分配的 k、v（RoPE 之后的键与值，S 个槽位）与本次写入的槽位下标。
+
+    t 个新 token 写到槽位 slots[0] … slots[t−1]（全批共用：左填充让各行末尾对齐）。
+    """
+
+    k: Float[Tensor, "b k s e"]  # 这一层的键缓存
+    v: Float[Tensor, "b k s e"]  # 这一层的值缓存
+    slots: Integer[Tensor, "t"]  # 新 token 写入的槽位
 
 
 @typechecked
@@ -229,6 +245,30 @@ def attention_bias_mask(
     causal = k_pos <= q_pos  # (t, s)
     keep = causal & rearrange(attention_mask.bool(), "b s -> b 1 1 s")
     return keep | (k_pos == q_pos)
+
+
+@typechecked
+def cache_attention_mask(filled: Bool[Tensor, "b s"], slots: Integer[Tensor, "t"]) -> Bool[Tensor, "b 1 t s"]:
+    """缓存上的注意力掩码：查询 i（槽位 slots[i]）可看键槽位 j ⇔ j 存着真实 token 且 j ≤ slots[i]；另外总可看自己。
+
+    filled：写入本次 token 之后，每个槽位是否存着真实 token（左填充与尚未写入的槽位为假）。
+    “总可看自己”只影响左填充位置上的查询（否则整行被遮、softmax 得 NaN），其输出无人使用。
+    掩码覆盖全部 S 个槽位，所以解码步的形状不依赖当前长度。
+    """
+    key_slots = torch.arange(filled.shape[1], device=filled.device)
+    causal = key_slots[None, :] <= slots[:, None]  # (t, S)
+    keep = causal & rearrange(filled, "b s -> b 1 1 s")
+    return keep | (key_slots[None, :] == slots[:, None])
+
+
+@typechecked
+def write_kv(kv: KVSlot, k: Float[Tensor, "b k t e"], v: Float[Tensor, "b k t e"]) -> KVSlot:
+    """把 t 个新键值写进槽位 kv.slots：k_cache[:, :, slots[i]] ← k[:, :, i]（v 同理）。
+
+    非原地的 ``index_copy``：输入缓存不变，返回新的槽（像 JAX 一样数据进、数据出）；
+    每步多一次缓存拷贝，量级 b·k·S·e，远小于每步读一遍的权重。
+    """
+    return KVSlot(kv.k.index_copy(2, kv.slots, k), kv.v.index_copy(2, kv.slots, v), kv.slots)
 
 
 def check_segment_ids(segment_ids: object, shape: tuple[int, ...], where: str = "segment_ids") -> None:
@@ -411,6 +451,16 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=native_gqa)
 
 
+def _default_rope(x: Tensor, cfg: ModelConfig, position_ids, attention_mask, segment_ids) -> RopeTables:
+    """没有预建 RoPE 表时按位置现建：位置缺省为 0…t−1（有 segment_ids 时在每篇文档开头从 0 重新数）。"""
+    if position_ids is None:
+        position_ids = (
+            segment_positions(segment_ids, attention_mask) if segment_ids is not None
+            else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        )
+    return rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+
+
 @typechecked
 def gqa_attention(
     x: Float[Tensor, "b t d"],
@@ -423,39 +473,39 @@ def gqa_attention(
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     mask: AttentionMask = None,
     dropout_p: float = 0.0,
-) -> Float[Tensor, "b t d"]:
-    """分组查询注意力（GQA）：投影 → RoPE → 因果注意力（k、v 按 GQA 共享）→ o 投影。
+    kv: Optional[KVSlot] = None,
+) -> Float[Tensor, "b t d"] | tuple[Float[Tensor, "b t d"], KVSlot]:
+    """分组查询注意力（GQA）：投影 → RoPE → [写进缓存] → 因果注意力（k、v 按 GQA 共享）→ o 投影。
 
     参数：
         attn: 一层的注意力参数视图（``q_proj.weight`` … ``o_proj.weight``）。
-        position_ids: 显式位置；缺省为 0…t−1（有 segment_ids 时在每篇文档开头从 0 重新数）。
-            与 rope 二选一（rope 为预先算好的 cos/sin 表）。
+        position_ids / rope: 显式位置或预先算好的 cos/sin 表（二选一，见 _default_rope）。
         attention_mask: (b, t) 填充掩码，1 = 真实 token，0 = 填充；缺省表示没有填充。
         segment_ids: (b, t) 打包文档的编号（同一编号 = 同一篇文档，每行单调不减，JAX 的约定）：
             注意力只在同一篇文档内、因果地进行，跨文档完全遮住。
-        mask: 预先建好的掩码（build_attention_mask 的结果，各层共用）；给了就不再按上面两项现建。
+        mask: 预先建好的掩码（build_attention_mask / cache_attention_mask 的结果，各层共用）。
+        kv: 这一层的缓存槽：新键值写进 kv.slots，注意力在全部 S 个缓存槽位上做（此时 mask 必须给出），
+            返回 (输出, 新槽)；缺省只返回输出。
     """
     if segment_ids is not None:
         check_segment_ids(segment_ids, tuple(x.shape[:2]))
     if mask is not None and (segment_ids is not None or attention_mask is not None):
         raise ValueError("gqa_attention: give either a prebuilt mask or attention_mask / segment_ids, not both")
-    if rope is None:
-        if position_ids is None:
-            position_ids = (
-                segment_positions(segment_ids, attention_mask) if segment_ids is not None
-                else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-            )
-        rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
-    cos, sin = rope
+    if kv is not None and mask is None:
+        raise ValueError("gqa_attention: attention over a KV cache needs its prebuilt mask (cache_attention_mask)")
+    cos, sin = rope if rope is not None else _default_rope(x, cfg, position_ids, attention_mask, segment_ids)
     q, k, v = project_qkv(x, attn, cfg, cos, sin)
+    if kv is not None:
+        kv = write_kv(kv, k, v)  # (b, k, S, e)：新键值写到各自的槽位，注意力读整个缓存
+        k, v = kv.k, kv.v
     if mask is None:
         mask = build_attention_mask(
             x.shape[1], attention_mask=attention_mask, segment_ids=segment_ids, dropout_p=dropout_p,
             needs_grad=grad_needed(x, attn),
         )
-    out = attend(q, k, v, mask, dropout_p)
-    out = rearrange(out, "b h t e -> b t (h e)")
-    return linear(out, attn["o_proj.weight"])
+    out = rearrange(attend(q, k, v, mask, dropout_p), "b h t e -> b t (h e)")
+    out = linear(out, attn["o_proj.weight"])
+    return out if kv is None else (out, kv)
 
 
 @typechecked
@@ -490,25 +540,25 @@ def transformer_block(
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     mask: AttentionMask = None,
     dropout_p: float = 0.0,
-) -> Float[Tensor, "b t d"]:
+    kv: Optional[KVSlot] = None,
+) -> Float[Tensor, "b t d"] | tuple[Float[Tensor, "b t d"], KVSlot]:
     """一个 Pre-norm 解码块：x ← x + attn(norm(x))；x ← x + ffn(norm(x))。
 
     layer 是去掉 ``model.layers.{i}.`` 前缀后的参数视图。残差路径不经过任何变换，
     因此权重全零时块是恒等映射。attention_mask / segment_ids / mask 的含义见 gqa_attention。
+    kv：这一层的缓存槽（prefill / 解码步）；给了时返回 (x, 写入新键值后的槽)，缺省只返回 x。
+    训练、完整前向与缓存解码走的是同一个块，所以三者的数值只差在注意力看到的键值来自哪里。
     """
     attn_in = rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps)
-    x = x + gqa_attention(
-        attn_in,
-        sub_params(layer, "self_attn."),
-        cfg,
-        rope=rope,
-        attention_mask=attention_mask,
-        segment_ids=segment_ids,
-        mask=mask,
-        dropout_p=dropout_p,
+    attn_out = gqa_attention(
+        attn_in, sub_params(layer, "self_attn."), cfg, rope=rope, attention_mask=attention_mask,
+        segment_ids=segment_ids, mask=mask, dropout_p=dropout_p, kv=kv,
     )
+    if kv is not None:
+        attn_out, kv = attn_out
+    x = x + attn_out
     ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)
     ffn_out = swiglu(
         ffn_in, layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"], layer["mlp.down_proj.weight"]
     )
-    return x + ffn_out
+    return x + ffn_out if kv is None else (x + ffn_out, kv)

@@ -11,8 +11,10 @@ from jaxtyping import TypeCheckError
 from functional_lm.config import ModelConfig
 from functional_lm.layers import (
     STREAMING_MAX_ROWS,
+    KVSlot,
     apply_rope,
     attend,
+    cache_attention_mask,
     fusion_barrier,
     gqa_attention,
     linear,
@@ -252,6 +254,34 @@ def test_block_residual_carries_gradient():
     x = torch.randn(1, 3, 32, requires_grad=True)
     transformer_block(x, zero, CFG, rope=_rope_for(x, CFG)).sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_block_with_a_cache_slot_equals_the_block_without_and_returns_its_keys():
+    # 同一个块：把 t 个 token 写进 S = t + 3 个槽位的空缓存（只前 t 个是真实 token），输出与不带缓存时相同，
+    # 返回的槽在前 t 个槽位存着 RoPE 之后的键与值，其余槽位不动；输入的缓存不被修改。
+    layer, _ = _attn_weights(CFG)
+    x = torch.randn(2, 5, 32)
+    rope = _rope_for(x, CFG)
+    empty = torch.zeros(2, CFG.num_kv_heads, 8, CFG.head_dim)
+    slots = torch.arange(5)
+    filled = torch.zeros(2, 8, dtype=torch.bool).index_fill(1, slots, True)
+    mask = cache_attention_mask(filled, slots)
+    y, kv = transformer_block(x, layer, CFG, rope=rope, mask=mask, kv=KVSlot(empty, empty.clone(), slots))
+    torch.testing.assert_close(y, transformer_block(x, layer, CFG, rope=rope), atol=1e-5, rtol=1e-5)
+    assert isinstance(kv, KVSlot) and kv.k.shape == empty.shape and torch.equal(kv.slots, slots)
+    assert not empty.any() and not kv.k[:, :, 5:].any() and not kv.v[:, :, 5:].any()
+    normed = rms_norm(x, layer["input_layernorm.weight"], CFG.norm_eps)
+    v = F.linear(normed, layer["self_attn.v_proj.weight"], layer["self_attn.v_proj.bias"])
+    v = rearrange(v, "b t (k e) -> b k t e", e=CFG.head_dim)
+    torch.testing.assert_close(kv.v[:, :, :5], v)
+
+
+def test_attention_over_a_cache_needs_its_mask():
+    layer, attn = _attn_weights(CFG)
+    x = torch.randn(1, 1, 32)
+    empty = torch.zeros(1, CFG.num_kv_heads, 4, CFG.head_dim)
+    with pytest.raises(ValueError, match="cache needs its prebuilt mask"):
+        gqa_attention(x, attn, CFG, kv=KVSlot(empty, empty, torch.tensor([0])))
 
 
 # ---------------------------------------------------------------- 解码步的流式矩阵-向量乘

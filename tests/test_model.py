@@ -6,6 +6,7 @@ from jaxtyping import TypeCheckError
 
 from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm import ModelConfig, count_parameters, forward, forward_hidden, init_params
+from functional_lm.models.cache import KVCache, init_cache
 from functional_lm.models.qwen2 import check_params, decode_embeddings, output_weight, param_shapes
 from functional_lm.shapes import typecheck, typecheck_enabled
 
@@ -231,6 +232,38 @@ def test_forward_hidden_feeds_the_output_projection():
     hidden = forward_hidden(params, ids, CFG)
     assert hidden.shape == (2, 10, 64)
     torch.testing.assert_close(hidden @ params["model.embed_tokens.weight"].T, forward(params, ids, CFG))
+
+
+# ---------------------------------------------------------------- 缓存路径：forward(..., cache=) -> (logits, cache)
+def test_forward_with_a_cache_in_chunks_equals_the_full_forward():
+    # 一个前向，缓存可选：分三段（4 + 5 + 1 个 token）接着缓存写，每段的 logits 与一次完整前向的对应位置相同。
+    params = init_params(CFG)
+    ids = _ids(t=10)
+    full = forward(params, ids, CFG)
+    cache = init_cache(CFG, batch_size=2, max_len=12)
+    pieces = []
+    for start, stop in ((0, 4), (4, 9), (9, 10)):
+        logits, cache = forward(params, ids[:, start:stop], CFG, cache=cache)
+        assert isinstance(cache, KVCache) and int(cache.index) == stop
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.positions.tolist() == [10, 10] and cache.mask[:, :10].all() and not cache.mask[:, 10:].any()
+
+
+def test_forward_with_a_cache_left_padded_and_its_errors():
+    params = init_params(CFG)
+    ids = _ids(b=1, t=6)
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    hidden, cache = forward_hidden(params, padded, CFG, attention_mask=mask, cache=init_cache(CFG, 1, 8))
+    torch.testing.assert_close(hidden[:, 2:], forward_hidden(params, ids, CFG), atol=1e-5, rtol=1e-5)
+    assert cache.positions.tolist() == [6]
+    with pytest.raises(ValueError, match="cache is full"):
+        forward(params, ids[:, :1], CFG, cache=cache)
+    with pytest.raises(ValueError, match="batch 2 != cache batch 1"):
+        forward(params, _ids(b=2, t=2), CFG, cache=init_cache(CFG, 1, 8))
+    with pytest.raises(ValueError, match="position_ids"):
+        forward(params, ids, CFG, position_ids=torch.arange(6)[None], cache=init_cache(CFG, 1, 8))
 
 
 # ---------------------------------------------------------------- compile

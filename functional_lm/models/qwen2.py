@@ -5,6 +5,10 @@
     嵌入 → num_layers × transformer_block → 最终 RMSNorm → 输出投影（共享嵌入时直接用嵌入矩阵）
 
 同一个字典可以原样交给 ``torch.func.functional_call(Qwen2ForCausalLM(...), params, ...)``。
+
+解码块只有一份（``layers.transformer_block``），层循环也只有一份（``_decoder_stack``）：训练与完整前向不带缓存；
+``forward(params, ids, cfg, cache=cache) -> (logits, cache)`` 把 t 个新 token 写进 KV 缓存（models.cache），
+prefill（t = 提示长度）与解码步（t = 1）都是它。
 """
 
 from collections import Counter
@@ -16,7 +20,9 @@ import torch.nn.functional as F
 
 from functional_lm.config import ModelConfig
 from functional_lm.layers import (
+    KVSlot,
     build_attention_mask,
+    cache_attention_mask,
     check_segment_ids,
     grad_needed,
     linear,
@@ -25,6 +31,7 @@ from functional_lm.layers import (
     segment_positions,
     transformer_block,
 )
+from functional_lm.models.cache import KVCache, advance, layer_slot, plan_write
 from functional_lm.shapes import Bool, Float, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
@@ -256,6 +263,27 @@ def _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids=
         check_segment_ids(segment_ids, tuple(input_ids.shape))
 
 
+def _decoder_stack(
+    params: Mapping[str, Tensor], x: Tensor, cfg: ModelConfig, *, rope, mask, dropout_p: float,
+    cache: Optional[KVCache] = None, slots: Optional[Tensor] = None,
+) -> tuple[Tensor, list[KVSlot]]:
+    """num_layers 个解码块 + 最终 RMSNorm：所有路径（训练、完整前向、prefill、解码步）共用这一个层循环。
+
+    给了缓存时第 i 层拿到自己的槽 layer_slot(cache, i, slots)，返回各层写入后的槽；否则返回空列表。
+    """
+    written: list[KVSlot] = []
+    for i in range(cfg.num_layers):
+        layer = layer_params(params, cfg, i)
+        if cache is None:
+            x = transformer_block(x, layer, cfg, rope=rope, mask=mask, dropout_p=dropout_p)
+            continue
+        x, kv = transformer_block(
+            x, layer, cfg, rope=rope, mask=mask, dropout_p=dropout_p, kv=layer_slot(cache, i, slots)
+        )
+        written.append(kv)
+    return rms_norm(x, params[FINAL_NORM_KEY], cfg.norm_eps), written
+
+
 @typechecked
 def decode_embeddings(
     params: Mapping[str, Tensor],
@@ -267,7 +295,7 @@ def decode_embeddings(
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
 ) -> Float[Tensor, "b t d"]:
-    """从嵌入向量出发：num_layers 个解码块 + 最终 RMSNorm。
+    """从嵌入向量出发：num_layers 个解码块 + 最终 RMSNorm（不带缓存）。
 
     单独暴露出来，便于对嵌入求导（例如用梯度检验因果性）或输入自定义嵌入。
     segment_ids：打包文档的编号，注意力不跨文档（见 layers.gqa_attention）。
@@ -279,9 +307,34 @@ def decode_embeddings(
         x.shape[1], attention_mask=attention_mask, segment_ids=segment_ids, dropout_p=dropout_p,
         needs_grad=grad_needed(x, params),
     )
-    for i in range(cfg.num_layers):
-        x = transformer_block(x, layer_params(params, cfg, i), cfg, rope=rope, mask=mask, dropout_p=dropout_p)
-    return rms_norm(x, params[FINAL_NORM_KEY], cfg.norm_eps)
+    return _decoder_stack(params, x, cfg, rope=rope, mask=mask, dropout_p=dropout_p)[0]
+
+
+def _check_cache_call(input_ids: Tensor, cache: KVCache, position_ids, segment_ids) -> None:
+    """缓存路径的入口核对：批大小与缓存相同；位置由缓存给出，不接受 position_ids；不支持打包文档。"""
+    if position_ids is not None or segment_ids is not None:
+        raise ValueError("forward with a KV cache takes no position_ids / segment_ids (positions come from the cache)")
+    if input_ids.shape[0] != cache.mask.shape[0]:
+        raise ValueError(f"prompt batch {input_ids.shape[0]} != cache batch {cache.mask.shape[0]}")
+
+
+def _cached_hidden(
+    params: Mapping[str, Tensor], input_ids: Tensor, cfg: ModelConfig, cache: KVCache,
+    attention_mask: Optional[Tensor], dropout_p: float,
+) -> tuple[Tensor, KVCache]:
+    """把 t 个新 token 写进缓存槽位 index … index+t−1：返回最终 RMSNorm 后的隐藏状态与新缓存。
+
+    注意力在全部 S 个槽位上做，用布尔掩码遮住未写入槽位、左填充与未来位置（cache_attention_mask），
+    所以 t = 1 的解码步形状静态、不依赖当前长度。
+    """
+    plan = plan_write(cache, input_ids, attention_mask)
+    mask = cache_attention_mask(plan.filled, plan.slots)
+    x = embed(input_ids, params[EMBED_KEY])
+    rope = rope_tables(plan.positions, cfg.head_dim, cfg.rope_theta, x.dtype)  # 所有层共用
+    hidden, written = _decoder_stack(
+        params, x, cfg, rope=rope, mask=mask, dropout_p=dropout_p, cache=cache, slots=plan.slots
+    )
+    return hidden, advance(cache, plan, written)
 
 
 @typechecked
@@ -295,18 +348,25 @@ def forward_hidden(
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
     check: bool = True,
-) -> Float[Tensor, "b t d"]:
+    cache: Optional[KVCache] = None,
+) -> Float[Tensor, "b t d"] | tuple[Float[Tensor, "b t d"], KVCache]:
     """最终 RMSNorm 之后的隐藏状态 (b, t, d)；分块蒸馏损失直接使用它和输出投影矩阵。
 
-    attention_mask: 1 = 真实 token，0 = 填充；缺省时为纯因果注意力（最快的路径）。
+    attention_mask: 1 = 真实 token，0 = 填充（有缓存时只能是左填充）；缺省时为纯因果注意力（最快的路径）。
     segment_ids: 打包文档的编号 (b, t)，同一编号 = 同一篇文档，每行单调不减：每个 token 只看本文档
         之前的 token，位置（position_ids 缺省时）在每篇文档开头从 0 重新数。
     training: 为真且 cfg.dropout > 0 时在注意力概率上做 dropout。
     check: 逐键核对参数字典与 token id（缺省开启）；训练器在开始时核对过一次后传 False——
-        对按层 all-gather 的切分教师，逐键核对会把每一层多取一遍。
+        对按层 all-gather 的切分教师，逐键核对会把每一层多取一遍。解码步也传 False。
+    cache: KV 缓存（models.cache.KVCache）：给了时 t 个 token 接着缓存往下写，返回 (隐藏状态, 新缓存)。
     """
     if check:
         _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids)
+    dropout_p = cfg.dropout if training else 0.0
+    if cache is not None:
+        if check:
+            _check_cache_call(input_ids, cache, position_ids, segment_ids)
+        return _cached_hidden(params, input_ids, cfg, cache, attention_mask, dropout_p)
     if position_ids is None:
         position_ids = (
             segment_positions(segment_ids, attention_mask) if segment_ids is not None
@@ -329,17 +389,21 @@ def forward(
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
-) -> Float[Tensor, "b t v"]:
-    """完整前向：input_ids (b, t) → logits (b, t, vocab_size)。
+    cache: Optional[KVCache] = None,
+) -> Float[Tensor, "b t v"] | tuple[Float[Tensor, "b t v"], KVCache]:
+    """完整前向：input_ids (b, t) → logits (b, t, vocab_size)；给了 cache 时返回 (logits, 新缓存)。
 
     自动生成 position_ids 与因果遮罩（给了 segment_ids 时为文档内的因果遮罩，见 forward_hidden）；
     输出投影在共享嵌入时直接读取嵌入张量，因此嵌入的梯度同时得到输入端与输出端两份贡献。
     """
-    hidden = forward_hidden(
+    out = forward_hidden(
         params, input_ids, cfg, position_ids=position_ids, attention_mask=attention_mask,
-        segment_ids=segment_ids, training=training,
+        segment_ids=segment_ids, training=training, cache=cache,
     )
-    return linear(hidden, output_weight(params, cfg))
+    if cache is None:
+        return linear(out, output_weight(params, cfg))
+    hidden, cache = out
+    return linear(hidden, output_weight(params, cfg)), cache
 
 
 def unique_tensors(params: Mapping[str, Tensor]) -> list[Tensor]:
