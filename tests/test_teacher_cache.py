@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -517,6 +520,25 @@ def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
     cache = TeacherCache.open(tmp_path / "c")
     assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + cb._file_sha256(path)
     assert cache.fingerprint["teacher_config"] is None and cache.fingerprint["seq_len"] == SMALL_SEQ
+
+
+def test_batch_targets_are_the_batch_blocks_targets_on_the_device(teacher, dataset, tmp_path):
+    # 训练器只问读取器要一批的目标（batch_targets），不碰文件格式：结果与按块号读 targets 逐位相同。
+    _build(teacher, dataset, tmp_path / "c")
+    cache = TeacherCache.open(tmp_path / "c")
+    got = cache.batch_targets(SimpleNamespace(block_ids=torch.tensor([5, 0, 3])), torch.device("cpu"))
+    assert len(got) == 3 and got[0].dtype == torch.int64 and got[0].shape == (3, SEQ, K)
+    for a, b in zip(got, cache.targets([5, 0, 3])):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"needs batches that carry block_ids \(BatchLoader gives them\)"):
+        cache.batch_targets(SimpleNamespace(block_ids=None), torch.device("cpu"))
+
+
+def test_the_cache_modules_do_not_import_the_trainer():
+    code = ("import sys, functional_lm.kd.cache_build, functional_lm.kd.teacher_cache; "
+            "print('functional_lm.kd.trainer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_reading_every_block_keeps_at_most_a_fixed_number_of_shards_mapped(teacher, dataset, tmp_path, monkeypatch):
