@@ -94,7 +94,7 @@ def _fingerprint(dataset):
 
 def _build(args, teacher, teacher_cfg, dataset, out_dir, top_k):
     """建一个缓存（float16、文档掩码、批大小 --batch）。"""
-    from functional_lm.kd.teacher_cache import build_teacher_cache
+    from functional_lm.kd.cache_build import build_teacher_cache
 
     return build_teacher_cache(
         teacher, teacher_cfg, dataset, out_dir, top_k=top_k, temperature=args.temperature,
@@ -105,13 +105,13 @@ def _build(args, teacher, teacher_cfg, dataset, out_dir, top_k):
 
 def _forward_only(args, teacher, teacher_cfg, dataset):
     """建缓存的参照：同样的块、同样的批划分与文档编号，只跑教师前向与输出投影（float32，按建缓存同样的
-    行块相乘，每块至多 teacher_cache._LOGIT_BYTES），不取 top-k、不写盘。"""
+    行块相乘，每块至多 teacher_cache.LOGIT_BYTES），不取 top-k、不写盘。"""
     from functional_lm.models.qwen2 import forward_hidden, output_weight
-    from functional_lm.kd.teacher_cache import _LOGIT_BYTES
+    from functional_lm.kd.teacher_cache import LOGIT_BYTES
 
     weight = output_weight(teacher, teacher_cfg)
     weight32 = weight if weight.dtype == torch.float32 else weight.float()
-    rows_per_chunk = max(1, _LOGIT_BYTES // (4 * weight32.shape[0]))
+    rows_per_chunk = max(1, LOGIT_BYTES // (4 * weight32.shape[0]))
     for first in range(0, len(dataset), args.batch):
         input_ids, _, _, segments = dataset.examples(range(first, min(first + args.batch, len(dataset))), True)
         with torch.no_grad():

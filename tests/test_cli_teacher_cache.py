@@ -444,10 +444,10 @@ def test_an_output_dir_that_cannot_be_created_is_refused_before_any_work(root, t
 
 
 def test_a_full_disk_is_one_paragraph_and_the_build_resumes(root, built, tmp_path, capsys, monkeypatch):
-    import functional_lm.kd.teacher_cache as tc
+    import functional_lm.kd.cache_build as cb
 
     out = tmp_path / "C"
-    monkeypatch.setattr(tc, "open", full_disk_open(".ids-00001.bin.tmp"), raising=False)  # 分片 1 的 ids 写不进去
+    monkeypatch.setattr(cb, "open", full_disk_open(".ids-00001.bin.tmp"), raising=False)  # 分片 1 的 ids 写不进去
     assert main(_args(root, out, "--blocks-per-shard", "8")) == 1
     monkeypatch.undo()
     err = _one_paragraph(capsys.readouterr().err)

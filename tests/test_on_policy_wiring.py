@@ -248,7 +248,8 @@ def test_the_trainer_logs_the_reverse_kl_of_the_students_current_samples(two_blo
 @pytest.fixture(scope="module")
 def teacher_cache(two_blocks, tmp_path_factory):
     """两个块的训练集的教师缓存（top-k 4、T = 2），与 _tcfg(top_k=4) 的运行对得上。"""
-    from functional_lm.kd.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+    from functional_lm.kd.cache_build import build_teacher_cache
+    from functional_lm.kd.teacher_cache import TeacherCache, make_fingerprint
 
     out = tmp_path_factory.mktemp("teacher-cache")
     fp = make_fingerprint(two_blocks.tokenizer, two_blocks.store, teacher_weights="random-teacher-11")

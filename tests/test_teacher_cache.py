@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 
 from conftest import full_disk_open
 
+import functional_lm.kd.cache_build as cb
 import functional_lm.kd.teacher_cache as tc
 from functional_lm.config import ModelConfig
 from functional_lm.data import pack_documents
@@ -33,12 +37,11 @@ from functional_lm.kd.teacher_cache import (
     TeacherCache,
     TeacherCacheDamaged,
     TeacherCacheMismatch,
-    build_teacher_cache,
     check_fingerprint,
-    import_topk_jsonl,
     make_fingerprint,
     teacher_weights_fingerprint,
 )
+from functional_lm.kd.cache_build import build_teacher_cache, import_topk_jsonl
 
 CFG = ModelConfig(
     hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=211, max_seq_len=64,
@@ -160,7 +163,7 @@ def test_float16_is_more_precise_than_bfloat16_on_log_probs():
     x = -torch.rand(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float() * 30
     errors = {}
     for dtype in ("float16", "bfloat16"):
-        back = torch.from_numpy(tc._decode_values(tc._encode_values(x, dtype), dtype))
+        back = torch.from_numpy(tc.decode_values(tc.encode_values(x, dtype), dtype))
         err = (back.double() - x.double()).abs()
         errors[dtype] = (float(err.max()), float(err.mean()))
     assert errors["float16"][0] <= 2.0**-7 and errors["bfloat16"][0] <= 2.0**-4
@@ -178,8 +181,8 @@ def test_bfloat16_storage_round_trips(teacher, dataset, tmp_path):
 
 
 def test_float16_clamps_instead_of_overflowing():
-    raw = tc._encode_values(torch.tensor([-1e6, -3.0, 0.0]), "float16")
-    back = tc._decode_values(raw, "float16")
+    raw = tc.encode_values(torch.tensor([-1e6, -3.0, 0.0]), "float16")
+    back = tc.decode_values(raw, "float16")
     assert back.tolist() == [-65504.0, -3.0, 0.0]
 
 
@@ -193,7 +196,7 @@ def test_interrupted_build_resumes_to_identical_bytes(teacher, dataset, tmp_path
     with pytest.raises(TeacherCacheDamaged, match=r"incomplete \(2 of 4 shards written\).*resume it by rerunning"):
         TeacherCache.open(out)
 
-    real_install, calls = tc._install_file, []
+    real_install, calls = cb._install_file, []
 
     def crash_on_second_rename(tmp, final):  # 分片 2 的 ids 已改名就位，logprobs 还在临时文件里时“崩溃”
         calls.append(final.name)
@@ -201,7 +204,7 @@ def test_interrupted_build_resumes_to_identical_bytes(teacher, dataset, tmp_path
             raise RuntimeError("simulated crash")
         real_install(tmp, final)
 
-    monkeypatch.setattr(tc, "_install_file", crash_on_second_rename)
+    monkeypatch.setattr(cb, "_install_file", crash_on_second_rename)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _build(teacher, dataset, out)
     monkeypatch.undo()
@@ -515,8 +518,27 @@ def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
     import_topk_jsonl(path, small, tmp_path / "c", fingerprint=fp, top_k=SMALL_K, temperature=1.0,
                       real_vocab_size=SMALL_VOCAB, progress=False)
     cache = TeacherCache.open(tmp_path / "c")
-    assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + tc._file_sha256(path)
+    assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + cb._file_sha256(path)
     assert cache.fingerprint["teacher_config"] is None and cache.fingerprint["seq_len"] == SMALL_SEQ
+
+
+def test_batch_targets_are_the_batch_blocks_targets_on_the_device(teacher, dataset, tmp_path):
+    # 训练器只问读取器要一批的目标（batch_targets），不碰文件格式：结果与按块号读 targets 逐位相同。
+    _build(teacher, dataset, tmp_path / "c")
+    cache = TeacherCache.open(tmp_path / "c")
+    got = cache.batch_targets(SimpleNamespace(block_ids=torch.tensor([5, 0, 3])), torch.device("cpu"))
+    assert len(got) == 3 and got[0].dtype == torch.int64 and got[0].shape == (3, SEQ, K)
+    for a, b in zip(got, cache.targets([5, 0, 3])):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"needs batches that carry block_ids \(BatchLoader gives them\)"):
+        cache.batch_targets(SimpleNamespace(block_ids=None), torch.device("cpu"))
+
+
+def test_the_cache_modules_do_not_import_the_trainer():
+    code = ("import sys, functional_lm.kd.cache_build, functional_lm.kd.teacher_cache; "
+            "print('functional_lm.kd.trainer' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_reading_every_block_keeps_at_most_a_fixed_number_of_shards_mapped(teacher, dataset, tmp_path, monkeypatch):
@@ -571,7 +593,7 @@ def test_a_teacher_with_nan_outputs_is_refused_naming_the_blocks_and_the_teacher
     poisoned = init_params(untied, seed=3)
     poisoned["model.embed_tokens.weight"][only_in_4[0]] = float("nan")
     out = tmp_path / "c"
-    with pytest.raises(tc.NonFiniteTeacher) as info:
+    with pytest.raises(cb.NonFiniteTeacher) as info:
         build_teacher_cache(poisoned, untied, dataset, out, top_k=K, temperature=T, fingerprint=_fingerprint(dataset),
                             blocks_per_shard=2, batch_size=1, progress=False, teacher_name="nan-teacher-dir")
     text = str(info.value)
@@ -584,7 +606,7 @@ def test_a_teacher_with_nan_outputs_is_refused_naming_the_blocks_and_the_teacher
 
 def test_all_nan_teacher_is_refused_in_the_first_batch(teacher, dataset, tmp_path):
     poisoned = {**teacher, "model.norm.weight": torch.full_like(teacher["model.norm.weight"], float("nan"))}
-    with pytest.raises(tc.NonFiniteTeacher, match=r"blocks 0, 1 ") as info:
+    with pytest.raises(cb.NonFiniteTeacher, match=r"blocks 0, 1 ") as info:
         _build(poisoned, dataset, tmp_path / "c")  # 每个分片 2 块：第一批就是分片 0 的块 0、1
     assert str(info.value).startswith("the teacher gives non-finite") and info.value.blocks == [0, 1]
 
@@ -671,7 +693,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_committed_shards(teacher, data
 
     _build(teacher, dataset, tmp_path / "ref")
     out = tmp_path / "c"
-    monkeypatch.setattr(tc, "open", full_disk_open(".logprobs-00002.bin.tmp"), raising=False)
+    monkeypatch.setattr(cb, "open", full_disk_open(".logprobs-00002.bin.tmp"), raising=False)
     with pytest.raises(StorageError) as info:
         _build(teacher, dataset, out)
     monkeypatch.undo()

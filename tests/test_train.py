@@ -597,7 +597,8 @@ def test_document_mask_off_runs_the_previous_computation(tokenizer, cache_dir, t
 
 # ---------------------------------------------------------------- 稀疏教师：在线 top-k 与教师缓存（issue 14）
 def _cache_for(data, teacher_dir, tmp_path, tokenizer, top_k, temperature=2.0):
-    from functional_lm.kd.teacher_cache import TeacherCache, build_teacher_cache, make_fingerprint
+    from functional_lm.kd.cache_build import build_teacher_cache
+    from functional_lm.kd.teacher_cache import TeacherCache, make_fingerprint
 
     teacher = _teacher(teacher_dir)
     fp = make_fingerprint(tokenizer, data.store, teacher_weights="test-teacher", split="train", val_fraction=0.05, seed=0)

@@ -13,7 +13,7 @@
 
 中断与续建：构建期间 SIGINT / SIGTERM 只置位（``monitor.stop_on_signals``），构建在分片之间干净地停下，
 以退出码 130 结束并说明怎样继续——原样再运行同一条命令即可；同样的设备与 --batch-size 下，续建完成的缓存与
-一次建完的逐字节相同（见 teacher_cache 的模块说明）。已有缓存的设置不同（教师、数据、K、T……）时报
+一次建完的逐字节相同（见 cache_build 的模块说明）。已有缓存的设置不同（教师、数据、K、T……）时报
 ``TeacherCacheMismatch``（退出码 2），绝不删除用户的缓存。
 
 尽早拒绝：参数、词表与 K、块长先核对，再确认 --output-dir 能写（与 distill 同一段话），然后才分词、跑教师。
@@ -55,11 +55,11 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--import", dest="import_file", metavar="FILE", help=(
         "不跑教师，导入别处算好的 top-k（JSON lines），只写 C/train。每行 {\"ids\": [K 个 id], \"logprobs\": [温度 T 下"
         "的 K 个 log 概率]}；第 j 行是训练块 j // L 的输入位置 j %% L 的目标（L = --seq-len），共 训练块数 × L 行，"
-        "格式见 functional_lm/kd/teacher_cache.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
+        "格式见 functional_lm/kd/cache_build.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
         "(JSON lines) into C/train instead of running a teacher. Each row is {\"ids\": [K ids], \"logprobs\": "
         "[K log-probabilities at temperature T]}; row j holds the target of input position j %% L of train block "
         "j // L (L = --seq-len), number of train blocks × L rows in all; the format is described at "
-        "import_topk_jsonl in functional_lm/kd/teacher_cache.py"))
+        "import_topk_jsonl in functional_lm/kd/cache_build.py"))
     group.add_argument("--output-dir", metavar="C", help="缓存目录 C：写出 C/train 与 C/val / cache directory C: "
                        "writes C/train and C/val")
     group.add_argument("--top-k", type=int, metavar="K", help="每个位置保存概率最高的 K 个 token（1 ≤ K ≤ 真实词表）/ keep the K "
@@ -208,11 +208,8 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     from functional_lm.devices import resolve_device
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
     from functional_lm.kd.pipeline import tokenizer_source
-    from functional_lm.kd.teacher_cache import (
-        build_teacher_cache,
-        make_fingerprint,
-        teacher_weights_fingerprint,
-    )
+    from functional_lm.kd.cache_build import build_teacher_cache
+    from functional_lm.kd.cache_identity import make_fingerprint, teacher_weights_fingerprint
 
     device = resolve_device(args.device)
     teacher_dir = resolve_checkpoint(args.teacher)
@@ -244,7 +241,8 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
 def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
     """导入 JSON lines：分词打包（与 distill 相同），只为训练块建缓存；teacher_weights 由库取文件的 sha256。"""
     from functional_lm.data import load_tokenizer
-    from functional_lm.kd.teacher_cache import import_topk_jsonl, make_fingerprint
+    from functional_lm.kd.cache_build import import_topk_jsonl
+    from functional_lm.kd.cache_identity import make_fingerprint
 
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)
     _check_top_k(args.top_k, tokenizer.real_vocab_size)
@@ -293,7 +291,8 @@ def _build_all(out: Path, jobs: list[tuple[str, Any, Callable]]) -> None:
 
 def _summary(out: Path, splits: list[str]) -> str:
     """一行总结：每个划分的块数与 token 数，合计字节数、每 token 字节数与位置。"""
-    from functional_lm.kd.teacher_cache import TeacherCache, human_bytes
+    from functional_lm.kd.cache_build import human_bytes
+    from functional_lm.kd.teacher_cache import TeacherCache
 
     parts, tokens, nbytes = [], 0, 0
     for split in splits:

@@ -1,8 +1,10 @@
-"""教师缓存的取值检查与出错时的消息（teacher_cache 用它们；这里只有纯函数与异常类，不碰磁盘）。
+"""教师缓存的取值检查与出错时的消息（teacher_cache 与 cache_build 用它们；这里只有纯函数与异常类，不碰磁盘）。
 
 * 构建时：教师给出的 log 概率与尾部质量必须是有限数（``non_finite_rows``）——NaN 权重的教师会写出满是
   NaN 的缓存，蒸馏到第几步才以 “non-finite loss” 停下；在写分片之前就拒绝，代价是对已在手边的张量做一次
   ``isfinite``。
+* 导入时：JSON lines 的每一行（``check_row_ids``、``check_row_log_probs``）：id 是真实词表里互不相同的整数，
+  log 概率有限、≤ 0 且 Σ exp ≤ 1 + 1e-3；出错时消息以调用方给的 ``文件:行号`` 开头。
 * 读取时：每批读出的目标做取值范围检查（``target_problem``）：id ∈ [0, V_real)、log 概率有限且 ≤ 0 + ε、
   尾部质量 ∈ [0 − ε, 1 + ε]（ε = ``ROUNDING``，留给舍入）。float16 把 −∞ 存成 −65504，它是有限数，合法。
   校验和（CRC-32）之外的损坏（例如写入之前就坏了的值）由它发现；一批 b·L·K 个数的向量化比较，与训练一步相比可忽略。
@@ -13,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ __all__ = [
     "GENERIC_REBUILD",
     "ROUNDING",
     "NonFiniteTeacher",
+    "check_row_ids",
+    "check_row_log_probs",
     "damage_advice",
     "listed",
     "missing_index_advice",
@@ -68,6 +73,25 @@ def target_problem(
             row = _first_bad_row(bad)
             return kind, row, what
     return None
+
+
+def check_row_ids(where: str, ids: list[Any], real_vocab: int) -> None:
+    """一行的 id：整数、落在 [0, real_vocab)、互不相同。"""
+    bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < real_vocab]
+    if bad:
+        raise ValueError(f"{where}: ids must be integers in [0, {real_vocab}) (the real vocabulary), got {bad[:4]}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{where}: ids must be distinct (each token once), got duplicates")
+
+
+def check_row_log_probs(where: str, log_probs: list[Any]) -> None:
+    """一行的 log 概率：有限、≤ 0，且 Σ exp ≤ 1 + 1e-3。"""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in log_probs)
+    if not numbers or not all(math.isfinite(v) and v <= 0 for v in log_probs):
+        raise ValueError(f"{where}: logprobs must be finite numbers <= 0 (log-probabilities), got {log_probs[:4]}…")
+    total = math.fsum(math.exp(v) for v in log_probs)
+    if total > 1 + 1e-3:
+        raise ValueError(f"{where}: the probabilities sum to {total:.6f} > 1 (exp of logprobs must sum to at most 1)")
 
 
 def listed(numbers: list[int], limit: int = 8) -> str:

@@ -19,19 +19,31 @@ c₁ = CRC-32(token 的 uint32 小端字节)，c₂ = CRC-32(文档边界的 int
 差异的说明（``describe``）：每一项一句话，说清是哪一样不同，可读的设置再写出两边的值，例如
 “the split seed (--split-seed) differs: cache 0, this run 5”；数据、分词器、教师权重这类哈希只说“不同”，
 数据还写出两边的 token 数。
+
+指纹的字段（``make_fingerprint``）：调用方负责 tokenizer、data、split、teacher_weights 四项，其余由构建补上；
+教师权重的身份（``teacher_weights_fingerprint``）只读每个 safetensors 文件的头部与首尾各 1 MiB。
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["ABSENT", "comparable", "data_fingerprint", "describe", "differences", "jsonable", "short"]
+if TYPE_CHECKING:
+    from functional_lm.data.store import TokenStore
+
+__all__ = [
+    "ABSENT", "comparable", "data_fingerprint", "describe", "differences", "jsonable", "make_fingerprint", "short",
+    "teacher_weights_fingerprint",
+]
 
 ABSENT = object()  # 一侧没有这个字段
 
@@ -147,6 +159,60 @@ def comparable(recorded_fp: Mapping[str, Any], store: Any) -> dict[str, Any]:
     else:
         fp["data"] = {k: v for k, v in data.items() if k != "key"}
     return fp
+
+
+# ------------------------------------------------------------------------------------------------ 指纹的字段
+def make_fingerprint(
+    tokenizer: Any, store: TokenStore, *, teacher_weights: str | None, split: str = "train",
+    val_fraction: float = 0.0, seed: int = 0, split_seed: int | None = None,
+) -> dict[str, Any]:
+    """调用方负责的四个指纹字段（tokenizer、data、split、teacher_weights）；其余字段由构建函数补上。
+
+    tokenizer：分词器指纹字符串，或带 ``.fingerprint`` 的分词器；split："train" 或 "val"，连同划分的
+    val_fraction 与划分种子 split_seed（``pack`` 的 seed；记为 ``split.seed``，旧的参数名 seed 仍可用，
+    split_seed 给了时以它为准）；teacher_weights：``teacher_weights_fingerprint(目录)``，
+    内存中的教师可以传任意能标识它的字符串；None 时不写这一项（导入时由 import_topk_jsonl 记下文件的 sha256）。"""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    fingerprint = {
+        "tokenizer": str(getattr(tokenizer, "fingerprint", tokenizer)),
+        "data": data_fingerprint(store),
+        "split": {"split": split, "val_fraction": float(val_fraction),
+                  "seed": int(seed if split_seed is None else split_seed)},
+    }
+    if teacher_weights is not None:
+        fingerprint["teacher_weights"] = str(teacher_weights)
+    return fingerprint
+
+
+def teacher_weights_fingerprint(checkpoint_dir: str | Path) -> str:
+    """教师权重的身份：sha256(每个 *.safetensors 的 文件名、大小、头部 JSON、数据区首尾各至多 1 MiB)，按文件名排序。
+
+    头部记着每个张量的名字、dtype、形状与字节偏移，加上文件大小即可区分不同结构的检查点；同一结构的
+    不同权重（例如微调前后）头部完全相同，所以再取数据区首尾的一小段。全程只读每个文件约 2 MiB，
+    不必把几 GB 的权重读一遍。"""
+    directory = Path(checkpoint_dir)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in the teacher checkpoint {directory}")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(_safetensors_identity(file))
+    return "safetensors-sha256:" + digest.hexdigest()
+
+
+def _safetensors_identity(file: Path, sample: int = 1 << 20) -> bytes:
+    """一个 safetensors 文件的身份字节：名字、大小、头部 JSON、数据区开头与结尾各至多 sample 字节。"""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8 or (length := struct.unpack("<Q", prefix)[0]) > size - 8:
+            raise ValueError(f"{file}: not a safetensors file (the 8-byte header length is missing or too large)")
+        header = handle.read(length)
+        head = handle.read(sample)
+        handle.seek(max(8 + length, size - sample))
+        tail = handle.read(sample)
+    return f"{file.name}\0{size}\0".encode() + header + b"\0" + head + b"\0" + tail + b"\0"
 
 
 # ------------------------------------------------------------------------------------------------ 文字说明
