@@ -182,7 +182,6 @@ def _step_fn(args):
     from functional_lm.kd.step import build_optimizer
     from functional_lm.kd.objective import (
         Model,
-        cached_targets,
         distill_loss,
         live_topk_targets,
         teacher_hidden_states,
@@ -198,7 +197,7 @@ def _step_fn(args):
         cache = TeacherCache.open(args.cache_dir)
 
         def targets(batch):
-            return cached_targets(cache, batch, device)
+            return cache.batch_targets(batch, device)
     else:
         teacher = Model(init_params(teacher_cfg, seed=TEACHER_SEED), teacher_cfg)
 

@@ -27,7 +27,6 @@ from functional_lm.kd.teacher_cache import stored_log_probs, teacher_targets
 
 if TYPE_CHECKING:
     from functional_lm.data.loader import Batch
-    from functional_lm.kd.teacher_cache import TeacherCache
 
 __all__ = [
     "Model",
@@ -36,7 +35,6 @@ __all__ = [
     "document_segments",
     "teacher_hidden_states",
     "live_topk_targets",
-    "cached_targets",
     "distill_loss",
     "chunked_cross_entropy",
     "teacher_scope",
@@ -87,13 +85,6 @@ def live_topk_targets(
     ids, log_p, tail = teacher_targets(teacher_hidden, weight32, tcfg.top_k, tcfg.temperature, real_vocab_size)
     shape = tuple(teacher_hidden.shape[:-1])
     return ids.reshape(*shape, -1), stored_log_probs(log_p).reshape(*shape, -1), tail.reshape(shape)
-
-
-def cached_targets(cache: TeacherCache, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """从教师缓存按批的块号取目标，搬到设备上。"""
-    if getattr(batch, "block_ids", None) is None:
-        raise ValueError("training from a teacher cache needs batches that carry block_ids (BatchLoader gives them)")
-    return tuple(x.to(device, non_blocking=True) for x in cache.targets(batch.block_ids.cpu()))  # type: ignore[return-value]
 
 
 def distill_loss(

@@ -22,7 +22,6 @@ from functional_lm.distributed import SINGLE, Dist, ParamShell, all_reduce_sum, 
 from functional_lm.errors import NonFiniteLossError
 from functional_lm.kd.objective import (
     Model,
-    cached_targets,
     count_valid_tokens,
     distill_loss,
     document_segments,
@@ -134,7 +133,7 @@ def _teacher_side(
     """这一微批的教师一侧：(教师隐藏状态, 稀疏目标)。教师缓存 → 只有目标；top_k > 0 → 在线取 top-k；
     否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。tcfg 是这一批来源的损失设置。"""
     if stepper.teacher_cache is not None:
-        return None, cached_targets(stepper.teacher_cache, batch, stepper.info.device)
+        return None, stepper.teacher_cache.batch_targets(batch, stepper.info.device)
     if stepper.teacher is None or tcfg.alpha == 0.0:
         return None, None
     with no_checks_if_sharded(stepper.teacher):
