@@ -31,7 +31,7 @@ step() {  # step 名字 超时秒数 命令…：一步失败不影响后面的�
     timeout "$limit" "$@" || { echo "!! $name failed (exit $?)"; status=1; }
     echo "-- $name took $((SECONDS - start)) s"
 }
-step "CUDA tests" 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "CUDA tests" 240 $PY -m pytest -q -p no:cacheprovider tests/test_devices_cuda.py
 step "bench_train: student-123m <- Qwen2.5-1.5B-shaped teacher, bf16, 8x512" 200 \
     $PY benchmarks/bench_train.py --device cuda --bf16 --teacher-shape 1.5b --batch 8 --seq 512 --steps 6 --out "$RESULTS/bench_train-cuda-$DAY.json"
 step "bench_generate: student-123m, batch 1 and 8, CUDA graphs" 150 \

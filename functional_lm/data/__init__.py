@@ -11,7 +11,7 @@ store（TokenStore 布局与损坏检查）、cache（并行分词进 memmap 缓
 packing（定长块与划分）、loader（确定性可恢复加载器）、corpus（内置默认语料）、pipeline（一站式 prepare_data）。
 """
 
-from functional_lm.data.cache import build_token_cache, tokenize_documents
+from functional_lm.data.token_cache import build_token_cache, tokenize_documents
 from functional_lm.data.chat import ChatEncoding, render_chat
 from functional_lm.data.corpus import default_corpus, default_corpus_source
 from functional_lm.errors import CacheDamagedError, CacheWriteError

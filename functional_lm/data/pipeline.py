@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from functional_lm.config import cache_root
-from functional_lm.data.cache import build_token_cache
+from functional_lm.data.token_cache import build_token_cache
 from functional_lm.data.corpus import default_corpus_source
 from functional_lm.data.loader import BatchLoader
 from functional_lm.data.packing import PackedDataset, pack

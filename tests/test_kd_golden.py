@@ -4,7 +4,7 @@
 ``tests/fixtures/golden_off_policy.json`` 里：任何改变离线训练轨迹的改动（损失、T²、分块、掩码、学习率表、
 AdamW、梯度裁剪、数据顺序……）都会让本测试失败，必须有意识地重新生成金标准并在提交说明里承认：
 
-    python tests/test_golden.py --regenerate
+    python tests/test_kd_golden.py --regenerate
 
 比较的方式：金标准记下了生成它的 torch 版本与 CPU 指令集（``torch.backends.cpu.get_cpu_capability()``）；
 两者都相同时要求逐位相同（每个损失的 float.hex、参数字节的 sha256）。换了 torch 版本或 CPU 指令集，矩阵乘的
@@ -98,7 +98,7 @@ def make_fixture(run_dir: Path) -> dict:
     got = golden_run(run_dir)
     sha, sums = _param_summary(got["params"])
     return {
-        "about": "golden off-policy trajectory; regenerate on purpose with: python tests/test_golden.py --regenerate",
+        "about": "golden off-policy trajectory; regenerate on purpose with: python tests/test_kd_golden.py --regenerate",
         **_machine(), "steps": _hexed(got["steps"]), "evals": _hexed(got["evals"]),
         "params_sha256": sha, "param_sums": sums,
     }
@@ -114,7 +114,7 @@ def test_the_off_policy_trajectory_equals_the_golden_values(tmp_path):
     same_machine = all(golden[k] == now[k] for k in ("torch", "cpu_capability", "threads"))
     origin = (f"golden values made with torch {golden['torch']} on {golden['cpu_capability']}; this run: torch "
               f"{now['torch']} on {now['cpu_capability']}. If the trajectory changed on purpose, regenerate with "
-              f"`python tests/test_golden.py --regenerate` and say so in the commit")
+              f"`python tests/test_kd_golden.py --regenerate` and say so in the commit")
     assert len(now["steps"]) == len(golden["steps"]) == TCFG.max_steps, origin
     assert len(now["evals"]) == len(golden["evals"]) == 2, origin
     if same_machine:  # 同一个 torch、同一种 CPU 内核：逐位相同
@@ -144,7 +144,7 @@ def test_the_golden_run_is_not_trivial():
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
-        sys.exit("usage: python tests/test_golden.py --regenerate   (rewrites tests/fixtures/golden_off_policy.json)")
+        sys.exit("usage: python tests/test_kd_golden.py --regenerate   (rewrites tests/fixtures/golden_off_policy.json)")
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("qwen_tokenizer")  # 需要离线 Qwen2.5 �
 
 from _data_fixtures import write_jsonl  # noqa: E402
 
-import functional_lm.data.cache as cache_mod  # noqa: E402
+import functional_lm.data.token_cache as cache_mod  # noqa: E402
 from functional_lm.data import DocumentSource, TokenStore, build_token_cache, load_tokenizer, prepare_data
 from functional_lm.errors import CacheDamagedError, CacheWriteError
 from functional_lm.data.store import CACHE_FORMAT_VERSION  # noqa: E402
