@@ -175,9 +175,9 @@ def _split_seed(args: argparse.Namespace) -> int:
     return args.legacy_seed
 
 
-def _check_top_k(top_k: int, real_vocab: int) -> None:
-    if top_k > real_vocab:
-        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab} real tokens")
+def _check_top_k(top_k: int, real_vocab_size: int) -> None:
+    if top_k > real_vocab_size:
+        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab_size} real tokens")
 
 
 def _check_writable(out: Path) -> None:

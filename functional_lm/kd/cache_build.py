@@ -366,10 +366,10 @@ def _lock(directory: Path) -> RunLock:
         ) from None
 
 
-def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_vocab: int, batch_size: int) -> None:
+def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_vocab_size: int, batch_size: int) -> None:
     """构建参数的基本校验（K、T、值类型、batch_size），错误写明参数名与期望。"""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= real_vocab:
-        raise ValueError(f"top_k must be an int in [1, {real_vocab}] (the real vocabulary), got {top_k!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= real_vocab_size:
+        raise ValueError(f"top_k must be an int in [1, {real_vocab_size}] (the real vocabulary), got {top_k!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if value_dtype not in VALUE_DTYPES:
@@ -380,7 +380,7 @@ def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_voc
 
 def _teacher_producer(
     params: dict[str, torch.Tensor], cfg: ModelConfig, dataset: Any, *, top_k: int, temperature: float,
-    real_vocab: int, document_mask: bool, batch_size: int, device: torch.device, teacher: str, where: Path,
+    real_vocab_size: int, document_mask: bool, batch_size: int, device: torch.device, teacher: str, where: Path,
 ) -> Producer:
     """教师前向的生产者：分片内按固定的 batch_size 从头切批（批划分只取决于分片），
     logits = h·Wᵀ 在 float32 中按行块计算（teacher_targets，每块至多 teacher_cache.LOGIT_BYTES），再取 teacher_topk。
@@ -397,7 +397,7 @@ def _teacher_producer(
             seg_t = torch.from_numpy(segments).to(device) if document_mask else None
             with torch.no_grad():
                 hidden = forward_hidden(params, ids_t, cfg, segment_ids=seg_t, check=False)
-            ids, log_probs, tail = teacher_targets(hidden, weight32, top_k, temperature, real_vocab)
+            ids, log_probs, tail = teacher_targets(hidden, weight32, top_k, temperature, real_vocab_size)
             shape = (len(blocks), dataset.seq_len)
             if bad := non_finite_rows(log_probs.reshape(*shape, top_k), tail.reshape(shape)):
                 raise NonFiniteTeacher(teacher, [blocks[i] for i in bad], where)
@@ -436,20 +436,20 @@ def build_teacher_cache(
     已有指纹不同的缓存 → TeacherCacheMismatch（不删除任何东西）；教师输出非有限 → NonFiniteTeacher（已提交的
     分片保留）；写盘失败 → StorageError（点名文件，已提交的分片保留）。
     """
-    real_vocab = teacher_cfg.vocab_size if real_vocab_size is None else real_vocab_size
-    _check_build_args(top_k, temperature, value_dtype, real_vocab, batch_size)
-    if real_vocab > teacher_cfg.vocab_size:
-        raise ValueError(f"real_vocab_size={real_vocab} exceeds the teacher's vocab_size={teacher_cfg.vocab_size}")
+    real_vocab_size = teacher_cfg.vocab_size if real_vocab_size is None else real_vocab_size
+    _check_build_args(top_k, temperature, value_dtype, real_vocab_size, batch_size)
+    if real_vocab_size > teacher_cfg.vocab_size:
+        raise ValueError(f"real_vocab_size={real_vocab_size} exceeds the teacher's vocab_size={teacher_cfg.vocab_size}")
     derived = {
         "seq_len": dataset.seq_len, "document_mask": bool(document_mask), "teacher_config": teacher_cfg.to_dict(),
-        "top_k": top_k, "temperature": float(temperature), "value_dtype": value_dtype, "real_vocab_size": real_vocab,
+        "top_k": top_k, "temperature": float(temperature), "value_dtype": value_dtype, "real_vocab_size": real_vocab_size,
     }
     full = _full_fingerprint(fingerprint, derived)
     device = torch.device(device)
     params = {key: value.to(device) for key, value in teacher_params.items()}
     check_params(params, teacher_cfg)
     producer = _teacher_producer(
-        params, teacher_cfg, dataset, top_k=top_k, temperature=float(temperature), real_vocab=real_vocab,
+        params, teacher_cfg, dataset, top_k=top_k, temperature=float(temperature), real_vocab_size=real_vocab_size,
         document_mask=bool(document_mask), batch_size=batch_size, device=device,
         teacher=f"the teacher {teacher_name}" if teacher_name else "the teacher", where=Path(out_dir).expanduser(),
     )
@@ -468,8 +468,8 @@ class _RowReader:
     以二进制读、逐行解码：不是 UTF-8 的行（例如误给了二进制文件）报 ``文件:行号``；单行至多 _MAX_LINE 字节，
     没有换行的大文件不会被整个读进内存。"""
 
-    def __init__(self, path: Path, top_k: int, real_vocab: int) -> None:
-        self.path, self.top_k, self.real_vocab = path, top_k, real_vocab
+    def __init__(self, path: Path, top_k: int, real_vocab_size: int) -> None:
+        self.path, self.top_k, self.real_vocab_size = path, top_k, real_vocab_size
         self.handle = open(path, "rb")
         self.next_row = 0  # 下一次 readline 得到的行号（从 0 数；文件行号 = 它 + 1）
 
@@ -520,7 +520,7 @@ class _RowReader:
         if len(ids) != self.top_k or len(log_probs) != self.top_k:
             raise ValueError(f"{where}: expected {self.top_k} ids and {self.top_k} logprobs, "
                              f"got {len(ids)} and {len(log_probs)}")
-        check_row_ids(where, ids, self.real_vocab)
+        check_row_ids(where, ids, self.real_vocab_size)
         check_row_log_probs(where, log_probs)
         return ids, log_probs
 

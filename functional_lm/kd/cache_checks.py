@@ -58,12 +58,12 @@ def _first_bad_row(bad: np.ndarray) -> int:
 
 
 def target_problem(
-    ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray, real_vocab: int
+    ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray, real_vocab_size: int
 ) -> tuple[str, int, str] | None:
     """一批读出的目标 (ids (b, L, K)、float32 log 概率 (b, L, K)、尾部质量 (b, L)) 的第一个取值问题：
     (文件种类 "ids" / "logprobs" / "tail", 行号, 说明)；没有问题时为 None。NaN 在比较里总是假，所以用 “不在范围内”。"""
     checks = (
-        ("ids", ~((ids >= 0) & (ids < real_vocab)), f"holds token ids outside [0, {real_vocab}) (the real vocabulary)"),
+        ("ids", ~((ids >= 0) & (ids < real_vocab_size)), f"holds token ids outside [0, {real_vocab_size}) (the real vocabulary)"),
         ("logprobs", ~np.isfinite(log_probs), "holds log-probabilities that are not finite (NaN or inf)"),
         ("logprobs", ~(log_probs <= ROUNDING), "holds log-probabilities above 0 (probabilities above 1)"),
         ("tail", ~((tail >= -ROUNDING) & (tail <= 1 + ROUNDING)), "holds a tail mass outside [0, 1] (or NaN)"),
@@ -75,11 +75,11 @@ def target_problem(
     return None
 
 
-def check_row_ids(where: str, ids: list[Any], real_vocab: int) -> None:
-    """一行的 id：整数、落在 [0, real_vocab)、互不相同。"""
-    bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < real_vocab]
+def check_row_ids(where: str, ids: list[Any], real_vocab_size: int) -> None:
+    """一行的 id：整数、落在 [0, real_vocab_size)、互不相同。"""
+    bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < real_vocab_size]
     if bad:
-        raise ValueError(f"{where}: ids must be integers in [0, {real_vocab}) (the real vocabulary), got {bad[:4]}")
+        raise ValueError(f"{where}: ids must be integers in [0, {real_vocab_size}) (the real vocabulary), got {bad[:4]}")
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where}: ids must be distinct (each token once), got duplicates")
 

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.errors import Interrupted
 from functional_lm.runs.rundir import writing
+
+if TYPE_CHECKING:
+    from functional_lm.data.pipeline import DataBundle
+    from functional_lm.data.tokenizer import Tokenizer
+    from functional_lm.distributed import Dist
+    from functional_lm.kd.teacher_cache import TeacherCache
+    from functional_lm.kd.trainer import TrainResult
 
 __all__ = ["run_distill", "tokenizer_source"]
 
@@ -32,7 +39,7 @@ def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional
             raise ValueError(f"--seq-len {seq_len} exceeds the {name}'s max_seq_len={cfg.max_seq_len}")
 
 
-def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
+def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Optional[TeacherCache], Optional[TeacherCache]]:
     """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。C 是 teacher-cache 的 --output-dir，
     错误消息里的重建建议据此写出命令；误给了划分目录（C/train）时点名它的上一级。"""
     if not run.get("teacher_cache"):
@@ -50,17 +57,17 @@ def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Any, Any]:
     return TeacherCache.open(root / "train", build_dir=root), val
 
 
-def _check_top_k(top_k: int, real_vocab: int, cache: Any) -> None:
+def _check_top_k(top_k: int, real_vocab_size: int, cache: Optional[TeacherCache]) -> None:
     """--top-k 在分词打包之前核对：不超过真实词表；有教师缓存时必须等于缓存的 K（0 = 取缓存的 K）。"""
-    if top_k > real_vocab:
-        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab} real tokens "
-                         f"(1 <= --top-k <= {real_vocab}; 0 = the full teacher distribution)")
+    if top_k > real_vocab_size:
+        raise ValueError(f"--top-k {top_k} exceeds the vocabulary: the tokenizer has {real_vocab_size} real tokens "
+                         f"(1 <= --top-k <= {real_vocab_size}; 0 = the full teacher distribution)")
     if cache is not None and top_k not in (0, cache.top_k):
         raise ValueError(f"--top-k {top_k} differs from the teacher cache's K = {cache.top_k} ({cache.directory}); "
                          f"leave --top-k out to use the cache's K, or build a cache with --top-k {top_k}")
 
 
-def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingConfig) -> None:
+def _check_cache_identity(cache: TeacherCache, tokenizer: Tokenizer, data: DataBundle, tcfg: TrainingConfig) -> None:
     """缓存是为这份数据（按内容，不按路径）、这个分词器、这个划分（val_fraction 与 split_seed）建的：三项指纹逐项
     核对，不符的用文字点名（温度、K 等由训练器核对）。训练的 seed 不在其中：不同 seed 的学生共用一份缓存。"""
     from functional_lm.kd.teacher_cache import check_fingerprint, make_fingerprint
@@ -74,7 +81,7 @@ def _check_cache_identity(cache: Any, tokenizer: Any, data: Any, tcfg: TrainingC
                       who="this run", advice=advice)
 
 
-def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: TrainingConfig,
+def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optional[dict[str, Any]], tcfg: TrainingConfig,
             run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
     """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
     from functional_lm.hf import save_pretrained
@@ -103,7 +110,7 @@ def _finish(result: Any, student_cfg: ModelConfig, teacher_info: Any, tcfg: Trai
 
 def run_distill(
     student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
-    progress: bool, info: Any = None,
+    progress: bool, info: Optional[Dist] = None,
 ) -> Path:
     """加载教师与数据，蒸馏，保存学生（HF 格式，带分词器）并写报告；返回运行目录。
 

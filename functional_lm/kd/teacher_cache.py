@@ -314,7 +314,7 @@ def decode_values(raw: np.ndarray, value_dtype: str) -> np.ndarray:
 
 @torch.no_grad()
 def teacher_targets(
-    hidden: torch.Tensor, weight32: torch.Tensor, top_k: int, temperature: float, real_vocab: int
+    hidden: torch.Tensor, weight32: torch.Tensor, top_k: int, temperature: float, real_vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """教师最终隐藏状态 (…, d) → 展平后每个 token 的 (top-k id, 温度 T 下的 log P, 尾部质量)。
 
@@ -325,7 +325,7 @@ def teacher_targets(
     rows_per_chunk = max(1, LOGIT_BYTES // (4 * weight32.shape[0]))
     parts = [
         teacher_topk(F.linear(flat[r : r + rows_per_chunk], weight32), top_k,
-                     temperature=temperature, real_vocab_size=real_vocab)
+                     temperature=temperature, real_vocab_size=real_vocab_size)
         for r in range(0, flat.shape[0], rows_per_chunk)
     ]
     ids, log_probs, tail = (torch.cat(p) for p in zip(*parts))

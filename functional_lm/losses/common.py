@@ -145,12 +145,12 @@ def student_log_probs(student_real: Tensor, temperature: float) -> Tensor:
 
 @torch.no_grad()
 def teacher_log_probs(
-    teacher_logits: Tensor, real_vocab: int, temperature: float, dtype: torch.dtype, *, inplace: bool = False
+    teacher_logits: Tensor, real_vocab_size: int, temperature: float, dtype: torch.dtype, *, inplace: bool = False
 ) -> Tensor:
     """log P = log_softmax(z_t / T)，原地计算以省内存（默认先复制；inplace=True 时直接改写调用方
     自己刚算出的教师 logits）；−∞ 夹到 dtype 最小值：P = exp(最小值) 仍恰为 0，但 log P 有限，
     于是与学生的 −∞ 相减、与之 logaddexp 时前向和反向都不会出现 ∞ − ∞。"""
-    view = teacher_logits[..., :real_vocab]
+    view = teacher_logits[..., :real_vocab_size]
     logp = view if inplace and view.dtype == dtype else view.to(dtype, copy=True)
     if temperature != 1.0:
         logp.div_(temperature)
