@@ -26,7 +26,7 @@
 自己测量计时步的差值，放进它打印的 JSON（``Usage.as_dict``），父进程用 ``Usage.from_dict`` 读回。
 
 结果文件（``--out FILE``，每个脚本都有；``parse_with_smoke`` 加上这个参数）：脚本结束时 ``write_result`` 把
-一次运行写成一个 JSON 对象——README 的表格引用的就是 ``benchmarks/results/`` 里这样的文件，而不是手抄的数字：
+一次运行写成一个 JSON 对象——docs/benchmarks.md 的表格引用的就是 ``benchmarks/results/`` 里这样的文件，而不是手抄的数字：
 
     benchmark  脚本名（如 bench_generate）
     command    重现这次运行的命令行（``python benchmarks/<脚本>.py <参数>``）

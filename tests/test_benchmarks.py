@@ -525,7 +525,7 @@ FULL_DEFAULTS = {
                         top_ks="16,64,256", top_k=64, temperature=2.0,
                         build_blocks=16, chunk_size=256),  # build_blocks 缺省为 batch × 4
     "bench_on_policy": dict(batch=8, prompt=64, new_tokens=64, student="student-123m", teacher="qwen2.5-0.5b",
-                            steps=3, real_vocab=151665, device="cpu"),  # README：3 步中位数
+                            steps=3, real_vocab=151665, device="cpu"),  # docs/benchmarks.md：3 步中位数
 }
 
 
