@@ -73,9 +73,18 @@ VARIANTS = ("ours", "ours_compile", "ours_teacher_bf16", "baseline", "baseline_t
 REFERENCE = {"ours": "baseline", "ours_compile": "baseline", "ours_teacher_bf16": "baseline_teacher_bf16"}
 
 
-def references(bf16: bool) -> dict:
-    """各变体的参照。--bf16（GPU 检查）时两边的教师本来就都是 bf16：baseline 已是 bf16 教师，不另跑一遍。"""
-    return {name: "baseline" for name in REFERENCE} if bf16 else dict(REFERENCE)
+def references(bf16: bool, rows: str = ",".join(REFERENCE)) -> dict:
+    """所选变体（--rows）的参照。--bf16（GPU 检查）时两边的教师本来就都是 bf16：baseline 已是 bf16 教师，不另跑一遍。"""
+    chosen = [name.strip() for name in rows.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in REFERENCE]
+    if unknown or not chosen:
+        raise SystemExit(f"--rows {rows!r}: expected a comma-separated subset of {', '.join(REFERENCE)}")
+    return {name: "baseline" if bf16 else REFERENCE[name] for name in chosen}
+
+
+def completed(results: dict, refs: dict) -> dict:
+    """两边都跑完了的（变体, 参照）对：一边失败（例如参照被内存不足杀掉）时其余的对照样成行，失败记在 results 里。"""
+    return {name: ref for name, ref in refs.items() if "step_s" in results[name] and "step_s" in results[ref]}
 # --smoke 的缺省值（显式参数仍然优先）：分块 8 个 token，让 32 个 token 真的分成 4 块。
 SMOKE = dict(batch=2, seq=16, steps=2, teacher_layers=1, student="smoke", real_vocab=250, chunk_size=8)
 
@@ -99,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu 或 cuda（GPU 检查用）")
     p.add_argument("--bf16", action="store_true", help="学生 bf16 autocast，两边教师都用 bf16 权重（GPU 检查用）")
     p.add_argument("--peak-tflops", type=float, default=None, help="设备 bf16 峰值 TFLOPS（缺省按卡名查表）")
+    p.add_argument("--rows", default=",".join(REFERENCE), help="要跑的本项目变体（各带它的参照），逗号分隔 / our "
+                   "variants to run, each with its reference: " + ", ".join(REFERENCE))
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return parse_with_smoke(p, argv, SMOKE)
 
@@ -304,7 +315,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    refs = references(args.bf16)
+    refs = references(args.bf16, args.rows)
     results = run_workers(__file__, argv, tuple(v for v in VARIANTS if v in refs or v in refs.values()))
     tokens = args.batch * args.seq
     teacher = "smoke-shaped" if args.smoke else f"Qwen2.5-{args.teacher_shape.upper()}-shaped"
@@ -319,11 +330,11 @@ def main(argv=None):
     if peak and all("step_s" in r for r in results.values()):  # 模型算力利用率：模型 FLOPs / 步时 / 峰值
         flops = step_flops(args)
         summary["mfu"] = {name: round(flops / r["step_s"] / (peak * 1e12), 4) for name, r in results.items()}
-    rows = []
-    if all("step_s" in r for r in results.values()):
-        summary.update(_comparisons(results, tokens, refs))
-        summary["first_loss_rel_diff"] = first_loss_rel_diff(results, refs)
-        rows = ratio_rows(results, tokens, refs)
+    done = completed(results, refs)
+    rows = ratio_rows(results, tokens, done)
+    if done:
+        summary.update(_comparisons(results, tokens, done))
+        summary["first_loss_rel_diff"] = first_loss_rel_diff(results, done)
         summary["targets"] = {"speed_ratio_min": 1.5, "memory_ratio_max": 0.5}
     memory = "device peak" if args.device.startswith("cuda") else "peak RSS"
     print_table(f"distillation train step on {device}, {args.student} <- {teacher} teacher, {args.batch}x{args.seq}, "

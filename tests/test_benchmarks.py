@@ -386,6 +386,18 @@ def test_train_bf16_mode_needs_no_second_baseline(bench_modules):
     assert module.references(False)["ours"] == module.references(False)["ours_compile"] == "baseline"
 
 
+
+def test_train_rows_chooses_variants_and_a_failed_reference_drops_only_its_pairs(bench_modules):
+    # --rows 只跑所选变体及其参照；参照被杀掉（OOM 时 exit -9）时，其余的对照样写出比值行
+    module = bench_modules("bench_train")
+    assert module.references(False, "ours_teacher_bf16") == {"ours_teacher_bf16": "baseline_teacher_bf16"}
+    with pytest.raises(SystemExit, match="--rows 'ours,nope'"):
+        module.references(False, "ours,nope")
+    ok = {"step_s": 1.0, "peak_rss_mib": 1.0}
+    results = {"ours": ok, "ours_compile": ok, "ours_teacher_bf16": ok, "baseline": ok,
+               "baseline_teacher_bf16": {"error": "exit -9"}}
+    assert module.completed(results, module.references(False)) == {"ours": "baseline", "ours_compile": "baseline"}
+
 def test_generate_every_variant_generates_every_token(smoke_run):
     run = smoke_run("bench_generate")
     record, rows = run["result"], _by_name(run["result"])

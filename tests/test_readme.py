@@ -1,5 +1,6 @@
 """README 与 docs/ 必须与代码对得上：示例原样运行、命令与 CI 相同、链接的页面存在、每页都有中英两部分。"""
 
+import json
 import re
 from pathlib import Path
 
@@ -80,3 +81,46 @@ def test_benchmark_table_lives_in_docs_and_covers_every_script():
     for part, name in zip(halves(BENCHMARKS_PAGE.read_text(encoding="utf-8")), ("Chinese", "English")):
         named = [re.match(r"\| `(bench_\w+\.py)`", row).group(1) for row in benchmark_rows(part)]
         assert sorted(named) == scripts, f"the {name} benchmark table's rows {named} vs the scripts {scripts}"
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _row_ratios(names: list[str], line: str) -> list[float]:
+    """被引用的结果文件里全部比值行的比值（文件必须存在、属于这一行的脚本）。"""
+    ratios = []
+    for name in names:
+        result = json.loads((RESULTS / name).read_text(encoding="utf-8"))
+        assert result["benchmark"] and result["rows"], name
+        assert name.split("-")[0] in line, f"{name} is cited by the row of another script: {line[:60]}"
+        ratios += [r["ratio"] for r in result["rows"] if r["ratio"] is not None]
+    return ratios
+
+
+def quoted_ratios_missing(line: str) -> list[str]:
+    """这一行写出的比值（N.NN×）里，哪些不是它引用的结果文件中某一行的比值（按写出的位数取整后比较）。"""
+    names = re.findall(r"benchmarks/results/([\w.-]+\.json)", line)
+    assert names, f"this row quotes no result file: {line[:80]}"
+    ratios = _row_ratios(names, line)
+    missing = []
+    for quoted in re.findall(r"(\d+\.\d+)×", line):
+        half_unit = 0.5 * 10 ** -len(quoted.split(".")[1])
+        if not any(abs(float(quoted) - r) <= half_unit + 1e-12 for r in ratios):
+            missing.append(quoted)
+    return missing
+
+
+def test_every_benchmark_figure_comes_from_a_committed_result_file():
+    rows = benchmark_rows(BENCHMARKS_PAGE.read_text(encoding="utf-8"))
+    for line in rows:
+        if "bench_trl.py" in line:
+            assert "not part of the test run" in line or "不属于测试运行" in line, f"bench_trl must be marked optional: {line}"
+        assert not quoted_ratios_missing(line), (quoted_ratios_missing(line), line[:80])
+
+
+def test_the_ratio_check_catches_a_figure_typed_by_hand():
+    """检查本身能失败：把引用的真实比值改掉一位，它必须被发现。"""
+    rows = [r for r in benchmark_rows(BENCHMARKS_PAGE.read_text(encoding="utf-8")) if "×" in r]
+    line = rows[0]
+    first = re.search(r"\d+\.\d+×", line).group(0)
+    assert quoted_ratios_missing(line.replace(first, "97.31×", 1)) == ["97.31"]
