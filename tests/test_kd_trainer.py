@@ -328,7 +328,7 @@ def test_without_the_bar_every_record_is_one_line(tokenizer, cache_dir, teacher_
 
 
 def test_a_signal_on_a_save_step_saves_once(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
-    import functional_lm.kd.trainer as train_module
+    import functional_lm.kd.saver as train_module
 
     saved = []
     real_save = train_module.save_checkpoint
@@ -511,7 +511,7 @@ def test_training_leaves_the_callers_parameters_untouched(tokenizer, cache_dir, 
 
 
 def test_training_leaves_the_shape_check_switch_alone(tokenizer, cache_dir, teacher_dir, tmp_path, monkeypatch):
-    import functional_lm.kd.trainer as train_module
+    import functional_lm.kd.step as train_module
     from functional_lm.shapes import typecheck, typecheck_enabled
 
     seen = []
