@@ -80,7 +80,7 @@ def _drops_a_column(x: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
 def test_return_value_error_is_short():
     error = _raised(_drops_a_column, torch.zeros(2, 3))
     assert str(error).splitlines() == [
-        "test_typing._drops_a_column: return value does not match its annotation",
+        "test_shapes._drops_a_column: return value does not match its annotation",
         "  actual:   f32[2,2]",
         "  expected: Float[Tensor, 'b d']",
         "  dimensions bound so far: b=2, d=3",
