@@ -145,3 +145,27 @@ def test_the_checks_see_a_planted_upward_and_private_import():
     imports = imports_in(planted, "functional_lm.layers")
     assert _upward("functional_lm.layers", imports) == ["functional_lm.kd.trainer"]
     assert [n for _, names in imports for n in names if n.startswith("_")] == ["_loop"]
+
+
+# 包外的代码调用的公开路径（GUIDE.md）：文件怎样挪动，它们都照常导入。
+PUBLIC = {
+    "functional_lm": ["ModelConfig", "TrainingConfig", "init_params", "forward", "count_parameters", "get_preset"],
+    "functional_lm.config": ["ModelConfig", "TrainingConfig", "PRESETS", "get_preset"],
+    "functional_lm.model": ["init_params", "forward", "forward_hidden", "count_parameters"],
+    "functional_lm.hf": ["load_pretrained", "save_pretrained", "config_from_hf"],
+    "functional_lm.generate": ["generate", "generate_stream", "KVCache", "init_cache", "prefill", "decode_step"],
+    "functional_lm.losses": ["distillation_loss", "chunked_distillation_loss", "token_divergence",
+                             "sparse_distillation_loss", "chunked_sparse_distillation_loss", "teacher_topk"],
+    "functional_lm.data": ["load_tokenizer", "prepare_data"],
+    "functional_lm.layers": ["rms_norm", "apply_rope", "gqa_attention", "swiglu", "transformer_block"],
+    "functional_lm.cli": ["main", "entry"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_public_paths_keep_importing(module):
+    import importlib
+
+    found = importlib.import_module(module)
+    missing = [name for name in PUBLIC[module] if not hasattr(found, name)]
+    assert not missing, f"{module} no longer offers {missing}"
