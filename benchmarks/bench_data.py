@@ -134,7 +134,7 @@ def bench_student(seq_len: int, batch_size: int, run_step: bool,
         return h100, rows, None
     try:
         from functional_lm.models.qwen2 import forward, init_params
-    except ImportError as err:  # model.py 尚未就绪时只给估算
+    except ImportError as err:  # 模型模块不可用时只给估算
         print(f"student   CPU step skipped ({err})")
         return h100, rows, None
     params = init_params(cfg, seed=0)

@@ -20,7 +20,7 @@
 
 约定的对应（CONVENTIONS 逐条写进 JSON）：
     * TRL 的 β：广义 JSD_β = β·KL(P‖M) + (1−β)·KL(Q‖M)，M = β·P + (1−β)·Q（P 教师、Q 学生），β = 0 取前向 KL、
-      β = 1 取反向 KL——与本项目 losses.py 的 ``jsd`` 同一个定义、同样的端点约定。
+      β = 1 取反向 KL——与本项目 losses/divergences.py 的 ``jsd`` 同一个定义、同样的端点约定。
     * TRL 的损失：温度 1 下的 JSD_β（GKDConfig.temperature 只是采样温度），没有 T² 因子、没有交叉熵项；我们的损失是
       α·T²·D + (1−α)·CE，所以我们取 --alpha 1 --temperature 1，两者就是同一个量。
     * TRL 的归约：名为 batchmean，实际是 Σ_{计损失的 token} D / N，N 为 Trainer 数出的 ``labels[..., 1:] ≠ −100`` 的个数

@@ -2,7 +2,7 @@
 
 ``auto`` = 有 CUDA 时用 CUDA，否则 CPU。未知名字或本机没有的设备都是一行说清楚的 ValueError，
 而不是之后在某个张量拷贝里冒出来的 RuntimeError（例如 safetensors 的 “pin_memory” 报错）。
-模型函数（layers.py、model.py）从不提到设备；设备只从命令行 / 训练器流到加载与生成。
+模型函数（layers.py、models/）从不提到设备；设备只从命令行 / 训练器流到加载与生成。
 """
 
 from __future__ import annotations

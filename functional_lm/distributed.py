@@ -12,7 +12,7 @@
   ``GatheredParams`` 在纯函数读到某层的第一个参数时 all-gather 这一层、同时释放上一层，
   所以任何时刻只有一层教师是完整的；没有优化器状态。所有进程以同样的顺序读参数，集合通信一一对上。
 
-模型函数（layers.py、model.py）从不导入本模块；只有训练器与命令行用它。
+模型函数（layers.py、models/）从不导入本模块；只有训练器与命令行用它。
 """
 
 from __future__ import annotations

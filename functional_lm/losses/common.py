@@ -3,7 +3,7 @@
 
 这里的公开名字供 losses 包内的 divergences / sparse / chunked 共用；包外请从 ``functional_lm.losses`` 导入。
 
-形状图例（见 typing.py）：``b`` 批、``t`` 位置、``d`` 隐藏维度、``v`` 词表列；``*batch`` 表示任意前导维度
+形状图例（见 functional_lm/shapes.py）：``b`` 批、``t`` 位置、``d`` 隐藏维度、``v`` 词表列；``*batch`` 表示任意前导维度
 （通常是 ``b t``，也可以是展平后的 ``n``）。学生列数记作 ``vs``，教师列数记作 ``vt``。
 
 约定（全部模块共用）
