@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from functional_lm.data.pipeline import DataBundle
     from functional_lm.data.tokenizer import Tokenizer
     from functional_lm.distributed import Dist
+    from functional_lm.kd.objective import Model
     from functional_lm.kd.teacher_cache import TeacherCache
     from functional_lm.kd.trainer import TrainResult
 
@@ -108,6 +109,20 @@ def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optiona
     return final
 
 
+def _load_teacher(teacher_dir: Optional[Path], tcfg: TrainingConfig, info: Dist) -> Optional[Model]:
+    """教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。"""
+    if teacher_dir is None:
+        return None
+    import torch
+
+    from functional_lm.hf import load_pretrained
+    from functional_lm.kd.objective import Model
+    from functional_lm.kd.step import teacher_dtype
+
+    teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=teacher_dtype(tcfg, info.device) or torch.float32)
+    return Model(teacher_params, teacher_cfg)
+
+
 def run_distill(
     student_cfg: ModelConfig, tcfg: TrainingConfig, run: Mapping[str, Any], out: Path, *, resume: bool,
     progress: bool, info: Optional[Dist] = None,
@@ -116,16 +131,13 @@ def run_distill(
 
     多进程时每个进程都运行它：秩 0 先写分词器、建分词缓存，其余进程复用；只有秩 0 保存学生与报告。
     """
-    import torch
-
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
-    from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
+    from functional_lm.hf import load_config, resolve_checkpoint
+    from functional_lm.kd.objective import Model
+    from functional_lm.kd.trainer import train
     from functional_lm.models.qwen2 import init_params
     from functional_lm.runs.rundir import materialize_tokenizer
-    from functional_lm.kd.trainer import train
-    from functional_lm.kd.step import teacher_dtype
-    from functional_lm.kd.objective import Model
 
     info = info or SINGLE
     teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
@@ -153,12 +165,8 @@ def run_distill(
     if train_cache is not None:
         _check_cache_identity(train_cache, tokenizer, data, tcfg)
         tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
-    teacher = None
-    if teacher_dir is not None:
-        # 教师在 float32 中运行，除非 teacher_bf16（auto：CUDA 上）要 bfloat16——bf16 检查点同样按此转换。
-        dtype = teacher_dtype(tcfg, info.device) or torch.float32
-        teacher_cfg, teacher_params = load_pretrained(teacher_dir, dtype=dtype)
-        teacher = Model(teacher_params, teacher_cfg)
+    teacher = _load_teacher(teacher_dir, tcfg, info)
+    teacher_cfg = teacher.cfg if teacher is not None else None
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
     result = train(
         student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,

@@ -129,16 +129,23 @@ def train(
     run.metrics = _open_metrics(run_dir, info, run.result, resume)
     saver, evaluator = Saver(run), Evaluator(run, teacher, data, val_teacher_cache)
     run.bar = _progress(total, run.result.step, progress, info)
+    _run_to_the_end(run, saver, evaluator, on_step_end)
+    return run.result
+
+
+def _run_to_the_end(
+    run: Run, saver: Saver, evaluator: Evaluator, on_step_end: Optional[Callable[[int, dict[str, float]], None]]
+) -> None:
+    """循环到最后一步（或收到信号）；没被打断时最后验证一次并保存。无论怎样结束，结果里都放上学生参数。"""
     try:
-        with stop_on_signals() as stop, peer_loss_explained(info, lambda: run.result.last_checkpoint):
+        with stop_on_signals() as stop, peer_loss_explained(run.stepper.info, lambda: run.result.last_checkpoint):
             _loop(run, saver, evaluator, stop, on_step_end)
             if not run.result.interrupted:
                 run.result.final_eval = evaluator(run.result.step)
                 saver.save(run.result.step, stop)
     finally:
         run.bar.close()
-        run.result.params = {k: v.detach() for k, v in stepper.params.items()}
-    return run.result
+        run.result.params = {k: v.detach() for k, v in run.stepper.params.items()}
 
 
 def _loop(
