@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _interrupts_deferred():
             _preload()
         return int(args.func(args) or 0)
-    except KeyboardInterrupt as err:  # 也包括 rundir.Interrupted：训练已保存并停下，消息说明在哪里继续
+    except KeyboardInterrupt as err:  # 也包括 errors.Interrupted：训练已保存并停下，消息说明在哪里继续
         if debug:
             raise
         if rank == 0:

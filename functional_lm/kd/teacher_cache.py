@@ -34,7 +34,7 @@ index.json 的字段::
 读取：``TeacherCache.open`` 做便宜的结构检查（index.json 可解析、完整、每个文件都在且字节数与记录和布局相符；
 截断的分片点名报错，而不是读成 0）。原地的损坏（大小不变）缺省也会被发现：每个分片**第一次被读到时**把它的
 三个文件读一遍核对 CRC-32（每个分片每个进程一次，不是每批一次；代价与实际读到的数据量成正比），每批读出的值
-再做取值范围检查（id ∈ [0, V_real)、log 概率有限且 ≤ 0、尾部质量 ∈ [0, 1]，见 teacher_cache_checks）。
+再做取值范围检查（id ∈ [0, V_real)、log 概率有限且 ≤ 0、尾部质量 ∈ [0, 1]，见 kd/cache_checks.py）。
 ``verify=True`` 在打开时就核对全部分片。数据经 np.memmap 读取。错误都是 ``TeacherCacheDamaged``（ValueError），
 写明目录、文件、原因与处理办法（``build_dir`` 给出时建议里是可以照抄的 ``functional-lm teacher-cache`` 命令）。
 全程不用 pickle。
@@ -460,7 +460,7 @@ class TeacherCache:
         return tuple(x.to(device, non_blocking=True) for x in self.targets(batch.block_ids.cpu()))  # type: ignore[return-value]
 
     def _check_values(self, blocks: np.ndarray, ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray) -> None:
-        """读出的一批目标的取值范围（teacher_cache_checks.target_problem）；有问题时点名那个块所在的分片文件。"""
+        """读出的一批目标的取值范围（cache_checks.target_problem）；有问题时点名那个块所在的分片文件。"""
         if (problem := target_problem(ids, log_probs, tail, self.real_vocab_size)) is not None:
             kind, row, what = problem
             block = int(blocks[row])
