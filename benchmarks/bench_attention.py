@@ -31,7 +31,7 @@ import torch
 from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
 
 from functional_lm.layers import gqa_attention, sub_params
-from functional_lm.models.qwen2 import init_params
+from functional_lm.models.decoder import init_params
 from functional_lm.shapes import typecheck
 
 SMOKE = dict(preset="smoke", batch=2, seq=128, doc_lengths="16", rounds=1, warmup=1)

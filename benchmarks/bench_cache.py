@@ -106,7 +106,7 @@ def _build(args, teacher, teacher_cfg, dataset, out_dir, top_k):
 def _forward_only(args, teacher, teacher_cfg, dataset):
     """建缓存的参照：同样的块、同样的批划分与文档编号，只跑教师前向与输出投影（float32，按建缓存同样的
     行块相乘，每块至多 teacher_cache.LOGIT_BYTES），不取 top-k、不写盘。"""
-    from functional_lm.models.qwen2 import forward_hidden, output_weight
+    from functional_lm.models.decoder import forward_hidden, output_weight
     from functional_lm.kd.teacher_cache import LOGIT_BYTES
 
     weight = output_weight(teacher, teacher_cfg)

@@ -7,7 +7,7 @@
     * 分词：离线默认分词器（tiktoken）单进程 / 多进程缓存构建，对照 Hugging Face tokenizers（同一词表的
       tokenizer.json）的单进程吞吐，给出比值；
     * 加载：从 memmap 缓存取 (input_ids, labels, loss_mask) 批的吞吐；
-    * 学生训练一步的吞吐（--student-step：在本机用 functional_lm.models.qwen2 实测一次前向 + 反向；另给出按
+    * 学生训练一步的吞吐（--student-step：在本机用 functional_lm.models.decoder 实测一次前向 + 反向；另给出按
       6·N·token 的 FLOP 估算在 H100 上的量级），以及“加载吞吐 / 训练吞吐”之比——大于 1 表示加载器跑在训练前面。
 语料：内置默认语料（pydoc_data.topics）重复 --repeat 次。
 最后打印一张表（有参照的行给出比值 = 我们 / 参照）；main(argv) 返回 {"rows": 表中各行的未取整数值, ...}，
@@ -133,7 +133,7 @@ def bench_student(seq_len: int, batch_size: int, run_step: bool,
     if not run_step:
         return h100, rows, None
     try:
-        from functional_lm.models.qwen2 import forward, init_params
+        from functional_lm.models.decoder import forward, init_params
     except ImportError as err:  # 模型模块不可用时只给估算
         print(f"student   CPU step skipped ({err})")
         return h100, rows, None

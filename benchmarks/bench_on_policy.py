@@ -162,7 +162,7 @@ def _ours_generate(params, cfg, prompts, args) -> Callable[[int], Any]:
 def ours_side(args, student: dict, teacher: dict) -> Side:
     """本项目的一步：与训练器 optimizer_step → _micro_step（来源 "student"）相同的组成。"""
     from functional_lm import TrainingConfig
-    from functional_lm.models.qwen2 import unique_tensors
+    from functional_lm.models.decoder import unique_tensors
     from functional_lm.kd.on_policy import source_settings
     from functional_lm.kd.step import build_optimizer
     from functional_lm.kd.objective import Model, distill_loss, document_segments, teacher_hidden_states

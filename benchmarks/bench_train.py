@@ -145,7 +145,7 @@ def initial_weights(args, teacher_bf16: bool) -> tuple[dict, dict]:
 def _ours(args, teacher_bf16=False, compile=False):
     """本项目的训练步（与 functional_lm.kd.trainer.train 中的一步相同的组成）。"""
     from functional_lm import TrainingConfig
-    from functional_lm.models.qwen2 import forward_hidden
+    from functional_lm.models.decoder import forward_hidden
     from functional_lm.kd.step import build_optimizer
     from functional_lm.kd.objective import Model, distill_loss, teacher_hidden_states
 
@@ -260,7 +260,7 @@ def step_flops(args) -> float:
     scfg, tcfg_model = _configs(args)
 
     def matmul_params(cfg):
-        from functional_lm.models.qwen2 import param_shapes
+        from functional_lm.models.decoder import param_shapes
 
         blocks = sum(math.prod(shape) for key, shape in param_shapes(cfg).items()
                      if len(shape) == 2 and key not in ("model.embed_tokens.weight", "lm_head.weight"))

@@ -11,10 +11,10 @@ import importlib
 from functional_lm.config import PRESETS, ModelConfig, TrainingConfig, get_preset
 
 _LAZY = {
-    "init_params": "functional_lm.models.qwen2",
-    "forward": "functional_lm.models.qwen2",
-    "forward_hidden": "functional_lm.models.qwen2",
-    "count_parameters": "functional_lm.models.qwen2",
+    "init_params": "functional_lm.models.decoder",
+    "forward": "functional_lm.models.decoder",
+    "forward_hidden": "functional_lm.models.decoder",
+    "count_parameters": "functional_lm.models.decoder",
     "typecheck": "functional_lm.shapes",
     "typecheck_enabled": "functional_lm.shapes",
 }

@@ -10,10 +10,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional
 
 __all__ = [
-    "ModelConfig", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "TEACHER_SHARDINGS", "cache_root",
+    "ModelConfig", "YarnScaling", "FAMILIES", "MOE_FAMILIES", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "TEACHER_SHARDINGS", "cache_root",
     "Bounds", "MODEL_BOUNDS", "TRAINING_BOUNDS", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "POSITIVE_INT", "SEED",
     "TOP_P", "SAMPLING_TEMPERATURE",
 ]
@@ -92,6 +93,11 @@ MODEL_BOUNDS: dict[str, Bounds] = {
     "rope_theta": POSITIVE,
     "norm_eps": POSITIVE,
     "dropout": Bounds(0, 1, high_open=True),
+    **dict.fromkeys(("num_experts", "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace",
+                     "n_shared_experts", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+                    Bounds(0, integer=True)),
+    **dict.fromkeys(("decoder_sparse_step", "n_group", "topk_group"), POSITIVE_INT),
+    "routed_scaling_factor": POSITIVE,
 }
 TRAINING_BOUNDS: dict[str, Bounds] = {
     **dict.fromkeys(("batch_size", "num_epochs", "log_interval", "eval_interval", "save_interval",
@@ -121,8 +127,53 @@ def _check_bounds(obj: Any, bounds: dict[str, Bounds]) -> None:
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN 长上下文 RoPE 缩放（DeepSeek-V3 / R1 与部分 Qwen3 检查点用它）：字段名与 HF 的 rope_parameters 相同。
+
+    数学（见 layers.rope.yarn_inv_freq）：把训练长度 L₀ = original_max_position_embeddings 内转不满一圈的低频维度
+    按 factor 放慢（插值），转很多圈的高频维度保持原样（外推），中间按 beta_fast / beta_slow 之间的线性斜坡混合；
+    cos / sin 乘 attention_factor（缺省 0.1·mscale·ln(factor) + 1 的比值，见 mscale 与 mscale_all_dim）。
+    """
+
+    factor: float  # 上下文放大倍数 s / context extension factor s
+    original_max_position_embeddings: int  # 训练时的上下文长度 L₀ / pre-training context length L₀
+    beta_fast: float = 32.0  # 斜坡高频端：转满 β_fast 圈以上的维度不插值 / ramp end: dims with ≥ β_fast turns are not interpolated
+    beta_slow: float = 1.0  # 斜坡低频端：不满 β_slow 圈的维度完全插值 / ramp start: dims with < β_slow turns are fully interpolated
+    mscale: float = 1.0  # cos/sin 幅度缩放的系数 / coefficient of the cos/sin magnitude scaling
+    mscale_all_dim: float = 0.0  # DeepSeek：softmax 缩放再乘 m² 的系数（0 = 不乘）/ DeepSeek: coefficient of the m² softmax-scale factor (0 = none)
+    attention_factor: Optional[float] = None  # 显式给出的 cos/sin 幅度（None = 由 mscale 算）/ explicit cos/sin magnitude (None = from mscale)
+    truncate: bool = True  # 斜坡端点取整（HF 的缺省）/ round the ramp ends (HF default)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not self.factor >= 1.0:
+            raise ValueError(f"YarnScaling.factor must be a number >= 1, got {self.factor!r}")
+        POSITIVE_INT.check("YarnScaling.original_max_position_embeddings", self.original_max_position_embeddings)
+        for name in ("beta_fast", "beta_slow", "mscale"):
+            POSITIVE.check(f"YarnScaling.{name}", getattr(self, name))
+        NON_NEGATIVE.check("YarnScaling.mscale_all_dim", self.mscale_all_dim)
+        if self.attention_factor is not None:
+            POSITIVE.check("YarnScaling.attention_factor", self.attention_factor)
+
+
+# 支持的结构家族（config.json 的 model_type）；每个家族在 functional_lm/models/ 下有一个模块。
+FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
+MOE_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3")
+# 家族专属的字段：取缺省值时 to_dict 不写它们，所以 Qwen2 配置的字典（运行设置、教师缓存的指纹）与以前逐字相同。
+FAMILY_FIELDS: tuple[str, ...] = (
+    "family", "attention_head_dim", "rope_scaling", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "first_k_dense_replace",
+    "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "q_lora_rank", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave",
+)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Qwen2 / Qwen2.5 解码器的结构超参数；默认值即规格书中约 123M 参数的学生模型。"""
+    """解码器的结构超参数；默认值即规格书中约 123M 参数的 Qwen2.5 式学生模型。
+
+    family 说明结构家族（qwen2 / qwen3 / qwen3_moe / deepseek_v3）；家族专属字段的缺省值都是“不用”，
+    所以只写前十几个字段的配置就是一个 Qwen2。
+    """
 
     hidden_size: int = 512  # 隐藏维度 d / hidden size d
     num_layers: int = 12  # Transformer 块的层数 / number of transformer blocks
@@ -136,45 +187,149 @@ class ModelConfig:
     dropout: float = 0.0  # 注意力概率上的 dropout（仅训练时）/ dropout on attention probabilities (training only)
     qkv_bias: bool = True  # q/k/v 投影带偏置（Qwen2.5 如此）/ bias on the q/k/v projections (as in Qwen2.5)
     tie_word_embeddings: bool = True  # 输出投影直接复用嵌入矩阵 / output projection reuses the embedding matrix
+    # ---- 家族专属 / family-specific (defaults = not used)
+    family: str = "qwen2"  # 结构家族 / architecture family: qwen2, qwen3, qwen3_moe, deepseek_v3
+    attention_head_dim: Optional[int] = None  # 每头维度 e（Qwen3 可 ≠ d/h）；None = d/h / head dim e (Qwen3: may differ from d/h); None = d/h
+    rope_scaling: Optional[YarnScaling] = None  # YaRN 缩放；None = plain RoPE / YaRN scaling; None = plain RoPE
+    num_experts: int = 0  # 路由专家数 E；0 = 稠密前馈 / routed experts E; 0 = dense FFN
+    num_experts_per_tok: int = 0  # 每个 token 选的专家数 k_e / experts per token k_e
+    moe_intermediate_size: int = 0  # 每个专家的 SwiGLU 隐藏维度 / SwiGLU hidden size of one expert
+    norm_topk_prob: bool = False  # 选中专家的权重重新归一到和为 1 / renormalise the selected experts' weights to sum 1
+    decoder_sparse_step: int = 1  # Qwen3-MoE：层号 i 满足 (i+1) % step == 0 时为 MoE 层 / MoE layer when (i+1) % step == 0
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE：这些层用稠密前馈 / these layers use the dense FFN
+    first_k_dense_replace: int = 0  # DeepSeek-V3：前 k 层用稠密前馈 / first k layers use the dense FFN
+    n_shared_experts: int = 0  # DeepSeek-V3：每个 token 都经过的共享专家数 / shared experts every token passes through
+    routed_scaling_factor: float = 1.0  # DeepSeek-V3：路由权重再乘的系数 / factor on the routing weights
+    n_group: int = 1  # DeepSeek-V3：专家分组数 / expert groups
+    topk_group: int = 1  # DeepSeek-V3：每个 token 只在得分最高的这么多组里选专家 / groups a token may pick experts from
+    q_lora_rank: Optional[int] = None  # MLA：查询的低秩维度；None = 直接投影 / MLA query low rank; None = a full projection
+    kv_lora_rank: int = 0  # MLA：压缩键值潜变量的维度 c；0 = 不用 MLA / MLA latent width c; 0 = no MLA
+    qk_nope_head_dim: int = 0  # MLA：每头不带位置的 q/k 维度 / per-head q/k dims without RoPE
+    qk_rope_head_dim: int = 0  # MLA：每头解耦 RoPE 的 q/k 维度 r / per-head decoupled-RoPE q/k dims r
+    v_head_dim: int = 0  # MLA：每头的值维度 / per-head value dims
+    rope_interleave: bool = True  # MLA：RoPE 维度在检查点中交错存放（DeepSeek 如此）/ RoPE dims stored interleaved (as DeepSeek does)
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, Mapping):  # 从 to_dict 的字典重建（运行设置、缓存指纹）
+            object.__setattr__(self, "rope_scaling", YarnScaling(**self.rope_scaling))
+        if isinstance(self.mlp_only_layers, list):
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         _check_bounds(self, MODEL_BOUNDS)
-        for name in ("qkv_bias", "tie_word_embeddings"):
+        for name in ("qkv_bias", "tie_word_embeddings", "norm_topk_prob", "rope_interleave"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_heads != 0:
-            raise ValueError(
-                f"ModelConfig.hidden_size={self.hidden_size} must be divisible by "
-                f"num_heads={self.num_heads}"
-            )
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelConfig.family must be one of {list(FAMILIES)}, got {self.family!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
+            raise ValueError(f"ModelConfig.rope_scaling must be a YarnScaling or None, got {self.rope_scaling!r}")
+        self._check_attention()
+        self._check_moe()
+
+    def _check_family_fields(self) -> None:
+        """只有某些家族才有的结构：q/k/v 偏置只属于 Qwen2，独立的头维度只属于 Qwen3 两家，MLA 只属于 DeepSeek-V3。"""
+        if self.qkv_bias and self.family != "qwen2":
+            raise ValueError(f"ModelConfig.qkv_bias=True: family {self.family!r} has no q/k/v bias; set qkv_bias=False")
+        if self.attention_head_dim is not None and not self.qk_norm:
+            raise ValueError(f"ModelConfig.attention_head_dim needs family 'qwen3' or 'qwen3_moe' (got {self.family!r}, "
+                             f"whose head dim is hidden_size / num_heads)")
+        if self.uses_mla and self.family != "deepseek_v3":
+            raise ValueError(f"ModelConfig.kv_lora_rank={self.kv_lora_rank} (MLA) needs family 'deepseek_v3', got {self.family!r}")
+
+    def _check_attention(self) -> None:
+        """注意力的整除关系：h 是 k 的倍数；e（或 MLA 的 RoPE 维度 r）是偶数；未给 e 时 d 能被 h 整除。"""
+        self._check_family_fields()
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(
-                f"ModelConfig.num_heads={self.num_heads} must be divisible by "
-                f"num_kv_heads={self.num_kv_heads}"
+                f"ModelConfig.num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads}"
             )
-        if self.head_dim % 2 != 0:
-            # RoPE 把头维度的前半与后半配成一对一对地旋转，奇数维无法配对。
+        if self.uses_mla:
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                POSITIVE_INT.check(f"ModelConfig.{name}", getattr(self, name))
+            if self.q_lora_rank is not None:
+                POSITIVE_INT.check("ModelConfig.q_lora_rank", self.q_lora_rank)
+        elif self.family == "deepseek_v3":
+            raise ValueError("ModelConfig.kv_lora_rank must be > 0 for family 'deepseek_v3' (multi-head latent attention)")
+        if self.attention_head_dim is not None:
+            POSITIVE_INT.check("ModelConfig.attention_head_dim", self.attention_head_dim)
+        elif not self.uses_mla and self.hidden_size % self.num_heads != 0:
             raise ValueError(
-                f"ModelConfig.head_dim = hidden_size/num_heads = {self.head_dim} must be even "
-                f"(RoPE rotates pairs of dimensions)"
+                f"ModelConfig.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads} "
+                f"(or give attention_head_dim)"
             )
+        if self.rope_dim % 2 != 0:
+            # RoPE 把头维度的前半与后半配成一对一对地旋转，奇数维无法配对。
+            raise ValueError(f"ModelConfig.head_dim: the RoPE dimension {self.rope_dim} must be even (RoPE rotates pairs of dimensions)")
+
+    def _check_moe(self) -> None:
+        """MoE 字段：只在 MoE 家族里用；专家数、每 token 专家数、分组之间的关系。"""
+        if self.num_experts == 0:
+            if self.family in MOE_FAMILIES:
+                raise ValueError(f"ModelConfig.num_experts must be > 0 for family {self.family!r}")
+            return
+        if self.family not in MOE_FAMILIES:
+            raise ValueError(f"ModelConfig.num_experts={self.num_experts} needs an MoE family {list(MOE_FAMILIES)}, "
+                             f"got family {self.family!r}")
+        for name in ("num_experts_per_tok", "moe_intermediate_size"):
+            POSITIVE_INT.check(f"ModelConfig.{name}", getattr(self, name))
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"ModelConfig.num_experts_per_tok={self.num_experts_per_tok} must be <= "
+                             f"num_experts={self.num_experts}")
+        if self.num_experts % self.n_group != 0 or self.topk_group > self.n_group:
+            raise ValueError(f"ModelConfig: n_group={self.n_group} must divide num_experts={self.num_experts} and "
+                             f"topk_group={self.topk_group} must be <= n_group")
+        bad = [i for i in self.mlp_only_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"ModelConfig.mlp_only_layers must be layer indices in [0, {self.num_layers}), got {bad}")
+
+    @property
+    def qk_norm(self) -> bool:
+        """RoPE 之前对每个头的 q、k 做 RMSNorm（Qwen3 与 Qwen3-MoE 如此）。"""
+        return self.family in ("qwen3", "qwen3_moe")
+
+    @property
+    def uses_mla(self) -> bool:
+        """是否为多头潜在注意力（DeepSeek-V3）。"""
+        return self.kv_lora_rank > 0
 
     @property
     def head_dim(self) -> int:
-        """每个注意力头的维度 e = d / h。"""
-        return self.hidden_size // self.num_heads
+        """每个注意力头的维度 e：attention_head_dim，缺省 d / h；MLA 时为 q/k 的总维度 nope + rope。"""
+        if self.uses_mla:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
+        return self.attention_head_dim if self.attention_head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """施加 RoPE 的维度：GQA 为整个头 e，MLA 为解耦的 RoPE 部分 r。"""
+        return self.qk_rope_head_dim if self.uses_mla else self.head_dim
 
     @property
     def num_queries_per_kv(self) -> int:
         """每个键值头服务的查询头数 g = h / k。"""
         return self.num_heads // self.num_kv_heads
 
+    def is_moe_layer(self, index: int) -> bool:
+        """第 index 层的前馈是不是 MoE：Qwen3-MoE 按 mlp_only_layers 与 decoder_sparse_step，DeepSeek 按 first_k_dense_replace。"""
+        if self.num_experts == 0:
+            return False
+        if self.family == "deepseek_v3":
+            return index >= self.first_k_dense_replace
+        return index not in self.mlp_only_layers and (index + 1) % self.decoder_sparse_step == 0
+
     def replace(self, **changes: Any) -> "ModelConfig":
         """返回修改了若干字段的新配置（重新校验）。"""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """字段字典（``ModelConfig(**d)`` 可重建）；家族专属字段取缺省值时不写（见 FAMILY_FIELDS）。"""
+        data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in FAMILY_FIELDS:
+            if data[name] == defaults[name]:
+                del data[name]
+        if "mlp_only_layers" in data:
+            data["mlp_only_layers"] = list(data["mlp_only_layers"])
+        return data
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 设计（gpt-fast / jax-llm-examples 风格）：
     * 这里没有第二份解码块：prefill 与解码步都走模型自己的缓存路径 ``forward_hidden(..., cache=cache)``
-      （models.qwen2，块即 layers.transformer_block，缓存见 models.cache.KVCache，在此重新导出）。
+      （models.decoder，块即 layers.transformer_block，缓存见 models.cache.KVCache，在此重新导出）。
     * ``KVCache``：k、v 形状 (l, b, k, S, e)，预分配到最大长度 S，解码步的形状因此是静态的、可编译；
       写入用非原地的 ``index_copy``：输入缓存不变，返回新缓存（像 JAX 一样数据进、数据出）。
     * 注意力在整个 S 上做，用布尔掩码遮住未写入槽位、左填充与未来位置，因此解码步不依赖当前长度。
@@ -28,7 +28,7 @@ import torch
 from functional_lm.config import SAMPLING_TEMPERATURE, TOP_P, ModelConfig
 from functional_lm.layers import linear
 from functional_lm.models.cache import KVCache, init_cache
-from functional_lm.models.qwen2 import EMBED_KEY, check_input_ids, check_params, forward_hidden, output_weight
+from functional_lm.models.decoder import EMBED_KEY, check_input_ids, check_params, forward_hidden, output_weight
 from functional_lm.shapes import Bool, Float, Int, Integer, Tensor, typechecked
 from functional_lm.errors import NonFiniteLogits
 
@@ -58,7 +58,7 @@ def extend(
 ) -> tuple[Float[Tensor, "b t d"], KVCache]:
     """把 t 个新 token 写进缓存槽位 index … index+t−1，返回最终 RMSNorm 后的隐藏状态与新缓存。
 
-    就是模型自己的缓存路径 ``forward_hidden(..., cache=cache)``（同一个解码块，见 models.qwen2），不做逐键核对：
+    就是模型自己的缓存路径 ``forward_hidden(..., cache=cache)``（同一个解码块，见 models.decoder），不做逐键核对：
     prefill（t = 提示长度）在调用前核对一次，解码步（t = 1）在热循环里不核对。
     attention_mask：1 = 真实 token，0 = 左填充；缺省全为真实 token。
     """

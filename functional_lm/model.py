@@ -1,4 +1,4 @@
-"""公开路径 ``functional_lm.model``：Qwen2 家族的模型函数（实现在 ``functional_lm.models.qwen2``）。"""
+"""公开路径 ``functional_lm.model``：所有家族共用的模型函数（实现在 ``functional_lm.models.decoder``）。"""
 
-from functional_lm.models.qwen2 import *  # noqa: F401,F403  （公开名字即 models.qwen2.__all__）
-from functional_lm.models.qwen2 import __all__  # noqa: F401
+from functional_lm.models.decoder import *  # noqa: F401,F403  （公开名字即 models.decoder.__all__）
+from functional_lm.models.decoder import __all__  # noqa: F401

@@ -516,7 +516,7 @@ def test_on_policy_reference_teacher_phase_stops_before_the_projection(bench_mod
     seq = torch.randint(0, args.real_vocab, (args.batch, args.prompt + args.new_tokens))
     hidden = side.teacher(seq)
     assert hidden.shape == (args.batch, seq.shape[1], tcfg.hidden_size)
-    from functional_lm.models.qwen2 import forward_hidden
+    from functional_lm.models.decoder import forward_hidden
 
     expected = forward_hidden(init_params(tcfg, seed=1), seq, tcfg)
     torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)

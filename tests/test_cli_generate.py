@@ -9,7 +9,7 @@ from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm.cli import main
 from functional_lm.generate import generate
 from functional_lm.hf import save_pretrained
-from functional_lm.models.qwen2 import init_params
+from functional_lm.models.decoder import init_params
 
 CFG = tiny_config()
 EOS_WORD = "<|endoftext|>"

@@ -90,7 +90,7 @@ def built(root):
 def test_build_matches_teacher_topk_computed_directly(root, built):
     from functional_lm.hf import load_pretrained
     from functional_lm.losses import teacher_topk
-    from functional_lm.models.qwen2 import forward
+    from functional_lm.models.decoder import forward
     from functional_lm.kd.teacher_cache import TeacherCache
 
     out, err = built
@@ -295,7 +295,7 @@ def test_one_cache_trains_students_of_two_seeds_each_equal_to_its_live_top_k_run
 def test_split_seed_chooses_the_split_and_seed_is_its_deprecated_alias(root, built, tmp_path, capsys):
     from functional_lm.hf import load_pretrained
     from functional_lm.losses import teacher_topk
-    from functional_lm.models.qwen2 import forward
+    from functional_lm.models.decoder import forward
     from functional_lm.kd.teacher_cache import TeacherCache
 
     out = tmp_path / "C"

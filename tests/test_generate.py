@@ -16,7 +16,7 @@ from functional_lm.generate import (
     prefill,
     sample,
 )
-from functional_lm.models.qwen2 import forward, init_params
+from functional_lm.models.decoder import forward, init_params
 
 transformers = needs("transformers")  # 用到时才导入
 

@@ -14,7 +14,7 @@ from conftest import QWEN_VOCAB_STUDENT, tiny_config
 
 from functional_lm.cli import main
 from functional_lm.hf import save_pretrained
-from functional_lm.models.qwen2 import init_params
+from functional_lm.models.decoder import init_params
 
 
 def _prefers_padding(cfg, real_vocab: int, winner: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from conftest import needs
 from conftest import tiny_config as _tiny_cfg
 from functional_lm.hf import config_from_hf, load_pretrained, save_pretrained
-from functional_lm.models.qwen2 import forward, init_params
+from functional_lm.models.decoder import forward, init_params
 
 transformers = needs("transformers")  # 用到时才导入
 

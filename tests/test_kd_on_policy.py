@@ -14,7 +14,7 @@ from functional_lm.data import Document, PackedDataset, load_tokenizer, prepare_
 from functional_lm.data.chat import encode_chat
 from functional_lm.generate import generate
 from functional_lm.losses import chunked_distillation_loss, distillation_loss
-from functional_lm.models.qwen2 import forward, forward_hidden, output_weight
+from functional_lm.models.decoder import forward, forward_hidden, output_weight
 from functional_lm.kd.on_policy import (
     PromptTable,
     batch_source,

@@ -23,7 +23,7 @@ from functional_lm.data.loader import BatchLoader
 from functional_lm.data.pipeline import DataBundle
 from functional_lm.data.store import TokenStore
 from functional_lm.generate import generate
-from functional_lm.models.qwen2 import forward
+from functional_lm.models.decoder import forward
 from functional_lm.kd.on_policy import batch_source, make_rollouts, rollout_seed
 from functional_lm.kd.trainer import train
 from functional_lm.kd.evaluate import evaluate_on_policy

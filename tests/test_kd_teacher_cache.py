@@ -31,7 +31,7 @@ from functional_lm.losses import (
     sparse_distillation_loss,
     teacher_topk,
 )
-from functional_lm.models.qwen2 import forward_hidden, init_params, output_weight
+from functional_lm.models.decoder import forward_hidden, init_params, output_weight
 from functional_lm.kd.teacher_cache import (
     FINGERPRINT_FIELDS,
     TeacherCache,

@@ -13,7 +13,7 @@ from conftest import QWEN_VOCAB_STUDENT, QWEN_VOCAB_TEACHER, dynamo_graph_count,
 from functional_lm import TrainingConfig, init_params
 from functional_lm.runs.checkpoint import list_checkpoints, load_checkpoint
 from functional_lm.hf import load_pretrained, save_pretrained
-from functional_lm.models.qwen2 import forward
+from functional_lm.models.decoder import forward
 from functional_lm.kd.trainer import train
 from functional_lm.kd.step import learning_rate, no_weight_decay
 from functional_lm.kd.objective import Model
@@ -540,7 +540,7 @@ def test_throughput_excludes_evaluation_and_saving(monkeypatch):
 # ---------------------------------------------------------------- 文档掩码（issue 13）
 def _spy_segment_ids(monkeypatch):
     """记下每次解码（学生、教师、验证）收到的 segment_ids。"""
-    import functional_lm.models.qwen2 as model_module
+    import functional_lm.models.decoder as model_module
 
     seen, real = [], model_module.decode_embeddings
 

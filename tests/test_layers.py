@@ -25,7 +25,7 @@ from functional_lm.layers import (
     swiglu,
     transformer_block,
 )
-from functional_lm.models.qwen2 import init_params, layer_params
+from functional_lm.models.decoder import init_params, layer_params
 
 CFG = ModelConfig(
     hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,

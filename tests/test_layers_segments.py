@@ -11,7 +11,7 @@ import torch
 from conftest import dynamo_graph_count, fresh_dynamo, needs
 from conftest import tiny_config as _tiny_cfg
 from functional_lm.layers import segment_mask, segment_positions
-from functional_lm.models.qwen2 import forward, init_params
+from functional_lm.models.decoder import forward, init_params
 
 transformers = needs("transformers")
 

@@ -122,7 +122,7 @@ def test_no_cycle_and_at_most_eight_floors_deep():
 
 
 def test_the_depth_count_sees_floors_not_files():
-    chain = ("functional_lm.cli", "functional_lm.kd.trainer", "functional_lm.kd.step", "functional_lm.models.qwen2",
+    chain = ("functional_lm.cli", "functional_lm.kd.trainer", "functional_lm.kd.step", "functional_lm.models.decoder",
              "functional_lm.layers", "functional_lm.shapes")
     assert _floors(chain) == 4  # cli → kd（trainer → step 同层）→ models → layers → shapes
 

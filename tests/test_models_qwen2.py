@@ -7,7 +7,7 @@ from jaxtyping import TypeCheckError
 from conftest import dynamo_graph_count, fresh_dynamo, tiny_config
 from functional_lm import ModelConfig, count_parameters, forward, forward_hidden, init_params
 from functional_lm.models.cache import KVCache, init_cache
-from functional_lm.models.qwen2 import check_params, decode_embeddings, output_weight, param_shapes
+from functional_lm.models.decoder import check_params, decode_embeddings, output_weight, param_shapes
 from functional_lm.shapes import typecheck, typecheck_enabled
 
 CFG = tiny_config()

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from functional_lm.runs.checkpoint import list_checkpoints, save_checkpoint
-from functional_lm.models.qwen2 import init_params
+from functional_lm.models.decoder import init_params
 from functional_lm.runs.rundir import RunLock, clear_run, ensure_output_dir, remove_stale_temps, run_markers
 from functional_lm.errors import RunDirError, StorageError, write_failure
 from functional_lm.runs.monitor import StopFlag

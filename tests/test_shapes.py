@@ -41,7 +41,7 @@ def test_default_config_shape_error_is_short(default_model):
     ids = torch.zeros(2, 3, 4, dtype=torch.long)
     error = _raised(forward, params, ids, cfg)
     assert str(error).splitlines() == [
-        "functional_lm.models.qwen2.forward: argument 'input_ids' does not match its annotation",
+        "functional_lm.models.decoder.forward: argument 'input_ids' does not match its annotation",
         "  actual:   i64[2,3,4]",
         "  expected: Integer[Tensor, 'b t']",
     ]

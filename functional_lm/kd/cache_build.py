@@ -38,7 +38,7 @@ from functional_lm.kd.cache_identity import jsonable as _jsonable
 from functional_lm.kd.cache_identity import short as _short
 from functional_lm.config import ModelConfig
 from functional_lm.atomic import fsync_path
-from functional_lm.models.qwen2 import (
+from functional_lm.models.decoder import (
     check_input_ids,
     check_params,
     forward_hidden,

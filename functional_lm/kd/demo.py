@@ -80,7 +80,7 @@ def _demo_teacher(
     """返回演示教师的检查点目录（没有缓存时先在本进程训练）与“是否新训练”。多进程时只由秩 0 调用。"""
     from functional_lm.data import prepare_data
     from functional_lm.hf import save_pretrained
-    from functional_lm.models.qwen2 import init_params
+    from functional_lm.models.decoder import init_params
     from functional_lm.kd.trainer import train
     from functional_lm.kd.objective import Model
 
@@ -159,7 +159,7 @@ def _train_students(student_cfg, tcfg, teacher, data, tokenizer, tok_dir, out, r
     """三个学生（见 student_configs）依次训练。
 
     几次训练共用同一份数据：train() 按自己的布局另建加载器，不改动 data 里的任何状态。"""
-    from functional_lm.models.qwen2 import init_params
+    from functional_lm.models.decoder import init_params
     from functional_lm.kd.trainer import train
     from functional_lm.kd.objective import Model
 
@@ -195,7 +195,7 @@ def run_demo(
     from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_pretrained
-    from functional_lm.models.qwen2 import count_parameters, param_shapes
+    from functional_lm.models.decoder import count_parameters, param_shapes
     from functional_lm.kd.objective import Model
 
     info = info or SINGLE

@@ -18,7 +18,7 @@ from functional_lm.distributed import SINGLE, Dist, all_reduce_sum
 from functional_lm.kd.objective import Model, count_valid_tokens, document_segments, is_sharded, no_checks_if_sharded, teacher_scope
 from functional_lm.kd.on_policy import rollouts_for
 from functional_lm.losses import distillation_loss, sparse_distillation_loss
-from functional_lm.models.qwen2 import forward_hidden, output_weight
+from functional_lm.models.decoder import forward_hidden, output_weight
 
 if TYPE_CHECKING:
     from functional_lm.data.loader import Batch, BatchLoader

@@ -21,7 +21,7 @@ import torch
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.distributed import GatheredParams
 from functional_lm.losses import chunked_distillation_loss, chunked_sparse_distillation_loss
-from functional_lm.models.qwen2 import forward_hidden, output_weight
+from functional_lm.models.decoder import forward_hidden, output_weight
 from functional_lm.shapes import typecheck
 from functional_lm.kd.teacher_cache import stored_log_probs, teacher_targets
 

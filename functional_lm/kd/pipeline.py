@@ -136,7 +136,7 @@ def run_distill(
     from functional_lm.hf import load_config, resolve_checkpoint
     from functional_lm.kd.objective import Model
     from functional_lm.kd.trainer import train
-    from functional_lm.models.qwen2 import init_params
+    from functional_lm.models.decoder import init_params
     from functional_lm.runs.rundir import materialize_tokenizer
 
     info = info or SINGLE

@@ -10,7 +10,7 @@ from functional_lm.config import TrainingConfig
 from functional_lm.distributed import SINGLE, Dist
 from functional_lm.errors import RunDirError
 from functional_lm.kd.objective import Model
-from functional_lm.models.qwen2 import check_params
+from functional_lm.models.decoder import check_params
 from functional_lm.runs.checkpoint import list_checkpoints
 
 if TYPE_CHECKING:

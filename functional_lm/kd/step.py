@@ -32,7 +32,7 @@ from functional_lm.kd.objective import (
     teacher_scope,
 )
 from functional_lm.kd.on_policy import SourceSettings, source_settings
-from functional_lm.models.qwen2 import forward_hidden, unique_tensors
+from functional_lm.models.decoder import forward_hidden, unique_tensors
 
 if TYPE_CHECKING:
     from functional_lm.data.loader import Batch

@@ -1,20 +1,15 @@
-"""Hugging Face Qwen2 检查点的读入与写出（Qwen2.5、DeepSeek-R1-Distill-Qwen 等 ``Qwen2ForCausalLM``）。
+"""Hugging Face 检查点的读入与写出，所有家族共用（Qwen2 / Qwen2.5、Qwen3、Qwen3-MoE、DeepSeek-V3）。
+
+config.json 的映射在 ``hf.configs``（每个家族一对函数，model_type 选家族）。
 
 读入 ``load_pretrained(path)``：
-    * ``config.json`` → ``ModelConfig``：新旧两种布局（``rope_parameters.rope_theta`` 或顶层 ``rope_theta``）都认；
-      ``hidden_act`` 为 ``"silu"`` 或其别名 ``"swish"``；只支持 plain RoPE（``rope_type == "default"``）
-      与因子恰为 1.0 的线性缩放（两者数值相同），yarn、dynamic 等缩放明确拒绝；
-      启用且小于位置上限的滑动窗口 W：照常加载，但 ``max_seq_len`` 设为 W 并发出警告——
-      长度 ≤ W 的序列上滑窗注意力与全因果注意力完全相同
-      （``use_sliding_window: false`` 时 transformers 也忽略 ``sliding_window``，我们同样忽略）；
     * 权重：单个 ``model.safetensors`` 或带 ``model.safetensors.index.json`` 的分片集合，
       用 ``safe_open`` 逐个张量读取（内存映射，不先把整个文件读进内存），只有显式给出 dtype 时才转换；
     * 共享嵌入的检查点若仍存了 ``lm_head.weight``：核对它与嵌入逐位相等后丢弃，只保留一个张量；
     * 永远不 ``torch.load`` 目录里的 pickle（``pytorch_model.bin`` 会被拒绝并提示转换）。
 
 写出 ``save_pretrained(params, cfg, path)``：
-    * ``config.json``（同时写新旧两种 RoPE 字段，新旧版本的 transformers 都能读）+ ``model.safetensors``，
-      超过 ``max_shard_size`` 时分片并写索引；
+    * ``config.json`` + ``model.safetensors``，超过 ``max_shard_size`` 时分片并写索引；
     * Qwen2 在 transformers 中总带 q/k/v 偏置：``qkv_bias=False`` 的配置写出全零偏置（函数完全相同），
       并在 config.json 里记一个 ``functional_lm`` 标记，我们自己读回时再去掉这些零偏置；
     * 原子写入：先写到同一父目录下的临时目录并 fsync，再改名到位；中途失败不会在目标名下留下半个检查点。
@@ -29,7 +24,6 @@ import os
 import re
 import shutil
 import uuid
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
@@ -38,12 +32,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from functional_lm.config import ModelConfig
-from functional_lm.models.qwen2 import EMBED_KEY, LM_HEAD_KEY, check_params, param_shapes
+from functional_lm.hf.configs import ARCHITECTURES, MARKER, config_from_hf, config_to_hf, parse_dtype
+from functional_lm.models.decoder import EMBED_KEY, LM_HEAD_KEY, check_params, param_shapes
 from functional_lm.shapes import Tensor
 from functional_lm.atomic import fsync_path, replace_dir, write_safetensors
 
 __all__ = [
-    "ARCHITECTURE",
+    "ARCHITECTURES",
     "TOKENIZER_FILES",
     "config_from_hf",
     "config_to_hf",
@@ -53,7 +48,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-ARCHITECTURE = "Qwen2ForCausalLM"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -71,169 +65,6 @@ TOKENIZER_FILES = (
 )
 # 非参数缓冲（旧版导出偶尔带上），可由配置重算，读入时忽略
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_MARKER = "functional_lm"  # config.json 中我们自己的附加字段（transformers 忽略它）
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
-
-# ---------------------------------------------------------------- 配置映射
-def _parse_dtype(value: Any, source: str) -> Optional[torch.dtype]:
-    """config.json 的 ``dtype`` / ``torch_dtype`` 字符串 → torch.dtype（缺省或 "auto" 为 None）。"""
-    if value is None or value == "auto":
-        return None
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"{source}: unsupported dtype {value!r}; expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-_SILU_NAMES = ("silu", "swish")  # transformers 的 ACT2FN 中 "swish" 就是 SiLU
-
-
-def _check_rope_block(block: Mapping[str, Any], source: str) -> None:
-    """一段 RoPE 缩放设置：plain RoPE 或因子恰为 1 的线性缩放（数值完全相同）通过，其余点名拒绝。"""
-    rope_type = block.get("rope_type", block.get("type", "default"))
-    if rope_type == "default":
-        return
-    if rope_type == "linear":
-        factor = block.get("factor")
-        if isinstance(factor, (int, float)) and not isinstance(factor, bool) and float(factor) == 1.0:
-            return  # 线性缩放把位置除以 factor：factor = 1 时 inv_freq 不变，与 plain RoPE 逐位相同
-        raise ValueError(
-            f"{source}: linear rope scaling with factor {factor!r} is not supported "
-            f"(only factor 1.0, which equals plain RoPE)"
-        )
-    raise ValueError(
-        f"{source}: rope_type {rope_type!r} is not supported (only plain RoPE, rope_type 'default', "
-        f"or 'linear' with factor 1.0); long-context scaling such as yarn must be removed from the config "
-        f"to load this model"
-    )
-
-
-def _rope_theta(hf: Mapping[str, Any], source: str) -> float:
-    """取 RoPE 基数 θ：新布局 ``rope_parameters``，旧布局顶层 ``rope_theta`` + ``rope_scaling``。"""
-    params = hf.get("rope_parameters") or {}
-    for block in (params, hf.get("rope_scaling") or {}):
-        _check_rope_block(block, source)
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))  # transformers 的缺省 θ 也是 10000
-    return float(theta)
-
-
-def _uses_sliding_layers(hf: Mapping[str, Any]) -> bool:
-    """是否有层使用滑动窗口：``layer_types`` 优先，否则按 transformers 的规则（层号 ≥ max_window_layers）。"""
-    layers = hf.get("layer_types")
-    if layers is not None:
-        return any(t == "sliding_attention" for t in layers)
-    return hf.get("num_hidden_layers", 0) > hf.get("max_window_layers", 28)
-
-
-def _check_sliding_window(hf: Mapping[str, Any], source: str) -> Optional[int]:
-    """启用且确有层使用、又短于位置上限的滑动窗口 W：返回 W 作为序列长度上限，否则返回 None。
-
-    transformers 的滑窗遮罩（masking_utils.sliding_window_overlay）允许 ``kv_idx > q_idx - W``，
-    即每个查询看见包括自己在内的最近 W 个位置。序列长度 ≤ W 时最早的位置 0 也在窗口内，
-    滑窗注意力与全因果注意力完全相同；更长的序列才不同，所以把 max_seq_len 限制为 W 即可照常加载。
-    """
-    window = hf.get("sliding_window")
-    if not hf.get("use_sliding_window", False) or window is None:
-        return None  # 与 transformers 相同：use_sliding_window 为假时 sliding_window 被忽略
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"{source}: sliding_window must be a positive integer, got {window!r}")
-    if window >= hf.get("max_position_embeddings", 32768) or not _uses_sliding_layers(hf):
-        return None  # 窗口覆盖所有位置，或没有层用它：等价于全注意力
-    warnings.warn(
-        f"{source}: sliding-window attention (sliding_window={window}) is used by some layers; "
-        f"sequences are limited to {window} tokens (max_seq_len={window}), where it equals full causal attention",
-        UserWarning,
-        stacklevel=3,
-    )
-    return window
-
-
-def config_from_hf(hf: Mapping[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
-    """把 transformers 的 Qwen2 config.json 字典映射成 ModelConfig；不支持或不合法时点名拒绝。"""
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type", "qwen2")
-    if (archs and ARCHITECTURE not in archs) or model_type != "qwen2":
-        raise ValueError(
-            f"{source}: architecture {archs or model_type!r} (model_type {model_type!r}) is not supported; "
-            f"only {ARCHITECTURE} checkpoints can be loaded"
-        )
-    if hf.get("hidden_act", "silu") not in _SILU_NAMES:
-        raise ValueError(
-            f"{source}: hidden_act {hf['hidden_act']!r} is not supported (Qwen2 uses 'silu', alias 'swish')"
-        )
-    window = _check_sliding_window(hf, source)
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [name for name in required if hf.get(name) is None]
-    if missing:
-        raise ValueError(f"{source}: missing required field(s) {missing}")
-    marker = hf.get(_MARKER) or {}
-    try:
-        cfg = ModelConfig(
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            vocab_size=hf["vocab_size"],
-            max_seq_len=window or hf.get("max_position_embeddings", 32768),
-            rope_theta=_rope_theta(hf, source),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            dropout=float(hf.get("attention_dropout", 0.0)),
-            qkv_bias=bool(marker.get("qkv_bias", True)),  # transformers 的 Qwen2 总带 q/k/v 偏置
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # transformers 缺省为 False
-        )
-    except ValueError as err:
-        raise ValueError(f"{source}: invalid model config: {err}") from None
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != cfg.head_dim:
-        raise ValueError(
-            f"{source}: head_dim={head_dim} differs from hidden_size/num_attention_heads={cfg.head_dim}; "
-            f"decoupled head dimensions are not supported"
-        )
-    return cfg
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """ModelConfig → transformers Qwen2 的 config.json 字典（新旧两种 RoPE 字段都写）。"""
-    dtype_name = str(dtype).removeprefix("torch.")
-    hf: dict[str, Any] = {
-        "architectures": [ARCHITECTURE],
-        "model_type": "qwen2",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rope_theta": cfg.rope_theta,  # 旧布局（transformers 4.x）
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 新布局（5.x）
-        "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu",
-        "attention_dropout": cfg.dropout,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": cfg.num_layers,
-        "use_cache": True,
-        "initializer_range": 0.02,
-        "torch_dtype": dtype_name,  # 旧名
-        "dtype": dtype_name,  # 新名
-    }
-    if not cfg.qkv_bias:
-        hf[_MARKER] = {"qkv_bias": False}
-    return hf
-
 
 # ---------------------------------------------------------------- 读入
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -321,7 +152,7 @@ def _check_against_config(tensors: Mapping[str, Tensor], owner: Mapping[str, str
     extra = [key for key in tensors if key not in expected]
     if extra:
         where = ", ".join(f"{owner[key]}: {key}" for key in extra[:5])
-        raise ValueError(f"unexpected key(s) for a {ARCHITECTURE} with this config.json: {where}")
+        raise ValueError(f"unexpected key(s) for a {ARCHITECTURES[cfg.family]} with this config.json: {where}")
     missing = [key for key in expected if key not in tensors]
     if missing:
         files = sorted(set(owner.values()))
@@ -374,7 +205,7 @@ def load_pretrained(
     config_file = directory / CONFIG_FILE
     hf = _read_json(config_file)
     cfg = config_from_hf(hf, source=str(config_file))
-    _parse_dtype(hf.get("dtype", hf.get("torch_dtype")), str(config_file))  # 只校验；实际 dtype 以文件为准
+    parse_dtype(hf.get("dtype", hf.get("torch_dtype")), str(config_file))  # 只校验；实际 dtype 以文件为准
     device_name = None if device is None else str(torch.device(device))
     tensors: dict[str, Tensor] = {}
     owner: dict[str, str] = {}
@@ -386,7 +217,7 @@ def load_pretrained(
                 raise ValueError(f"{name}: key {key} also appears in {owner[key]}")
             tensors[key], owner[key] = value, name
     _untie(tensors, owner, cfg)
-    if not cfg.qkv_bias:
+    if cfg.family == "qwen2" and not cfg.qkv_bias:
         _drop_zero_biases(tensors, owner)
     _check_against_config(tensors, owner, cfg)
     check_params(tensors, cfg)  # 最后一道：dtype 等
@@ -409,7 +240,7 @@ def _parse_size(size: int | str) -> int:
 def _hf_tensors(params: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """按 transformers 的键集合整理待写张量：CPU、连续；无偏置配置补全零偏置。"""
     out = {key: params[key].detach().to("cpu").contiguous() for key in param_shapes(cfg)}
-    if not cfg.qkv_bias:
+    if cfg.family == "qwen2" and not cfg.qkv_bias:
         e = cfg.head_dim
         dtype = params[EMBED_KEY].dtype
         for i in range(cfg.num_layers):

@@ -1,4 +1,7 @@
-"""Qwen2 解码器的纯函数层：RMSNorm、RoPE、GQA 注意力、SwiGLU 与 Transformer 块（可带一层的 KV 缓存槽）。
+"""各家族共用的纯函数层：RMSNorm、RoPE、GQA 注意力（可带 Qwen3 的 QK-norm）、SwiGLU 与 Transformer 块（可带一层的 KV 缓存槽）。
+
+MoE 路由与专家（layers.moe）、多头潜在注意力（layers.mla）、YaRN（layers.rope）是同一楼层的子模块，
+以同样的签名插进 transformer_block。
 
 图例（见 functional_lm/shapes.py）：b 批，t 查询位置，s 键位置，d 隐藏，h 查询头，k 键值头，
 g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
@@ -18,8 +21,8 @@ g = h/k，e 头维度，f 前馈隐藏，he = h·e，ke = k·e。
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,7 @@ __all__ = [
     "AttentionMask",
     "gqa_attention",
     "swiglu",
+    "dense_ffn",
     "sub_params",
     "transformer_block",
 ]
@@ -215,9 +219,10 @@ def project_qkv(
     cos: Float[Tensor, "b t e"],
     sin: Float[Tensor, "b t e"],
 ) -> tuple[Float[Tensor, "b h t e"], Float[Tensor, "b k t e"], Float[Tensor, "b k t e"]]:
-    """q/k/v 投影（可带偏置）、拆成多头，并对 q、k 施加 RoPE；v 不旋转。
+    """q/k/v 投影（可带偏置）、拆成多头、[Qwen3：每头 RMSNorm]，并对 q、k 施加 RoPE；v 不旋转。
 
-    attn 是一层注意力的参数视图，键为 ``q_proj.weight``、``q_proj.bias`` 等（偏置可缺省）。
+    attn 是一层注意力的参数视图，键为 ``q_proj.weight``、``q_proj.bias`` 等（偏置可缺省）；
+    cfg.qk_norm 时还有 ``q_norm.weight``、``k_norm.weight``，形状 (e,)。
     """
     q = linear(x, attn["q_proj.weight"], attn.get("q_proj.bias"))  # (b, t, h·e)
     k = linear(x, attn["k_proj.weight"], attn.get("k_proj.bias"))  # (b, t, k·e)
@@ -225,6 +230,11 @@ def project_qkv(
     q = rearrange(q, "b t (h e) -> b h t e", e=cfg.head_dim)
     k = rearrange(k, "b t (k e) -> b k t e", e=cfg.head_dim)
     v = rearrange(v, "b t (k e) -> b k t e", e=cfg.head_dim)
+    if cfg.qk_norm:
+        # Qwen3 的 QK-norm：RoPE 之前对每个头的 q、k 各做一次 RMSNorm（权重 (e,) 在头之间共享），
+        # q ← q · rsqrt(mean_e(q²) + ε) · γ_q，k 同理；注意力 logit 的尺度因此不随训练漂移。
+        q = rms_norm(q, attn["q_norm.weight"], cfg.norm_eps)
+        k = rms_norm(k, attn["k_norm.weight"], cfg.norm_eps)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -458,7 +468,7 @@ def _default_rope(x: Tensor, cfg: ModelConfig, position_ids, attention_mask, seg
             segment_positions(segment_ids, attention_mask) if segment_ids is not None
             else torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         )
-    return rope_tables(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+    return rope_tables(position_ids, cfg.rope_dim, cfg.rope_theta, x.dtype)
 
 
 @typechecked
@@ -524,6 +534,11 @@ def swiglu(
     return linear(gate * linear(x, up_w), down_w)
 
 
+def dense_ffn(x: Float[Tensor, "b t d"], mlp: Mapping[str, Tensor], cfg: ModelConfig) -> Float[Tensor, "b t d"]:
+    """稠密前馈层：一层 ``mlp.`` 参数视图上的 SwiGLU（gate_proj / up_proj / down_proj）。"""
+    return swiglu(x, mlp["gate_proj.weight"], mlp["up_proj.weight"], mlp["down_proj.weight"])
+
+
 def sub_params(params: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """取出以 prefix 开头的参数并去掉前缀（只是引用，不复制张量），例如一层里的 ``self_attn.``。"""
     return {key[len(prefix) :]: value for key, value in params.items() if key.startswith(prefix)}
@@ -541,24 +556,28 @@ def transformer_block(
     mask: AttentionMask = None,
     dropout_p: float = 0.0,
     kv: Optional[KVSlot] = None,
+    attention: Optional[Callable[..., Any]] = None,
+    ffn: Optional[Callable[[Tensor, Mapping[str, Tensor], ModelConfig], Tensor]] = None,
 ) -> Float[Tensor, "b t d"] | tuple[Float[Tensor, "b t d"], KVSlot]:
-    """一个 Pre-norm 解码块：x ← x + attn(norm(x))；x ← x + ffn(norm(x))。
+    """一个 Pre-norm 解码块：x ← x + attn(norm(x))；x ← x + ffn(norm(x))。所有家族共用这一个块。
 
     layer 是去掉 ``model.layers.{i}.`` 前缀后的参数视图。残差路径不经过任何变换，
     因此权重全零时块是恒等映射。attention_mask / segment_ids / mask 的含义见 gqa_attention。
     kv：这一层的缓存槽（prefill / 解码步）；给了时返回 (x, 写入新键值后的槽)，缺省只返回 x。
-    训练、完整前向与缓存解码走的是同一个块，所以三者的数值只差在注意力看到的键值来自哪里。
+    attention / ffn：这一层的两个混合器，缺省为 GQA（gqa_attention）与稠密 SwiGLU（dense_ffn）；
+    家族把它们换成 MLA（layers.mla）或 MoE（layers.moe），签名相同：
+    attention(x, self_attn 参数, cfg, rope=, attention_mask=, segment_ids=, mask=, dropout_p=, kv=)，
+    ffn(x, mlp 参数, cfg)。训练、完整前向与缓存解码走的是同一个块，三者的数值只差在注意力看到的键值来自哪里。
     """
+    attention = gqa_attention if attention is None else attention
+    ffn = dense_ffn if ffn is None else ffn
     attn_in = rms_norm(x, layer["input_layernorm.weight"], cfg.norm_eps)
-    attn_out = gqa_attention(
+    attn_out = attention(
         attn_in, sub_params(layer, "self_attn."), cfg, rope=rope, attention_mask=attention_mask,
         segment_ids=segment_ids, mask=mask, dropout_p=dropout_p, kv=kv,
     )
     if kv is not None:
         attn_out, kv = attn_out
     x = x + attn_out
-    ffn_in = rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps)
-    ffn_out = swiglu(
-        ffn_in, layer["mlp.gate_proj.weight"], layer["mlp.up_proj.weight"], layer["mlp.down_proj.weight"]
-    )
+    ffn_out = ffn(rms_norm(x, layer["post_attention_layernorm.weight"], cfg.norm_eps), sub_params(layer, "mlp."), cfg)
     return x + ffn_out if kv is None else (x + ffn_out, kv)
