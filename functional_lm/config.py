@@ -441,6 +441,8 @@ class TrainingConfig:
 PRESETS: dict[str, ModelConfig] = {
     # 规格书中的学生模型：约 123.4M 参数（含 q/k/v 偏置，嵌入共享）。
     "student-123m": ModelConfig(),
+    # 同样大小的 Qwen3 式学生：每头 QK-norm、q/k/v 无偏置，其余同上（123,418,624 个参数）。
+    "student-qwen3-123m": ModelConfig(family="qwen3", qkv_bias=False),
     # 测试用的极小模型：2 层、隐藏 64、4 头、2 个 KV 头、词表 256。
     "tiny": ModelConfig(
         hidden_size=64,
