@@ -63,7 +63,7 @@ MALLOC_TUNED = tune_malloc()
 
 __all__ = [
     "MALLOC_TUNED", "SMOKE_MODEL", "PROCESS_UNITS", "Usage", "measured", "usage_rows", "step_rows", "run_workers", "process_note",
-    "model_config", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
+    "model_config", "FAMILY_MODELS", "parse_with_smoke", "row", "format_table", "print_table", "parse_number",
     "cpu_model", "machine_record", "command_line", "write_result", "hf_model_from_params",
 ]
 # 进程开销行的单位：这样的行允许有参照而没有比值。
@@ -76,15 +76,42 @@ SMOKE_MODEL = dict(
 )
 
 
-def model_config(preset: str):
-    """按名字取模型配置："smoke" 为 SMOKE_MODEL，其余交给 functional_lm.get_preset。"""
+# --family 的模型：各家族真实检查点的形状，缩到本机放得下（层数、宽度、专家数变小；每头维度、路由方式、
+# MLA 的秩之比、YaRN 照真实检查点）。qwen2 即缺省的学生。
+FAMILY_MODELS: dict[str, dict] = {
+    "qwen2": {},
+    # Qwen3-0.6B 的块：head_dim 128 ≠ 隐藏 / 头数，QK-norm，共享嵌入
+    "qwen3": dict(family="qwen3", qkv_bias=False, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+                  attention_head_dim=128, intermediate_size=1536, max_seq_len=1024),
+    # Qwen3-30B-A3B 的块：128 个专家里选 8 个 → 这里 32 选 8，专家宽 256，权重重新归一，不共享输出头
+    "qwen3_moe": dict(family="qwen3_moe", qkv_bias=False, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2,
+                      attention_head_dim=64, intermediate_size=1536, num_experts=32, num_experts_per_tok=8,
+                      moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False, max_seq_len=1024),
+    # DeepSeek-V3 的块：MLA（q 秩 256、潜变量 128、nope 64 + rope 32、v 64）、YaRN ×4（含 mscale_all_dim）、
+    # 第 1 层稠密、32 个路由专家分 4 组选 2 组里的 8 个 + 1 个共享专家；词表是 DeepSeek 的 129,280
+    "deepseek_v3": dict(family="deepseek_v3", qkv_bias=False, hidden_size=512, num_layers=4, num_heads=8,
+                        num_kv_heads=8, intermediate_size=1536, vocab_size=129280, max_seq_len=1024,
+                        q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                        num_experts=32, num_experts_per_tok=8, moe_intermediate_size=256, n_group=4, topk_group=2,
+                        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                        tie_word_embeddings=False, rope_theta=10000.0,
+                        rope_scaling=dict(factor=4.0, original_max_position_embeddings=256, beta_fast=32.0,
+                                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)),
+}
+
+
+def model_config(preset: str, family: Optional[str] = None):
+    """按名字取模型配置："smoke" 为 SMOKE_MODEL，其余交给 functional_lm.get_preset；给了 family 时取 FAMILY_MODELS
+    （在缺省学生的字段上改）。"""
     from functional_lm import ModelConfig, get_preset
 
+    if family is not None:
+        return ModelConfig(**FAMILY_MODELS[family])
     return ModelConfig(**SMOKE_MODEL) if preset == "smoke" else get_preset(preset)
 
 
 def hf_model_from_params(params: dict, cfg, share: bool = False):
-    """同一组张量的 transformers Qwen2ForCausalLM：配置经 hf.config_to_hf 转换，权重经 load_state_dict 装入
+    """同一组张量的 transformers 模型（cfg.family 的 <家族>ForCausalLM）：配置经 hf.config_to_hf 转换，权重经 load_state_dict 装入
     （参照一侧与本项目一侧因此从同一组初始权重出发）。
 
     share=False 拷入（学生：两边各自训练）；share=True 直接用同一块存储（教师：只读，省下一份权重；dtype 也随之
@@ -94,11 +121,13 @@ def hf_model_from_params(params: dict, cfg, share: bool = False):
 
     from functional_lm.hf import config_to_hf
 
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config_to_hf(cfg)))
+    hf = config_to_hf(cfg)
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict({k: v.detach() for k, v in params.items()}, strict=False, assign=share)
     allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     if set(result.missing_keys) - allowed or result.unexpected_keys:
-        raise RuntimeError(f"weights do not map onto Qwen2ForCausalLM: {result}")
+        raise RuntimeError(f"weights do not map onto {type(model).__name__}: {result}")
     if cfg.tie_word_embeddings:
         model.tie_weights()
         if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():

@@ -1,4 +1,5 @@
-"""前向 + 反向吞吐基准：本项目的函数式模型 vs transformers 的 Qwen2ForCausalLM。
+"""前向 + 反向吞吐基准：本项目的函数式模型 vs transformers 的同一家族（缺省 Qwen2ForCausalLM；--family 选 qwen3 /
+qwen3_moe / deepseek_v3 的小型真实形状模型）。
 
 同一配置、同一批数据、同一次运行中交替测量（减少机器负载波动带来的偏差），每个变体取各轮耗时的中位数
 （机器上有别的负载，中位数比最快一轮更稳），最后打印一行 JSON，包含各变体的 tokens/s 与比值：
@@ -16,7 +17,7 @@
 两边在同一个进程、同样的 malloc 设置下测量（导入 _bench_common 即应用 tune_malloc，表前打印一行说明）。
 main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的未取整数值，见 _bench_common.py）。
 
-用法：python benchmarks/bench_forward.py [--preset student-123m] [--batch 2] [--seq 128] [--rounds 5] [--check-rounds 10]
+用法：python benchmarks/bench_forward.py [--preset student-123m | --family qwen3] [--batch 2] [--seq 128] [--rounds 5] [--check-rounds 10]
       python benchmarks/bench_forward.py --smoke   # 同一条路径、极小尺寸（1 层的 smoke 模型，2×16，1 轮，2 对检查计时）
 """
 
@@ -29,7 +30,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
+from _bench_common import (
+    FAMILY_MODELS, hf_model_from_params, measured, model_config, parse_with_smoke, print_table, row, usage_rows,
+    write_result,
+)
 
 from functional_lm import forward, init_params
 from functional_lm.shapes import typecheck
@@ -37,20 +41,6 @@ from functional_lm.shapes import typecheck
 # --smoke 的缺省值：同一条代码路径，极小尺寸（命令行上显式给出的参数仍然优先）。
 SMOKE = dict(preset="smoke", batch=2, seq=16, rounds=1, warmup=1, check_rounds=2)
 VARIANT_ROWS = {"eager": "ours_eager", "eager_nocheck": "ours_eager_nocheck", "compiled": "ours_compiled"}
-
-
-def _hf_model(cfg, params):
-    import transformers
-
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    model = transformers.Qwen2ForCausalLM(hf_cfg)
-    model.load_state_dict(params, strict=False)  # 同一组权重
-    return model.train()
 
 
 def _loss(logits, ids):
@@ -61,6 +51,8 @@ def _loss(logits, ids):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="student-123m", help="预设名；smoke 为 _bench_common.SMOKE_MODEL")
+    parser.add_argument("--family", choices=sorted(FAMILY_MODELS), default=None,
+                        help="换成该家族的小型真实形状模型（_bench_common.FAMILY_MODELS），参照为 transformers 的同一家族")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="每个变体测量的轮数（取中位数）")
@@ -148,6 +140,7 @@ def _record(args, median, usage, tokens):
     return {
         "bench": "forward_backward",
         "preset": args.preset,
+        "family": args.family or "qwen2",
         "batch": args.batch,
         "seq": args.seq,
         "threads": args.threads,
@@ -165,10 +158,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    cfg = model_config(args.preset)
+    cfg = model_config(args.preset, args.family)
     params = {k: v.requires_grad_(True) for k, v in init_params(cfg, seed=0).items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    hf = _hf_model(cfg, params)
+    hf = hf_model_from_params(params, cfg).train()
     variants = _variants(cfg, params, ids, hf)
     t0 = time.perf_counter()
     for fn in variants.values():  # 预热（含编译），不计入计时与进程开销
@@ -183,7 +176,7 @@ def main(argv=None):
     print(f"shape-check overhead (checks on vs typecheck(False), median of {result['check_pairs']} alternating pairs): "
           f"{result['check_overhead']:+.1%} (pair ratios {result['check_pair_ratio_min']:.3f}"
           f"..{result['check_pair_ratio_max']:.3f})")
-    print_table(f"forward+backward, {args.preset}, {args.batch}x{args.seq}, median of {args.rounds} rounds "
+    print_table(f"forward+backward, {args.family or args.preset}, {args.batch}x{args.seq}, median of {args.rounds} rounds "
                 "(ratio = ours / transformers)", rows, reference_label="transformers")
     print(json.dumps(result))
     write_result(args, __file__, argv, result, rows)

@@ -51,7 +51,9 @@ import tempfile
 import time
 
 import torch
-from _bench_common import measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result
+from _bench_common import (
+    FAMILY_MODELS, measured, model_config, parse_with_smoke, print_table, row, usage_rows, write_result,
+)
 
 from functional_lm import init_params
 from functional_lm.generate import generate
@@ -101,6 +103,8 @@ def _interleaved_best(fns: dict, repeats: int, device: str, batch: int, n: int) 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="student-123m", help="预设名；smoke 为 _bench_common.SMOKE_MODEL")
+    parser.add_argument("--family", choices=sorted(FAMILY_MODELS), default=None,
+                        help="换成该家族的小型真实形状模型（_bench_common.FAMILY_MODELS），参照为 transformers 的同一家族")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
@@ -117,7 +121,7 @@ def _load_models(args, dtype):
     两份（hf 原样；hf_static 按文档设静态缓存并编译 forward）。"""
     import transformers
 
-    cfg = model_config(args.preset)
+    cfg = model_config(args.preset, args.family)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(init_params(cfg, seed=0, dtype=dtype), cfg, tmp)
         cfg, params = load_pretrained(tmp, device=args.device)
@@ -286,6 +290,7 @@ def main(argv=None) -> dict:
     record = {
         "benchmark": "generate",
         "preset": args.preset,
+        "family": args.family or "qwen2",
         "device": args.device,
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
