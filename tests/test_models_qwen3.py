@@ -209,3 +209,49 @@ def test_qwen3_student_preset_has_the_expected_size():
     cfg = get_preset("student-qwen3-123m")
     assert count_parameters(init_params(cfg, dtype=torch.bfloat16)) == 123_426_304 - 12 * 768 + 12 * 128 == 123_418_624
     assert get_preset("student-123m") == ModelConfig()  # 缺省仍是 Qwen2.5 式学生
+
+
+def _small_qwen3():
+    cfg = ModelConfig(family="qwen3", qkv_bias=False, attention_head_dim=12, hidden_size=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, intermediate_size=48, vocab_size=61, max_seq_len=32)
+    params = init_params(cfg, seed=5)
+    g = torch.Generator().manual_seed(6)
+    return cfg, {k: v + 0.1 * torch.randn(v.shape, generator=g) if k.endswith("norm.weight") else v
+                 for k, v in params.items()}
+
+
+def test_packed_documents_equal_separate_forwards():
+    # 独立的参照：两篇文档各自单独前向；打包在一行里、带 segment_ids 时每篇的 logits 必须与单独算的相同。
+    cfg, params = _small_qwen3()
+    a, b = _ids(cfg.vocab_size, b=1, t=5, seed=1), _ids(cfg.vocab_size, b=1, t=7, seed=2)
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    out = forward(params, packed, cfg, segment_ids=segments)
+    torch.testing.assert_close(out[:, :5], forward(params, a, cfg), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, 5:], forward(params, b, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_grad_and_vmap_compose():
+    cfg, params = _small_qwen3()
+    ids = _ids(cfg.vocab_size, b=3, t=6)
+
+    def loss(p, x):
+        return forward(p, x, cfg).logsumexp(-1).mean()
+
+    grads = torch.func.grad(loss)(params, ids)
+    assert grads.keys() == params.keys() and grads["model.layers.0.self_attn.q_norm.weight"].abs().sum() > 0
+    per_row = torch.func.vmap(lambda x: forward(params, x[None], cfg)[0])(ids)
+    torch.testing.assert_close(per_row, forward(params, ids, cfg), rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_shapes_are_named_by_the_type_checker():
+    from jaxtyping import TypeCheckError
+
+    cfg, params = _small_qwen3()
+    params["model.layers.1.self_attn.k_norm.weight"] = torch.ones(7)
+    with pytest.raises(ValueError, match=r"model.layers.1.self_attn.k_norm.weight has shape \(7,\), expected \(12,\)"):
+        forward(params, _ids(cfg.vocab_size), cfg)
+    from functional_lm.layers import rms_norm
+
+    with pytest.raises(TypeCheckError, match="rms_norm"):
+        rms_norm(torch.ones(2, 3, 12), torch.ones(7), 1e-6)

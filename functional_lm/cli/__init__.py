@@ -65,8 +65,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 def build_parser() -> argparse.ArgumentParser:
     """顶层解析器：每个子命令由 SUBCOMMANDS 中的一个注册函数加入。"""
     parser = argparse.ArgumentParser(
-        prog="functional-lm", description="函数式 Qwen2 / Qwen2.5：生成与知识蒸馏 / functional Qwen2 / Qwen2.5: "
-        "generation and knowledge distillation"
+        prog="functional-lm", description="函数式 Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3：生成与知识蒸馏 / functional Qwen2, Qwen3, "
+        "Qwen3-MoE, DeepSeek-V3: generation and knowledge distillation"
     )
     parser.add_argument("--debug", action="store_true", help="出错时显示 Python 回溯 / show Python tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

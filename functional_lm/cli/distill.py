@@ -112,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """注册 distill 子命令。"""
     p = subparsers.add_parser(
         "distill",
-        help="把 Qwen2 教师蒸馏进学生；不带参数时运行离线演示 / distil a Qwen2 teacher into a student; "
+        help="把 Qwen2 / Qwen3 / Qwen3-MoE 教师蒸馏进学生；不带参数时运行离线演示 / distil a Qwen2, Qwen3 or "
+        "Qwen3-MoE teacher into a student; "
         "without arguments, the offline demo",
         description=(
             "知识蒸馏 / knowledge distillation: loss = α·T²·KL(teacher‖student, T) + (1−α)·CE. "

@@ -180,8 +180,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="从检查点目录流式生成续写 / stream a continuation from a checkpoint",
         description="流式生成：边生成边打印 / streaming generation: tokens are printed as they are produced.",
     )
-    p.add_argument("--model", required=True, help="Qwen2 检查点目录（config.json + *.safetensors）或 hub id / "
-                   "Qwen2 checkpoint directory (config.json + *.safetensors) or hub id")
+    p.add_argument("--model", required=True, help="检查点目录（Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3，config.json + "
+                   "*.safetensors）或 hub id / checkpoint directory (Qwen2, Qwen3, Qwen3-MoE, DeepSeek-V3: config.json + "
+                   "*.safetensors) or hub id")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="文本提示（需要目录里有分词器）/ text prompt (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="token id 提示，例如 1,2,3 / prompt as token ids, e.g. 1,2,3")

@@ -207,13 +207,15 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     from functional_lm.data import check_vocab_compat, load_tokenizer
     from functional_lm.devices import resolve_device
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
-    from functional_lm.kd.pipeline import tokenizer_source
+    from functional_lm.config import ModelConfig
+    from functional_lm.kd.pipeline import refuse_foreign_vocabulary, tokenizer_source
     from functional_lm.kd.cache_build import build_teacher_cache
     from functional_lm.kd.cache_identity import make_fingerprint, teacher_weights_fingerprint
 
     device = resolve_device(args.device)
     teacher_dir = resolve_checkpoint(args.teacher)
     teacher_cfg = load_config(teacher_dir)
+    refuse_foreign_vocabulary(teacher_cfg, teacher_dir, ModelConfig().vocab_size, command="teacher-cache")
     tokenizer = load_tokenizer(tokenizer_source({"tokenizer": args.tokenizer}, teacher_dir))
     check_vocab_compat(tokenizer, tokenizer.real_vocab_size, teacher_cfg.vocab_size)  # 没有学生：只核对教师
     _check_top_k(args.top_k, tokenizer.real_vocab_size)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from functional_lm.kd.teacher_cache import TeacherCache
     from functional_lm.kd.trainer import TrainResult
 
-__all__ = ["run_distill", "tokenizer_source"]
+__all__ = ["run_distill", "tokenizer_source", "refuse_foreign_vocabulary", "OWN_TOKENIZER_FAMILIES"]
 
 
 def tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Optional[Path]:
@@ -32,6 +32,34 @@ def tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Opt
     if teacher_dir is not None and (teacher_dir / "tokenizer.json").is_file():
         return teacher_dir
     return None
+
+
+# 自带另一套分词器的家族（DeepSeek-V3 / R1：129,280 行的词表）与其说明；Qwen 三家与学生共用 Qwen 的词表。
+OWN_TOKENIZER_FAMILIES: dict[str, str] = {"deepseek_v3": "DeepSeek-V3"}
+
+
+def refuse_foreign_vocabulary(teacher_cfg: Optional[ModelConfig], teacher_dir: Optional[Path], student_rows: int,
+                              command: str = "distill") -> None:
+    """自带另一套分词器的教师（DeepSeek-V3）不能做逐 token 的 logit 蒸馏：点名两个词表，并说明现在能做什么。
+
+    logit 蒸馏按 token id 逐个比较教师与学生的分布，要求两边是同一个词表；跨分词器的对齐还没有实现。
+    能做的是序列级蒸馏（SeqKD）的“文本”形式：用教师写出续写（``functional-lm generate --model DIR``），
+    把这些文本当作学生的训练数据（--data，不带 --teacher）。--teacher-generated-fraction 也不行：
+    教师的 token 要先解码成文本、再用学生的分词器重新切分，这同样属于跨分词器的工作。
+    """
+    if teacher_cfg is None or teacher_cfg.family not in OWN_TOKENIZER_FAMILIES:
+        return
+    name = OWN_TOKENIZER_FAMILIES[teacher_cfg.family]
+    raise ValueError(
+        f"--teacher {teacher_dir}: a {name} model ({teacher_cfg.family}) with its own tokenizer and a "
+        f"{teacher_cfg.vocab_size:,}-row vocabulary, while the student uses the Qwen2.5 vocabulary "
+        f"({student_rows:,} rows); {command} compares teacher and student distributions token id by token id, so "
+        f"both need one vocabulary, and cross-tokenizer distillation is not available yet. What works with this "
+        f"teacher: write its text with `functional-lm generate --model {teacher_dir} --prompt ...`, collect it as "
+        f"JSONL, and train the student on that text with --data and no --teacher (sequence-level distillation); "
+        f"--teacher-generated-fraction cannot use it either, because its tokens would have to be re-tokenized for "
+        f"the student"
+    )
 
 
 def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig]) -> None:
@@ -144,6 +172,7 @@ def run_distill(
     teacher_cfg = load_config(teacher_dir) if teacher_dir is not None else None
     train_cache, val_cache = _open_teacher_caches(run)
     tok_source = tokenizer_source(run, teacher_dir)
+    refuse_foreign_vocabulary(teacher_cfg, teacher_dir, student_cfg.vocab_size)
     tokenizer = load_tokenizer(tok_source)
     # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
     check_vocab_compat(tokenizer, student_cfg.vocab_size, None if teacher_cfg is None else teacher_cfg.vocab_size)
