@@ -114,7 +114,7 @@ def test_greedy_generate_equals_transformers(tmp_path):
     cfg, params = load_pretrained(tmp_path)
     prompt = _ids(cfg.vocab_size, b=2, t=5, seed=3)
     with torch.no_grad():
-        theirs = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = generate(params, cfg, prompt, max_new_tokens=12, temperature=0.0)
     assert torch.equal(theirs, ours)
 

@@ -32,7 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from functional_lm.config import ModelConfig
-from functional_lm.hf.configs import ARCHITECTURES, MARKER, config_from_hf, config_to_hf, parse_dtype
+from functional_lm.hf.experts import fuse_experts
+from functional_lm.hf.configs import ARCHITECTURES, config_from_hf, config_to_hf, parse_dtype
 from functional_lm.models.decoder import EMBED_KEY, LM_HEAD_KEY, check_params, param_shapes
 from functional_lm.shapes import Tensor
 from functional_lm.atomic import fsync_path, replace_dir, write_safetensors
@@ -216,6 +217,8 @@ def load_pretrained(
             if key in tensors:
                 raise ValueError(f"{name}: key {key} also appears in {owner[key]}")
             tensors[key], owner[key] = value, name
+    if cfg.num_experts:
+        fuse_experts(tensors, owner, cfg)  # 发布的逐专家键 → 融合张量（参数字典的布局）
     _untie(tensors, owner, cfg)
     if cfg.family == "qwen2" and not cfg.qkv_bias:
         _drop_zero_biases(tensors, owner)

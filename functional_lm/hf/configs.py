@@ -7,6 +7,8 @@
       长度 ≤ W 的序列上滑窗注意力与全因果注意力完全相同
       （``use_sliding_window: false`` 时 transformers 也忽略 ``sliding_window``，我们同样忽略）；
     * qwen3（``Qwen3ForCausalLM``）：同上，外加 ``head_dim``（可 ≠ hidden/heads）；``attention_bias`` 必须为假。
+    * qwen3_moe（``Qwen3MoeForCausalLM``）：qwen3 的字段 + ``num_experts``、``num_experts_per_tok``、
+      ``moe_intermediate_size``、``norm_topk_prob``、``decoder_sparse_step``、``mlp_only_layers``。
     * 写出时同时写新旧两种 RoPE 字段，新旧版本的 transformers 都能读。
 """
 
@@ -26,7 +28,9 @@ __all__ = [
 ]
 
 # model_type → transformers 的类名
-ARCHITECTURES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ARCHITECTURES: dict[str, str] = {
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 MARKER = "functional_lm"  # config.json 中我们自己的附加字段（transformers 忽略它）
 
 _DTYPES = {
@@ -184,6 +188,21 @@ def _qwen3_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
     return qwen3_attention_fields(hf, source) | {"family": "qwen3"}
 
 
+def _qwen3_moe_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Qwen3-MoE：Qwen3 的注意力字段 + 专家数、每 token 专家数、专家宽度、归一、稀疏步长、稠密层表。"""
+    fields = qwen3_attention_fields(hf, source)
+    experts = hf.get("num_experts", hf.get("num_local_experts"))  # 发布的检查点写前者，transformers 5 写后者
+    missing = [name for name, value in (("num_experts", experts), ("num_experts_per_tok", hf.get("num_experts_per_tok")),
+                                        ("moe_intermediate_size", hf.get("moe_intermediate_size"))) if value is None]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {missing}")
+    return fields | {
+        "family": "qwen3_moe", "num_experts": experts, "num_experts_per_tok": hf["num_experts_per_tok"],
+        "moe_intermediate_size": hf["moe_intermediate_size"], "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "decoder_sparse_step": hf.get("decoder_sparse_step", 1), "mlp_only_layers": tuple(hf.get("mlp_only_layers") or ()),
+    }
+
+
 def _rope_fields(cfg: ModelConfig) -> dict[str, Any]:
     """plain RoPE 的新旧两种写法。"""
     return {
@@ -239,12 +258,22 @@ def _qwen3_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return qwen3_attention_to_hf(cfg, "qwen3", dtype)
 
 
+def _qwen3_moe_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return qwen3_attention_to_hf(cfg, "qwen3_moe", dtype) | {
+        "num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,  # 旧名与 transformers 5 的新名
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "norm_topk_prob": cfg.norm_topk_prob,
+        "decoder_sparse_step": cfg.decoder_sparse_step, "mlp_only_layers": list(cfg.mlp_only_layers),
+        "output_router_logits": False, "router_aux_loss_coef": 0.001,
+    }
+
+
 # model_type → 读出 ModelConfig 字段的函数；family → 写出 config.json 的函数。家族模块在这里登记。
 READERS: dict[str, Callable[[Mapping[str, Any], str], dict[str, Any]]] = {
-    "qwen2": _qwen2_from_hf, "qwen3": _qwen3_from_hf,
+    "qwen2": _qwen2_from_hf, "qwen3": _qwen3_from_hf, "qwen3_moe": _qwen3_moe_from_hf,
 }
 WRITERS: dict[str, Callable[[ModelConfig, torch.dtype], dict[str, Any]]] = {
-    "qwen2": _qwen2_to_hf, "qwen3": _qwen3_to_hf,
+    "qwen2": _qwen2_to_hf, "qwen3": _qwen3_to_hf, "qwen3_moe": _qwen3_moe_to_hf,
 }
 
 

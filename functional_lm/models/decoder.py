@@ -35,6 +35,7 @@ from functional_lm.models.cache import KVCache, advance, layer_slot, plan_write
 from functional_lm.models.family import Family
 from functional_lm.models.qwen2 import FAMILY as QWEN2
 from functional_lm.models.qwen3 import FAMILY as QWEN3
+from functional_lm.models.qwen3_moe import FAMILY as QWEN3_MOE
 from functional_lm.shapes import Bool, Float, Integer, Tensor, typechecked, under_transform
 
 __all__ = [
@@ -62,7 +63,7 @@ LM_HEAD_KEY = "lm_head.weight"
 
 
 # 家族名 → 家族描述（参数形状、两种混合器、RoPE 表）；解码栈对所有家族只有这一份。
-FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2, QWEN3)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2, QWEN3, QWEN3_MOE)}
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -261,13 +262,14 @@ def _validate(params, input_ids, cfg, position_ids, attention_mask, segment_ids=
 
 def _decoder_stack(
     params: Mapping[str, Tensor], x: Tensor, cfg: ModelConfig, *, rope, mask, dropout_p: float,
-    cache: Optional[KVCache] = None, slots: Optional[Tensor] = None,
+    cache: Optional[KVCache] = None, slots: Optional[Tensor] = None, family: Optional[Family] = None,
 ) -> tuple[Tensor, list[KVSlot]]:
     """num_layers 个解码块 + 最终 RMSNorm：所有路径（训练、完整前向、prefill、解码步）共用这一个层循环。
 
     给了缓存时第 i 层拿到自己的槽 layer_slot(cache, i, slots)，返回各层写入后的槽；否则返回空列表。
+    family 缺省为 cfg 的家族；换掉它的混合器可以观察中间量（例如 models.routing 记下路由 logits）。
     """
-    family = family_of(cfg)
+    family = family or family_of(cfg)
     written: list[KVSlot] = []
     for i in range(cfg.num_layers):
         layer = layer_params(params, cfg, i)
@@ -292,20 +294,22 @@ def decode_embeddings(
     attention_mask: Optional[Integer[Tensor, "b t"] | Bool[Tensor, "b t"]] = None,
     segment_ids: Optional[Integer[Tensor, "b t"]] = None,
     training: bool = False,
+    family: Optional[Family] = None,
 ) -> Float[Tensor, "b t d"]:
     """从嵌入向量出发：num_layers 个解码块 + 最终 RMSNorm（不带缓存）。
 
     单独暴露出来，便于对嵌入求导（例如用梯度检验因果性）或输入自定义嵌入。
+    family：换掉家族的混合器（缺省为 cfg 的家族），见 _decoder_stack。
     segment_ids：打包文档的编号，注意力不跨文档（见 layers.gqa_attention）。
     """
     # RoPE 表与注意力掩码对所有层相同，只建一次。
-    rope = family_of(cfg).rope(position_ids, cfg, x.dtype)
+    rope = (family or family_of(cfg)).rope(position_ids, cfg, x.dtype)
     dropout_p = cfg.dropout if training else 0.0
     mask = build_attention_mask(
         x.shape[1], attention_mask=attention_mask, segment_ids=segment_ids, dropout_p=dropout_p,
         needs_grad=grad_needed(x, params),
     )
-    return _decoder_stack(params, x, cfg, rope=rope, mask=mask, dropout_p=dropout_p)[0]
+    return _decoder_stack(params, x, cfg, rope=rope, mask=mask, dropout_p=dropout_p, family=family)[0]
 
 
 def _check_cache_call(input_ids: Tensor, cache: KVCache, position_ids, segment_ids) -> None:
