@@ -139,7 +139,7 @@ class YarnScaling:
     original_max_position_embeddings: int  # 训练时的上下文长度 L₀ / pre-training context length L₀
     beta_fast: float = 32.0  # 斜坡高频端：转满 β_fast 圈以上的维度不插值 / ramp end: dims with ≥ β_fast turns are not interpolated
     beta_slow: float = 1.0  # 斜坡低频端：不满 β_slow 圈的维度完全插值 / ramp start: dims with < β_slow turns are fully interpolated
-    mscale: float = 1.0  # cos/sin 幅度缩放的系数 / coefficient of the cos/sin magnitude scaling
+    mscale: Optional[float] = None  # cos/sin 幅度的系数（只在 mscale_all_dim 也给出时用）/ coefficient of the cos/sin magnitude (used only with mscale_all_dim)
     mscale_all_dim: float = 0.0  # DeepSeek：softmax 缩放再乘 m² 的系数（0 = 不乘）/ DeepSeek: coefficient of the m² softmax-scale factor (0 = none)
     attention_factor: Optional[float] = None  # 显式给出的 cos/sin 幅度（None = 由 mscale 算）/ explicit cos/sin magnitude (None = from mscale)
     truncate: bool = True  # 斜坡端点取整（HF 的缺省）/ round the ramp ends (HF default)
@@ -148,8 +148,10 @@ class YarnScaling:
         if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not self.factor >= 1.0:
             raise ValueError(f"YarnScaling.factor must be a number >= 1, got {self.factor!r}")
         POSITIVE_INT.check("YarnScaling.original_max_position_embeddings", self.original_max_position_embeddings)
-        for name in ("beta_fast", "beta_slow", "mscale"):
+        for name in ("beta_fast", "beta_slow"):
             POSITIVE.check(f"YarnScaling.{name}", getattr(self, name))
+        if self.mscale is not None:
+            POSITIVE.check("YarnScaling.mscale", self.mscale)
         NON_NEGATIVE.check("YarnScaling.mscale_all_dim", self.mscale_all_dim)
         if self.attention_factor is not None:
             POSITIVE.check("YarnScaling.attention_factor", self.attention_factor)

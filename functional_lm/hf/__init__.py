@@ -24,7 +24,8 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -126,9 +127,10 @@ def _weight_files(directory: Path) -> dict[str, list[str]]:
 
 
 def _read_tensors(
-    file: Path, keys: Optional[list[str]], dtype: Optional[torch.dtype], device: Optional[str]
+    file: Path, keys: Optional[list[str]], dtype: Optional[torch.dtype], device: Optional[str],
+    skip: Callable[[str], bool] = lambda key: False,
 ) -> dict[str, Tensor]:
-    """从一个 safetensors 文件逐个读取张量（mmap；每次只多出一个张量的转换副本）。"""
+    """从一个 safetensors 文件逐个读取张量（mmap；每次只多出一个张量的转换副本）；skip(key) 为真的键不读。"""
     if not file.exists():
         raise ValueError(f"{file.name}: listed in {INDEX_FILE} but missing from {file.parent}")
     out: dict[str, Tensor] = {}
@@ -139,7 +141,7 @@ def _read_tensors(
             absent = [key for key in wanted if key not in present]
             if absent:
                 raise ValueError(f"{file.name}: the index maps keys {absent[:5]} to this file, but it lacks them")
-            for key in wanted:
+            for key in (key for key in wanted if not skip(key)):
                 tensor = handle.get_tensor(key)
                 out[key] = tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -186,6 +188,24 @@ def _drop_zero_biases(tensors: dict[str, Tensor], owner: Mapping[str, str]) -> N
         del tensors[key]
 
 
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _mtp_layers(hf: Mapping[str, Any], cfg: ModelConfig, skipped: list[str]) -> Callable[[str], bool]:
+    """DeepSeek-V3 的多 token 预测层（层号 ≥ num_hidden_layers 的 num_nextn_predict_layers 层）：因果语言模型的前向
+    不用它们，transformers 也忽略它们。返回“这个键属于它们”的判断（这些张量不读），判为真的键记进 skipped。"""
+    extra = int(hf.get("num_nextn_predict_layers") or 0) if cfg.family == "deepseek_v3" else 0
+
+    def is_mtp(key: str) -> bool:
+        match = _LAYER_KEY.match(key)
+        found = match is not None and cfg.num_layers <= int(match.group(1)) < cfg.num_layers + extra
+        if found:
+            skipped.append(key)
+        return found
+
+    return is_mtp
+
+
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """只读检查点目录的 config.json（不读权重）：坏 JSON、不支持的结构都是点名该文件的 ValueError。"""
     directory = resolve_checkpoint(path)
@@ -198,7 +218,7 @@ def load_pretrained(
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device | str] = None,
 ) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """读取 Qwen2 检查点目录（或 hub id），返回 ``(ModelConfig, params)``。
+    """读取任一支持家族的检查点目录（或 hub id），返回 ``(ModelConfig, params)``（家族由 config.json 的 model_type 决定）。
 
     dtype 为 None 时保持检查点自己的 dtype（bf16 检查点读成 bf16）；device 指定张量直接读到哪个设备。
     """
@@ -210,13 +230,19 @@ def load_pretrained(
     device_name = None if device is None else str(torch.device(device))
     tensors: dict[str, Tensor] = {}
     owner: dict[str, str] = {}
+    mtp: list[str] = []
+    skip = _mtp_layers(hf, cfg, mtp)
     for name, keys in _weight_files(directory).items():
-        for key, value in _read_tensors(directory / name, keys, dtype, device_name).items():
+        for key, value in _read_tensors(directory / name, keys, dtype, device_name, skip).items():
             if key.endswith(_IGNORED_SUFFIXES):
                 continue
             if key in tensors:
                 raise ValueError(f"{name}: key {key} also appears in {owner[key]}")
             tensors[key], owner[key] = value, name
+    if mtp:
+        warnings.warn(f"{config_file}: {len(mtp)} tensors of the multi-token-prediction layer(s) "
+                      f"(num_nextn_predict_layers={hf.get('num_nextn_predict_layers')}, from model.layers.{cfg.num_layers}) "
+                      f"are not loaded: the causal-LM forward does not use them, as in transformers", UserWarning, stacklevel=2)
     if cfg.num_experts:
         fuse_experts(tensors, owner, cfg)  # 发布的逐专家键 → 融合张量（参数字典的布局）
     _untie(tensors, owner, cfg)
@@ -293,7 +319,7 @@ def save_pretrained(
     tokenizer: Optional[str | os.PathLike] = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """把参数字典写成 transformers 可直接 ``from_pretrained`` 的 Qwen2 检查点目录，返回该目录。
+    """把参数字典写成 transformers 可直接 ``from_pretrained`` 的检查点目录（cfg.family 的类），返回该目录。
 
     dtype 取自参数本身（嵌入矩阵的 dtype）；tokenizer 给出目录时复制其中的分词器文件。
     """

@@ -9,6 +9,9 @@
     * qwen3（``Qwen3ForCausalLM``）：同上，外加 ``head_dim``（可 ≠ hidden/heads）；``attention_bias`` 必须为假。
     * qwen3_moe（``Qwen3MoeForCausalLM``）：qwen3 的字段 + ``num_experts``、``num_experts_per_tok``、
       ``moe_intermediate_size``、``norm_topk_prob``、``decoder_sparse_step``、``mlp_only_layers``。
+    * deepseek_v3（``DeepseekV3ForCausalLM``）：MLA 的秩与维度、DeepSeekMoE 的路由设置（n_routed_experts、
+      n_group、topk_group、first_k_dense_replace、routed_scaling_factor、n_shared_experts）、YaRN；FP8 量化、
+      别的路由方法 / 打分函数、隔层 MoE、注意力偏置点名拒绝。Qwen3 两家与 DeepSeek 都读 YaRN（``yarn_scaling``）。
     * 写出时同时写新旧两种 RoPE 字段，新旧版本的 transformers 都能读。
 """
 
@@ -20,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from functional_lm.config import ModelConfig
+from functional_lm.config import ModelConfig, YarnScaling
 
 __all__ = [
     "ARCHITECTURES", "MARKER", "parse_dtype", "rope_theta", "check_rope_block", "sliding_window_limit", "base_fields",
@@ -30,6 +33,7 @@ __all__ = [
 # model_type → transformers 的类名
 ARCHITECTURES: dict[str, str] = {
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 MARKER = "functional_lm"  # config.json 中我们自己的附加字段（transformers 忽略它）
 
@@ -77,6 +81,41 @@ def check_rope_block(block: Mapping[str, Any], source: str) -> None:
         f"or 'linear' with factor 1.0); long-context scaling such as yarn must be removed from the config "
         f"to load this model"
     )
+
+
+def _number(block: Mapping[str, Any], key: str, source: str, default: Any = None) -> Any:
+    """RoPE 设置里的一个数（缺省 default）；不是数时点名拒绝。"""
+    value = block.get(key, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"{source}: rope scaling field {key!r} must be a number, got {value!r}")
+    return value
+
+
+def yarn_scaling(hf: Mapping[str, Any], source: str) -> Optional[YarnScaling]:
+    """rope_parameters / rope_scaling 里的 YaRN 设置 → YarnScaling（没有 yarn 时为 None）；其余缩放照旧核对、拒绝。
+
+    与 transformers 相同：factor 缺省为 max_position_embeddings / original_max_position_embeddings，
+    original_max_position_embeddings 缺省取顶层同名字段、再缺省为 max_position_embeddings，β 缺省 32 / 1。
+    """
+    found = None
+    for block in rope_blocks(hf):
+        if block.get("rope_type", block.get("type")) != "yarn":
+            check_rope_block(block, source)
+            continue
+        max_pos = hf.get("max_position_embeddings", 32768)
+        original = _number(block, "original_max_position_embeddings", source,
+                           hf.get("original_max_position_embeddings", max_pos))
+        factor = _number(block, "factor", source) or max_pos / original
+        try:
+            found = YarnScaling(
+                factor=float(factor), original_max_position_embeddings=int(original),
+                beta_fast=float(_number(block, "beta_fast", source) or 32), beta_slow=float(_number(block, "beta_slow", source) or 1),
+                mscale=_number(block, "mscale", source), mscale_all_dim=float(_number(block, "mscale_all_dim", source) or 0),
+                attention_factor=_number(block, "attention_factor", source), truncate=bool(block.get("truncate", True)),
+            )
+        except ValueError as err:
+            raise ValueError(f"{source}: invalid yarn rope scaling: {err}") from None
+    return found
 
 
 def rope_theta(hf: Mapping[str, Any], source: str, check: Callable[[Mapping[str, Any], str], None] = check_rope_block) -> float:
@@ -177,11 +216,16 @@ def qwen3_attention_fields(hf: Mapping[str, Any], source: str) -> dict[str, Any]
     window = sliding_window_limit(hf, source)
     head_dim = hf.get("head_dim")
     fields.update(
-        rope_theta=rope_theta(hf, source), max_seq_len=window or fields["max_seq_len"], qkv_bias=False,
+        rope_theta=rope_theta(hf, source, check=_no_check), rope_scaling=yarn_scaling(hf, source),
+        max_seq_len=window or fields["max_seq_len"], qkv_bias=False,
         attention_head_dim=None if head_dim is None or head_dim * fields["num_heads"] == fields["hidden_size"]
         else head_dim,
     )
     return fields
+
+
+def _no_check(block: Mapping[str, Any], source: str) -> None:
+    """缩放设置已由 yarn_scaling 核对过。"""
 
 
 def _qwen3_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -204,11 +248,20 @@ def _qwen3_moe_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 
 def _rope_fields(cfg: ModelConfig) -> dict[str, Any]:
-    """plain RoPE 的新旧两种写法。"""
+    """RoPE 的新旧两种写法：plain RoPE，或 YaRN（rope_type "yarn" 与它的各个字段）。"""
+    if cfg.rope_scaling is None:
+        scaling, params = None, {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    else:
+        y = cfg.rope_scaling
+        scaling = {"rope_type": "yarn", "factor": y.factor, "original_max_position_embeddings": y.original_max_position_embeddings,
+                   "beta_fast": y.beta_fast, "beta_slow": y.beta_slow, "mscale_all_dim": y.mscale_all_dim, "truncate": y.truncate}
+        scaling |= {key: value for key, value in (("mscale", y.mscale), ("attention_factor", y.attention_factor))
+                    if value is not None}
+        params = {**scaling, "rope_theta": cfg.rope_theta}
     return {
         "rope_theta": cfg.rope_theta,  # 旧布局（transformers 4.x）
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 新布局（5.x）
+        "rope_scaling": scaling,
+        "rope_parameters": params,  # 新布局（5.x）
     }
 
 
@@ -268,12 +321,61 @@ def _qwen3_moe_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _refuse_deepseek_variants(hf: Mapping[str, Any], source: str) -> None:
+    """DeepSeek-V3 中没有实现、会改变数值的设置：FP8 量化、别的路由方法或打分函数、隔层的 MoE、注意力偏置。"""
+    _refuse_attention_bias(hf, source)
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else quant
+        raise ValueError(f"{source}: quantization_config ({method}) is not supported: this is a quantized checkpoint "
+                         f"(DeepSeek-V3 ships FP8 weights with weight_scale_inv); convert it to bfloat16 first")
+    for key, allowed in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("moe_layer_freq", 1)):
+        if key in hf and hf[key] != allowed:
+            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (only {allowed!r}, DeepSeek-V3's)")
+
+
+def _deepseek_v3_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """DeepSeek-V3：公共字段 + MLA 的秩与维度、DeepSeekMoE 的路由设置、YaRN。"""
+    _refuse_deepseek_variants(hf, source)
+    fields = base_fields(hf, source, required=("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                               "moe_intermediate_size", "num_experts_per_tok"))
+    experts = hf.get("n_routed_experts", hf.get("num_local_experts"))
+    if experts is None:
+        raise ValueError(f"{source}: missing required field(s) ['n_routed_experts']")
+    return fields | {
+        "family": "deepseek_v3", "qkv_bias": False, "rope_theta": rope_theta(hf, source, check=_no_check),
+        "rope_scaling": yarn_scaling(hf, source), "q_lora_rank": hf.get("q_lora_rank"),
+        "kv_lora_rank": hf["kv_lora_rank"], "qk_nope_head_dim": hf["qk_nope_head_dim"],
+        "qk_rope_head_dim": hf["qk_rope_head_dim"], "v_head_dim": hf["v_head_dim"], "num_experts": experts,
+        "num_experts_per_tok": hf["num_experts_per_tok"], "moe_intermediate_size": hf["moe_intermediate_size"],
+        "n_shared_experts": hf.get("n_shared_experts") or 0, "routed_scaling_factor": float(hf.get("routed_scaling_factor", 1.0)),
+        "n_group": hf.get("n_group") or 1, "topk_group": hf.get("topk_group") or 1,
+        "first_k_dense_replace": hf.get("first_k_dense_replace") or 0, "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "rope_interleave": bool(hf.get("rope_interleave", True)),
+    }
+
+
+def _deepseek_v3_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    return common_to_hf(cfg, "deepseek_v3", dtype) | {
+        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim,
+        "n_routed_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "n_shared_experts": cfg.n_shared_experts,
+        "routed_scaling_factor": cfg.routed_scaling_factor, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "first_k_dense_replace": cfg.first_k_dense_replace, "norm_topk_prob": cfg.norm_topk_prob,
+        "rope_interleave": cfg.rope_interleave, "attention_bias": False, "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid", "num_nextn_predict_layers": 0,
+    }
+
+
 # model_type → 读出 ModelConfig 字段的函数；family → 写出 config.json 的函数。家族模块在这里登记。
 READERS: dict[str, Callable[[Mapping[str, Any], str], dict[str, Any]]] = {
     "qwen2": _qwen2_from_hf, "qwen3": _qwen3_from_hf, "qwen3_moe": _qwen3_moe_from_hf,
+    "deepseek_v3": _deepseek_v3_from_hf,
 }
 WRITERS: dict[str, Callable[[ModelConfig, torch.dtype], dict[str, Any]]] = {
     "qwen2": _qwen2_to_hf, "qwen3": _qwen3_to_hf, "qwen3_moe": _qwen3_moe_to_hf,
+    "deepseek_v3": _deepseek_v3_to_hf,
 }
 
 

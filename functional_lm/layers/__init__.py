@@ -397,13 +397,15 @@ def build_attention_mask(
     return segment_mask(segment_ids, attention_mask)
 
 
-def _attention_math(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
+def _attention_math(
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, scale: Optional[float] = None
+) -> Tensor:
     """显式写出的注意力：P = softmax(q kᵀ / √e + M)，out = P v。
 
     torch.func 变换（jvp 的前向自动微分、vmap 的批处理规则）不支持 SDPA 的融合 CPU 内核，
     在这些变换之下改走这条全部由基本算子组成的路径，数学上与融合内核相同。
     """
-    scores = torch.einsum("bhte,bhse->bhts", q, k) * q.shape[-1] ** -0.5
+    scores = torch.einsum("bhte,bhse->bhts", q, k) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if mask is None:
         t, s = q.shape[2], k.shape[2]
         mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
@@ -425,11 +427,12 @@ def _compiled_flex_attention():
 def attend(
     q: Float[Tensor, "b h t e"],
     k: Float[Tensor, "b k s e"],
-    v: Float[Tensor, "b k s e"],
+    v: Float[Tensor, "b k s ev"],
     mask: AttentionMask = None,
     dropout_p: float = 0.0,
-) -> Float[Tensor, "b h t e"]:
-    """缩放点积注意力：softmax(q kᵀ / √e + M) v，M 在被遮位置为 −∞。
+    scale: Optional[float] = None,
+) -> Float[Tensor, "b h t ev"]:
+    """缩放点积注意力：softmax(q kᵀ · c + M) v，c = scale（缺省 1/√e），M 在被遮位置为 −∞；v 的宽度可以不同于 e（MLA）。
 
     mask 为 None 时使用标准因果遮罩（要求 t == s，上三角 −∞）；布尔张量时使用给定的掩码；
     BlockMask（文档掩码，见 build_attention_mask）时走 FlexAttention，全遮的块不计算。
@@ -448,17 +451,19 @@ def attend(
         if dropout_p > 0.0:
             raise ValueError("attend: FlexAttention does not apply dropout; build a boolean mask when dropout_p > 0")
         flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex_attention()
-        return flex(q, k, v, block_mask=mask, enable_gqa=groups > 1)
+        return flex(q, k, v, block_mask=mask, enable_gqa=groups > 1, scale=scale)
     if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(q):
-        return _attention_math(q, expand_kv(k, groups), expand_kv(v, groups), mask, dropout_p)
+        return _attention_math(q, expand_kv(k, groups), expand_kv(v, groups), mask, dropout_p, scale)
     native_gqa = groups > 1 and (mask is None or q.device.type == "cpu")
     if groups > 1 and not native_gqa:
         k, v = expand_kv(k, groups), expand_kv(v, groups)
     if mask is None:
         return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1, enable_gqa=native_gqa
+            q, k, v, dropout_p=dropout_p, is_causal=q.shape[2] > 1, enable_gqa=native_gqa, scale=scale
         )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=native_gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=native_gqa, scale=scale
+    )
 
 
 def _default_rope(x: Tensor, cfg: ModelConfig, position_ids, attention_mask, segment_ids) -> RopeTables:

@@ -3,6 +3,7 @@
 图例：l 层数，b 批，t 本次写入的位置数，s 缓存槽位数（预分配的最大长度 S），k 键值头，e 头维度。
 
     * ``KVCache``：k、v 形状 (l, b, k, S, e)，预分配到最大长度 S，解码步的形状因此是静态的、可编译；
+      MLA（DeepSeek-V3）的 k 槽存压缩的潜变量 (l, b, 1, S, c)、v 槽存 RoPE 键 (l, b, 1, S, r)（见 cache_widths）；
       ``mask`` (b, S) 标记哪些槽位存着真实 token（左填充与尚未写入的槽位为假）；
       ``positions`` (b,) 是每条序列下一个 token 的 RoPE 位置（= 已有真实 token 数）；
       ``index`` () 是下一个写入的槽位（左填充让各行末尾对齐，所以全批共用一个槽位下标）。
@@ -18,14 +19,14 @@ from functional_lm.config import ModelConfig
 from functional_lm.layers import KVSlot
 from functional_lm.shapes import Bool, Float, Int, Integer, Tensor
 
-__all__ = ["KVCache", "init_cache", "WritePlan", "plan_write", "layer_slot", "advance"]
+__all__ = ["KVCache", "cache_widths", "cache_bytes_per_token", "init_cache", "WritePlan", "plan_write", "layer_slot", "advance"]
 
 
 class KVCache(NamedTuple):
     """预分配的键值缓存（一个 pytree：NamedTuple 的每个字段都是张量）。"""
 
-    k: Float[Tensor, "l b k s e"]  # 各层 RoPE 之后的键
-    v: Float[Tensor, "l b k s e"]  # 各层的值
+    k: Float[Tensor, "l b k s e"]  # 各层 RoPE 之后的键（MLA：潜变量）
+    v: Float[Tensor, "l b k s ev"]  # 各层的值（MLA：RoPE 键）
     mask: Bool[Tensor, "b s"]  # 槽位是否存着真实 token
     positions: Int[Tensor, "b"]  # 每行下一个 token 的 RoPE 位置
     index: Int[Tensor, ""]  # 下一个写入的槽位（全批共用）
@@ -34,6 +35,31 @@ class KVCache(NamedTuple):
     def max_len(self) -> int:
         """缓存槽位数 S。"""
         return self.k.shape[3]
+
+
+def cache_widths(cfg: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """每层每个 token 在缓存里存什么：((k 的头数, 宽度), (v 的头数, 宽度))。
+
+    GQA：k、v 各 k 个头 × e；MLA（DeepSeek-V3）：k 槽存压缩的潜变量 (1 × c)，v 槽存共享的 RoPE 键 (1 × r)。
+    """
+    if cfg.uses_mla:
+        return (1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim)
+    return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """每个 token 的缓存字节数（所有层）：本模型的缓存，以及同样的头数用普通多头 KV（每头存完整的 k、v）时要多少。
+
+    MLA 的对照是它展开之后的每头键值 h·(e + ev)；GQA 的对照就是它自己。
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    (kh, kw), (vh, vw) = cache_widths(cfg)
+    ours = cfg.num_layers * (kh * kw + vh * vw) * size
+    if cfg.uses_mla:
+        plain = cfg.num_layers * cfg.num_heads * (cfg.head_dim + cfg.v_head_dim) * size
+    else:
+        plain = ours
+    return {"cache": ours, "per_head_kv": plain}
 
 
 def init_cache(
@@ -46,10 +72,10 @@ def init_cache(
     """全零的空缓存：S = max_len 个槽位，全部标记为空。"""
     if max_len < 1 or batch_size < 1:
         raise ValueError(f"init_cache: batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    (k_heads, k_width), (v_heads, v_width) = cache_widths(cfg)
     return KVCache(
-        k=torch.zeros(shape, dtype=dtype, device=device),
-        v=torch.zeros(shape, dtype=dtype, device=device),
+        k=torch.zeros((cfg.num_layers, batch_size, k_heads, max_len, k_width), dtype=dtype, device=device),
+        v=torch.zeros((cfg.num_layers, batch_size, v_heads, max_len, v_width), dtype=dtype, device=device),
         mask=torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
         positions=torch.zeros(batch_size, dtype=torch.int64, device=device),
         index=torch.zeros((), dtype=torch.int64, device=device),

@@ -32,6 +32,7 @@ from functional_lm.layers import (
     transformer_block,
 )
 from functional_lm.models.cache import KVCache, advance, layer_slot, plan_write
+from functional_lm.models.deepseek_v3 import FAMILY as DEEPSEEK_V3
 from functional_lm.models.family import Family
 from functional_lm.models.qwen2 import FAMILY as QWEN2
 from functional_lm.models.qwen3 import FAMILY as QWEN3
@@ -63,7 +64,7 @@ LM_HEAD_KEY = "lm_head.weight"
 
 
 # 家族名 → 家族描述（参数形状、两种混合器、RoPE 表）；解码栈对所有家族只有这一份。
-FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2, QWEN3, QWEN3_MOE)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (QWEN2, QWEN3, QWEN3_MOE, DEEPSEEK_V3)}
 
 
 def family_of(cfg: ModelConfig) -> Family:

@@ -8,6 +8,7 @@
 
 from functional_lm.config import ModelConfig
 from functional_lm.layers import dense_ffn, gqa_attention, rope_tables
+from functional_lm.layers.rope import yarn_tables
 from functional_lm.models.family import Family
 from functional_lm.shapes import Tensor
 
@@ -51,7 +52,9 @@ def layer_shapes(cfg: ModelConfig, index: int = 0) -> dict[str, tuple[int, ...]]
 
 
 def plain_rope(position_ids: Tensor, cfg: ModelConfig, dtype) -> tuple[Tensor, Tensor]:
-    """plain RoPE 的 cos / sin 表（layers.rope_tables），维度为 cfg.rope_dim。"""
+    """RoPE 的 cos / sin 表，维度为 cfg.rope_dim：plain RoPE（layers.rope_tables），有 rope_scaling 时为 YaRN。"""
+    if cfg.rope_scaling is not None:
+        return yarn_tables(position_ids, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, dtype)
     return rope_tables(position_ids, cfg.rope_dim, cfg.rope_theta, dtype)
 
 
