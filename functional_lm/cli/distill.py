@@ -91,6 +91,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                      help="出错时显示 Python 回溯 / show Python tracebacks on errors")
 
 
+def _escape_percent(text: str) -> str:
+    """argparse 把帮助文字当 % 格式串展开：字段注释里的 “%”（如 (i+1) % step）写成 “%%”。"""
+    return text.replace("%", "%%")
+
+
 def _add_field_options(p: argparse.ArgumentParser) -> None:
     """ModelConfig 与 TrainingConfig 的每个字段一个 --选项；帮助文字取自 config.py 的行尾注释。"""
     for title, cls in (("model (ModelConfig) / 模型", ModelConfig), ("training (TrainingConfig) / 训练", TrainingConfig)):
@@ -103,7 +108,8 @@ def _add_field_options(p: argparse.ArgumentParser) -> None:
             extra = {"choices": choices} if choices else {"metavar": _TYPES.get(kind, kind)}
             group.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f"field_{f.name}", default=argparse.SUPPRESS,
-                help=f"{helps.get(f.name, f.name)} (默认 / default: {'auto' if f.default is None else f.default})",
+                help=_escape_percent(f"{helps.get(f.name, f.name)} (默认 / default: "
+                                     f"{'auto' if f.default is None else f.default})"),
                 **extra,
             )
 

@@ -41,13 +41,19 @@ def dense_mlp_shapes(cfg: ModelConfig, width: int) -> dict[str, tuple[int, ...]]
 
 
 def layer_shapes(cfg: ModelConfig, index: int = 0) -> dict[str, tuple[int, ...]]:
-    """一层的参数名与形状（各层相同，index 不影响）。键的顺序与 transformers 保存的顺序一致。"""
+    """一层的参数名与形状（各层相同，index 不影响）。"""
     d = cfg.hidden_size
+    attention = attention_shapes(cfg)
+    weights = {name: shape for name, shape in attention.items() if name.endswith(".weight")}
+    biases = {name: shape for name, shape in attention.items() if name.endswith(".bias")}
+    # 偏置排在一层的最后：参数字典的键序决定梯度范数的求和顺序与优化器状态的顺序，
+    # 与此前版本（及其检查点、黄金值）保持一致。
     return {
         "input_layernorm.weight": (d,),
-        **attention_shapes(cfg),
+        **weights,
         "post_attention_layernorm.weight": (d,),
         **dense_mlp_shapes(cfg, cfg.intermediate_size),
+        **biases,
     }
 
 
