@@ -27,6 +27,12 @@ TEACHERS = {
         num_kv_heads=2, intermediate_size=64, vocab_size=151936, max_seq_len=64, rope_theta=1e4,
         tie_word_embeddings=False,
     ),
+    # 4 个专家取 2 个，第 1 层只用稠密 MLP（mlp_only_layers）：路由、分组专家与稠密层都走一遍
+    "qwen3_moe": ModelConfig(
+        family="qwen3_moe", qkv_bias=False, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=64, vocab_size=151936, max_seq_len=64, rope_theta=1e4, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, mlp_only_layers=(1,),
+    ),
 }
 FLAGS = [
     "--preset", "tiny", "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads", "1",
@@ -104,3 +110,26 @@ def test_a_qwen3_student_distils_from_the_teacher(root, tmp_path):
     cfg, params = load_pretrained(out / "student")
     assert cfg.family == "qwen3" and "model.layers.0.self_attn.q_norm.weight" in params
     assert len(_losses(out)) == 4
+
+
+DEEPSEEK = ModelConfig(
+    family="deepseek_v3", qkv_bias=False, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
+    intermediate_size=64, vocab_size=129280, max_seq_len=64, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize("command", ["distill", "teacher-cache"])
+def test_a_deepseek_teacher_is_refused_for_logit_distillation_in_one_paragraph(tmp_path, capsys, command):
+    root = write_teacher_and_data(tmp_path, DEEPSEEK)
+    args = [command, "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"),
+            "--cache-dir", str(root / "cache"), "--output-dir", str(root / "out"), "--seq-len", "32"]
+    tail = ["--preset", "tiny", "--vocab-size", "151936", "--max-steps", "1", "--no-progress"]
+    args += tail if command == "distill" else ["--top-k", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    assert "129,280" in err and "151,936" in err and "DeepSeek-V3" in err
+    assert "functional-lm generate --model" in err and "--data" in err  # 说出现在能做的事
+    assert not (root / "out" / "student").exists()
