@@ -96,6 +96,18 @@ def test_gradients_match_transformers(tmp_path):
         torch.testing.assert_close(value.grad, theirs[key].grad, rtol=1e-5, atol=1e-7, msg=key)
 
 
+def test_torch_func_grad_through_the_experts_equals_transformers(tmp_path):
+    model = _hf_model(tmp_path).train()
+    cfg, params = load_pretrained(tmp_path)
+    ids = _ids(cfg.vocab_size)
+    model(ids).logits.square().mean().backward()
+    grads = torch.func.grad(lambda p: forward(p, ids, cfg).square().mean())(params)  # 专家层的自定义反向也在其中
+    theirs = dict(model.named_parameters())
+    assert grads.keys() == params.keys()
+    for key, value in grads.items():
+        torch.testing.assert_close(value, theirs[key].grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
 def test_greedy_generate_equals_transformers(tmp_path):
     model = _hf_model(tmp_path)
     cfg, params = load_pretrained(tmp_path)

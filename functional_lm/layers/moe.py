@@ -87,6 +87,41 @@ def _expert_loop(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     return torch.cat([F.linear(piece, weight[e]) for e, piece in enumerate(pieces) if piece.shape[0] > 0])
 
 
+def _expert_loop_backward(grad: Tensor, rows: Tensor, weight: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """_expert_loop 的反向：∂L/∂rows_e = g_e W_e，∂L/∂W_e = g_eᵀ rows_e（没被选中的专家梯度为 0）。
+
+    梯度按专家直接写进一个 (E, o, i) 的张量；若交给 autograd 逐段求导，每个 weight[e] 的反向都会生成
+    一份完整的 (E, o, i) 零张量再累加（E 个专家就是 E 份），这正是要避开的。
+    """
+    grad_rows = _expert_loop(grad, weight.transpose(1, 2), counts)
+    grad_weight = torch.zeros_like(weight)
+    for e, (g, r) in enumerate(zip(grad.split(counts.tolist()), rows.split(counts.tolist()))):
+        if g.shape[0] > 0:
+            grad_weight[e] = g.T @ r
+    return grad_rows, grad_weight
+
+
+class GroupedLinear(torch.autograd.Function):
+    """eager 下的分组线性层：前向即 _expert_loop，反向即 _expert_loop_backward。
+
+    写成带 setup_context 的 autograd.Function，torch.func.grad / vjp 也能穿过它（torch.library 的自定义算子
+    不能）；vmap 不行：每个专家的段长来自数据（counts.tolist()）。
+    """
+
+    @staticmethod
+    def forward(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+        return _expert_loop(rows, weight, counts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        rows, weight, counts = ctx.saved_tensors
+        return (*_expert_loop_backward(grad, rows, weight, counts), None)
+
+
 @torch.library.custom_op("functional_lm::grouped_linear", mutates_args=())
 def grouped_linear(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
     """_expert_loop 的不透明算子形式：torch.compile 把它当作一个整体（每段的长度依赖数据，追踪不进去），
@@ -107,12 +142,7 @@ def _grouped_linear_setup(ctx, inputs, output) -> None:
 def grouped_linear_backward(grad: Tensor, rows: Tensor, weight: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """grouped_linear 的反向（同样不透明，编译时 AOTAutograd 不追踪进去）：
     ∂L/∂rows_e = g_e W_e，∂L/∂W_e = g_eᵀ rows_e（没被选中的专家梯度为 0）。"""
-    grad_rows = _expert_loop(grad, weight.transpose(1, 2), counts)
-    grad_weight = torch.zeros_like(weight)
-    for e, (g, r) in enumerate(zip(grad.split(counts.tolist()), rows.split(counts.tolist()))):
-        if g.shape[0] > 0:
-            grad_weight[e] = g.T @ r
-    return grad_rows, grad_weight
+    return _expert_loop_backward(grad, rows, weight, counts)
 
 
 @grouped_linear_backward.register_fake
@@ -130,10 +160,11 @@ grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_groupe
 
 
 def _per_expert(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
-    """eager（与 torch.func 变换）下直接跑专家循环；torch.compile 追踪时用不透明算子 grouped_linear。"""
+    """eager（与 torch.func.grad）下用 GroupedLinear；torch.compile 追踪时用不透明算子 grouped_linear
+    （段长依赖数据，dynamo 追踪不进 autograd.Function 的循环）。"""
     if torch.compiler.is_compiling():
         return grouped_linear(rows, weight, counts)
-    return _expert_loop(rows, weight, counts)
+    return GroupedLinear.apply(rows, weight, counts)
 
 
 @typechecked
