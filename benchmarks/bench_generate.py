@@ -34,10 +34,13 @@ transformers 一侧有两个参照：
     b<b>_<上面三者>_faults       faults/step  每个解码步（每个新 token 位置）的次缺页数，参照同上，无比值
 
 两边在同一个进程、同样的 malloc 设置下测量（导入 _bench_common 即应用 tune_malloc，表前打印一行说明）。
+表前还有一行缓存占用：每个 token 在 KV 缓存里的字节数（所有层，本次的 dtype），本项目的缓存对每头存完整 k、v 的
+缓存（transformers 的 DynamicCache 为同一模型存的量）；MLA（--family deepseek_v3）只存潜变量与 RoPE 键。
+--family qwen3 | qwen3_moe | deepseek_v3 换成该家族缩小的真实形状模型（_bench_common.FAMILY_MODELS）。
 随后是一行 JSON（含比值与核对结果）；进度信息写到 stderr。main(argv) 返回 JSON 的内容，外加 "rows"（表中各行的
 未取整数值，见 _bench_common.py）。``--out FILE`` 另把结果与机器记录写成 JSON（见 benchmarks/results/README.md）。
 
-    python benchmarks/bench_generate.py [--batches 1,8] [--new-tokens 128] [--repeats 2] [--device cpu]
+    python benchmarks/bench_generate.py [--batches 1,8] [--new-tokens 128] [--repeats 2] [--device cpu] [--family F]
     python benchmarks/bench_generate.py --out benchmarks/results/bench_generate-$(date +%F).json
     python benchmarks/bench_generate.py --smoke   # 同一条路径、极小尺寸（1 层 smoke 模型，批 1，提示 4 + 新 8 个 token）
 """
@@ -58,6 +61,7 @@ from _bench_common import (
 from functional_lm import init_params
 from functional_lm.generate import generate
 from functional_lm.hf import load_pretrained, save_pretrained
+from functional_lm.models.cache import cache_bytes_per_token
 from functional_lm.shapes import typecheck
 
 # --smoke 的缺省值：同一条代码路径，极小尺寸（命令行上显式给出的参数仍然优先）。
@@ -300,9 +304,15 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "results": results,
+        # 每个 token 的缓存字节数（所有层，本次的 dtype）：本项目的缓存；per_head_kv 是每头存完整 k、v 的缓存，
+        # 即 transformers 的 DynamicCache 为同一模型存的量（MLA 时它存展开后的每头键值，GQA 时两者相同）
+        "cache_bytes_per_token": cache_bytes_per_token(cfg, dtype),
         "target_compiled_vs_hf_batch_1": 2.0,
         "target_met": first["compiled_vs_hf"] >= 2.0,
     }
+    cache = record["cache_bytes_per_token"]
+    print(f"KV cache per token ({args.dtype}, all layers): ours {cache['cache']:,} B, per-head k/v as transformers "
+          f"stores it {cache['per_head_kv']:,} B ({cache['per_head_kv'] / cache['cache']:.1f}x)")
     print_table(f"greedy decoding, {args.preset}, {args.dtype}, {args.new_tokens} new tokens (ratio = ours / "
                 "reference: transformers generate, or for *_vs_static its static cache + torch.compile)", rows,
                 reference_label="transformers")

@@ -72,6 +72,7 @@ SCRIPTS = {
               "step_from_cache_peak_rss"],
         ratio_rows=["build", "step_from_cache", "step_from_cache_peak_rss"],  # 字节数的行没有参照
     ),
+    "bench_moe": dict(argv=["--threads", "{threads}"], rows=_with_usage("eager", "compiled")),
     "bench_on_policy": dict(
         argv=["--threads", "{threads}"],
         rows=["generate_s", "teacher_s", "student_loss_s", "step_s", "step_sys", "step_faults"],
@@ -79,7 +80,7 @@ SCRIPTS = {
 }
 # 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
 PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention", "bench_cache",
-               "bench_on_policy")
+               "bench_on_policy", "bench_moe")
 
 
 # ---------------------------------------------------------------- 运行与复原
@@ -536,6 +537,7 @@ FULL_DEFAULTS = {
     "bench_cache": dict(batch=4, seq=512, steps=3, teacher_layers=None, student="student-123m", real_vocab=151665,
                         top_ks="16,64,256", top_k=64, temperature=2.0,
                         build_blocks=16, chunk_size=256),  # build_blocks 缺省为 batch × 4
+    "bench_moe": dict(family="qwen3_moe", batch=4, seq=128, rounds=7, warmup=2),
     "bench_on_policy": dict(batch=8, prompt=64, new_tokens=64, student="student-123m", teacher="qwen2.5-0.5b",
                             steps=3, real_vocab=151665, device="cpu"),  # docs/benchmarks.md：3 步中位数
 }
