@@ -142,3 +142,17 @@ def full_disk_open(target_name):
         return Full(handle) if str(path).endswith(target_name) else handle
 
     return fake_open
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """标记 vllm 的测试共用的真实 vLLM 服务器（见 tests/_vllm_server.py）：.url、.model_dir。"""
+    from _vllm_server import RunningServer, VllmServer, write_tiny_teacher
+
+    if os.environ.get("FLM_TEST_VLLM_URL"):  # 开发时复用一个已经在跑的服务器（它服务的目录在 FLM_TEST_VLLM_MODEL）
+        yield RunningServer(os.environ["FLM_TEST_VLLM_URL"], os.environ["FLM_TEST_VLLM_MODEL"])
+        return
+    root = tmp_path_factory.mktemp("vllm")
+    server = VllmServer(write_tiny_teacher(root / "teacher"), root / "server.log").start()
+    yield server
+    server.stop()

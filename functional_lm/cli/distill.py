@@ -24,6 +24,7 @@ from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings,
 from functional_lm.errors import Interrupted
 from functional_lm.runs.settings import (
     RUN_KEYS,
+    TEACHER_SOURCES,
     RunSettings,
     check_field_values,
     field_help,
@@ -60,6 +61,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                      "top-k 目标蒸馏，不加载教师；top_k 缺省取缓存的 K / teacher cache directory (the output of "
                      "functional-lm teacher-cache): distil from its stored top-k targets without loading the teacher; "
                      "top_k defaults to the cache's K")
+    _add_served_options(run)
     run.add_argument("--data", nargs="+", help="训练数据：.txt/.md（按空行分篇）、.jsonl（text 或 messages）、.parquet"
                      "；缺省为内置语料 / training data: .txt/.md (split at blank lines), .jsonl (text or messages), "
                      ".parquet; default: the embedded corpus")
@@ -89,6 +91,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                      "validation instead (suits log files)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="出错时显示 Python 回溯 / show Python tracebacks on errors")
+
+
+def _add_served_options(run: argparse._ArgumentGroup) -> None:
+    """服务端教师（OpenAI 兼容，如 vLLM）的选项；distill 与 teacher-cache 共用。"""
+    run.add_argument("--teacher-url", metavar="URL", help="服务端教师：OpenAI 兼容服务器的根地址（如 "
+                     "http://127.0.0.1:8000/v1），代替 --teacher；只发 token id，取 prompt_logprobs 的 top-k（需要 "
+                     "--top-k，温度须为 1）；密钥放在环境变量 FUNCTIONAL_LM_TEACHER_API_KEY / served teacher: the base "
+                     "URL of an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) in place of --teacher; only "
+                     "token ids are sent, targets are the top-k of its prompt_logprobs (needs --top-k, temperature 1); "
+                     "an API key goes in the environment variable FUNCTIONAL_LM_TEACHER_API_KEY")
+    run.add_argument("--teacher-model", metavar="NAME", help="服务器上的模型名（服务器只服务一个模型时可省）/ the "
+                     "model name on the server (optional when it serves one model)")
+    run.add_argument("--teacher-timeout", metavar="SECONDS", help="每个请求的超时秒数（默认 120）/ seconds per "
+                     "request before it counts as timed out (default: 120)")
+    run.add_argument("--teacher-concurrency", metavar="N", help="同时在途的请求数（默认 4）/ requests in flight at "
+                     "once (default: 4)")
 
 
 def _escape_percent(text: str) -> str:
@@ -183,7 +201,7 @@ def _inputs(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], d
 
 def _output_dir(explicit: Mapping[str, Any]) -> Path:
     """运行目录：--output-dir，否则演示 runs/demo、有教师时 runs/distill。"""
-    demo = explicit.get("teacher") is None and explicit.get("teacher_cache") is None
+    demo = all(explicit.get(k) is None for k in TEACHER_SOURCES)
     return Path(explicit.get("output_dir") or ("runs/demo" if demo else "runs/distill")).expanduser()
 
 

@@ -147,6 +147,16 @@ class BatchLoader:
         self.position += 1  # 先更新状态再交出：交出 k 批后 state_dict 的 position 就是 k
         return batch
 
+    def upcoming(self, n: int) -> list[Batch]:
+        """接下来的 n 批（不前移位置；跨轮时进入下一轮的顺序）：给提前取目标的来源（服务端教师）用。"""
+        epoch, position, out = self.epoch, self.position, []
+        for _ in range(n):
+            if position >= len(self):
+                epoch, position = epoch + 1, 0
+            out.append(self.batch_at(epoch, position))
+            position += 1
+        return out
+
     def __iter__(self) -> Iterator[Batch]:
         if self.position >= len(self):
             self.epoch += 1

@@ -171,6 +171,11 @@ def run_distill(
     teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
     teacher_cfg = load_config(teacher_dir) if teacher_dir is not None else None
     train_cache, val_cache = _open_teacher_caches(run)
+    if run.get("teacher_url") and tcfg.temperature != 1.0:  # 在分词与加载之前拒绝（理由见 served.py）
+        raise ValueError(
+            f"--temperature {tcfg.temperature:g} with --teacher-url {run['teacher_url']}: a server returns "
+            f"log-probabilities at T = 1 and the distribution at another temperature cannot be recovered exactly "
+            f"from its top-k values (that needs every logit); use --temperature 1, or a local --teacher DIR")
     tok_source = tokenizer_source(run, teacher_dir)
     refuse_foreign_vocabulary(teacher_cfg, teacher_dir, student_cfg.vocab_size)
     tokenizer = load_tokenizer(tok_source)
@@ -194,16 +199,25 @@ def run_distill(
     if train_cache is not None:
         _check_cache_identity(train_cache, tokenizer, data, tcfg)
         tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
+    if run.get("teacher_url"):
+        from functional_lm.kd.served import open_served_teacher
+
+        train_cache = open_served_teacher(run, tcfg.top_k, tokenizer.real_vocab_size, int(run["seq_len"]))
     teacher = _load_teacher(teacher_dir, tcfg, info)
     teacher_cfg = teacher.cfg if teacher is not None else None
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
-    result = train(
-        student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,
-        tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
-    )
+    try:
+        result = train(
+            student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,
+            tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
+        )
+    finally:
+        if hasattr(train_cache, "close"):  # 服务端教师：停掉在途的请求
+            train_cache.close()
     if result.interrupted:
         raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
     if info.is_main:
-        teacher_info = teacher_cfg.to_dict() if teacher_cfg is not None else train_cache.fingerprint.get("teacher_config")
+        teacher_info = (teacher_cfg.to_dict() if teacher_cfg is not None else train_cache.fingerprint.get("teacher_config")
+                        if not run.get("teacher_url") else {"served": train_cache.model, "url": run["teacher_url"]})
         _finish(result, student_cfg, teacher_info, tcfg, run, out, tok_dir)
     return out

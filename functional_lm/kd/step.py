@@ -116,7 +116,7 @@ class Stepper:
     info: Dist = SINGLE
     student_fwd: Callable = forward_hidden
     teacher_fwd: Callable = forward_hidden
-    teacher_cache: Optional[TeacherCache] = None  # 教师缓存（TeacherCache）：训练目标从它读，不跑教师
+    teacher_cache: Optional[TeacherCache] = None  # 目标来源（TeacherCache 或 served.ServedTeacher）：目标从它读，不跑教师
     rollouts: Optional[Rollouts] = None  # 在线蒸馏（on_policy.Rollouts）：把数据批换成学生或教师写的批
     source_settings: SourceSettings = field(default_factory=dict)  # 每个来源的损失设置（on_policy.source_settings）
 
@@ -132,8 +132,8 @@ def _teacher_side(
 ) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
     """这一微批的教师一侧：(教师隐藏状态, 稀疏目标)。教师缓存 → 只有目标；top_k > 0 → 在线取 top-k；
     否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。tcfg 是这一批来源的损失设置。"""
-    if stepper.teacher_cache is not None:
-        return None, stepper.teacher_cache.batch_targets(batch, stepper.info.device)
+    if stepper.teacher_cache is not None:  # 教师缓存或服务端教师：只有稀疏目标
+        return None, stepper.teacher_cache.batch_targets(batch, stepper.info.device, document_segments(batch, tcfg))
     if stepper.teacher is None or tcfg.alpha == 0.0:
         return None, None
     with no_checks_if_sharded(stepper.teacher):

@@ -450,8 +450,11 @@ class TeacherCache:
         return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(log_probs),
                 torch.from_numpy(tail.astype(np.float32)))
 
-    def batch_targets(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch_targets(
+        self, batch: Any, device: torch.device, segment_ids: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """一批训练数据的稀疏目标，已搬到 device 上、可以直接交给损失：按批的块号 ``batch.block_ids`` 读 targets。
+        segment_ids 不用（缓存的目标按建缓存时的文档掩码算好；与服务端教师同一个签名）。
 
         返回 (top-k id int64 (b, L, K), 温度 T 下的 log 概率 float32 (b, L, K), 尾部质量 float32 (b, L))；
         批不带 block_ids 时（不是 BatchLoader 给的批）抛一句话的 ValueError。"""

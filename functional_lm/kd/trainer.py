@@ -27,7 +27,7 @@ from functional_lm.config import TrainingConfig
 from functional_lm.distributed import Dist, all_reduce_sum, on_main, peer_loss_explained, setup
 from functional_lm.errors import NonFiniteLossError
 from functional_lm.kd.evaluate import Evaluator
-from functional_lm.kd.objective import Model
+from functional_lm.kd.objective import Model, document_segments
 from functional_lm.kd.on_policy import batch_source, rollouts_for
 from functional_lm.kd.preflight import check_models, refuse_foreign_run
 from functional_lm.kd.saver import Saver, restore
@@ -269,14 +269,32 @@ def _stop_agreed(stop: StopFlag, info: Dist) -> bool:
     return all_reduce_sum([flag], info)[0] > 0 if info.enabled else flag > 0
 
 
+def _prefetch(stepper: Stepper, loader: BatchLoader, now: list[Batch], next_step: int) -> None:
+    """目标来源能提前取（服务端教师）时：这一步的各个数据微批一起发出，下一步若是数据步也先发出，
+    于是服务器在学生算这一步时已经在算下一步的目标。"""
+    source = stepper.teacher_cache
+    if not hasattr(source, "prefetch"):
+        return
+    tcfg = stepper.source_settings.get("data", stepper.tcfg)
+    ahead = loader.upcoming(len(now) or tcfg.gradient_accumulation_steps) if batch_source(tcfg, next_step) == "data" else []
+    for batch in [*now, *ahead]:
+        source.prefetch(batch.input_ids, document_segments(batch, tcfg))
+
+
 def _step_batches(stepper: Stepper, loader: BatchLoader, step: int) -> tuple[list[Batch], str]:
     """第 step 步（从 0 计）的微批与来源（on_policy.batch_source）：数据批原样；生成批由学生（当前参数）
     或教师为每个块写续写（on_policy.Rollouts）。数据位置照常前移，所以恢复与多进程的布局不受影响。"""
     micro = [loader.next_batch() for _ in range(stepper.tcfg.gradient_accumulation_steps)]
     source = batch_source(stepper.tcfg, step)
+    _prefetch(stepper, loader, micro if source == "data" else [], step + 1)
     if source == "data":
         return micro, source
     # 教师写续写时它是完整的一份（切分的教师不能写，check_generation 在开始时拒绝了）
     writer = Model(stepper.params, stepper.cfg) if source == "student" else stepper.teacher
-    return [stepper.rollouts.generated(writer.params, writer.cfg, b, step, stepper.tcfg.seed) for b in micro], source
+    generated = [stepper.rollouts.generated(writer.params, writer.cfg, b, step, stepper.tcfg.seed) for b in micro]
+    if hasattr(stepper.teacher_cache, "prefetch"):  # 服务端教师：全部生成批的打分请求一起发出
+        tcfg = stepper.source_settings.get(source, stepper.tcfg)
+        for batch in generated:
+            stepper.teacher_cache.prefetch(batch.input_ids, document_segments(batch, tcfg))
+    return generated, source
 

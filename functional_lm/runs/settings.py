@@ -21,6 +21,7 @@ from functional_lm.config import MODEL_BOUNDS, TRAINING_BOUNDS, ModelConfig, Tra
 
 __all__ = [
     "RUN_KEYS",
+    "TEACHER_SOURCES",
     "convert_setting",
     "RunSettings",
     "field_help",
@@ -38,7 +39,10 @@ __all__ = [
 # 配置文件里允许的顶层运行选项（不属于两个配置类）。
 RUN_KEYS = (
     "teacher", "data", "preset", "output_dir", "seq_len", "tokenizer", "cache_dir", "text_split", "teacher_cache",
+    "teacher_url", "teacher_model", "teacher_timeout", "teacher_concurrency",
 )
+# 教师目标的三个来源（互斥）：本地检查点、教师缓存、服务端教师。
+TEACHER_SOURCES = ("teacher", "teacher_cache", "teacher_url")
 SETTINGS_FORMAT = 1
 
 # 恢复时不能改的设置：检查点里的数据位置与参数形状都以它们为前提。
@@ -49,7 +53,7 @@ _FIXED_TRAINING = ("seed", "split_seed", "val_fraction", "checkpoint_dir")
 # 改了也不影响训练轨迹的设置（只影响记录、验证、保存的频率与位置）。
 _NEUTRAL = (
     "log_interval", "eval_interval", "save_interval", "keep_last", "eval_batches", "cache_dir", "preset",
-    "teacher_sharding",
+    "teacher_sharding", "teacher_url", "teacher_timeout", "teacher_concurrency",  # 服务器换了地址仍是同一个模型
 )
 
 
@@ -239,6 +243,18 @@ def normalize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("teacher", "tokenizer", "teacher_cache"):
         if key in out:
             out[key] = _absolute(out[key])
+    if "teacher_timeout" in out:
+        out["teacher_timeout"] = convert_setting("teacher_timeout", "float", out["teacher_timeout"], "teacher_timeout")
+        if not 0 < out["teacher_timeout"] < float("inf"):
+            raise ValueError(f"--teacher-timeout must be a positive number of seconds, got {out['teacher_timeout']}")
+    if "teacher_concurrency" in out:
+        out["teacher_concurrency"] = convert_setting("teacher_concurrency", "int", out["teacher_concurrency"],
+                                                     "teacher_concurrency")
+        if out["teacher_concurrency"] < 1:
+            raise ValueError(f"--teacher-concurrency must be >= 1 requests in flight, got {out['teacher_concurrency']}")
+    if "teacher_url" in out and not str(out["teacher_url"]).startswith(("http://", "https://")):
+        raise ValueError(f"--teacher-url {out['teacher_url']!r}: expected an http:// or https:// URL of an "
+                         f"OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     return out
 
 
@@ -259,7 +275,7 @@ def resolve_settings(
     """
     explicit = normalize_run(explicit_run)
     if saved is None:
-        mode = "demo" if explicit.get("teacher") is None and explicit.get("teacher_cache") is None else "distill"
+        mode = "demo" if all(explicit.get(k) is None for k in TEACHER_SOURCES) else "distill"
         preset = explicit.get("preset") or ("demo-student" if mode == "demo" else "student-123m")
         base_training = demo_defaults if mode == "demo" else {}
         model, training = merge_configs(get_preset(preset), base_training, file_values, cli_values, source=source)
@@ -286,6 +302,13 @@ def _check_teacher_source(run: Mapping[str, Any]) -> None:
     """教师目标只有一个来源：--teacher（在线教师）与 --teacher-cache（存好的目标）不能同时给。
 
     两者同时给时训练会读缓存、验证却跑在线教师——两个不同的“教师”，所以拒绝（恢复时合并后的设置同样核对）。"""
+    given = [k for k in TEACHER_SOURCES if run.get(k) is not None]
+    if "teacher_url" in given and len(given) > 1:
+        other = next(k for k in given if k != "teacher_url")
+        raise ValueError(
+            f"--teacher-url {run['teacher_url']} and --{other.replace('_', '-')} {run[other]} cannot be combined: "
+            f"the served teacher gives the training targets itself; give one teacher source"
+        )
     if run.get("teacher") is not None and run.get("teacher_cache") is not None:
         raise ValueError(
             f"--teacher {run['teacher']} and --teacher-cache {run['teacher_cache']} cannot be combined: --teacher "
