@@ -16,7 +16,7 @@ from typing import Any, Optional
 __all__ = [
     "ModelConfig", "YarnScaling", "FAMILIES", "MOE_FAMILIES", "TrainingConfig", "PRESETS", "get_preset", "DIVERGENCE_NAMES", "TEACHER_SHARDINGS", "cache_root",
     "Bounds", "MODEL_BOUNDS", "TRAINING_BOUNDS", "POSITIVE", "NON_NEGATIVE", "PROBABILITY", "POSITIVE_INT", "SEED",
-    "TOP_P", "SAMPLING_TEMPERATURE",
+    "TOP_P", "SAMPLING_TEMPERATURE", "ON_POLICY_ESTIMATORS",
 ]
 
 # 蒸馏散度的名字（与 functional_lm.losses.DIVERGENCES 相同；配置层不依赖损失模块，测试保证两者一致）。
@@ -157,6 +157,8 @@ class YarnScaling:
             POSITIVE.check("YarnScaling.attention_factor", self.attention_factor)
 
 
+# 在线蒸馏里学生写的批怎样估计散度（kd/sampled_kl.py）。
+ON_POLICY_ESTIMATORS: tuple[str, ...] = ("topk", "sampled")
 # 支持的结构家族（config.json 的 model_type）；每个家族在 functional_lm/models/ 下有一个模块。
 FAMILIES: tuple[str, ...] = ("qwen2", "qwen3", "qwen3_moe", "deepseek_v3")
 MOE_FAMILIES: tuple[str, ...] = ("qwen3_moe", "deepseek_v3")
@@ -370,6 +372,7 @@ class TrainingConfig:
     teacher_generated_fraction: float = 0.0  # 一步的整批由教师采样续写的概率（序列级蒸馏 SeqKD）/ probability that a step's batch is written by the teacher (SeqKD)
     on_policy_start: int = 0  # 从这一步起才有生成批（之前是离线预热）/ generated batches only from this step on (off-policy warm-up before it)
     on_policy_divergence: str = "reverse_kl"  # 学生写的批用的散度（这些批没有交叉熵项）/ divergence on student-written batches (they have no CE term)
+    on_policy_estimator: str = "topk"  # 学生写的批怎样估计散度：topk = 教师的 top-k + 尾部上的散度；sampled = 采样 token 上的反向 KL 估计 log q(x) − log p(x)（只需实际 token 的 log 概率）/ how student-written batches estimate the divergence: topk = the divergence over the teacher's top-k + tail; sampled = the per-token reverse-KL estimate log q(x) − log p(x) on the sampled token
     prompt_length: int = 64  # 提示的 token 数上限：纯文本取块的前缀，对话取助手回合之前的部分（左截断）/ prompt tokens: a block's prefix for plain text, the turns before the assistant reply for chat (cut from the left)
     max_new_tokens: int = 64  # 每条提示最多生成的 token 数（遇 EOS 停止）/ most tokens generated per prompt (stops at EOS)
     generation_temperature: float = 1.0  # 生成续写的采样温度（0 = 贪心）/ sampling temperature of the rollouts (0 = greedy)
@@ -407,6 +410,16 @@ class TrainingConfig:
             raise ValueError(
                 f"{name}.on_policy_fraction + teacher_generated_fraction must be <= 1 (the rest of the steps use the "
                 f"data), got {self.on_policy_fraction} + {self.teacher_generated_fraction}"
+            )
+        if self.on_policy_estimator not in ON_POLICY_ESTIMATORS:
+            raise ValueError(
+                f"{name}.on_policy_estimator must be one of {list(ON_POLICY_ESTIMATORS)}, got {self.on_policy_estimator!r}"
+            )
+        if self.on_policy_estimator == "sampled" and (self.generation_temperature != 1.0 or self.generation_top_p != 1.0):
+            raise ValueError(
+                f"{name}.on_policy_estimator='sampled' needs samples from the student's own distribution q "
+                f"(generation_temperature 1 and generation_top_p 1), got {self.generation_temperature} and "
+                f"{self.generation_top_p}: log q(x) - log p(x) estimates KL(q || p) only for x ~ q"
             )
         if self.on_policy_divergence not in DIVERGENCE_NAMES:
             raise ValueError(

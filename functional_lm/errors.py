@@ -60,6 +60,10 @@ class NonFiniteLossError(RunFailure):
     """损失或梯度出现 NaN / inf：训练停止，消息中给出步数与最后一个好的检查点。"""
 
 
+class TeacherUnavailable(RunFailure):
+    """教师（服务端教师）在训练中途不再应答：训练器存下这一步之前的进度（检查点），消息说明怎样续训。"""
+
+
 class PeerLost(RunFailure):
     """另一个进程死了或连不上：集合通信失败（gloo 立刻发现断开的连接，NCCL 等到超时）。"""
 

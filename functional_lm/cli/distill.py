@@ -19,7 +19,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from functional_lm.config import DIVERGENCE_NAMES, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
+from functional_lm.config import DIVERGENCE_NAMES, ON_POLICY_ESTIMATORS, PRESETS, TEACHER_SHARDINGS, ModelConfig, TrainingConfig
 from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings, remove_stale_temps
 from functional_lm.errors import Interrupted
 from functional_lm.runs.settings import (
@@ -122,6 +122,7 @@ def _add_field_options(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             kind = str(f.type)
             choices = {"divergence": DIVERGENCE_NAMES, "on_policy_divergence": DIVERGENCE_NAMES,
+                       "on_policy_estimator": ON_POLICY_ESTIMATORS,
                        "teacher_sharding": TEACHER_SHARDINGS}.get(f.name)
             extra = {"choices": choices} if choices else {"metavar": _TYPES.get(kind, kind)}
             group.add_argument(

@@ -60,6 +60,18 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
         "[K log-probabilities at temperature T]}; row j holds the target of input position j %% L of train block "
         "j // L (L = --seq-len), number of train blocks × L rows in all; the format is described at "
         "import_topk_jsonl in functional_lm/kd/cache_build.py"))
+    source.add_argument("--teacher-url", metavar="URL", help="服务端教师：OpenAI 兼容服务器（如 vLLM）的根地址，"
+                        "如 http://127.0.0.1:8000/v1；只发 token id，目标取它 prompt_logprobs 的 top-k（温度须为 1）"
+                        " / served teacher: the base URL of an OpenAI-compatible server (e.g. vLLM), such as "
+                        "http://127.0.0.1:8000/v1; only token ids are sent, the targets are the top-k of its "
+                        "prompt_logprobs (temperature must be 1)")
+    served = p.add_argument_group("served teacher / 服务端教师")
+    served.add_argument("--teacher-model", metavar="NAME", help="服务器上的模型名（只服务一个模型时可省）/ the model "
+                        "name on the server (optional when it serves one)")
+    served.add_argument("--teacher-timeout", type=float, default=120.0, metavar="SECONDS", help="每个请求的超时秒数"
+                        "（默认 120）/ seconds per request (default: 120)")
+    served.add_argument("--teacher-concurrency", type=int, default=4, metavar="N", help="同时在途的请求数（默认 4）/ "
+                        "requests in flight at once (default: 4)")
     group.add_argument("--output-dir", metavar="C", help="缓存目录 C：写出 C/train 与 C/val / cache directory C: "
                        "writes C/train and C/val")
     group.add_argument("--top-k", type=int, metavar="K", help="每个位置保存概率最高的 K 个 token（1 ≤ K ≤ 真实词表）/ keep the K "
@@ -121,7 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """注册 teacher-cache 子命令。"""
     p = subparsers.add_parser(
         "teacher-cache",
-        usage="%(prog)s (--teacher DIR | --import FILE) --output-dir C --top-k K [options]",
+        usage="%(prog)s (--teacher DIR | --teacher-url URL | --import FILE) --output-dir C --top-k K [options]",
         help="预先计算教师的 top-k 目标存盘，供蒸馏读取 / precompute the teacher's top-k targets for distillation",
         description=(
             "在 distill 用同样数据选项时训练与验证的块上运行教师，把 top-k 目标写到 C/train 与 C/val；Ctrl-C 在分片"
@@ -141,9 +153,22 @@ def _check_args(args: argparse.Namespace) -> bool:
     """必填项与数值范围，错误点名参数；返回 document_mask 的布尔值。"""
     from functional_lm.runs.settings import convert_setting
 
-    if args.teacher is None and args.import_file is None:
-        raise ValueError("give --teacher DIR (run a teacher checkpoint over the data) or --import FILE (convert "
-                         "top-k targets computed elsewhere, JSON lines); neither was given")
+    if args.teacher is None and args.import_file is None and args.teacher_url is None:
+        raise ValueError("give --teacher DIR (run a teacher checkpoint over the data), --teacher-url URL (a served "
+                         "teacher) or --import FILE (convert top-k targets computed elsewhere, JSON lines); none was "
+                         "given")
+    if args.teacher_url is not None:
+        if not args.teacher_url.startswith(("http://", "https://")):
+            raise ValueError(f"--teacher-url {args.teacher_url!r}: expected an http:// or https:// URL of an "
+                             f"OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+        if args.temperature != 1.0:
+            raise ValueError(
+                f"--temperature {args.temperature:g} with --teacher-url: the server returns log-probabilities at "
+                f"T = 1 and the distribution at another temperature cannot be recovered exactly from its top-k "
+                f"values (that needs every logit); pass --temperature 1 (and train with --temperature 1)")
+        if not (args.teacher_timeout > 0 and args.teacher_concurrency >= 1):
+            raise ValueError(f"--teacher-timeout must be > 0 seconds and --teacher-concurrency >= 1, got "
+                             f"{args.teacher_timeout} and {args.teacher_concurrency}")
     if not args.output_dir:
         raise ValueError("--output-dir is required: the directory C that receives C/train and C/val")
     out = Path(args.output_dir).expanduser()
@@ -240,6 +265,32 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
     return [(split, getattr(data, split), job(split)) for split in splits]
 
 
+def _served_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
+    """服务端教师：分词打包（与 distill 相同），探测服务器，为每个划分建缓存；teacher_weights 记服务器上的模型名。"""
+    from functional_lm.data import load_tokenizer
+    from functional_lm.kd.cache_build import build_served_cache
+    from functional_lm.kd.cache_identity import make_fingerprint
+    from functional_lm.kd.served import open_served_teacher
+
+    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)
+    _check_top_k(args.top_k, tokenizer.real_vocab_size)
+    run = {"teacher_url": args.teacher_url, "teacher_model": args.teacher_model,
+           "teacher_timeout": args.teacher_timeout, "teacher_concurrency": args.teacher_concurrency}
+    served = open_served_teacher(run, args.top_k, tokenizer.real_vocab_size, args.seq_len)  # 分词之前先探测
+    data = _prepare(args, tokenizer, None)
+
+    def job(split: str) -> Callable:
+        fp = make_fingerprint(tokenizer, data.store, teacher_weights=f"served:{served.model}", split=split,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed)
+        return lambda stop: build_served_cache(
+            served, getattr(data, split), out / split, fingerprint=fp, document_mask=document_mask,
+            batch_size=args.batch_size, blocks_per_shard=args.blocks_per_shard, value_dtype=args.value_dtype,
+            progress=not args.no_progress, stop=stop)
+
+    splits = ["train"] + (["val"] if len(data.val) > 0 else [])
+    return [(split, getattr(data, split), job(split)) for split in splits]
+
+
 def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
     """导入 JSON lines：分词打包（与 distill 相同），只为训练块建缓存；teacher_weights 由库取文件的 sha256。"""
     from functional_lm.data import load_tokenizer
@@ -311,7 +362,7 @@ def _summary(out: Path, splits: list[str]) -> str:
 def _cmd_teacher_cache(args: argparse.Namespace) -> int:
     document_mask = _check_args(args)
     out = Path(args.output_dir).expanduser()
-    make = _import_jobs if args.import_file is not None else _teacher_jobs
+    make = _import_jobs if args.import_file is not None else _served_jobs if args.teacher_url else _teacher_jobs
     jobs = make(args, out, document_mask)
     _build_all(out, jobs)
     print(_summary(out, [split for split, _, _ in jobs]), file=sys.stderr)

@@ -77,6 +77,7 @@ __all__ = [
     "BuildStatus",
     "NonFiniteTeacher",
     "build_teacher_cache",
+    "build_served_cache",
     "import_topk_jsonl",
 ]
 
@@ -455,6 +456,31 @@ def build_teacher_cache(
     )
     return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
                       getattr(dataset, "store", None))
+
+
+def build_served_cache(
+    served: Any, dataset: Any, out_dir: str | Path, *, fingerprint: Mapping[str, Any], document_mask: bool = True,
+    batch_size: int = 4, blocks_per_shard: int = 64, value_dtype: str = "float16", progress: bool = True,
+    stop: Callable[[], bool] | None = None,
+) -> BuildStatus:
+    """服务端教师（served.ServedTeacher，已探测）建（或续建）同样格式的缓存：每批块的 token id（文档掩码时逐篇）
+    交给服务器，目标是它 prompt_logprobs 的 top-K（T = 1）。指纹里的 teacher_config 是服务器上的模型名：
+    同一个模型换了地址，缓存仍然认它。续建与中断的规矩同 build_teacher_cache。"""
+    _check_build_args(served.top_k, 1.0, value_dtype, served.real_vocab_size, batch_size)
+    derived = {"seq_len": dataset.seq_len, "document_mask": bool(document_mask),
+               "teacher_config": {"served_model": served.model}, "top_k": served.top_k, "temperature": 1.0,
+               "value_dtype": value_dtype, "real_vocab_size": served.real_vocab_size}
+
+    def produce(start: int, stop_at: int) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
+        for first in range(start, stop_at, batch_size):
+            blocks = range(first, min(first + batch_size, stop_at))
+            input_ids, _, _, segments = dataset.examples(blocks, document_mask)
+            got = served.fetch(torch.from_numpy(input_ids), torch.from_numpy(segments) if document_mask else None,
+                               value_dtype=value_dtype)
+            yield got.ids.numpy(), got.log_probs, got.tail
+
+    return _run_build(out_dir, _full_fingerprint(fingerprint, derived), len(dataset), blocks_per_shard, produce,
+                      progress, stop, getattr(dataset, "store", None))
 
 
 # ================================================================================================

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Model",
     "SparseTargets",
+    "SampledLogProbs",
     "count_valid_tokens",
     "document_segments",
     "teacher_hidden_states",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 SparseTargets = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (top-k id, log P_T, 尾部质量)：(b, t, k) / (b, t, k) / (b, t)
+
+
+class SampledLogProbs(NamedTuple):
+    """学生写的批、on_policy_estimator = "sampled"：教师给每个位置标签（采样的 token）的 log P (b, t)。"""
+
+    log_p: torch.Tensor
 
 
 @dataclass
@@ -110,6 +117,14 @@ def distill_loss(
         hidden = forward_fn(params, batch.input_ids, cfg, training=True, segment_ids=document_segments(batch, tcfg))
     if tcfg.bf16:
         hidden = hidden.float()  # 损失（softmax over vocab）始终在 float32 中计算
+    if isinstance(sparse_targets, SampledLogProbs):  # 采样 token 上的反向 KL 估计（kd/sampled_kl.py）
+        from functional_lm.kd.sampled_kl import sampled_reverse_kl
+
+        count = num_tokens if num_tokens is not None else count_valid_tokens(batch)
+        return sampled_reverse_kl(
+            hidden, output_weight(params, cfg), batch.labels, sparse_targets.log_p, batch.loss_mask,
+            real_vocab_size=real_vocab_size, chunk_size=tcfg.loss_chunk_size, num_tokens=count,
+        )
     if sparse_targets is not None:
         ids, log_p, tail = sparse_targets
         return chunked_sparse_distillation_loss(

@@ -79,12 +79,13 @@ SourceSettings = dict[str, TrainingConfig]  # 来源（SOURCES 之一）→ 这�
 
 
 def source_settings(tcfg: TrainingConfig) -> SourceSettings:
-    """每个来源的损失设置。数据批：原样。学生写的批：α = 1（自己的样本没有金标准，不加交叉熵）、
+    """每个来源的损失设置。数据批：原样（on_policy_estimator 取 topk）。学生写的批：α = 1（自己的样本没有金标准，不加交叉熵）、
     散度 on_policy_divergence。教师写的批：散度与 α 同数据批（教师的样本就是标签，SeqKD 的交叉熵照常）。
     生成批总带着“填充 / 真实”编号，所以打开 document_mask 让前向按编号遮住左填充。"""
+    plain = tcfg.replace(on_policy_estimator="topk")  # 采样估计只用于学生自己写的批
     return {
-        "data": tcfg,
-        "teacher": tcfg.replace(document_mask=True),
+        "data": plain,
+        "teacher": plain.replace(document_mask=True),
         "student": tcfg.replace(alpha=1.0, divergence=tcfg.on_policy_divergence, document_mask=True),
     }
 

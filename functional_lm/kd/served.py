@@ -101,8 +101,8 @@ def open_served_teacher(run: Any, top_k: int, real_vocab_size: int, seq_len: int
 
 
 def completion_body(model: str, sequences: Sequence[Sequence[int]], top_k: int) -> dict[str, Any]:
-    """一个 /completions 请求体：只有 token id 与采样设置（每条序列末尾补 PAD_ID，见模块说明）。"""
-    return {"model": model, "prompt": [[int(x) for x in seq] + [PAD_ID] for seq in sequences], "max_tokens": 1,
+    """一个 /completions 请求体：只有 token id 与采样设置。sequences 已带着末尾多出的那个 id（见模块说明）。"""
+    return {"model": model, "prompt": [[int(x) for x in seq] for seq in sequences], "max_tokens": 1,
             "temperature": 0.0, "prompt_logprobs": int(top_k)}
 
 
@@ -128,23 +128,21 @@ def _entry_rows(entry: Any, sent_id: int, top_k: int, where: str) -> tuple[list[
     return [t for _, t in ranked], [lp for lp, _ in ranked], actual
 
 
-def parse_choice(choice: Any, sequence: Sequence[int], top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """一条序列的 choice → (ids (t, K) int64, log P (t, K) float64, 实际 token 的 log P (t,) float64)。
+def parse_choice(choice: Any, sent: Sequence[int], top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """一条发出的序列 sent（t 个 token + 末尾多出的一个 id）的 choice →
+    (ids (t, K) int64, log P (t, K) float64, 实际 token 的 log P (t,) float64)。
 
-    第 i 个位置取 prompt_logprobs 的第 i+1 项（见模块说明）；最后一个位置的实际 token 是补的 PAD_ID，记为 NaN。
+    第 i 个位置取 prompt_logprobs 的第 i+1 项（见模块说明），实际 token 是 sent[i+1]（最后一个位置是多出的那个 id）。
     格式不对时抛 ValueError（一句话，点名哪一项），由调用方补上 URL。"""
     entries = choice.get("prompt_logprobs") if isinstance(choice, dict) else None
-    t = len(sequence)
+    t = len(sent) - 1
     if not isinstance(entries, list) or len(entries) != t + 1:
         got = len(entries) if isinstance(entries, list) else type(entries).__name__
-        raise ValueError(f"prompt_logprobs has {got} entries, expected {t + 1} (the sequence plus one padding id)")
-    sent = [int(x) for x in sequence] + [PAD_ID]
-    ids, log_probs, actual = np.zeros((t, top_k), np.int64), np.zeros((t, top_k)), np.full(t, np.nan)
+        raise ValueError(f"prompt_logprobs has {got} entries, expected {t + 1} (one per token sent)")
+    ids, log_probs, actual = np.zeros((t, top_k), np.int64), np.zeros((t, top_k)), np.zeros(t)
     for i in range(t):
-        row_ids, row_lp, row_actual = _entry_rows(entries[i + 1], sent[i + 1], top_k, f"prompt_logprobs[{i + 1}]")
-        ids[i], log_probs[i] = row_ids, row_lp
-        if i + 1 < t:
-            actual[i] = row_actual
+        ids[i], log_probs[i], actual[i] = _entry_rows(entries[i + 1], int(sent[i + 1]), top_k,
+                                                      f"prompt_logprobs[{i + 1}]")
     return ids, log_probs, actual
 
 
@@ -245,6 +243,7 @@ class ServedTeacher:
         self.wait_s = 0.0  # 训练一侧等服务器的总秒数
         self.server_s = 0.0  # 请求在途的总秒数（各请求相加）
         self.tokens = 0  # 服务器打过分的 token 数
+        self._window = (time.perf_counter(), 0, 0.0, 0.0)  # window_stats 的起点
 
     # ------------------------------------------------------------------ 探测
     def probe(self) -> dict[str, Any]:
@@ -272,7 +271,7 @@ class ServedTeacher:
                 f"id is appended); start the server with a larger --max-model-len or lower --seq-len")
         # 只用小的 id：vLLM 0.32 收到超出它词表的 id 时整个引擎会停掉（HTTP 500），探测不能冒这个险。
         # 核对的是：每一项都带着我们发的 id（服务器按 id 而不是重新分词）、K 条都在、返回的 id 都在学生的词表里。
-        self._targets([[9707, 11, 1879, 13, 576, 3974, 13876, 38835]])  # Qwen 词表里 "Hello, world. The quick brown fox"
+        self._targets([[9707, 11, 1879, 13, 576, 3974, 13876, 38835, PAD_ID]])  # Qwen 词表里 "Hello, world. The quick brown fox"
         return {"model": self.model, "max_model_len": self.max_model_len, "url": self.settings.base}
 
     def check_run(self, tcfg: Any, real_vocab_size: int) -> None:
@@ -330,43 +329,55 @@ class ServedTeacher:
         results = list(self._pool.map(self._one_request, parts)) if len(parts) > 1 else [self._one_request(parts[0])]
         return tuple(np.concatenate([r[j] for r in results]) for j in range(3))
 
-    def fetch(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> ServedTargets:
-        """(b, t) 的 token id → ServedTargets（CPU 张量；log P 按缓存的 float16 存法取整）。
+    def fetch(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None,
+              next_ids: Optional[Sequence[int]] = None, value_dtype: str = "float16") -> ServedTargets:
+        """(b, t) 的 token id → ServedTargets（CPU 张量；log P 按缓存的 value_dtype 存法取整，训练时为 float16）。
 
         给了文档编号时每一段（同一编号的连续 token）单独作为一条序列发出：服务器没有文档掩码，本地教师在
-        文档掩码下每个位置也只看到本段的 token（RoPE 只依赖相对位置，段从 0 开始编号不改变数学）。"""
+        文档掩码下每个位置也只看到本段的 token（RoPE 只依赖相对位置，段从 0 开始编号不改变数学）。
+        每条序列末尾多发一个 id：行的最后一段发 next_ids[行]（这一行最后一个位置的标签，给出它的实际 log P），
+        其余段与没有 next_ids 时发 PAD_ID（那一项的实际 log P 记为 NaN）。"""
+        from functional_lm.errors import TeacherUnavailable
         from functional_lm.kd.teacher_cache import stored_log_probs
 
         pieces = document_pieces(input_ids, segment_ids)
-        rows = input_ids.cpu().tolist()
-        ids, log_probs, actual = self._targets([rows[r][a:b] for r, a, b in pieces])
-        b, t, k = input_ids.shape[0], input_ids.shape[1], self.top_k
+        rows, t = input_ids.cpu().tolist(), input_ids.shape[1]
+        ends = [int(next_ids[r]) if next_ids is not None and z == t and next_ids[r] >= 0 else None for r, _, z in pieces]
+        sent = [rows[r][a:z] + [PAD_ID if end is None else end] for (r, a, z), end in zip(pieces, ends)]
+        try:
+            ids, log_probs, actual = self._targets(sent)
+        except ServedTeacherError as err:  # 探测通过之后的失败：运行中途服务器出了事，不是输入错误
+            raise TeacherUnavailable(str(err)) from None
+        b, k = input_ids.shape[0], self.top_k
         out_ids, out_lp, out_actual = np.zeros((b, t, k), np.int64), np.zeros((b, t, k)), np.full((b, t), np.nan)
         offset = 0
-        for r, a, stop in pieces:
-            n = stop - a
-            out_ids[r, a:stop], out_lp[r, a:stop] = ids[offset: offset + n], log_probs[offset: offset + n]
-            out_actual[r, a:stop] = actual[offset: offset + n]
+        for (r, a, z), end in zip(pieces, ends):
+            n = z - a
+            out_ids[r, a:z], out_lp[r, a:z] = ids[offset: offset + n], log_probs[offset: offset + n]
+            out_actual[r, a:z] = actual[offset: offset + n]
+            if end is None:
+                out_actual[r, z - 1] = np.nan  # 多发的是 PAD_ID：不是真正的下一个 token
             offset += n
         return ServedTargets(
-            torch.from_numpy(out_ids), stored_log_probs(torch.from_numpy(out_lp).float()),
+            torch.from_numpy(out_ids), stored_log_probs(torch.from_numpy(out_lp).float(), value_dtype),
             torch.from_numpy(_tail_mass(out_lp)).float(), torch.from_numpy(out_actual).float())
 
-    def prefetch(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> None:
+    def prefetch(self, batch: Any, segment_ids: Optional[torch.Tensor] = None) -> None:
         """提前把这一批交给服务器（后台线程），之后 batch_targets 直接取结果；已在途的不重复发。"""
-        key = _key(input_ids, segment_ids)
+        request = _request_of(batch, segment_ids)
+        key = _key(*request)
         with self._lock:
             if key not in self._pending:
-                self._pending[key] = self._pool.submit(
-                    self.fetch, input_ids.cpu(), None if segment_ids is None else segment_ids.cpu())
+                self._pending[key] = self._pool.submit(self.fetch, *request)
 
-    def served_targets(self, input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> ServedTargets:
+    def served_targets(self, batch: Any, segment_ids: Optional[torch.Tensor] = None) -> ServedTargets:
         """一批的目标：提前取过就等它的结果，否则现在取；等待的时间记进 wait_s。"""
+        request = _request_of(batch, segment_ids)
         with self._lock:
-            future = self._pending.pop(_key(input_ids, segment_ids), None)
+            future = self._pending.pop(_key(*request), None)
         start = time.perf_counter()
         try:
-            return future.result() if future is not None else self.fetch(input_ids, segment_ids)
+            return future.result() if future is not None else self.fetch(*request)
         finally:
             self.wait_s += time.perf_counter() - start
 
@@ -375,8 +386,24 @@ class ServedTeacher:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """与 TeacherCache.batch_targets 相同的三元组，已搬到 device；segment_ids 是这一批前向所用的文档编号
         （训练器按损失设置给出：文档掩码关闭时为 None，整行发出）。"""
-        got = self.served_targets(batch.input_ids, segment_ids)
+        got = self.served_targets(batch, segment_ids)
         return tuple(x.to(device) for x in (got.ids, got.log_probs, got.tail))  # type: ignore[return-value]
+
+    def label_log_probs(self, batch: Any, device: torch.device, segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """每个位置上教师给标签的 log P（b, t），float32 不取整；标签跨文档时为 NaN（那里不计损失）。
+        on-policy 的采样估计（on_policy_estimator = sampled）用它。"""
+        return self.served_targets(batch, segment_ids).actual_log_probs.to(device)
+
+    def window_stats(self) -> dict[str, float]:
+        """自上次调用以来：服务器的 tokens/s、训练一侧等服务器的秒数与占墙钟时间的比例（训练记录与进度条用）。"""
+        now = time.perf_counter()
+        with self._lock:
+            tokens, server_s, wait_s = self.tokens, self.server_s, self.wait_s
+        last = self._window
+        wall, d_tokens, d_server, d_wait = now - last[0], tokens - last[1], server_s - last[2], wait_s - last[3]
+        self._window = (now, tokens, server_s, wait_s)
+        return {"server_tokens_per_s": d_tokens / d_server if d_server > 0 else 0.0,
+                "server_wait_s": d_wait, "server_wait_fraction": d_wait / wall if wall > 0 else 0.0}
 
     def tokens_per_s(self) -> float:
         """服务器的吞吐：打过分的 token 数 / 请求在途的秒数（并发的请求按各自的时间相加，是保守的估计）。"""
@@ -399,8 +426,15 @@ def document_pieces(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor]
     return pieces
 
 
-def _key(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> bytes:
-    """一批的键：形状 + token id 与文档编号的字节（生成批与数据批的块号相同而内容不同，所以按内容）。"""
+def _request_of(batch: Any, segment_ids: Optional[torch.Tensor]) -> tuple:
+    """一批要发给服务器的东西：(token id, 文档编号, 每行最后一个位置的标签)。"""
+    labels = getattr(batch, "labels", None)
+    next_ids = None if labels is None else labels[:, -1].cpu().tolist()
+    return batch.input_ids.cpu(), None if segment_ids is None else segment_ids.cpu(), next_ids
+
+
+def _key(input_ids: torch.Tensor, segment_ids: Optional[torch.Tensor], next_ids: Optional[list[int]]) -> bytes:
+    """一批的键：形状 + token id、文档编号与末尾标签的字节（生成批与数据批的块号相同而内容不同，所以按内容）。"""
     parts = [input_ids] + ([] if segment_ids is None else [segment_ids])
     flat = [p.detach().cpu().contiguous().numpy().tobytes() for p in parts]
-    return repr(tuple(input_ids.shape)).encode() + b"|".join(flat)
+    return repr(tuple(input_ids.shape)).encode() + b"|".join(flat) + repr(next_ids).encode()

@@ -22,6 +22,7 @@ from functional_lm.distributed import SINGLE, Dist, ParamShell, all_reduce_sum, 
 from functional_lm.errors import NonFiniteLossError
 from functional_lm.kd.objective import (
     Model,
+    SampledLogProbs,
     count_valid_tokens,
     distill_loss,
     document_segments,
@@ -32,7 +33,8 @@ from functional_lm.kd.objective import (
     teacher_scope,
 )
 from functional_lm.kd.on_policy import SourceSettings, source_settings
-from functional_lm.models.decoder import forward_hidden, unique_tensors
+from functional_lm.kd.sampled_kl import label_log_probs
+from functional_lm.models.decoder import forward_hidden, output_weight, unique_tensors
 
 if TYPE_CHECKING:
     from functional_lm.data.loader import Batch
@@ -132,6 +134,8 @@ def _teacher_side(
 ) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
     """这一微批的教师一侧：(教师隐藏状态, 稀疏目标)。教师缓存 → 只有目标；top_k > 0 → 在线取 top-k；
     否则 → 隐藏状态（分块损失逐块乘输出投影）。α = 0 时两者都是 None。tcfg 是这一批来源的损失设置。"""
+    if tcfg.on_policy_estimator == "sampled":  # 只有学生写的批带着它（on_policy.source_settings）
+        return None, _sampled_targets(stepper, batch, tcfg)
     if stepper.teacher_cache is not None:  # 教师缓存或服务端教师：只有稀疏目标
         return None, stepper.teacher_cache.batch_targets(batch, stepper.info.device, document_segments(batch, tcfg))
     if stepper.teacher is None or tcfg.alpha == 0.0:
@@ -143,6 +147,19 @@ def _teacher_side(
         if tcfg.top_k > 0:
             return None, live_topk_targets(stepper.teacher, t_hidden, stepper.tcfg, stepper.real_vocab_size)
     return t_hidden, None
+
+
+def _sampled_targets(stepper: Stepper, batch: Batch, tcfg: TrainingConfig) -> SampledLogProbs:
+    """教师给采样 token 的 log P：服务端教师直接返回实际 token 的 log P；本地教师由隐藏状态逐块算出。"""
+    segments = document_segments(batch, tcfg)
+    if stepper.teacher_cache is not None:
+        return SampledLogProbs(stepper.teacher_cache.label_log_probs(batch, stepper.info.device, segments))
+    with no_checks_if_sharded(stepper.teacher):
+        hidden = teacher_hidden_states(stepper.teacher, batch.input_ids, stepper.teacher_fwd, segments)
+        weight = output_weight(stepper.teacher.params, stepper.teacher.cfg)
+        with torch.no_grad():
+            return SampledLogProbs(label_log_probs(hidden, weight, batch.labels, real_vocab_size=stepper.real_vocab_size,
+                                                   chunk_size=tcfg.loss_chunk_size))
 
 
 def _micro_step(

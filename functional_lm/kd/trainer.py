@@ -25,7 +25,7 @@ import torch
 from functional_lm.allocator import tune_malloc
 from functional_lm.config import TrainingConfig
 from functional_lm.distributed import Dist, all_reduce_sum, on_main, peer_loss_explained, setup
-from functional_lm.errors import NonFiniteLossError
+from functional_lm.errors import NonFiniteLossError, TeacherUnavailable
 from functional_lm.kd.evaluate import Evaluator
 from functional_lm.kd.objective import Model, document_segments
 from functional_lm.kd.on_policy import batch_source, rollouts_for
@@ -157,7 +157,7 @@ def _loop(
     window = Window()
     while result.step < run.total:
         lr = learning_rate(result.step, tcfg, run.total)
-        stats = _one_step(run, lr)
+        stats = _step_or_save(run, saver, stop, lr)
         step = result.step = result.step + 1
         bar.step()
         window.add(stats)
@@ -175,6 +175,22 @@ def _loop(
             return
 
 
+def _step_or_save(run: Run, saver: Saver, stop: StopFlag, lr: float) -> StepStats:
+    """一个优化步；教师（服务器）中途不再应答时，数据位置退回这一步之前、丢掉半步的梯度，存下检查点再报错：
+    续训（--resume）从这一步重新开始，与没有中断的运行逐位相同。"""
+    before = run.loader.state_dict()
+    try:
+        return _one_step(run, lr)
+    except TeacherUnavailable as err:
+        run.stepper.optimizer.zero_grad(set_to_none=True)
+        run.loader.load_state_dict(before)
+        step = run.result.step
+        saved = saver.save(step, stop) if step > 0 else None
+        where = f"progress up to step {step} is saved in {saved}" if saved else "no step had finished yet"
+        raise TeacherUnavailable(f"{err}. Training stopped before step {step + 1}; {where}; continue with --resume "
+                                 f"once the teacher answers again") from None
+
+
 def _one_step(run: Run, lr: float) -> StepStats:
     """第 result.step 步：取这一步的微批与来源，做一个优化步；非有限时补上步数与最后一个好的检查点。"""
     micro, source = _step_batches(run.stepper, run.loader, run.result.step)
@@ -189,7 +205,9 @@ def _one_step(run: Run, lr: float) -> StepStats:
 
 
 def _log(run: Run, logged: dict[str, Any]) -> None:
-    """一条训练记录：写进 metrics.jsonl、结果的历史与进度显示。"""
+    """一条训练记录：写进 metrics.jsonl、结果的历史与进度显示。目标来源报告吞吐时（服务端教师）一并记下。"""
+    if hasattr(run.stepper.teacher_cache, "window_stats"):
+        logged.update(run.stepper.teacher_cache.window_stats())
     run.metrics.write(logged)
     run.result.history.append(logged)
     run.bar.logged(logged)
@@ -278,7 +296,7 @@ def _prefetch(stepper: Stepper, loader: BatchLoader, now: list[Batch], next_step
     tcfg = stepper.source_settings.get("data", stepper.tcfg)
     ahead = loader.upcoming(len(now) or tcfg.gradient_accumulation_steps) if batch_source(tcfg, next_step) == "data" else []
     for batch in [*now, *ahead]:
-        source.prefetch(batch.input_ids, document_segments(batch, tcfg))
+        source.prefetch(batch, document_segments(batch, tcfg))
 
 
 def _step_batches(stepper: Stepper, loader: BatchLoader, step: int) -> tuple[list[Batch], str]:
@@ -295,6 +313,6 @@ def _step_batches(stepper: Stepper, loader: BatchLoader, step: int) -> tuple[lis
     if hasattr(stepper.teacher_cache, "prefetch"):  # 服务端教师：全部生成批的打分请求一起发出
         tcfg = stepper.source_settings.get(source, stepper.tcfg)
         for batch in generated:
-            stepper.teacher_cache.prefetch(batch.input_ids, document_segments(batch, tcfg))
+            stepper.teacher_cache.prefetch(batch, document_segments(batch, tcfg))
     return generated, source
 

@@ -164,13 +164,18 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 
 def train_fields(record: dict[str, Any]) -> dict[str, str]:
-    """一条训练记录里给人看的字段（进度条的后缀与 --no-progress 的一行共用）：loss、kd、ce、lr、tok/s。
+    """一条训练记录里给人看的字段（进度条的后缀与 --no-progress 的一行共用）：loss、kd、ce、lr、tok/s
+    （服务端教师时另有 server tok/s 与等服务器的时间比例 waiting）。
     ce 为 None（窗口里只有生成批）时写 “—”。"""
     ce = record.get("ce")
-    return {
+    fields = {
         "loss": f"{record['loss']:.4f}", "kd": f"{record['kd']:.4f}", "ce": "—" if ce is None else f"{ce:.4f}",
         "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}",
     }
+    if "server_tokens_per_s" in record:  # 服务端教师：服务器的吞吐与训练等它的时间比例
+        fields["server tok/s"] = f"{record['server_tokens_per_s']:.0f}"
+        fields["waiting"] = f"{record['server_wait_fraction']:.0%}"
+    return fields
 
 
 def eval_fields(record: dict[str, Any]) -> dict[str, str]:

@@ -83,7 +83,9 @@ def _style(index: int) -> dict[str, Any]:
 
 
 def _legend_below(ax: Any, columns: int) -> None:
-    """图例放在坐标区下面，不压住曲线。"""
+    """图例放在坐标区下面，不压住曲线；没有带标签的曲线（例如服务端教师的运行没有教师一侧的验证指标）时不画。"""
+    if not ax.get_legend_handles_labels()[0]:
+        return
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=columns, frameon=False)
 
 

@@ -320,7 +320,7 @@ def _check_teacher_source(run: Mapping[str, Any]) -> None:
 
 # 新增训练字段在旧版本里的实际行为：旧运行的 run.json / 检查点里没有这些字段，恢复时按旧行为补上，
 # 而不是换成新的缺省值（那会悄悄改变恢复后的训练轨迹）。
-_BEFORE_FIELD_EXISTED = {"document_mask": False}
+_BEFORE_FIELD_EXISTED = {"document_mask": False, "on_policy_estimator": "topk"}
 
 
 def saved_training(saved: Mapping[str, Any]) -> dict[str, Any]:
