@@ -236,3 +236,21 @@ def test_the_sampled_estimator_uses_the_servers_log_prob_of_each_sampled_token(v
         # 服务器的 log p(x) 未取整，与本地前向差在 float32 舍入：估计值相对 1e-4 以内
         assert kd == pytest.approx(kd2, rel=1e-4, abs=1e-6) and loss == pytest.approx(loss2, rel=1e-4, abs=1e-6), s
     assert any(abs(kd) > 1e-4 for _, _, kd in ours)  # 估计值不是恒为 0
+
+
+def test_bench_served_smoke_measures_every_row(vllm_server, tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        module = importlib.import_module("bench_served")
+        result = module.main(["--smoke", "--teacher", str(vllm_server.model_dir), "--teacher-url", vllm_server.url,
+                              "--out", str(tmp_path / "r.json")])
+    finally:
+        sys.path.remove(str(bench))
+    assert [r["name"] for r in result["rows"]] == ["served", "served_wait", "server", "cache", "cache_build"]
+    assert all(r["ours"] >= 0 for r in result["rows"]) and result["rows"][0]["ratio"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["benchmark"] == "bench_served"
