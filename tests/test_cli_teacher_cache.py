@@ -211,7 +211,7 @@ def test_import_jsonl_round_trips_through_the_command(root, tmp_path, capsys):
 
 # ---------------------------------------------------------------- 坏输入：一段话、退出码 2
 @pytest.mark.parametrize("change, expected", [
-    (lambda a: [x for i, x in enumerate(a) if i not in (1, 2)], "give --teacher DIR (run a teacher checkpoint over the data) or --import FILE"),
+    (lambda a: [x for i, x in enumerate(a) if i not in (1, 2)], "give --teacher DIR (run a teacher checkpoint over the data), --teacher-url URL (a served teacher) or --import FILE"),
     (lambda a: _set(a, "--top-k", "0"), "--top-k must be a positive integer (tokens kept per position), got 0"),
     (lambda a: _set(a, "--top-k", "151666"), "--top-k 151666 exceeds the vocabulary: the tokenizer has 151665"),
     (lambda a: _set(a, "--temperature", "0"), "--temperature must be a finite number > 0, got 0.0"),
