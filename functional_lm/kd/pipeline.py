@@ -217,7 +217,16 @@ def run_distill(
     if result.interrupted:
         raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
     if info.is_main:
-        teacher_info = (teacher_cfg.to_dict() if teacher_cfg is not None else train_cache.fingerprint.get("teacher_config")
-                        if not run.get("teacher_url") else {"served": train_cache.model, "url": run["teacher_url"]})
-        _finish(result, student_cfg, teacher_info, tcfg, run, out, tok_dir)
+        _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir)
     return out
+
+
+def _teacher_info(teacher_cfg: Optional[ModelConfig], source: Any, run: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """报告里的教师：本地教师的配置；服务端教师的模型名与地址；否则教师缓存指纹里记的配置。"""
+    if teacher_cfg is not None:
+        return teacher_cfg.to_dict()
+    if run.get("teacher_url"):
+        return {"served": source.model, "url": run["teacher_url"]}
+    return source.fingerprint.get("teacher_config")
+
+
