@@ -120,16 +120,55 @@ DEEPSEEK = ModelConfig(
 )
 
 
-@pytest.mark.parametrize("command", ["distill", "teacher-cache"])
-def test_a_deepseek_teacher_is_refused_for_logit_distillation_in_one_paragraph(tmp_path, capsys, command):
+def test_teacher_cache_refuses_a_deepseek_teacher_in_one_paragraph(tmp_path, capsys):
     root = write_teacher_and_data(tmp_path, DEEPSEEK)
-    args = [command, "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"),
-            "--cache-dir", str(root / "cache"), "--output-dir", str(root / "out"), "--seq-len", "32"]
-    tail = ["--preset", "tiny", "--vocab-size", "151936", "--max-steps", "1", "--no-progress"]
-    args += tail if command == "distill" else ["--top-k", "4"]
+    args = ["teacher-cache", "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"),
+            "--cache-dir", str(root / "cache"), "--output-dir", str(root / "out"), "--seq-len", "32", "--top-k", "4"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "\n\n" not in err.strip()
     assert "129,280" in err and "151,936" in err and "DeepSeek-V3" in err
-    assert "functional-lm generate --model" in err and "--data" in err  # 说出现在能做的事
-    assert not (root / "out" / "student").exists()
+    assert "functional-lm distill --teacher" in err and "--data" in err  # 说出现在能做的事
+
+
+XFLAGS = ["--preset", "tiny", "--vocab-size", "151936", "--hidden-size", "16", "--num-heads", "2", "--num-kv-heads",
+          "1", "--seq-len", "32", "--max-steps", "3", "--eval-interval", "3", "--log-interval", "1", "--batch-size",
+          "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_root(tmp_path_factory):
+    return write_teacher_and_data(tmp_path_factory.mktemp("deepseek"), DEEPSEEK)
+
+
+def _xargs(root, out, *extra):
+    return ["distill", "--teacher", str(root / "teacher"), "--data", str(root / "data.jsonl"), *XFLAGS,
+            "--cache-dir", str(root / "cache"), "--output-dir", str(out), *extra]
+
+
+def test_a_deepseek_teacher_distils_across_tokenizers_and_reports_the_fractions(deepseek_root, tmp_path):
+    out = tmp_path / "x"
+    assert main(_xargs(deepseek_root, out, "--teacher-tokenizer", "deepseek")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(train) == 3
+    for r in train:
+        assert r["xtok_mapped"] + r["xtok_uld"] + r["xtok_none"] == pytest.approx(1.0)
+        assert r["xtok_mapped"] > 0.5 and r["kd"] > 0
+    assert any(r["kind"] == "eval" and "kl_cache_student" in r for r in rows)
+    report = (out / "report.md").read_text()
+    assert "cross_tokenizer" in report and "deepseek" in report
+    cfg, _ = load_pretrained(out / "student")
+    assert cfg.vocab_size == 151936  # 学生仍是 Qwen2.5 词表
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--teacher-tokenizer", "deepseek", "--cross-tokenizer", "off"], ["--cross-tokenizer off", "129,280", "151,665"]),
+    ([], ["129,280", "151,665", "--teacher-tokenizer"]),  # 教师目录里没有分词器：离线 Qwen 词表与它的行数对不上
+])
+def test_bad_cross_tokenizer_settings_are_one_paragraph(deepseek_root, tmp_path, capsys, extra, words):
+    assert main(_xargs(deepseek_root, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n" not in err
+    for word in words:
+        assert word in err

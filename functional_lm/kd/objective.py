@@ -20,9 +20,14 @@ import torch
 
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.distributed import GatheredParams
-from functional_lm.losses import chunked_distillation_loss, chunked_sparse_distillation_loss
+from functional_lm.losses import (
+    chunked_cross_tokenizer_loss,
+    chunked_distillation_loss,
+    chunked_sparse_distillation_loss,
+)
 from functional_lm.models.decoder import forward_hidden, output_weight
 from functional_lm.shapes import typecheck
+from functional_lm.kd.cross_targets import CrossTargets
 from functional_lm.kd.teacher_cache import stored_log_probs, teacher_targets
 
 if TYPE_CHECKING:
@@ -124,6 +129,12 @@ def distill_loss(
         return sampled_reverse_kl(
             hidden, output_weight(params, cfg), batch.labels, sparse_targets.log_p, batch.loss_mask,
             real_vocab_size=real_vocab_size, chunk_size=tcfg.loss_chunk_size, num_tokens=count,
+        )
+    if isinstance(sparse_targets, CrossTargets):  # 跨分词器：映射目标 + ULD + CE（losses/cross_tokenizer.py）
+        return chunked_cross_tokenizer_loss(
+            hidden, output_weight(params, cfg), batch.labels, *sparse_targets, chunk_size=tcfg.loss_chunk_size,
+            alpha=tcfg.alpha, temperature=tcfg.temperature, divergence=tcfg.divergence,
+            real_vocab_size=real_vocab_size, loss_mask=batch.loss_mask, num_tokens=num_tokens, return_parts=True,
         )
     if sparse_targets is not None:
         ids, log_p, tail = sparse_targets

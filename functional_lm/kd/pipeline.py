@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from functional_lm.config import ModelConfig, TrainingConfig
 from functional_lm.errors import Interrupted
+from functional_lm.kd.cross_setup import OWN_TOKENIZER_FAMILIES
 from functional_lm.runs.rundir import writing
 
 if TYPE_CHECKING:
@@ -34,18 +35,12 @@ def tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Opt
     return None
 
 
-# 自带另一套分词器的家族（DeepSeek-V3 / R1：129,280 行的词表）与其说明；Qwen 三家与学生共用 Qwen 的词表。
-OWN_TOKENIZER_FAMILIES: dict[str, str] = {"deepseek_v3": "DeepSeek-V3"}
-
-
 def refuse_foreign_vocabulary(teacher_cfg: Optional[ModelConfig], teacher_dir: Optional[Path], student_rows: int,
                               command: str = "distill") -> None:
-    """自带另一套分词器的教师（DeepSeek-V3）不能做逐 token 的 logit 蒸馏：点名两个词表，并说明现在能做什么。
+    """teacher-cache 还不能为自带另一套分词器的教师（DeepSeek-V3）建缓存：点名两个词表，并说明现在能做什么。
 
-    logit 蒸馏按 token id 逐个比较教师与学生的分布，要求两边是同一个词表；跨分词器的对齐还没有实现。
-    能做的是序列级蒸馏（SeqKD）的“文本”形式：用教师写出续写（``functional-lm generate --model DIR``），
-    把这些文本当作学生的训练数据（--data，不带 --teacher）。--teacher-generated-fraction 也不行：
-    教师的 token 要先解码成文本、再用学生的分词器重新切分，这同样属于跨分词器的工作。
+    缓存按学生的块号存目标；跨分词器的目标要先按文本对齐（kd/alignment.py），目前只在 distill 里按批进行。
+    能做的是 ``distill --teacher DIR``（逐批对齐），或序列级蒸馏：用教师写出文本，当作学生的 --data。
     """
     if teacher_cfg is None or teacher_cfg.family not in OWN_TOKENIZER_FAMILIES:
         return
@@ -54,11 +49,11 @@ def refuse_foreign_vocabulary(teacher_cfg: Optional[ModelConfig], teacher_dir: O
         f"--teacher {teacher_dir}: a {name} model ({teacher_cfg.family}) with its own tokenizer and a "
         f"{teacher_cfg.vocab_size:,}-row vocabulary, while the student uses the Qwen2.5 vocabulary "
         f"({student_rows:,} rows); {command} compares teacher and student distributions token id by token id, so "
-        f"both need one vocabulary, and cross-tokenizer distillation is not available yet. What works with this "
-        f"teacher: write its text with `functional-lm generate --model {teacher_dir} --prompt ...`, collect it as "
-        f"JSONL, and train the student on that text with --data and no --teacher (sequence-level distillation); "
-        f"--teacher-generated-fraction cannot use it either, because its tokens would have to be re-tokenized for "
-        f"the student"
+        f"both need one vocabulary, and a cache of cross-tokenizer targets is not available yet. What works with "
+        f"this teacher: `functional-lm distill --teacher {teacher_dir}`, which aligns the two tokenizers by text "
+        f"batch by batch (--cross-tokenizer hybrid, the default there), or write its text with `functional-lm "
+        f"generate --model {teacher_dir} --prompt ...` and train the student on that text with --data "
+        f"(sequence-level distillation)"
     )
 
 
@@ -159,9 +154,10 @@ def run_distill(
 
     多进程时每个进程都运行它：秩 0 先写分词器、建分词缓存，其余进程复用；只有秩 0 保存学生与报告。
     """
-    from functional_lm.data import check_vocab_compat, load_tokenizer, prepare_data
+    from functional_lm.data import check_vocab_compat, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_config, resolve_checkpoint
+    from functional_lm.kd.cross_setup import DEFAULT_CROSS_TOP_K, choose_tokenizers, open_cross_teacher, refuse_cross_combinations
     from functional_lm.kd.objective import Model
     from functional_lm.kd.trainer import train
     from functional_lm.models.decoder import init_params
@@ -176,11 +172,14 @@ def run_distill(
             f"--temperature {tcfg.temperature:g} with --teacher-url {run['teacher_url']}: a server returns "
             f"log-probabilities at T = 1 and the distribution at another temperature cannot be recovered exactly "
             f"from its top-k values (that needs every logit); use --temperature 1, or a local --teacher DIR")
-    tok_source = tokenizer_source(run, teacher_dir)
-    refuse_foreign_vocabulary(teacher_cfg, teacher_dir, student_cfg.vocab_size)
-    tokenizer = load_tokenizer(tok_source)
-    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合。
-    check_vocab_compat(tokenizer, student_cfg.vocab_size, None if teacher_cfg is None else teacher_cfg.vocab_size)
+    choice = choose_tokenizers(run, teacher_dir, teacher_cfg, student_cfg)
+    tokenizer, tok_source = choice.student, choice.student_source
+    if choice.cross:
+        refuse_cross_combinations(run, tcfg, info)
+        tcfg = tcfg.replace(top_k=tcfg.top_k or DEFAULT_CROSS_TOP_K)
+    # 词表契约与块长：在加载任何权重之前拒绝不相容的组合（跨分词器时教师的词表另有核对，见 cross_setup）。
+    check_vocab_compat(tokenizer, student_cfg.vocab_size,
+                       None if teacher_cfg is None or choice.cross else teacher_cfg.vocab_size)
     _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
     _check_top_k(tcfg.top_k, tokenizer.real_vocab_size, train_cache)
 
@@ -205,6 +204,9 @@ def run_distill(
         train_cache = open_served_teacher(run, tcfg.top_k, tokenizer.real_vocab_size, int(run["seq_len"]))
     teacher = _load_teacher(teacher_dir, tcfg, info)
     teacher_cfg = teacher.cfg if teacher is not None else None
+    if choice.cross and teacher is not None:  # 教师成为一个目标来源：按批对齐，在自己的 token 流上前向
+        train_cache = val_cache = open_cross_teacher(teacher, choice, tcfg, info)
+        teacher = None
     student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
     try:
         result = train(
@@ -223,6 +225,8 @@ def run_distill(
 
 def _teacher_info(teacher_cfg: Optional[ModelConfig], source: Any, run: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """报告里的教师：本地教师的配置；服务端教师的模型名与地址；否则教师缓存指纹里记的配置。"""
+    if teacher_cfg is not None and hasattr(source, "summary"):  # 跨分词器：配置 + 对齐的统计
+        return teacher_cfg.to_dict() | {"cross_tokenizer": source.summary()}
     if teacher_cfg is not None:
         return teacher_cfg.to_dict()
     if run.get("teacher_url"):

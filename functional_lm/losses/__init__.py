@@ -9,11 +9,18 @@
 ``teacher_topk``               从教师 logits 生成上述稀疏目标。
 ``token_divergence``           逐 token 的散度值（不做掩码与平均）。
 ``temperature_log_softmax``    log softmax(z/T)，填充列为 −∞（概率为 0）。
+``chunked_cross_tokenizer_loss`` 跨分词器：映射目标的稀疏散度 + ULD（排序概率的 W₁）+ CE，分块。
+``uld_distance``               ULD：排序后概率向量之间（截到教师 top-k）的 Wasserstein-1 距离。
 
 各在 divergences.py（稠密）、sparse.py（稀疏）、chunked.py（分块）；共用的约定与零件在 common.py。
 """
 
-from functional_lm.losses.chunked import chunked_distillation_loss, chunked_sparse_distillation_loss
+from functional_lm.losses.chunked import (
+    chunked_cross_tokenizer_loss,
+    chunked_distillation_loss,
+    chunked_sparse_distillation_loss,
+)
+from functional_lm.losses.cross_tokenizer import uld_distance
 from functional_lm.losses.common import DIVERGENCES
 from functional_lm.losses.divergences import distillation_loss, temperature_log_softmax, token_divergence
 from functional_lm.losses.sparse import sparse_distillation_loss, teacher_topk
@@ -23,6 +30,8 @@ __all__ = [
     "distillation_loss",
     "chunked_distillation_loss",
     "chunked_sparse_distillation_loss",
+    "chunked_cross_tokenizer_loss",
+    "uld_distance",
     "sparse_distillation_loss",
     "teacher_topk",
     "token_divergence",

@@ -33,6 +33,7 @@ from functional_lm.losses.common import (
     token_divisor,
     valid_mask,
 )
+from functional_lm.losses.cross_tokenizer import cross_token_terms
 from functional_lm.losses.divergences import dense_token_terms, kl_terms
 from functional_lm.losses.sparse import check_topk, sparse_token_terms
 from functional_lm.shapes import Bool, Float, Integer, Tensor, typechecked
@@ -105,6 +106,7 @@ class _ChunkContext:
     need_grad: bool
     compiled: bool = False  # 前向 KL 的逐元素部分是否走 torch.compile 融合的版本
     sparse_fn: Callable[[slice], tuple[Tensor, Tensor, Tensor | None]] | None = None  # 行段 → (top-k id, log P, 尾部)
+    terms_fn: Callable | None = None  # 稀疏目标的逐 token 项（缺省 sparse_token_terms；跨分词器为 cross_token_terms）
     compact: bool = False  # 只算计损失的行（教师一侧接受下标张量时：教师隐藏状态或稀疏目标，见 _chunk_rows）
 
 
@@ -291,7 +293,7 @@ def _sparse_chunk(
     sparse = ctx.sparse_fn(rows)
     leaf = student[:, :real].detach().requires_grad_(ctx.need_grad)
     with torch.enable_grad():
-        kd, ce = sparse_token_terms(leaf, sparse, labels, valid, ctx.spec, real)
+        kd, ce = (ctx.terms_fn or sparse_token_terms)(leaf, sparse, labels, valid, ctx.spec, real)
         if not ctx.need_grad:
             return kd.detach(), ce.detach(), None, real
         (grad,) = torch.autograd.grad(objective(kd.sum(), ce.sum(), ctx.spec) / ctx.divisor, leaf)
@@ -407,7 +409,7 @@ def _run_chunked(
     student_hidden: Tensor, student_weight: Tensor, labels: Tensor, loss_mask: Tensor | None, spec: LossSpec,
     chunk_size: int, *, label_vocab: int, real_vocab_size: int | None, num_tokens: int | Tensor | None,
     return_parts: bool, teacher_fn: TeacherChunkFn | None = None, teacher_owned: bool = False,
-    compiled: bool = False, sparse_fn: Callable | None = None,
+    compiled: bool = False, sparse_fn: Callable | None = None, terms_fn: Callable | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """两种分块损失（稠密教师给 teacher_fn，稀疏教师给 sparse_fn）共用的一段：展平 token 轴、有效掩码、
     核对标签、归一化分母 N，再交给 _ChunkedDistillation。"""
@@ -417,7 +419,7 @@ def _run_chunked(
     check_ids(flat_labels, valid, label_vocab, "labels")
     chunk_ctx = _ChunkContext(
         student_weight, teacher_fn, teacher_owned, spec, real_vocab_size, token_divisor(valid, num_tokens), True,
-        compiled=compiled, sparse_fn=sparse_fn, compact=teacher_owned or sparse_fn is not None,
+        compiled=compiled, sparse_fn=sparse_fn, terms_fn=terms_fn, compact=teacher_owned or sparse_fn is not None,
     )
     loss, kd_mean, ce_mean = _ChunkedDistillation.apply(hidden, student_weight, flat_labels, valid, chunk_ctx, chunk_size)
     if not return_parts:
@@ -463,4 +465,40 @@ def chunked_sparse_distillation_loss(
     return _run_chunked(
         student_hidden, student_weight, labels, loss_mask, spec, chunk_size, label_vocab=real,
         real_vocab_size=real_vocab_size, num_tokens=num_tokens, return_parts=return_parts, sparse_fn=sparse_fn,
+    )
+
+
+@typechecked
+def chunked_cross_tokenizer_loss(
+    student_hidden: Float[Tensor, "*batch d"],
+    student_weight: Float[Tensor, "vs d"],
+    labels: Integer[Tensor, "*batch"],
+    target_ids: Integer[Tensor, "*batch topk"],
+    target_log_probs: Float[Tensor, "*batch topk"],
+    target_tail: Float[Tensor, "*batch"],
+    kind: Integer[Tensor, "*batch"],
+    *,
+    chunk_size: int = 256,
+    alpha: Number = 0.5,
+    temperature: Number = 2.0,
+    divergence: str = "forward_kl",
+    real_vocab_size: int | None = None,
+    loss_mask: Bool[Tensor, "*batch"] | None = None,
+    num_tokens: int | Tensor | None = None,
+    return_parts: bool = False,
+) -> Float[Tensor, ""] | tuple[Float[Tensor, ""], dict[str, Tensor]]:
+    """跨分词器的分块损失（losses/cross_tokenizer.py）：映射目标的行与稀疏损失相同，ULD 行比较排序后的概率，
+    其余行只有交叉熵；与 ``chunked_sparse_distillation_loss`` 同一个分块引擎，同样只存在一块的学生 logits。"""
+    spec = LossSpec(divergence, temperature, alpha)
+    _check_chunk_size(chunk_size)
+    real = resolve_real_vocab(student_weight.shape[0], None, real_vocab_size)
+    ids = rearrange(target_ids, "... k -> (...) k")
+    check_topk(ids, real)
+    log_p = rearrange(target_log_probs, "... k -> (...) k")
+    tail, kinds = rearrange(target_tail, "... -> (...)"), rearrange(kind, "... -> (...)")
+    sparse_fn = lambda rows: (ids[rows], log_p[rows], tail[rows], kinds[rows])  # noqa: E731
+    return _run_chunked(
+        student_hidden, student_weight, labels, loss_mask, spec, chunk_size, label_vocab=real,
+        real_vocab_size=real_vocab_size, num_tokens=num_tokens, return_parts=return_parts, sparse_fn=sparse_fn,
+        terms_fn=cross_token_terms,
     )

@@ -39,8 +39,11 @@ __all__ = [
 # 配置文件里允许的顶层运行选项（不属于两个配置类）。
 RUN_KEYS = (
     "teacher", "data", "preset", "output_dir", "seq_len", "tokenizer", "cache_dir", "text_split", "teacher_cache",
-    "teacher_url", "teacher_model", "teacher_timeout", "teacher_concurrency",
+    "teacher_url", "teacher_model", "teacher_timeout", "teacher_concurrency", "teacher_tokenizer", "cross_tokenizer",
 )
+# --cross-tokenizer 的取值（kd/cross_teacher.py 解释它们）；名字可用的教师分词器见 data/vocab_bytes.py。
+CROSS_TOKENIZER_MODES = ("auto", "off", "hybrid", "uld")
+NAMED_TEACHER_TOKENIZERS = ("deepseek", "qwen3.5")
 # 教师目标的三个来源（互斥）：本地检查点、教师缓存、服务端教师。
 TEACHER_SOURCES = ("teacher", "teacher_cache", "teacher_url")
 SETTINGS_FORMAT = 1
@@ -243,6 +246,11 @@ def normalize_run(run: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("teacher", "tokenizer", "teacher_cache"):
         if key in out:
             out[key] = _absolute(out[key])
+    if "teacher_tokenizer" in out and str(out["teacher_tokenizer"]) not in NAMED_TEACHER_TOKENIZERS:
+        out["teacher_tokenizer"] = _absolute(out["teacher_tokenizer"])  # 名字原样，目录换成绝对路径
+    if out.get("cross_tokenizer", "auto") not in CROSS_TOKENIZER_MODES:
+        raise ValueError(f"--cross-tokenizer {out['cross_tokenizer']!r}: expected one of {list(CROSS_TOKENIZER_MODES)} "
+                         f"(auto: hybrid when the teacher's tokenizer differs from the student's, off when it is the same)")
     if "teacher_timeout" in out:
         out["teacher_timeout"] = convert_setting("teacher_timeout", "float", out["teacher_timeout"], "teacher_timeout")
         if not 0 < out["teacher_timeout"] < float("inf"):
