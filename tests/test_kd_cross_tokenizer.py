@@ -10,6 +10,7 @@ import torch
 
 from functional_lm import ModelConfig, TrainingConfig, init_params
 from functional_lm.data import load_tokenizer
+from functional_lm.data.vocab_bytes import load_teacher_tokenizer
 from functional_lm.data.loader import Batch
 from functional_lm.kd.alignment import KIND_MAPPED, KIND_NONE, KIND_ULD, Aligner, align_bytes
 from functional_lm.kd.cross_targets import CrossTargets, _mapped_chunk
@@ -31,7 +32,7 @@ def student_tok():
 
 @pytest.fixture(scope="module", params=["deepseek", "qwen3.5"])
 def teacher_tok(request):
-    return load_tokenizer(request.param)
+    return load_teacher_tokenizer(request.param)
 
 
 def test_groups_are_the_common_byte_boundaries():
@@ -41,9 +42,9 @@ def test_groups_are_the_common_byte_boundaries():
 
 
 def test_named_tokenizers_load_offline_with_their_sizes(student_tok):
-    assert load_tokenizer("deepseek").real_vocab_size == 129280
-    assert load_tokenizer("qwen3.5").real_vocab_size == 248077
-    ds = load_tokenizer("deepseek")
+    assert load_teacher_tokenizer("deepseek").real_vocab_size == 129280
+    assert load_teacher_tokenizer("qwen3.5").real_vocab_size == 248077
+    ds = load_teacher_tokenizer("deepseek")
     assert b"".join(ds.token_bytes()[i] for i in ds.encode(TEXT)) == TEXT.encode()
 
 
@@ -99,8 +100,8 @@ def test_alignment_on_real_tokenizers_follows_the_bytes(student_tok, teacher_tok
 
 
 def test_uld_mode_uses_uld_on_every_group_start(student_tok):
-    _, hybrid = _plan(student_tok, load_tokenizer("deepseek"), TEXT)
-    _, uld = _plan(student_tok, load_tokenizer("deepseek"), TEXT, mode="uld")
+    _, hybrid = _plan(student_tok, load_teacher_tokenizer("deepseek"), TEXT)
+    _, uld = _plan(student_tok, load_teacher_tokenizer("deepseek"), TEXT, mode="uld")
     assert torch.equal(uld.kind != KIND_NONE, hybrid.kind != KIND_NONE)
     assert set(uld.kind.unique().tolist()) <= {KIND_NONE, KIND_ULD}
 
@@ -205,7 +206,7 @@ def test_uld_with_one_tokenizer_and_the_teacher_as_student_is_zero(student_tok):
 def test_a_special_token_without_counterpart_is_refused_in_one_paragraph(student_tok):
     ids = student_tok.encode("<|im_start|>user\nhello there<|im_end|>")
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-    ds = load_tokenizer("deepseek")
+    ds = load_teacher_tokenizer("deepseek")
     with pytest.raises(ValueError) as err:
         Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid").plan(x, y, None)
     msg = str(err.value)

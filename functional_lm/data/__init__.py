@@ -31,10 +31,9 @@ from functional_lm.data.sources import (
 )
 from functional_lm.errors import DataError
 from functional_lm.data.store import TokenStore
+from functional_lm.data.vocab_contract import VocabContract, check_vocab_compat
 from functional_lm.data.tokenizer import (
     Tokenizer,
-    VocabContract,
-    check_vocab_compat,
     load_tokenizer,
     save_default_tokenizer,
 )

