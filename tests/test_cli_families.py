@@ -172,3 +172,15 @@ def test_bad_cross_tokenizer_settings_are_one_paragraph(deepseek_root, tmp_path,
     assert "Traceback" not in err and "\n" not in err
     for word in words:
         assert word in err
+
+
+def test_a_cross_tokenizer_run_resumes_bit_exactly(deepseek_root, tmp_path):
+    full = tmp_path / "full"
+    assert main(_xargs(deepseek_root, full, "--teacher-tokenizer", "deepseek", "--save-interval", "2")) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(full, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000003")
+    assert main(["distill", "--output-dir", str(copy), "--resume", "--no-progress"]) == 0
+    assert _losses(copy) == _losses(full)
+    a, b = _student(copy), _student(full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
