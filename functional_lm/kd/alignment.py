@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from functional_lm.losses.cross_tokenizer import KIND_MAPPED, KIND_NONE, KIND_ULD
+
 if TYPE_CHECKING:
     from functional_lm.data.tokenizer import Tokenizer
     from functional_lm.kd.vocab_map import VocabMap
 
 __all__ = ["KIND_NONE", "KIND_MAPPED", "KIND_ULD", "CrossPlan", "Aligner", "align_bytes"]
 
-KIND_NONE, KIND_MAPPED, KIND_ULD = 0, 1, 2
 IGNORE_INDEX = -100
 
 
@@ -70,7 +71,7 @@ class _Row:
 
     teacher: list[int]
     segments: list[int]
-    targets: dict[int, tuple[int, int, int, list[int], list[int]]]  # 学生位置 → (kind, 预测位, 首 token, inner 位, inner token)
+    targets: dict[int, tuple[int, int, int, list[int]]]  # 学生位置 → (kind, 预测位, 首 token 的位置, inner 预测位)
     uncovered: int = 0
 
 
@@ -87,10 +88,10 @@ class Aligner:
     # ---------------------------------------------------------------- 一批
     def plan(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> CrossPlan:
         """input_ids / labels (b, t) 与可选的文档编号 → CrossPlan（见模块说明）。"""
-        ids, lab = input_ids.cpu().numpy(), labels.cpu().numpy()
-        seg = None if segment_ids is None else segment_ids.cpu().numpy()
         if self.vocab_map.identity:
             return self._identity_plan(input_ids, segment_ids)
+        ids, lab = input_ids.cpu().numpy(), labels.cpu().numpy()
+        seg = None if segment_ids is None else segment_ids.cpu().numpy()
         rows = [self._row(ids[r], lab[r], None if seg is None else seg[r]) for r in range(ids.shape[0])]
         return self._stack(rows, ids.shape, segment_ids is not None)
 
@@ -173,8 +174,7 @@ class Aligner:
         """学生 token p（由学生位置 p − 1 预测）的目标来自教师第 tpos − 1 行；段首的教师 token 没有前文。"""
         if p == 0 or tpos == piece_start:
             return
-        inner_tokens = [0] * len(inner)  # 填在 _stack 里：那时教师流已经完整
-        row.targets[p - 1] = (kind, tpos - 1, tpos, inner, inner_tokens)
+        row.targets[p - 1] = (kind, tpos - 1, tpos, inner)  # token id 在 _stack 里取：那时教师流已经完整
 
     def _check_bytes(self, s_ids: list[int], t_ids: list[int], text: str) -> None:
         """教师的 token 必须拼出与学生完全相同的字节（否则分组无从谈起）：规范化文本的分词器在这里被拒绝。"""
@@ -208,7 +208,7 @@ class Aligner:
             teacher[r, :n] = torch.tensor(row.teacher, dtype=torch.int64)
             segments[r, :n] = torch.tensor(row.segments, dtype=torch.int64)
             segments[r, n:] = (row.segments[-1] + 1) if row.segments else 0  # 补齐的尾部另算一段
-            for i, (k, tp, tf, inner, _) in row.targets.items():
+            for i, (k, tp, tf, inner) in row.targets.items():
                 kind[r, i], pred[r, i], first[r, i] = k, r * tt + tp, row.teacher[tf]
                 if inner:
                     inner_rows[r, i, : len(inner)] = torch.tensor(inner) + r * tt

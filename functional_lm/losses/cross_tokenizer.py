@@ -28,7 +28,7 @@ from functional_lm.shapes import Float, Tensor, typechecked
 
 __all__ = ["KIND_NONE", "KIND_MAPPED", "KIND_ULD", "uld_distance", "cross_token_terms"]
 
-KIND_NONE, KIND_MAPPED, KIND_ULD = 0, 1, 2  # 与 kd/alignment.py 相同的编号
+KIND_NONE, KIND_MAPPED, KIND_ULD = 0, 1, 2  # 每个学生位置的目标种类（kd/alignment.py 按它们分类）
 
 
 @typechecked
