@@ -183,3 +183,30 @@ def test_a_cross_tokenizer_run_resumes_bit_exactly(deepseek_root, tmp_path):
     full = tmp_path / "full"
     assert main(_xargs(deepseek_root, full, "--teacher-tokenizer", "deepseek", "--save-interval", "2")) == 0
     _check_resume_is_bit_exact(full, tmp_path, "step-00000003")
+
+
+def test_on_policy_grading_across_tokenizers_scores_the_students_continuations(deepseek_root, tmp_path):
+    """λ = 1：每一步都由学生写续写（学生的 token），解码、由 DeepSeek 的分词器重新切分后教师打分；
+    损失只有 KD（没有 CE），映射目标的比例是在生成的 token 上算的。"""
+    out = tmp_path / "op"
+    assert main(_xargs(deepseek_root, out, "--teacher-tokenizer", "deepseek", "--on-policy-fraction", "1",
+                       "--prompt-length", "8", "--max-new-tokens", "8", "--generation-temperature", "1.0")) == 0
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["kind"] == "train"]
+    assert len(train) == 3
+    for r in train:
+        assert r["sources"] == {"student": 1} and r["ce"] is None and r["kd"] > 0
+        assert r["xtok_mapped"] > 0.5 and r["xtok_mapped"] + r["xtok_uld"] + r["xtok_none"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--teacher-generated-fraction", "0.5"], ["teacher_generated_fraction=0.5", "functional-lm generate", "--data"]),
+    (["--on-policy-fraction", "1", "--on-policy-estimator", "sampled"], ["sampled", "topk"]),
+])
+def test_cross_tokenizer_generation_it_cannot_do_is_one_paragraph(deepseek_root, tmp_path, capsys, extra, words):
+    assert main(_xargs(deepseek_root, tmp_path / "bad", "--teacher-tokenizer", "deepseek", "--prompt-length", "8",
+                       "--max-new-tokens", "8", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "\n" not in err
+    for word in words:
+        assert word in err

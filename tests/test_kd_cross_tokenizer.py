@@ -203,14 +203,48 @@ def test_uld_with_one_tokenizer_and_the_teacher_as_student_is_zero(student_tok):
     assert float(other["kd"]) > 1e-2
 
 
-def test_a_special_token_without_counterpart_is_refused_in_one_paragraph(student_tok):
-    ids = student_tok.encode("<|im_start|>user\nhello there<|im_end|>")
-    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+def test_a_special_token_without_counterpart_in_the_data_is_refused_naming_the_document(student_tok):
+    from functional_lm.data.store import TokenStore
+
     ds = load_teacher_tokenizer("deepseek")
+    docs = [student_tok.encode("plain text first"), student_tok.encode("<|im_start|>user\nhello there<|im_end|>")]
+    store = TokenStore.from_documents(docs, separator_id=student_tok.eos_token_id)
+    aligner = Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid")
+    aligner.check_data(TokenStore.from_documents(docs[:1], separator_id=student_tok.eos_token_id), "train")  # 没有它：通过
     with pytest.raises(ValueError) as err:
-        Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid").plan(x, y, None)
+        aligner.check_data(store, "train")
     msg = str(err.value)
-    assert "<|im_start|>" in msg and "deepseek" in msg and "\n" not in msg
+    assert "document 2 of" in msg and "<|im_start|>" in msg and "deepseek" in msg and "\n" not in msg
+
+
+def test_a_generated_special_without_counterpart_gets_no_target_and_the_next_token_none(student_tok):
+    """学生续写里的 <|im_end|>（DeepSeek 没有）：不发给教师，它与其后第一个 token 都没有目标，其余照常对齐。"""
+    ds = load_teacher_tokenizer("deepseek")
+    ids = student_tok.encode("hello there<|im_end|> and more words")
+    end = student_tok.token_to_id("<|im_end|>")
+    p = ids.index(end)
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    plan = Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid").plan(x, y, None)
+    assert plan.uncovered == 1
+    assert int(plan.kind[0, p - 1]) == KIND_NONE and int(plan.kind[0, p]) == KIND_NONE  # 预测它的、它之后的
+    assert int(plan.kind[0, p + 1]) == KIND_MAPPED and int(plan.kind[0, 0]) == KIND_MAPPED
+    stream = plan.teacher_ids[0].tolist()
+    assert ds.decode(stream) == "hello there and more words"  # 教师读到的是去掉它之后的同一段字节
+
+
+def test_bytes_that_are_not_utf8_reach_the_teacher_as_its_byte_tokens(student_tok, teacher_tok):
+    """续写里的半个字符（“中”的 UTF-8 是 e4 b8 ad，只写了 e4 b8）：教师逐字节收到单字节 token，字节与学生的相同，
+    前后的文本照常由教师的分词器切分并对齐。"""
+    byte_id = {b: i for i, b in enumerate(student_tok.token_bytes()) if b is not None and len(b) == 1}
+    ids = student_tok.encode("The cat sat") + [byte_id[b"\xe4"], byte_id[b"\xb8"]] + student_tok.encode(" on the mat.")
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    vmap = build_vocab_map(student_tok, teacher_tok)
+    plan = Aligner(student_tok, teacher_tok, vmap, "hybrid").plan(x, y, None)
+    t_bytes = teacher_tok.token_bytes()
+    stream = plan.teacher_ids[0].tolist()
+    assert b"".join(t_bytes[t] for t in stream) == b"".join(student_tok.token_bytes()[s] for s in ids)
+    assert [t_bytes[t] for t in stream].count(b"\xe4") == 1 and plan.uncovered == 0
+    assert (plan.kind[0] == KIND_MAPPED).all()  # 这些都是一对一或多对一的组
 
 
 def test_a_normalising_teacher_tokenizer_is_refused_by_the_byte_check(student_tok, tmp_path):

@@ -6,8 +6,11 @@
     每组里学生 token 与教师 token 覆盖同一段字节（一对一、多对一、一对多、多对多）。
 
 一批的教师 token 流：学生的每一行按文档（document_mask 打开时按 segment ids）切成段，段里的学生 token
-拼回字节、解码成文本，由教师的分词器重新切分；学生的特殊 token（<|endoftext|> 等）不当文本发送，而是换成
-教师词表里对应的特殊 token（kd/vocab_map.py），两边各成一组。教师在自己的流上前向（各段互不注意，同学生）。
+拼回字节、解码成文本，由教师的分词器重新切分；不是合法 UTF-8 的字节（打包块边缘截断的字符、学生续写里的
+半个字符）逐字节换成教师的单字节 token，所以教师读到的字节总与学生的相同，重新分词不必“还原”学生的切分。
+学生的特殊 token（<|endoftext|> 等）不当文本发送，而是换成教师词表里对应的特殊 token（kd/vocab_map.py），
+两边各成一组；没有对应的，数据里出现时训练前拒绝（Aligner.check_data），学生续写里出现时不发给教师、
+不给目标（它与它后面的第一个 token 都只有交叉熵）。教师在自己的流上前向（各段互不注意，同学生）。
 
 学生位置 i 预测下一个 token x_{i+1}；x_{i+1} 所在组的第一个教师 token 在教师流的第 j 位，教师对它的分布
 在第 j − 1 位。于是每个学生位置得到一种目标（kind）：
@@ -17,8 +20,8 @@
             组内其余教师位置（inner_rows）提供后面几个因子
     ULD     x_{i+1} 是多个学生 token 的组里的第一个（一对多、多对多）：教师第 j − 1 位的分布与学生分布之间
             比排序后的概率向量（ULD，losses/cross_tokenizer.py）；--cross-tokenizer uld 时所有组都这样
-    NONE    组里第二个及以后的学生 token（教师没有“半个 token”的分布）、段首没有前文的 token、无法解码成
-            文本的字节（块边缘截断的 UTF-8 字符）：只有交叉熵
+    NONE    组里第二个及以后的学生 token（教师没有“半个 token”的分布）、段首没有前文的 token、
+            没有对应的特殊 token 及其后的第一个 token：只有交叉熵
 
 两边是同一个分词器时不重新切分：教师的 token 就是学生的 token（对齐是恒等的，每个位置都是一对一）。
 """
@@ -34,6 +37,7 @@ import torch
 from functional_lm.losses.cross_tokenizer import KIND_MAPPED, KIND_NONE, KIND_ULD
 
 if TYPE_CHECKING:
+    from functional_lm.data.store import TokenStore
     from functional_lm.data.tokenizer import Tokenizer
     from functional_lm.kd.vocab_map import VocabMap
 
@@ -62,7 +66,7 @@ class CrossPlan:
     first_token: torch.Tensor  # (b, t) int64：组里第一个教师 token 的 id（链式法则拆分它的概率），−1 = 没有
     inner_rows: torch.Tensor  # (b, t, L) int64：组内其余教师 token 的预测行（链式法则的后几个因子），−1 补齐
     inner_tokens: torch.Tensor  # (b, t, L) int64：这些行各自预测的教师 token，0 补齐
-    uncovered: int  # 解码不成文本、没有教师目标的学生 token 数（块边缘截断的 UTF-8 字符等）
+    uncovered: int  # 没有发给教师的学生 token 数（没有对应的特殊 token；教师缺单字节 token 的一段）
 
 
 @dataclass
@@ -84,6 +88,9 @@ class Aligner:
         self.t_bytes = teacher.token_bytes()
         self.s_special = frozenset(student.special_tokens.values())
         self.s_to_t = vocab_map.student_to_teacher.tolist()
+        self.byte_ids = _byte_tokens(self.t_bytes, frozenset(teacher.special_tokens.values()))
+        # 教师词表里没有对应的学生特殊 token：数据里出现时训练前拒绝（check_data），生成的续写里出现时不给目标
+        self.unmatched = sorted(s for s in self.s_special if s >= len(self.s_to_t) or self.s_to_t[s] < 0)
 
     # ---------------------------------------------------------------- 一批
     def plan(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> CrossPlan:
@@ -129,36 +136,51 @@ class Aligner:
                 continue
             if run < p:
                 self._text_run(row, tokens, run, p, piece_start, piece)
-            if p < end:
-                self._special(row, tokens[p], p, piece_start, piece)
+            if p < end and not self._special(row, tokens[p], p, piece_start, piece):
+                piece_start = len(row.teacher)  # 丢掉的特殊 token 之后的第一个教师 token 不给目标（前文缺了它）
             run = p + 1
 
-    def _special(self, row: _Row, token: int, p: int, piece_start: int, piece: int) -> None:
-        """学生的特殊 token → 教师词表里对应的特殊 token（一对一的一组）；没有对应时一段话拒绝。"""
+    def _special(self, row: _Row, token: int, p: int, piece_start: int, piece: int) -> bool:
+        """学生的特殊 token → 教师词表里对应的特殊 token（一对一的一组）。没有对应的（只会出现在学生生成的续写里，
+        数据里的在训练前由 check_data 拒绝）不发给教师、不给目标，计入 uncovered，返回 False。"""
         mapped = self.s_to_t[token] if token < len(self.s_to_t) else -1
         if mapped < 0:
-            content = self.s_bytes[token].decode("utf-8", "replace") if token < len(self.s_bytes) else str(token)
-            raise ValueError(
-                f"the student's special token {content!r} (id {token}) has no counterpart in the teacher's tokenizer "
-                f"({self.vocab_map.teacher_name}): the teacher would read it as plain text and the two sides would "
-                f"no longer see the same document; train on text without it (chat data written with the student's "
-                f"template carries <|im_start|> / <|im_end|>), or use a teacher tokenizer that has it"
-            )
+            row.uncovered += 1
+            return False
         self._record(row, p, KIND_MAPPED if self.mode == "hybrid" else KIND_ULD, len(row.teacher), piece_start, [])
         row.teacher.append(mapped)
         row.segments.append(piece)
+        return True
+
+    def check_data(self, store: TokenStore, what: str) -> None:
+        """数据里出现教师词表没有对应的学生特殊 token 时一段话拒绝（点出第一篇这样的文档）：教师会把它当普通
+        文本读，两边看到的不再是同一篇文档。按 16M 个 token 一块扫描 uint32 流。"""
+        if not self.unmatched:
+            return
+        bad = np.asarray(self.unmatched, dtype=np.uint32)
+        step = 1 << 24
+        for at in range(0, store.num_tokens, step):
+            hits = np.flatnonzero(np.isin(store.tokens[at : at + step], bad))
+            if hits.size:
+                index = at + int(hits[0])
+                token = int(store.tokens[index])
+                doc = int(np.searchsorted(store.offsets, index, side="right")) - 1
+                content = self.s_bytes[token].decode("utf-8", "replace")
+                raise ValueError(
+                    f"{store.document_origin(doc)} ({what}): the student's special token {content!r} (id {token}) has "
+                    f"no counterpart in the teacher's tokenizer ({self.vocab_map.teacher_name}), so the teacher would "
+                    f"read it as plain text and the two sides would no longer see the same document; train on text "
+                    f"without it (chat data written with the student's template carries <|im_start|> / <|im_end|>), "
+                    f"or use a teacher tokenizer that has it")
 
     def _text_run(self, row: _Row, tokens: list[int], start: int, end: int, piece_start: int, piece: int) -> None:
-        """特殊 token 之间的一段普通 token：拼回字节 → 文本 → 教师分词 → 按字节分组。"""
-        kept = _decodable(self.s_bytes, tokens, start, end)
-        if kept is None:
+        """特殊 token 之间的一段普通 token：拼回字节 → 教师分词（_encode_bytes）→ 按字节分组。"""
+        t_ids = self._encode_bytes(b"".join(self.s_bytes[x] or b"" for x in tokens[start:end]))
+        if t_ids is None:
             row.uncovered += end - start
             return
-        k0, k1, text = kept
-        row.uncovered += (k0 - start) + (end - k1)
-        t_ids = self.teacher.encode(text)
-        self._check_bytes(tokens[k0:k1], t_ids, text)
-        s_len = np.array([len(self.s_bytes[x]) for x in tokens[k0:k1]])
+        self._check_bytes(tokens[start:end], t_ids)
+        s_len = np.array([len(self.s_bytes[x] or b"") for x in tokens[start:end]])
         t_len = np.array([len(self.t_bytes[x]) for x in t_ids])
         s_bounds, t_bounds = align_bytes(s_len, t_len)
         base = len(row.teacher)
@@ -168,7 +190,27 @@ class Aligner:
             n_s, i0, i1 = s_bounds[g + 1] - s_bounds[g], int(t_bounds[g]), int(t_bounds[g + 1])
             mapped = self.mode == "hybrid" and n_s == 1
             inner = list(range(base + i0, base + i1 - 1)) if mapped else []  # 预测组内第 2… 个教师 token 的行
-            self._record(row, k0 + int(s_bounds[g]), KIND_MAPPED if mapped else KIND_ULD, base + i0, piece_start, inner)
+            self._record(row, start + int(s_bounds[g]), KIND_MAPPED if mapped else KIND_ULD, base + i0, piece_start, inner)
+
+    def _encode_bytes(self, data: bytes) -> Optional[list[int]]:
+        """一段字节 → 教师 token：合法的 UTF-8 解码成文本交给教师的分词器；不是合法 UTF-8 的字节（块边缘截断的
+        字符、学生续写里的半个字符）逐字节换成教师的单字节 token（字节级 BPE 的 256 个都有），于是教师读到的
+        字节与学生的完全相同。教师词表缺某个单字节 token 时返回 None（这一段没有目标）。"""
+        out: list[int] = []
+        at = 0
+        while at < len(data):
+            try:
+                out += self.teacher.encode(data[at:].decode("utf-8"))
+                break
+            except UnicodeDecodeError as err:
+                if err.start:
+                    out += self.teacher.encode(data[at : at + err.start].decode("utf-8"))
+                raw = [self.byte_ids[b] for b in data[at + err.start : at + err.end]]
+                if min(raw) < 0:
+                    return None
+                out += raw
+                at += err.end
+        return out
 
     def _record(self, row: _Row, p: int, kind: int, tpos: int, piece_start: int, inner: list[int]) -> None:
         """学生 token p（由学生位置 p − 1 预测）的目标来自教师第 tpos − 1 行；段首的教师 token 没有前文。"""
@@ -176,16 +218,16 @@ class Aligner:
             return
         row.targets[p - 1] = (kind, tpos - 1, tpos, inner)  # token id 在 _stack 里取：那时教师流已经完整
 
-    def _check_bytes(self, s_ids: list[int], t_ids: list[int], text: str) -> None:
+    def _check_bytes(self, s_ids: list[int], t_ids: list[int]) -> None:
         """教师的 token 必须拼出与学生完全相同的字节（否则分组无从谈起）：规范化文本的分词器在这里被拒绝。"""
-        s = b"".join(self.s_bytes[x] for x in s_ids)
+        s = b"".join(self.s_bytes[x] or b"" for x in s_ids)
         t = b"".join(self.t_bytes[x] or b"" for x in t_ids)
         if s != t:
             at = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))
             raise ValueError(
                 f"the teacher's tokenizer ({self.vocab_map.teacher_name}) does not reproduce the text it is given "
                 f"byte for byte, so its tokens cannot be aligned with the student's: at byte {at} of "
-                f"{text[:60]!r} the student's bytes are {s[at:at + 12]!r} and the teacher's {t[at:at + 12]!r}; "
+                f"{s[:60].decode('utf-8', 'replace')!r} the student's bytes are {s[at:at + 12]!r} and the teacher's {t[at:at + 12]!r}; "
                 f"a tokenizer that normalises text (NFKC, lower-casing, stripping accents) cannot be aligned, use one "
                 f"that keeps the bytes (the Qwen, DeepSeek and Llama 3 tokenizers do)"
             )
@@ -217,16 +259,10 @@ class Aligner:
                          sum(r.uncovered for r in rows))
 
 
-def _decodable(table: list, tokens: list[int], start: int, end: int) -> Optional[tuple[int, int, str]]:
-    """学生 token [start, end) 里能解码成文本的最长一段 [k0, k1) 与其文本：去掉开头以 UTF-8 续字节开始的
-    token 与末尾不完整的字符（打包块的边缘会把一个字符截成两半）；中间仍有坏字节时返回 None。"""
-    k0 = start
-    while k0 < end and table[tokens[k0]] and (table[tokens[k0]][0] & 0xC0) == 0x80:
-        k0 += 1
-    for k1 in range(end, max(k0, end - 4) - 1, -1):
-        try:
-            text = b"".join(table[x] for x in tokens[k0:k1]).decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        return (k0, k1, text) if k1 > k0 else None
-    return None
+def _byte_tokens(table: list, specials: frozenset) -> list[int]:
+    """教师词表里代表单个字节 0…255 的（非特殊）token id；没有的为 −1。"""
+    out = [-1] * 256
+    for i, b in enumerate(table):
+        if b is not None and len(b) == 1 and i not in specials and out[b[0]] < 0:
+            out[b[0]] = i
+    return out

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from functional_lm.distributed import Dist
     from functional_lm.kd.cross_teacher import CrossTokenizerTeacher
     from functional_lm.kd.objective import Model
+    from functional_lm.kd.vocab_map import VocabMap
 
-__all__ = ["TokenizerChoice", "choose_tokenizers", "refuse_cross_combinations", "open_cross_teacher", "DEFAULT_CROSS_TOP_K", "OWN_TOKENIZER_FAMILIES"]
+__all__ = ["TokenizerChoice", "choose_tokenizers", "refuse_cross_combinations", "check_cross_data", "open_cross_teacher", "DEFAULT_CROSS_TOP_K", "OWN_TOKENIZER_FAMILIES"]
 
 DEFAULT_CROSS_TOP_K = 64  # 跨分词器蒸馏用教师的 top-k；没给 --top-k 时取 64
 # 自带另一套分词器的家族：缺省时学生不用它们的分词器（学生是 Qwen2.5 词表）。
@@ -39,6 +40,7 @@ class TokenizerChoice:
     student_source: Optional[Path]
     teacher: Tokenizer
     mode: str  # off / hybrid / uld
+    vocab_map: Optional[VocabMap] = None  # 跨分词器时的词表映射（check_cross_data 建好，open_cross_teacher 沿用）
 
     @property
     def cross(self) -> bool:
@@ -107,6 +109,22 @@ def refuse_cross_combinations(run: Mapping[str, Any], tcfg: TrainingConfig, info
                          "all-gathers would not line up; use teacher_sharding=replicate")
 
 
+def check_cross_data(choice: TokenizerChoice, data: Any) -> None:
+    """加载教师权重之前：建词表映射，数据里有教师词表没有对应的学生特殊 token 时一段话拒绝（Aligner.check_data）。"""
+    from functional_lm.kd.alignment import Aligner
+    from functional_lm.kd.vocab_map import build_vocab_map
+
+    if choice.vocab_map is None:
+        choice.vocab_map = build_vocab_map(choice.student, choice.teacher)
+    aligner = Aligner(choice.student, choice.teacher, choice.vocab_map, choice.mode)
+    seen = set()
+    for loader in (data.train_loader, data.val_loader):
+        store = None if loader is None else loader.dataset.store
+        if store is not None and id(store) not in seen:
+            seen.add(id(store))
+            aligner.check_data(store, "the training data")
+
+
 def open_cross_teacher(teacher: Model, choice: TokenizerChoice, tcfg: TrainingConfig, info: Dist) -> CrossTokenizerTeacher:
     """教师放到设备上（与同词表蒸馏同样的 dtype 规则），建词表映射与对齐。"""
     from functional_lm.kd.cross_teacher import CrossTokenizerTeacher
@@ -114,5 +132,5 @@ def open_cross_teacher(teacher: Model, choice: TokenizerChoice, tcfg: TrainingCo
     from functional_lm.kd.vocab_map import build_vocab_map
 
     placed = teacher_for_training(teacher, tcfg.replace(teacher_sharding="replicate"), info)
-    vocab_map = build_vocab_map(choice.student, choice.teacher)
+    vocab_map = choice.vocab_map or build_vocab_map(choice.student, choice.teacher)
     return CrossTokenizerTeacher(placed, choice.student, choice.teacher, vocab_map, choice.mode, tcfg)

@@ -33,7 +33,7 @@ __all__ = ["CrossTokenizerTeacher"]
 class CrossTokenizerTeacher:
     """教师模型 + 两个分词器的对齐；``batch_targets`` 给出 CrossTargets。"""
 
-    grades_generated = False  # 在线蒸馏（学生续写的重新分词）还不支持：check_run 拒绝
+    grades_generated = True  # 在线蒸馏：学生写的续写按字节对齐后由教师打分（见 check_generation）
 
     def __init__(self, teacher: Model, student_tok: Tokenizer, teacher_tok: Tokenizer, vocab_map: VocabMap,
                  mode: str, tcfg: TrainingConfig) -> None:
@@ -47,18 +47,34 @@ class CrossTokenizerTeacher:
         self._window = torch.zeros(4, dtype=torch.float64)  # 计损失的 token：映射 / ULD / 只有 CE / 总数
         self.totals = torch.zeros(4, dtype=torch.float64)
 
-    # ---------------------------------------------------------------- 训练前的核对（trainer.check_models 调用）
+    # ---------------------------------------------------------------- 训练前的核对（kd/preflight 调用）
     def check_run(self, tcfg: TrainingConfig, real_vocab_size: int) -> None:
-        if tcfg.generates:
-            raise ValueError(
-                f"on_policy_fraction={tcfg.on_policy_fraction} / teacher_generated_fraction="
-                f"{tcfg.teacher_generated_fraction} with a teacher whose tokenizer differs from the student's "
-                f"({self.vocab_map.teacher_name} vs {self.vocab_map.student_name}): grading the student's "
-                f"continuations needs them decoded and re-tokenized for the teacher, which is not available yet; "
-                f"set both fractions to 0 for off-policy cross-tokenizer distillation")
         if real_vocab_size != self.student_real_vocab:
             raise ValueError(f"real_vocab_size={real_vocab_size} differs from the student tokenizer's "
                              f"{self.student_real_vocab} real tokens")
+
+    def check_generation(self, student: Model, tcfg: TrainingConfig) -> None:
+        """在线蒸馏：学生写的续写（学生的 token）解码成字节、由教师的分词器重新切分后打分（与数据批同一条对齐
+        路径；不是合法 UTF-8 的字节作为教师的单字节 token 发送，没有对应的特殊 token 不给目标）。教师写续写
+        （SeqKD）与采样估计还不支持：一段话拒绝。"""
+        pair = f"({self.vocab_map.teacher_name} vs {self.vocab_map.student_name})"
+        if tcfg.teacher_generated_fraction > 0:
+            raise ValueError(
+                f"teacher_generated_fraction={tcfg.teacher_generated_fraction} with a teacher whose tokenizer differs "
+                f"from the student's {pair}: the teacher would write in its own vocabulary, and turning its text into "
+                f"student batches inside the run is not available; write the teacher's text once with `functional-lm "
+                f"generate` and train on it with --data (sequence-level distillation), or set the fraction to 0 "
+                f"(on-policy grading of the student's continuations works)")
+        if tcfg.on_policy_estimator == "sampled":
+            raise ValueError(
+                f"on_policy_estimator='sampled' with a teacher whose tokenizer differs from the student's {pair}: the "
+                f"sampled estimate needs log P_teacher of each sampled student token, which a span-aligned teacher "
+                f"gives only for one-to-one groups; use on_policy_estimator='topk' (the default)")
+        length = tcfg.prompt_length + tcfg.max_new_tokens
+        if length > student.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows the "
+                f"student's max_seq_len {student.cfg.max_seq_len}; lower prompt_length or max_new_tokens")
 
     # ---------------------------------------------------------------- 目标
     def batch_targets(self, batch: Batch, device: torch.device, segments: Optional[torch.Tensor],

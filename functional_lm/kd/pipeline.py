@@ -157,7 +157,8 @@ def run_distill(
     from functional_lm.data import check_vocab_compat, prepare_data
     from functional_lm.distributed import SINGLE, main_first, on_main
     from functional_lm.hf import load_config, resolve_checkpoint
-    from functional_lm.kd.cross_setup import DEFAULT_CROSS_TOP_K, choose_tokenizers, open_cross_teacher, refuse_cross_combinations
+    from functional_lm.kd.cross_setup import (DEFAULT_CROSS_TOP_K, check_cross_data, choose_tokenizers,
+                                              open_cross_teacher, refuse_cross_combinations)
     from functional_lm.kd.objective import Model
     from functional_lm.kd.trainer import train
     from functional_lm.models.decoder import init_params
@@ -202,6 +203,8 @@ def run_distill(
         from functional_lm.kd.served import open_served_teacher
 
         train_cache = open_served_teacher(run, tcfg.top_k, tokenizer.real_vocab_size, int(run["seq_len"]))
+    if choice.cross:
+        check_cross_data(choice, data)  # 在加载教师权重之前
     teacher = _load_teacher(teacher_dir, tcfg, info)
     teacher_cfg = teacher.cfg if teacher is not None else None
     if choice.cross and teacher is not None:  # 教师成为一个目标来源：按批对齐，在自己的 token 流上前向

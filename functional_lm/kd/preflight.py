@@ -63,8 +63,8 @@ def check_generation(
     切分的教师不能写续写（各进程的生成步数不同，逐层 all-gather 会对不上）。"""
     if not tcfg.generates:
         return
-    if getattr(cache, "grades_generated", False):  # 服务端教师能给任何序列打分，但不在本进程里写续写
-        _check_served_generation(student, cache, tcfg)
+    if getattr(cache, "grades_generated", False):  # 服务端 / 跨分词器的教师给生成批打分，各自核对能做什么
+        cache.check_generation(student, tcfg)
         return
     if teacher is None:
         where = "a teacher cache only holds targets for the data's own tokens" if cache is not None else "none was given"
@@ -86,22 +86,6 @@ def check_generation(
     if info.enabled and tcfg.teacher_sharding == "shard" and tcfg.teacher_generated_fraction > 0:
         raise ValueError("teacher_generated_fraction needs a whole teacher on every process to write with; "
                          "use teacher_sharding=replicate, or set teacher_generated_fraction to 0")
-
-
-def _check_served_generation(student: Model, served, tcfg: TrainingConfig) -> None:
-    """服务端教师的在线蒸馏：教师不写续写（teacher_generated_fraction = 0）；提示 + 续写放得进学生与服务器。"""
-    if tcfg.teacher_generated_fraction > 0:
-        raise ValueError(
-            f"teacher_generated_fraction={tcfg.teacher_generated_fraction} needs the teacher to write continuations "
-            f"in this process, but a served teacher ({served.settings.base}) only grades; set "
-            f"--teacher-generated-fraction 0 (on-policy grading of the student's continuations works)")
-    length = tcfg.prompt_length + tcfg.max_new_tokens
-    limits = [student.cfg.max_seq_len] + ([served.max_model_len - 1] if served.max_model_len else [])
-    if length > min(limits):
-        raise ValueError(
-            f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows "
-            f"{min(limits)} (the student's max_seq_len {student.cfg.max_seq_len}, the server's --max-model-len "
-            f"{served.max_model_len} less the one padding id); lower prompt_length or max_new_tokens")
 
 
 def refuse_foreign_run(run_dir: Path, ckpt_root: Path) -> None:

@@ -287,6 +287,22 @@ class ServedTeacher:
                 f"the served teacher was set up for top-{self.top_k} over {self.real_vocab_size} tokens, the run uses "
                 f"--top-k {tcfg.top_k} over {real_vocab_size}")
 
+    def check_generation(self, student: Any, tcfg: Any) -> None:
+        """在线蒸馏（preflight.check_generation 调用）：教师不写续写（teacher_generated_fraction = 0）；
+        提示 + 续写放得进学生与服务器。"""
+        if tcfg.teacher_generated_fraction > 0:
+            raise ValueError(
+                f"teacher_generated_fraction={tcfg.teacher_generated_fraction} needs the teacher to write continuations "
+                f"in this process, but a served teacher ({self.settings.base}) only grades; set "
+                f"--teacher-generated-fraction 0 (on-policy grading of the student's continuations works)")
+        length = tcfg.prompt_length + tcfg.max_new_tokens
+        limits = [student.cfg.max_seq_len] + ([self.max_model_len - 1] if self.max_model_len else [])
+        if length > min(limits):
+            raise ValueError(
+                f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows "
+                f"{min(limits)} (the student's max_seq_len {student.cfg.max_seq_len}, the server's --max-model-len "
+                f"{self.max_model_len} less the one padding id); lower prompt_length or max_new_tokens")
+
     # ------------------------------------------------------------------ 取目标
     def _one_request(self, sequences: list[list[int]]) -> tuple[np.ndarray, ...]:
         body = completion_body(self.model, sequences, self.top_k)
