@@ -73,6 +73,8 @@ SCRIPTS = {
         ratio_rows=["build", "step_from_cache", "step_from_cache_peak_rss"],  # 字节数的行没有参照
     ),
     "bench_moe": dict(argv=["--threads", "{threads}"], rows=_with_usage("eager", "compiled")),
+    "bench_cross_tokenizer": dict(argv=["--threads", "{threads}"], rows=["align", "step", "step_sys", "step_faults"],
+                                  ratio_rows=["step"]),  # 对齐的吞吐没有参照
     "bench_on_policy": dict(
         argv=["--threads", "{threads}"],
         rows=["generate_s", "teacher_s", "student_loss_s", "step_s", "step_sys", "step_faults"],
@@ -80,7 +82,7 @@ SCRIPTS = {
 }
 # 打印 JSON 的脚本：最后一行就是返回值去掉 "rows"。
 PRINTS_JSON = ("bench_forward", "bench_loss", "bench_train", "bench_generate", "bench_attention", "bench_cache",
-               "bench_on_policy", "bench_moe")
+               "bench_on_policy", "bench_moe", "bench_cross_tokenizer")
 
 
 # ---------------------------------------------------------------- 运行与复原
@@ -540,6 +542,8 @@ FULL_DEFAULTS = {
     "bench_moe": dict(family="qwen3_moe", batch=4, seq=128, rounds=7, warmup=2),
     "bench_on_policy": dict(batch=8, prompt=64, new_tokens=64, student="student-123m", teacher="qwen2.5-0.5b",
                             steps=3, real_vocab=151665, device="cpu"),  # docs/benchmarks.md：3 步中位数
+    "bench_cross_tokenizer": dict(batch=4, seq=512, student="student-123m", teacher="qwen2.5-0.5b", steps=2,
+                                  align_repeats=3),
 }
 
 
