@@ -175,11 +175,12 @@ class Aligner:
 
     def _text_run(self, row: _Row, tokens: list[int], start: int, end: int, piece_start: int, piece: int) -> None:
         """特殊 token 之间的一段普通 token：拼回字节 → 教师分词（_encode_bytes）→ 按字节分组。"""
-        t_ids = self._encode_bytes(b"".join(self.s_bytes[x] or b"" for x in tokens[start:end]))
+        data = b"".join(self.s_bytes[x] or b"" for x in tokens[start:end])
+        t_ids = self._encode_bytes(data)
         if t_ids is None:
             row.uncovered += end - start
             return
-        self._check_bytes(tokens[start:end], t_ids)
+        self._check_bytes(data, t_ids)
         s_len = np.array([len(self.s_bytes[x] or b"") for x in tokens[start:end]])
         t_len = np.array([len(self.t_bytes[x]) for x in t_ids])
         s_bounds, t_bounds = align_bytes(s_len, t_len)
@@ -218,9 +219,8 @@ class Aligner:
             return
         row.targets[p - 1] = (kind, tpos - 1, tpos, inner)  # token id 在 _stack 里取：那时教师流已经完整
 
-    def _check_bytes(self, s_ids: list[int], t_ids: list[int]) -> None:
-        """教师的 token 必须拼出与学生完全相同的字节（否则分组无从谈起）：规范化文本的分词器在这里被拒绝。"""
-        s = b"".join(self.s_bytes[x] or b"" for x in s_ids)
+    def _check_bytes(self, s: bytes, t_ids: list[int]) -> None:
+        """教师的 token 必须拼出与学生的字节 s 完全相同的字节（否则分组无从谈起）：规范化文本的分词器在这里被拒绝。"""
         t = b"".join(self.t_bytes[x] or b"" for x in t_ids)
         if s != t:
             at = next((i for i, (a, b) in enumerate(zip(s, t)) if a != b), min(len(s), len(t)))

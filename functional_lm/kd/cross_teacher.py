@@ -70,11 +70,9 @@ class CrossTokenizerTeacher:
                 f"on_policy_estimator='sampled' with a teacher whose tokenizer differs from the student's {pair}: the "
                 f"sampled estimate needs log P_teacher of each sampled student token, which a span-aligned teacher "
                 f"gives only for one-to-one groups; use on_policy_estimator='topk' (the default)")
-        length = tcfg.prompt_length + tcfg.max_new_tokens
-        if length > student.cfg.max_seq_len:
-            raise ValueError(
-                f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows the "
-                f"student's max_seq_len {student.cfg.max_seq_len}; lower prompt_length or max_new_tokens")
+        from functional_lm.kd.preflight import check_rollout_length
+
+        check_rollout_length(tcfg, student.cfg.max_seq_len, f"the student's max_seq_len {student.cfg.max_seq_len}")
 
     # ---------------------------------------------------------------- 目标
     def batch_targets(self, batch: Batch, device: torch.device, segments: Optional[torch.Tensor],

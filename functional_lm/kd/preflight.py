@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from functional_lm.data.pipeline import DataBundle
     from functional_lm.kd.teacher_cache import TeacherCache
 
-__all__ = ["check_models", "check_cache_matches", "check_generation", "refuse_foreign_run"]
+__all__ = ["check_models", "check_cache_matches", "check_generation", "check_rollout_length", "refuse_foreign_run"]
 
 
 def check_models(
@@ -75,17 +75,20 @@ def check_generation(
     if cache is not None:
         raise ValueError("a teacher cache cannot grade generated tokens; drop the teacher cache (train with the "
                          "teacher) or set on_policy_fraction and teacher_generated_fraction to 0")
-    length = tcfg.prompt_length + tcfg.max_new_tokens
     limit = min(student.cfg.max_seq_len, teacher.cfg.max_seq_len)
-    if length > limit:
-        raise ValueError(
-            f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows "
-            f"max_seq_len {limit} (student {student.cfg.max_seq_len}, teacher {teacher.cfg.max_seq_len}); "
-            f"lower prompt_length or max_new_tokens"
-        )
+    check_rollout_length(tcfg, limit, f"max_seq_len {limit} (student {student.cfg.max_seq_len}, teacher "
+                                      f"{teacher.cfg.max_seq_len})")
     if info.enabled and tcfg.teacher_sharding == "shard" and tcfg.teacher_generated_fraction > 0:
         raise ValueError("teacher_generated_fraction needs a whole teacher on every process to write with; "
                          "use teacher_sharding=replicate, or set teacher_generated_fraction to 0")
+
+
+def check_rollout_length(tcfg: TrainingConfig, limit: int, where: str) -> None:
+    """提示 + 续写（P + N）放得进 limit；where 写明 limit 从哪里来（本地教师、服务端教师、跨分词器的教师共用）。"""
+    length = tcfg.prompt_length + tcfg.max_new_tokens
+    if length > limit:
+        raise ValueError(f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} "
+                         f"overflows {where}; lower prompt_length or max_new_tokens")
 
 
 def refuse_foreign_run(run_dir: Path, ckpt_root: Path) -> None:

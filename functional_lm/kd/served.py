@@ -295,13 +295,11 @@ class ServedTeacher:
                 f"teacher_generated_fraction={tcfg.teacher_generated_fraction} needs the teacher to write continuations "
                 f"in this process, but a served teacher ({self.settings.base}) only grades; set "
                 f"--teacher-generated-fraction 0 (on-policy grading of the student's continuations works)")
-        length = tcfg.prompt_length + tcfg.max_new_tokens
-        limits = [student.cfg.max_seq_len] + ([self.max_model_len - 1] if self.max_model_len else [])
-        if length > min(limits):
-            raise ValueError(
-                f"prompt_length {tcfg.prompt_length} + max_new_tokens {tcfg.max_new_tokens} = {length} overflows "
-                f"{min(limits)} (the student's max_seq_len {student.cfg.max_seq_len}, the server's --max-model-len "
-                f"{self.max_model_len} less the one padding id); lower prompt_length or max_new_tokens")
+        from functional_lm.kd.preflight import check_rollout_length
+
+        limit = min([student.cfg.max_seq_len] + ([self.max_model_len - 1] if self.max_model_len else []))
+        check_rollout_length(tcfg, limit, f"{limit} (the student's max_seq_len {student.cfg.max_seq_len}, the "
+                                          f"server's --max-model-len {self.max_model_len} less the one padding id)")
 
     # ------------------------------------------------------------------ 取目标
     def _one_request(self, sequences: list[list[int]]) -> tuple[np.ndarray, ...]:
