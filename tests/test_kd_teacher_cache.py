@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -41,7 +42,8 @@ from functional_lm.kd.teacher_cache import (
     make_fingerprint,
     teacher_weights_fingerprint,
 )
-from functional_lm.kd.cache_build import build_teacher_cache, import_topk_jsonl
+from functional_lm.kd.cache_build import build_teacher_cache
+from functional_lm.kd.cache_import import import_topk_jsonl
 
 CFG = ModelConfig(
     hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64, vocab_size=211, max_seq_len=64,
@@ -518,7 +520,7 @@ def test_import_default_teacher_weights_is_file_hash(small, tmp_path):
     import_topk_jsonl(path, small, tmp_path / "c", fingerprint=fp, top_k=SMALL_K, temperature=1.0,
                       real_vocab_size=SMALL_VOCAB, progress=False)
     cache = TeacherCache.open(tmp_path / "c")
-    assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + cb._file_sha256(path)
+    assert cache.fingerprint["teacher_weights"] == "jsonl-sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     assert cache.fingerprint["teacher_config"] is None and cache.fingerprint["seq_len"] == SMALL_SEQ
 
 

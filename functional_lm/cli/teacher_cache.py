@@ -4,6 +4,10 @@
                                 [--seq-len N --val-fraction F --split-seed S --document-mask true/false ...]
     functional-lm teacher-cache --import TOPK.jsonl --output-dir C --top-k K [...]
 
+教师的分词器与学生的不同（--teacher-tokenizer deepseek|qwen3.5|DIR，或教师目录里别的 tokenizer.json）时建跨分词器的
+缓存：两边的分词器按 distill 的同一套规则选（kd/cross_setup.choose_tokenizers），目标按文本对齐、映射到学生的
+位置上存盘（kd/cross_cache.py）。
+
 块与 ``functional-lm distill`` 用同样的数据选项时训练、验证的块完全相同：数据经同一个 ``prepare_data``
 （同样的分词器来源、块长、验证比例与划分种子 --split-seed）打包；distill 的 --seed 只管初始化、数据顺序与采样，
 所以一份缓存供不同 --seed 的学生共用。旧的 ``--seed`` 是 ``--split-seed`` 的别名（已弃用，打印一行提示）。目录布局::
@@ -31,6 +35,7 @@ from typing import Any
 from functional_lm.config import PRESETS, TRAINING_BOUNDS, TrainingConfig
 from functional_lm.cli.options import TEXT_SPLITS, positive_int
 from functional_lm.runs.rundir import ensure_output_dir
+from functional_lm.runs.settings import CROSS_TOKENIZER_MODES
 from functional_lm.errors import Interrupted
 
 __all__ = ["register"]
@@ -55,11 +60,11 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--import", dest="import_file", metavar="FILE", help=(
         "不跑教师，导入别处算好的 top-k（JSON lines），只写 C/train。每行 {\"ids\": [K 个 id], \"logprobs\": [温度 T 下"
         "的 K 个 log 概率]}；第 j 行是训练块 j // L 的输入位置 j %% L 的目标（L = --seq-len），共 训练块数 × L 行，"
-        "格式见 functional_lm/kd/cache_build.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
+        "格式见 functional_lm/kd/cache_import.py 的 import_topk_jsonl / import top-k targets computed elsewhere "
         "(JSON lines) into C/train instead of running a teacher. Each row is {\"ids\": [K ids], \"logprobs\": "
         "[K log-probabilities at temperature T]}; row j holds the target of input position j %% L of train block "
         "j // L (L = --seq-len), number of train blocks × L rows in all; the format is described at "
-        "import_topk_jsonl in functional_lm/kd/cache_build.py"))
+        "import_topk_jsonl in functional_lm/kd/cache_import.py"))
     source.add_argument("--teacher-url", metavar="URL", help="服务端教师：OpenAI 兼容服务器（如 vLLM）的根地址，"
                         "如 http://127.0.0.1:8000/v1；只发 token id，目标取它 prompt_logprobs 的 top-k（温度须为 1）"
                         " / served teacher: the base URL of an OpenAI-compatible server (e.g. vLLM), such as "
@@ -92,6 +97,16 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     data.add_argument("--tokenizer", metavar="DIR", help="分词器目录（默认用教师目录里的，没有时或 --import 时用离线 Qwen2.5 "
                       "词表）/ tokenizer directory (default: the teacher's; else, and with --import, the offline Qwen2.5 "
                       "vocabulary)")
+    data.add_argument("--teacher-tokenizer", metavar="NAME|DIR", help="教师的分词器：deepseek、qwen3.5 或含 "
+                      "tokenizer.json 的目录（缺省为教师目录里的）；与学生的（--tokenizer，缺省离线 Qwen2.5）不同时建"
+                      "跨分词器的缓存：按文本对齐后的目标存在学生的位置上，与 distill 同一套规则 / the teacher's "
+                      "tokenizer: deepseek, qwen3.5 or a directory with tokenizer.json (default: the teacher "
+                      "directory's); when it differs from the student's (--tokenizer, default the offline Qwen2.5 "
+                      "vocabulary) the cache is cross-tokenizer: targets aligned by text and stored on the student's "
+                      "positions, by the same rules as distill")
+    data.add_argument("--cross-tokenizer", choices=CROSS_TOKENIZER_MODES, default="auto", help="跨分词器的目标："
+                      "auto（缺省）、off、hybrid、uld，同 distill / the cross-tokenizer targets: auto (default), off, "
+                      "hybrid, uld, as for distill")
     data.add_argument("--seq-len", type=positive_int, metavar="N", default=_DEFAULT_SEQ_LEN, help=(
         f"块的 token 数（默认 {_DEFAULT_SEQ_LEN}，即 distill 默认学生 student-123m 的 max_seq_len；distill 用了别的"
         f" --seq-len 或预设时这里给同样的值）/ tokens per block (default {_DEFAULT_SEQ_LEN}, the max_seq_len of "
@@ -169,6 +184,11 @@ def _check_args(args: argparse.Namespace) -> bool:
         if not (args.teacher_timeout > 0 and args.teacher_concurrency >= 1):
             raise ValueError(f"--teacher-timeout must be > 0 seconds and --teacher-concurrency >= 1, got "
                              f"{args.teacher_timeout} and {args.teacher_concurrency}")
+    if args.teacher is None and (args.teacher_tokenizer or args.cross_tokenizer != "auto"):
+        what = "--teacher-tokenizer" if args.teacher_tokenizer else f"--cross-tokenizer {args.cross_tokenizer}"
+        raise ValueError(f"{what} needs --teacher DIR: a cross-tokenizer cache is built by running the teacher over "
+                         f"text aligned to its own tokenizer; a served teacher (--teacher-url) and --import give "
+                         f"targets on the student's token ids only")
     if not args.output_dir:
         raise ValueError("--output-dir is required: the directory C that receives C/train and C/val")
     out = Path(args.output_dir).expanduser()
@@ -226,26 +246,30 @@ def _prepare(args: argparse.Namespace, tokenizer: Any, model_config: Any) -> Any
 
 # ---------------------------------------------------------------- 两种来源
 def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
-    """运行教师：读配置与分词器、核对词表与块长、分词打包、加载权重；返回每个划分的 (名字, 数据集, 构建函数)。"""
+    """运行教师：读配置、选两边的分词器（与 distill 同一个 choose_tokenizers）、核对词表与块长、分词打包、加载权重；
+    返回每个划分的 (名字, 数据集, 构建函数)。教师的分词器与学生的不同时转去 _cross_jobs。"""
     import torch
 
-    from functional_lm.data import check_vocab_compat, load_tokenizer
+    from functional_lm.data import check_vocab_compat
     from functional_lm.devices import resolve_device
     from functional_lm.hf import load_config, load_pretrained, resolve_checkpoint
     from functional_lm.config import ModelConfig
-    from functional_lm.kd.pipeline import refuse_foreign_vocabulary, tokenizer_source
+    from functional_lm.kd.cross_setup import choose_tokenizers
     from functional_lm.kd.cache_build import build_teacher_cache
     from functional_lm.kd.cache_identity import make_fingerprint, teacher_weights_fingerprint
 
     device = resolve_device(args.device)
     teacher_dir = resolve_checkpoint(args.teacher)
     teacher_cfg = load_config(teacher_dir)
-    refuse_foreign_vocabulary(teacher_cfg, teacher_dir, ModelConfig().vocab_size, command="teacher-cache")
-    tokenizer = load_tokenizer(tokenizer_source({"tokenizer": args.tokenizer}, teacher_dir))
-    check_vocab_compat(tokenizer, tokenizer.real_vocab_size, teacher_cfg.vocab_size)  # 没有学生：只核对教师
-    _check_top_k(args.top_k, tokenizer.real_vocab_size)
+    choice = choose_tokenizers({"tokenizer": args.tokenizer, "teacher_tokenizer": args.teacher_tokenizer,
+                                "cross_tokenizer": args.cross_tokenizer}, teacher_dir, teacher_cfg, ModelConfig())
     if args.seq_len > teacher_cfg.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the teacher's max_seq_len={teacher_cfg.max_seq_len}")
+    if choice.cross:
+        return _cross_jobs(args, out, document_mask, choice, teacher_dir, device)
+    tokenizer = choice.student
+    check_vocab_compat(tokenizer, tokenizer.real_vocab_size, teacher_cfg.vocab_size)  # 没有学生：只核对教师
+    _check_top_k(args.top_k, tokenizer.real_vocab_size)
     data = _prepare(args, tokenizer, teacher_cfg)
     weights = teacher_weights_fingerprint(teacher_dir)
     teacher_cfg, params = load_pretrained(teacher_dir, dtype=torch.float32)
@@ -260,6 +284,42 @@ def _teacher_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> l
             value_dtype=args.value_dtype, progress=not args.no_progress, stop=stop,
             teacher_name=args.teacher,
         )
+
+    splits = ["train"] + (["val"] if len(data.val) > 0 else [])
+    return [(split, getattr(data, split), job(split)) for split in splits]
+
+
+def _cross_jobs(args: argparse.Namespace, out: Path, document_mask: bool, choice: Any, teacher_dir: Path,
+                device: Any) -> list[tuple[str, Any, Callable]]:
+    """跨分词器的缓存：学生的分词器打包数据（与 distill 的块相同），数据里的特殊 token 先核对，教师按文本对齐，
+    映射后的目标存在学生的位置上（kd/cross_cache.py）。"""
+    import torch
+
+    from functional_lm.config import TrainingConfig
+    from functional_lm.hf import load_pretrained
+    from functional_lm.kd.cache_identity import make_fingerprint, teacher_weights_fingerprint
+    from functional_lm.kd.cross_cache import build_cross_teacher_cache
+    from functional_lm.kd.cross_setup import check_cross_data
+    from functional_lm.kd.cross_teacher import CrossTokenizerTeacher
+    from functional_lm.kd.objective import Model
+
+    _check_top_k(args.top_k, choice.student.real_vocab_size)
+    data = _prepare(args, choice.student, None)
+    check_cross_data(choice, data)  # 在加载教师权重之前
+    weights = teacher_weights_fingerprint(teacher_dir)
+    teacher_cfg, params = load_pretrained(teacher_dir, dtype=torch.float32)
+    teacher = Model({k: v.to(device) for k, v in params.items()}, teacher_cfg)
+    tcfg = TrainingConfig(top_k=args.top_k, temperature=args.temperature, document_mask=document_mask)
+    source = CrossTokenizerTeacher(teacher, choice.student, choice.teacher, choice.vocab_map, choice.mode, tcfg)
+    print(f"[teacher-cache] cross-tokenizer ({choice.mode}): {choice.vocab_map.describe()}", file=sys.stderr)
+
+    def job(split: str) -> Callable:
+        fp = make_fingerprint(choice.student, data.store, teacher_weights=weights, split=split,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed)
+        return lambda stop: build_cross_teacher_cache(
+            source, getattr(data, split), out / split, fingerprint=fp, document_mask=document_mask,
+            batch_size=args.batch_size, blocks_per_shard=args.blocks_per_shard, device=device,
+            value_dtype=args.value_dtype, progress=not args.no_progress, stop=stop, teacher_name=args.teacher)
 
     splits = ["train"] + (["val"] if len(data.val) > 0 else [])
     return [(split, getattr(data, split), job(split)) for split in splits]
@@ -294,7 +354,7 @@ def _served_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> li
 def _import_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
     """导入 JSON lines：分词打包（与 distill 相同），只为训练块建缓存；teacher_weights 由库取文件的 sha256。"""
     from functional_lm.data import load_tokenizer
-    from functional_lm.kd.cache_build import import_topk_jsonl
+    from functional_lm.kd.cache_import import import_topk_jsonl
     from functional_lm.kd.cache_identity import make_fingerprint
 
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)

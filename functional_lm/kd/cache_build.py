@@ -12,14 +12,13 @@ top-k 经同一个分片写入器写成同一格式。磁盘格式、index.json 
 构建时拒绝非有限的教师输出（``NonFiniteTeacher``，点名块号与教师）；写盘失败（磁盘满、只读）是一段话的
 ``StorageError``：点名正在写的文件，已提交的分片保留，腾出空间后原样再建即从那里续建。
 
-外部目标：``import_topk_jsonl`` 把别处算好的 top-k（JSON lines，每个输入位置一行）经同一个分片写入器写成同一格式。
+外部目标：``import_topk_jsonl``（kd/cache_import.py）把别处算好的 top-k（JSON lines，每个输入位置一行）经同一个
+分片写入器写成同一格式；跨分词器的缓存（kd/cross_cache.py）也经这里的 ``run_build`` 写出。
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import re
@@ -49,8 +48,6 @@ from functional_lm.atomic import write_json_atomic
 from functional_lm.errors import RunDirError
 from functional_lm.kd.cache_checks import (
     NonFiniteTeacher,
-    check_row_ids,
-    check_row_log_probs,
     non_finite_rows,
     storage_failure,
 )
@@ -58,12 +55,13 @@ from functional_lm.kd.teacher_cache import (
     FINGERPRINT_FIELDS,
     IDS_DTYPE,
     INDEX_FILE,
-    KINDS,
+    KIND_DTYPE,
     TAIL_DTYPE,
     VALUE_DTYPES,
     check_fingerprint,
     encode_values,
     expected_bytes,
+    file_kinds,
     file_names,
     new_index,
     read_index,
@@ -78,19 +76,21 @@ __all__ = [
     "NonFiniteTeacher",
     "build_teacher_cache",
     "build_served_cache",
-    "import_topk_jsonl",
+    "run_build",
+    "check_build_args",
+    "full_fingerprint",
+    "Producer",
 ]
 
-_TEMP = re.compile(r"^\.(?:(?:ids|logprobs|tail)-\d{5}\.bin\.tmp|index\.json\.tmp-[0-9a-f]{8})$")
-_DATA_FILE = re.compile(r"^(?:ids|logprobs|tail)-\d{5}\.bin$")
-_MAX_LINE = 256 << 20  # 导入时单行的上限：K = 151,665 的一行约 4 MB，远在其下；更长的多半是二进制文件
+_TEMP = re.compile(r"^\.(?:(?:ids|logprobs|tail|kind)-\d{5}\.bin\.tmp|index\.json\.tmp-[0-9a-f]{8})$")
+_DATA_FILE = re.compile(r"^(?:ids|logprobs|tail|kind)-\d{5}\.bin$")
 
 # ================================================================================================
 # 指纹
 # ================================================================================================
 
 
-def _full_fingerprint(given: Mapping[str, Any], derived: Mapping[str, Any]) -> dict[str, Any]:
+def full_fingerprint(given: Mapping[str, Any], derived: Mapping[str, Any]) -> dict[str, Any]:
     """调用方的指纹 + 构建参数推出的字段；两边都给了却不相同、或缺字段时报错（点名字段）。"""
     given, derived = _jsonable(dict(given)), _jsonable(dict(derived))
     clash = [(k, given[k], v) for k, v in derived.items() if k in given and _differences(given[k], v)]
@@ -118,7 +118,7 @@ def _install_file(tmp: Path, final: Path) -> None:
 
 
 class _WriteFailed(Exception):
-    """构建中一次写盘失败：原始的 OSError 与正在写的路径（_run_build 把它说成一段话的 StorageError）。"""
+    """构建中一次写盘失败：原始的 OSError 与正在写的路径（run_build 把它说成一段话的 StorageError）。"""
 
     def __init__(self, err: OSError, path: Path) -> None:
         super().__init__(str(err))
@@ -135,11 +135,12 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 class _ShardWriter:
-    """把一个分片的目标逐批追加到三个临时文件（边写边累计 CRC-32），commit 时 fsync、改名、返回 index 记录。"""
+    """把一个分片的目标逐批追加到各自的临时文件（边写边累计 CRC-32），commit 时 fsync、改名、返回 index 记录。
+    cross：跨分词器的缓存，多一个每个位置目标种类的 kind 文件。"""
 
-    def __init__(self, directory: Path, shard: int, value_dtype: str) -> None:
+    def __init__(self, directory: Path, shard: int, value_dtype: str, cross: bool = False) -> None:
         self.directory, self.value_dtype = directory, value_dtype
-        self.names = file_names(shard)
+        self.names = file_names(shard, cross)
         self.temps = {kind: directory / f".{name}.tmp" for kind, name in self.names.items()}
         self.handles: dict[str, Any] = {}
         try:
@@ -149,16 +150,21 @@ class _ShardWriter:
         except _WriteFailed:
             self.abort()
             raise
-        self.crc = dict.fromkeys(KINDS, 0)
-        self.bytes = dict.fromkeys(KINDS, 0)
+        self.crc = dict.fromkeys(self.names, 0)
+        self.bytes = dict.fromkeys(self.names, 0)
 
-    def write(self, ids: torch.Tensor | np.ndarray, log_probs: torch.Tensor, tail: torch.Tensor) -> int:
-        """追加一批 (ids (b, L, K), log 概率 (b, L, K), 尾部 (b, L))；返回写入的字节数。"""
+    def write(self, ids: torch.Tensor | np.ndarray, log_probs: torch.Tensor, tail: torch.Tensor,
+              kind: torch.Tensor | None = None) -> int:
+        """追加一批 (ids (b, L, K), log 概率 (b, L, K), 尾部 (b, L)[, 目标种类 (b, L)])；返回写入的字节数。"""
+        if (kind is None) == ("kind" in self.names):
+            raise RuntimeError("a cross-tokenizer cache writes a kind per position, a same-vocabulary one none")
         arrays = {
             "ids": np.asarray(ids).astype(IDS_DTYPE, copy=False),
             "logprobs": encode_values(log_probs, self.value_dtype),
             "tail": tail.detach().to("cpu", torch.float32).numpy().astype(TAIL_DTYPE, copy=False),
         }
+        if kind is not None:
+            arrays["kind"] = kind.detach().to("cpu").numpy().astype(KIND_DTYPE, copy=False)
         total = 0
         for kind, array in arrays.items():
             data = np.ascontiguousarray(array).tobytes()
@@ -181,7 +187,7 @@ class _ShardWriter:
                 _install_file(self.temps[kind], self.directory / name)
         with _writing(self.directory):
             fsync_path(self.directory)
-        return {"files": {self.names[k]: {"bytes": self.bytes[k], "crc32": self.crc[k]} for k in KINDS}}
+        return {"files": {self.names[k]: {"bytes": self.bytes[k], "crc32": self.crc[k]} for k in self.names}}
 
     def abort(self) -> None:
         """出错时关闭并删掉临时文件（已改名就位的文件没有进 index.json，续建时会被重算覆盖）。"""
@@ -197,8 +203,9 @@ class _ShardWriter:
 # 构建（教师前向与外部导入共用的驱动）
 # ================================================================================================
 
-# 生产者：给定块区间 [start, stop)，依次产出若干批 (ids, log 概率, 尾部)，覆盖区间内全部块。
-Producer = Callable[[int, int], Iterator[tuple[Any, torch.Tensor, torch.Tensor]]]
+# 生产者：给定块区间 [start, stop)，依次产出若干批 (ids, log 概率, 尾部)（跨分词器的缓存再加目标种类），
+# 覆盖区间内全部块。
+Producer = Callable[[int, int], Iterator[tuple[Any, ...]]]
 
 
 @dataclass(frozen=True)
@@ -285,12 +292,13 @@ def human_bytes(n: float) -> str:
 def _write_shard(directory: Path, index: dict[str, Any], shard: int, producer: Producer, bar: _Progress) -> int:
     """计算并提交一个分片：写临时文件 → fsync → 改名 → 原子重写 index.json。返回写入的字节数。"""
     fp = index["fingerprint"]
+    cross = "kind" in file_kinds(fp)
     start, stop = shard_blocks(shard, index["blocks_per_shard"], index["num_blocks"])
-    writer = _ShardWriter(directory, shard, fp["value_dtype"])
+    writer = _ShardWriter(directory, shard, fp["value_dtype"], cross)
     try:
-        for ids, log_probs, tail in producer(start, stop):
-            bar.advance(int(tail.shape[0]) * fp["seq_len"], writer.write(ids, log_probs, tail))
-        expected = expected_bytes(stop - start, fp["seq_len"], fp["top_k"], fp["value_dtype"])
+        for parts in producer(start, stop):
+            bar.advance(int(parts[2].shape[0]) * fp["seq_len"], writer.write(*parts))
+        expected = expected_bytes(stop - start, fp["seq_len"], fp["top_k"], fp["value_dtype"], cross)
         if writer.bytes != expected:
             raise RuntimeError(f"shard {shard}: the producer wrote {writer.bytes} bytes, expected {expected}")
         entry = writer.commit()
@@ -332,7 +340,7 @@ def _fill_shards(
     return BuildStatus(directory, done == index["num_shards"], done, index["num_shards"], written_shards, written_bytes)
 
 
-def _run_build(
+def run_build(
     out_dir: str | Path, fingerprint: dict[str, Any], num_blocks: int, per_shard: int, producer: Producer,
     progress: bool, stop: Callable[[], bool] | None, store: Any = None,
 ) -> BuildStatus:
@@ -367,7 +375,7 @@ def _lock(directory: Path) -> RunLock:
         ) from None
 
 
-def _check_build_args(top_k: int, temperature: float, value_dtype: str, real_vocab_size: int, batch_size: int) -> None:
+def check_build_args(top_k: int, temperature: float, value_dtype: str, real_vocab_size: int, batch_size: int) -> None:
     """构建参数的基本校验（K、T、值类型、batch_size），错误写明参数名与期望。"""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= real_vocab_size:
         raise ValueError(f"top_k must be an int in [1, {real_vocab_size}] (the real vocabulary), got {top_k!r}")
@@ -438,14 +446,14 @@ def build_teacher_cache(
     分片保留）；写盘失败 → StorageError（点名文件，已提交的分片保留）。
     """
     real_vocab_size = teacher_cfg.vocab_size if real_vocab_size is None else real_vocab_size
-    _check_build_args(top_k, temperature, value_dtype, real_vocab_size, batch_size)
+    check_build_args(top_k, temperature, value_dtype, real_vocab_size, batch_size)
     if real_vocab_size > teacher_cfg.vocab_size:
         raise ValueError(f"real_vocab_size={real_vocab_size} exceeds the teacher's vocab_size={teacher_cfg.vocab_size}")
     derived = {
         "seq_len": dataset.seq_len, "document_mask": bool(document_mask), "teacher_config": teacher_cfg.to_dict(),
         "top_k": top_k, "temperature": float(temperature), "value_dtype": value_dtype, "real_vocab_size": real_vocab_size,
     }
-    full = _full_fingerprint(fingerprint, derived)
+    full = full_fingerprint(fingerprint, derived)
     device = torch.device(device)
     params = {key: value.to(device) for key, value in teacher_params.items()}
     check_params(params, teacher_cfg)
@@ -454,7 +462,7 @@ def build_teacher_cache(
         document_mask=bool(document_mask), batch_size=batch_size, device=device,
         teacher=f"the teacher {teacher_name}" if teacher_name else "the teacher", where=Path(out_dir).expanduser(),
     )
-    return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
+    return run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
                       getattr(dataset, "store", None))
 
 
@@ -466,7 +474,7 @@ def build_served_cache(
     """服务端教师（served.ServedTeacher，已探测）建（或续建）同样格式的缓存：每批块的 token id（文档掩码时逐篇）
     交给服务器，目标是它 prompt_logprobs 的 top-K（T = 1）。指纹里的 teacher_config 是服务器上的模型名：
     同一个模型换了地址，缓存仍然认它。续建与中断的规矩同 build_teacher_cache。"""
-    _check_build_args(served.top_k, 1.0, value_dtype, served.real_vocab_size, batch_size)
+    check_build_args(served.top_k, 1.0, value_dtype, served.real_vocab_size, batch_size)
     derived = {"seq_len": dataset.seq_len, "document_mask": bool(document_mask),
                "teacher_config": {"served_model": served.model}, "top_k": served.top_k, "temperature": 1.0,
                "value_dtype": value_dtype, "real_vocab_size": served.real_vocab_size}
@@ -479,153 +487,5 @@ def build_served_cache(
                                value_dtype=value_dtype)
             yield got.ids.numpy(), got.log_probs, got.tail
 
-    return _run_build(out_dir, _full_fingerprint(fingerprint, derived), len(dataset), blocks_per_shard, produce,
+    return run_build(out_dir, full_fingerprint(fingerprint, derived), len(dataset), blocks_per_shard, produce,
                       progress, stop, getattr(dataset, "store", None))
-
-
-# ================================================================================================
-# 外部 top-k 的导入（JSON lines）
-# ================================================================================================
-
-
-class _RowReader:
-    """按顺序读 JSON-lines 文件的第 j 行（从 0 数）并校验；可以向前跳过行（续建时跳过已提交的分片）。
-
-    以二进制读、逐行解码：不是 UTF-8 的行（例如误给了二进制文件）报 ``文件:行号``；单行至多 _MAX_LINE 字节，
-    没有换行的大文件不会被整个读进内存。"""
-
-    def __init__(self, path: Path, top_k: int, real_vocab_size: int) -> None:
-        self.path, self.top_k, self.real_vocab_size = path, top_k, real_vocab_size
-        self.handle = open(path, "rb")
-        self.next_row = 0  # 下一次 readline 得到的行号（从 0 数；文件行号 = 它 + 1）
-
-    def _readline(self) -> str:
-        """下一行的文本（文件结束时为空串）；不是 UTF-8 或长得不像一行时点名文件与行号。"""
-        raw = self.handle.readline(_MAX_LINE + 1)
-        where = f"{self.path}:{self.next_row + 1}"
-        if len(raw) > _MAX_LINE:
-            raise ValueError(f"{where}: the line is longer than {_MAX_LINE >> 20} MiB; expected JSON lines "
-                             f"(one row per line), is this a binary file?")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                             f"expected JSON lines of top-k targets, is this a binary file?") from None
-
-    def _line(self) -> str:
-        line = self._readline()
-        if not line:
-            raise ValueError(
-                f"{self.path}: the file ends after {self.next_row} rows, but the dataset needs more "
-                f"(one row per input position: number of blocks × seq_len rows)"
-            )
-        self.next_row += 1
-        return line
-
-    def rows(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """第 first … first+count−1 行：ids int32 (count, K)，log 概率 float64 (count, K)。"""
-        while self.next_row < first:
-            self._line()
-        ids = np.empty((count, self.top_k), np.int32)
-        log_probs = np.empty((count, self.top_k), np.float64)
-        for i in range(count):
-            ids[i], log_probs[i] = self._parse(self._line(), self.next_row)
-        return ids, log_probs
-
-    def _parse(self, line: str, lineno: int) -> tuple[list[int], list[float]]:
-        """解析并校验一行（lineno 从 1 数）；错误写成 ``文件:行号: 问题``。"""
-        where = f"{self.path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg}); each line must be "
-                             f'{{"ids": [...], "logprobs": [...]}}') from None
-        if not (isinstance(row, dict) and isinstance(row.get("ids"), list) and isinstance(row.get("logprobs"), list)):
-            raise ValueError(f'{where}: expected an object {{"ids": [...], "logprobs": [...]}}')
-        ids, log_probs = row["ids"], row["logprobs"]
-        if len(ids) != self.top_k or len(log_probs) != self.top_k:
-            raise ValueError(f"{where}: expected {self.top_k} ids and {self.top_k} logprobs, "
-                             f"got {len(ids)} and {len(log_probs)}")
-        check_row_ids(where, ids, self.real_vocab_size)
-        check_row_log_probs(where, log_probs)
-        return ids, log_probs
-
-    def finish(self, total_rows: int) -> None:
-        """读到第 total_rows 行为止后，文件里不应再有非空行。"""
-        while self.next_row < total_rows:
-            self._line()
-        extra = self._readline()
-        if extra.strip():
-            raise ValueError(f"{self.path}:{total_rows + 1}: extra row; the dataset has exactly {total_rows} rows "
-                             f"(number of blocks × seq_len)")
-
-
-def _import_producer(reader: _RowReader, seq_len: int, top_k: int, num_blocks: int) -> Producer:
-    """导入的生产者：块 b 的位置 p 取第 b·L + p 行；尾部质量 = max(1 − Σ exp(log 概率), 0)。
-    写最后一个分片时先确认文件没有多余的行（在它提交之前报错）。"""
-
-    def produce(start: int, stop: int) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor]]:
-        ids, log_probs = reader.rows(start * seq_len, (stop - start) * seq_len)
-        if stop == num_blocks:
-            reader.finish(num_blocks * seq_len)
-        tail = np.clip(1.0 - np.exp(log_probs).sum(axis=-1), 0.0, None)
-        shape = (stop - start, seq_len)
-        yield (ids.reshape(*shape, top_k), torch.from_numpy(log_probs.astype(np.float32)).reshape(*shape, top_k),
-               torch.from_numpy(tail.astype(np.float32)).reshape(shape))
-
-    return produce
-
-
-def import_topk_jsonl(
-    path: str | Path,
-    dataset: Any,
-    out_dir: str | Path,
-    *,
-    fingerprint: Mapping[str, Any],
-    top_k: int,
-    temperature: float,
-    real_vocab_size: int,
-    document_mask: bool = True,
-    value_dtype: str = "float16",
-    blocks_per_shard: int = 64,
-    progress: bool = True,
-    stop: Callable[[], bool] | None = None,
-) -> BuildStatus:
-    """把别处算好的 top-k 目标导入成教师缓存（同一格式、同一分片写入器）。
-
-    文件格式：JSON lines，每行 ``{"ids": [K 个 id], "logprobs": [K 个温度 T 下的 log 概率]}``。
-    对齐：第 j 行（从 0 数，空行不允许）是块 b = j // L 的输入位置 p = j % L 的目标（L = seq_len），
-    即看到 ``input_ids[b, :p+1]`` 之后教师对下一个 token 的分布；块 b 占打包流的 token
-    [b·(L+1), (b+1)·(L+1))，输入位置 p 就是流中第 b·(L+1) + p 个 token。文件恰有 len(dataset)·L 行，
-    最后一块补齐部分的位置也要有一行（内容任意合法，它们不计损失）。
-    尾部质量按 1 − Σ exp(logprobs) 求得并夹到 ≥ 0。每行都校验（K 项、id 在 [0, real_vocab_size) 且互不相同、
-    log 概率有限且 ≤ 0、Σp ≤ 1 + 1e-3），错误写成 ``文件:行号: 问题``。
-    fingerprint 须含 tokenizer / data / split；teacher_weights 缺省为该文件内容的 sha256，teacher_config 缺省为 null。
-    """
-    path = Path(path)
-    _check_build_args(top_k, temperature, value_dtype, real_vocab_size, 1)
-    given = {"teacher_config": None, **fingerprint}
-    given.setdefault("teacher_weights", f"jsonl-sha256:{_file_sha256(path)}")
-    derived = {
-        "seq_len": dataset.seq_len, "document_mask": bool(document_mask), "top_k": top_k,
-        "temperature": float(temperature), "value_dtype": value_dtype, "real_vocab_size": real_vocab_size,
-    }
-    full = _full_fingerprint(given, derived)
-    reader = _RowReader(path, top_k, real_vocab_size)
-    try:
-        producer = _import_producer(reader, dataset.seq_len, top_k, len(dataset))
-        return _run_build(out_dir, full, len(dataset), blocks_per_shard, producer, progress, stop,
-                          getattr(dataset, "store", None))
-    finally:
-        reader.handle.close()
-
-
-def _file_sha256(path: Path) -> str:
-    """文件内容的 sha256（分块读）；找不到文件时给出点名的 FileNotFoundError。"""
-    if not path.is_file():
-        raise FileNotFoundError(f"top-k file {path} does not exist")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(16 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from functional_lm.config import TrainingConfig
-from functional_lm.kd.alignment import KIND_MAPPED, KIND_NONE, KIND_ULD, Aligner
+from functional_lm.kd.alignment import Aligner
+from functional_lm.kd.cross_source import CrossTargetSource
 from functional_lm.kd.cross_targets import CrossTargets, cross_targets
 from functional_lm.kd.objective import Model, teacher_hidden_states
-from functional_lm.losses.common import LossSpec
-from functional_lm.losses.cross_tokenizer import cross_token_terms
 from functional_lm.models.decoder import check_params, forward_hidden, output_weight
 
 if TYPE_CHECKING:
@@ -30,8 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["CrossTokenizerTeacher"]
 
 
-class CrossTokenizerTeacher:
-    """教师模型 + 两个分词器的对齐；``batch_targets`` 给出 CrossTargets。"""
+class CrossTokenizerTeacher(CrossTargetSource):
+    """教师模型 + 两个分词器的对齐；``batch_targets`` 给出 CrossTargets（统计与验证见 kd/cross_source.py）。"""
 
     grades_generated = True  # 在线蒸馏：学生写的续写按字节对齐后由教师打分（见 check_generation）
 
@@ -44,8 +43,6 @@ class CrossTokenizerTeacher:
         self.teacher_real_vocab = teacher_tok.real_vocab_size
         self.student_real_vocab = student_tok.real_vocab_size
         self.forward_fn = torch.compile(forward_hidden, dynamic=True) if tcfg.compile else forward_hidden
-        self._window = torch.zeros(4, dtype=torch.float64)  # 计损失的 token：映射 / ULD / 只有 CE / 总数
-        self.totals = torch.zeros(4, dtype=torch.float64)
 
     # ---------------------------------------------------------------- 训练前的核对（kd/preflight 调用）
     def check_run(self, tcfg: TrainingConfig, real_vocab_size: int) -> None:
@@ -87,35 +84,9 @@ class CrossTokenizerTeacher:
             student_real_vocab=self.student_real_vocab,
         )
         if count:
-            valid = ((batch.labels != -100) & batch.loss_mask).to(device)
-            kinds = [(targets.kind == k) & valid for k in (KIND_MAPPED, KIND_ULD, KIND_NONE)]
-            self._window += torch.tensor([float(k.sum()) for k in kinds] + [float(valid.sum())], dtype=torch.float64)
+            self.count(targets, batch)
         return targets
-
-    def window_stats(self) -> dict[str, float]:
-        """上次记录以来计损失的 token 里：得到映射目标 / 退回 ULD / 只有交叉熵的比例（写进训练记录）。"""
-        mapped, uld, none, total = self._window.tolist()
-        self.totals += self._window
-        self._window.zero_()
-        if total == 0:
-            return {}
-        return {"xtok_mapped": mapped / total, "xtok_uld": uld / total, "xtok_none": none / total}
 
     def summary(self) -> dict[str, Any]:
         """整个运行的比例与词表映射的说明（报告用）。"""
-        mapped, uld, none, total = (self.totals + self._window).tolist()
-        fractions = {} if total == 0 else {"mapped": mapped / total, "uld": uld / total, "ce_only": none / total}
-        return {"mode": self.mode, "vocabulary": self.vocab_map.describe(), **fractions}
-
-    # ---------------------------------------------------------------- 验证（kd/evaluate 调用）
-    def eval_row(self, s_logits: torch.Tensor, one: Batch, real_vocab_size: int) -> dict[str, float]:
-        """一条验证序列：与教师目标的散度之和（T = 1 下的 KL 与 ULD，α = 1）与映射位置上的 top-1 一致率。"""
-        segments = one.segment_ids if self.document_mask else None  # 与训练同一个文档掩码设置
-        targets = self.batch_targets(one, s_logits.device, segments, count=False)
-        valid = (one.labels != -100) & one.loss_mask
-        flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
-        kd, _ = cross_token_terms(flat(s_logits), tuple(flat(x) for x in targets), flat(one.labels), flat(valid),
-                                  LossSpec("forward_kl", self.temperature, 1.0), real_vocab_size)
-        mapped = valid & (targets.kind == KIND_MAPPED)
-        agree = s_logits[..., :real_vocab_size].argmax(-1) == targets.ids[..., 0]
-        return {"kl_cache": float(kd.sum()), "agree": float(agree[mapped].sum()), "mapped": float(mapped.sum())}
+        return {"mode": self.mode, "vocabulary": self.vocab_map.describe(), **self.fractions()}

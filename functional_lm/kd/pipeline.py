@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from functional_lm.kd.teacher_cache import TeacherCache
     from functional_lm.kd.trainer import TrainResult
 
-__all__ = ["run_distill", "tokenizer_source", "refuse_foreign_vocabulary", "OWN_TOKENIZER_FAMILIES"]
+__all__ = ["run_distill", "tokenizer_source", "OWN_TOKENIZER_FAMILIES"]
 
 
 def tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Optional[Path]:
@@ -35,28 +35,6 @@ def tokenizer_source(run: Mapping[str, Any], teacher_dir: Optional[Path]) -> Opt
     return None
 
 
-def refuse_foreign_vocabulary(teacher_cfg: Optional[ModelConfig], teacher_dir: Optional[Path], student_rows: int,
-                              command: str = "distill") -> None:
-    """teacher-cache 还不能为自带另一套分词器的教师（DeepSeek-V3）建缓存：点名两个词表，并说明现在能做什么。
-
-    缓存按学生的块号存目标；跨分词器的目标要先按文本对齐（kd/alignment.py），目前只在 distill 里按批进行。
-    能做的是 ``distill --teacher DIR``（逐批对齐），或序列级蒸馏：用教师写出文本，当作学生的 --data。
-    """
-    if teacher_cfg is None or teacher_cfg.family not in OWN_TOKENIZER_FAMILIES:
-        return
-    name = OWN_TOKENIZER_FAMILIES[teacher_cfg.family]
-    raise ValueError(
-        f"--teacher {teacher_dir}: a {name} model ({teacher_cfg.family}) with its own tokenizer and a "
-        f"{teacher_cfg.vocab_size:,}-row vocabulary, while the student uses the Qwen2.5 vocabulary "
-        f"({student_rows:,} rows); {command} compares teacher and student distributions token id by token id, so "
-        f"both need one vocabulary, and a cache of cross-tokenizer targets is not available yet. What works with "
-        f"this teacher: `functional-lm distill --teacher {teacher_dir}`, which aligns the two tokenizers by text "
-        f"batch by batch (--cross-tokenizer hybrid, the default there), or write its text with `functional-lm "
-        f"generate --model {teacher_dir} --prompt ...` and train the student on that text with --data "
-        f"(sequence-level distillation)"
-    )
-
-
 def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional[ModelConfig]) -> None:
     for name, cfg in (("student", student_cfg), ("teacher", teacher_cfg)):
         if cfg is not None and seq_len > cfg.max_seq_len:
@@ -64,11 +42,11 @@ def _check_lengths(seq_len: int, student_cfg: ModelConfig, teacher_cfg: Optional
 
 
 def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Optional[TeacherCache], Optional[TeacherCache]]:
-    """--teacher-cache C：(C/train, C/val 或 None)；没给时两者都是 None。C 是 teacher-cache 的 --output-dir，
+    """--teacher-cache C：(C/train, C/val 或 None)，跨分词器的缓存是 CrossTeacherCache；没给时两者都是 None。C 是 teacher-cache 的 --output-dir，
     错误消息里的重建建议据此写出命令；误给了划分目录（C/train）时点名它的上一级。"""
     if not run.get("teacher_cache"):
         return None, None
-    from functional_lm.kd.teacher_cache import TeacherCache
+    from functional_lm.kd.cross_cache import open_teacher_cache
 
     root = Path(run["teacher_cache"]).expanduser()
     if (root / "index.json").is_file() and not (root / "train").exists():
@@ -77,8 +55,8 @@ def _open_teacher_caches(run: Mapping[str, Any]) -> tuple[Optional[TeacherCache]
             f"--teacher-cache {root.parent}, the directory given to teacher-cache --output-dir, which holds train/ "
             f"and val/"
         )
-    val = TeacherCache.open(root / "val", build_dir=root) if (root / "val" / "index.json").is_file() else None
-    return TeacherCache.open(root / "train", build_dir=root), val
+    val = open_teacher_cache(root / "val", build_dir=root) if (root / "val" / "index.json").is_file() else None
+    return open_teacher_cache(root / "train", build_dir=root), val
 
 
 def _check_top_k(top_k: int, real_vocab_size: int, cache: Optional[TeacherCache]) -> None:
@@ -173,7 +151,12 @@ def run_distill(
             f"--temperature {tcfg.temperature:g} with --teacher-url {run['teacher_url']}: a server returns "
             f"log-probabilities at T = 1 and the distribution at another temperature cannot be recovered exactly "
             f"from its top-k values (that needs every logit); use --temperature 1, or a local --teacher DIR")
-    choice = choose_tokenizers(run, teacher_dir, teacher_cfg, student_cfg)
+    if train_cache is not None:  # 缓存决定跨分词器与否（它的目标已在学生的位置上）：设置只需与它一致
+        from functional_lm.kd.cross_cache import check_cross_cache_run
+
+        check_cross_cache_run(run, train_cache)
+    choice = choose_tokenizers(_student_side(run) if train_cache is not None else run, teacher_dir, teacher_cfg,
+                               student_cfg)
     tokenizer, tok_source = choice.student, choice.student_source
     if choice.cross:
         refuse_cross_combinations(run, tcfg, info)
@@ -226,10 +209,16 @@ def run_distill(
     return out
 
 
+def _student_side(run: Mapping[str, Any]) -> dict[str, Any]:
+    """从教师缓存训练时选分词器用的设置：去掉教师一侧的（--teacher-tokenizer、--cross-tokenizer 已与缓存核对过）。"""
+    return {k: v for k, v in run.items() if k not in ("teacher_tokenizer", "cross_tokenizer")}
+
+
 def _teacher_info(teacher_cfg: Optional[ModelConfig], source: Any, run: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """报告里的教师：本地教师的配置；服务端教师的模型名与地址；否则教师缓存指纹里记的配置。"""
-    if teacher_cfg is not None and hasattr(source, "summary"):  # 跨分词器：配置 + 对齐的统计
-        return teacher_cfg.to_dict() | {"cross_tokenizer": source.summary()}
+    if hasattr(source, "summary"):  # 跨分词器（本地教师或缓存）：配置 + 对齐的统计
+        config = teacher_cfg.to_dict() if teacher_cfg is not None else source.fingerprint.get("teacher_config") or {}
+        return config | {"cross_tokenizer": source.summary()}
     if teacher_cfg is not None:
         return teacher_cfg.to_dict()
     if run.get("teacher_url"):

@@ -9,6 +9,8 @@
     C/ids-SSSSS.bin         int32   小端 [n, L, K]   top-k token id（按 log 概率从大到小）
     C/logprobs-SSSSS.bin    值类型  小端 [n, L, K]   log P_T(id)，P_T = softmax(z_t / T)（只在真实词表列上）
     C/tail-SSSSS.bin        float32 小端 [n, L]      尾部质量 1 − Σ_topk P_T（由非 top-k 列精确求得）
+    C/kind-SSSSS.bin        uint8         [n, L]      只有跨分词器的缓存才有：每个学生位置的目标种类
+                                                     （0 只有 CE / 1 映射目标 / 2 ULD，见 kd/cross_cache.py）
     C/.lock                 构建时的独占锁（flock），不属于数据
 
 * 块按数据集的块号顺序存放：分片 s 装块 [s·B, min((s+1)·B, N))，B = ``blocks_per_shard``，N = 块数，
@@ -26,7 +28,8 @@ index.json 的字段::
 
     format, version       "functional_lm.kd.teacher_cache", 1
     fingerprint           {tokenizer, data, split, seq_len, document_mask, teacher_config, teacher_weights,
-                           top_k, temperature, value_dtype, real_vocab_size}（见 FINGERPRINT_FIELDS）
+                           top_k, temperature, value_dtype, real_vocab_size}（见 FINGERPRINT_FIELDS），跨分词器的
+                           缓存另有 cross_tokenizer = {mode, teacher_tokenizer, shared_tokens}（CROSS_FIELD）
     num_blocks, blocks_per_shard, num_shards
     shards                长 num_shards 的列表：null 或 {"blocks": [起, 止), "files": {名字: {bytes, crc32}}}
     complete              所有分片都已提交
@@ -86,7 +89,8 @@ __all__ = [
     "make_fingerprint",
     "teacher_weights_fingerprint",
     # 格式的细节，给 cache_build 的写入器：
-    "FORMAT", "VERSION", "INDEX_FILE", "IDS_DTYPE", "TAIL_DTYPE", "KINDS", "LOGIT_BYTES",
+    "FORMAT", "VERSION", "INDEX_FILE", "IDS_DTYPE", "TAIL_DTYPE", "KIND_DTYPE", "KINDS", "CROSS_KINDS", "CROSS_FIELD",
+    "LOGIT_BYTES", "file_kinds",
     "decode_values", "encode_values", "expected_bytes", "file_names", "new_index", "read_index", "shard_blocks",
     "shard_problem",
 ]
@@ -106,7 +110,11 @@ VALUE_DTYPES: dict[str, np.dtype] = {
 }
 IDS_DTYPE = np.dtype("<i4")
 TAIL_DTYPE = np.dtype("<f4")
+KIND_DTYPE = np.dtype("u1")
 KINDS = ("ids", "logprobs", "tail")
+CROSS_KINDS = (*KINDS, "kind")  # 跨分词器的缓存多一个文件：每个位置的目标种类
+CROSS_FIELD = "cross_tokenizer"  # 指纹里的可选字段：有它（非 None）即跨分词器的缓存
+_TARGET_KINDS = (0, 1, 2)  # KIND_NONE / KIND_MAPPED / KIND_ULD（losses/cross_tokenizer.py）
 LOGIT_BYTES = 64 << 20  # 每个行块的 float32 logits 至多 64 MiB（V = 151,936 时约 110 行）
 _OPEN_SHARDS = 16  # 读取时同时映射的分片数上限（每个 memmap 占一个文件描述符）：映射进进程的页
 # 因此至多是 16 个分片的大小，与缓存总大小无关——比内存大的缓存训练时常驻内存保持平稳
@@ -175,9 +183,14 @@ def check_fingerprint(
 # ================================================================================================
 
 
-def file_names(shard: int) -> dict[str, str]:
-    """分片 s 的三个文件名：{"ids": "ids-0000s.bin", ...}。"""
-    return {kind: f"{kind}-{shard:05d}.bin" for kind in KINDS}
+def file_kinds(fingerprint: Mapping[str, Any]) -> tuple[str, ...]:
+    """一个缓存每个分片有哪些文件：同词表的三个；跨分词器的（指纹有 cross_tokenizer）再加 kind。"""
+    return CROSS_KINDS if fingerprint.get(CROSS_FIELD) else KINDS
+
+
+def file_names(shard: int, cross: bool = False) -> dict[str, str]:
+    """分片 s 的文件名：{"ids": "ids-0000s.bin", ...}；cross 时多一个 "kind"。"""
+    return {kind: f"{kind}-{shard:05d}.bin" for kind in (CROSS_KINDS if cross else KINDS)}
 
 
 def shard_blocks(shard: int, per_shard: int, num_blocks: int) -> tuple[int, int]:
@@ -185,14 +198,15 @@ def shard_blocks(shard: int, per_shard: int, num_blocks: int) -> tuple[int, int]
     return shard * per_shard, min((shard + 1) * per_shard, num_blocks)
 
 
-def expected_bytes(blocks: int, seq_len: int, top_k: int, value_dtype: str) -> dict[str, int]:
-    """一个 n 块的分片三个文件应有的字节数：ids n·L·K·4，logprobs n·L·K·(2 或 4)，tail n·L·4。"""
+def expected_bytes(blocks: int, seq_len: int, top_k: int, value_dtype: str, cross: bool = False) -> dict[str, int]:
+    """一个 n 块的分片各文件应有的字节数：ids n·L·K·4，logprobs n·L·K·(2 或 4)，tail n·L·4；cross 时 kind n·L。"""
     cells = blocks * seq_len
-    return {
+    sizes = {
         "ids": cells * top_k * IDS_DTYPE.itemsize,
         "logprobs": cells * top_k * VALUE_DTYPES[value_dtype].itemsize,
         "tail": cells * TAIL_DTYPE.itemsize,
     }
+    return sizes | {"kind": cells * KIND_DTYPE.itemsize} if cross else sizes
 
 
 def new_index(fingerprint: dict[str, Any], num_blocks: int, per_shard: int) -> dict[str, Any]:
@@ -267,9 +281,10 @@ def shard_problem(directory: Path, index: dict[str, Any], shard: int) -> tuple[s
     """已提交分片 s 的结构问题 (文件名, 原因)：记录的字节数与布局不符、文件缺失、实际大小不符；没有问题为 None。"""
     fp, entry = index["fingerprint"], index["shards"][shard]
     start, stop = shard_blocks(shard, index["blocks_per_shard"], index["num_blocks"])
-    expected = expected_bytes(stop - start, fp["seq_len"], fp["top_k"], fp["value_dtype"])
+    cross = bool(fp.get(CROSS_FIELD))
+    expected = expected_bytes(stop - start, fp["seq_len"], fp["top_k"], fp["value_dtype"], cross)
     files = entry.get("files") if isinstance(entry, dict) else None
-    for kind, name in file_names(shard).items():
+    for kind, name in file_names(shard, cross).items():
         record = files.get(name) if isinstance(files, dict) else None
         if not (isinstance(record, dict) and _is_count(record.get("bytes")) and _is_count(record.get("crc32"))):
             return INDEX_FILE, f"shard {shard} has no {{bytes, crc32}} record for {name}"
@@ -346,11 +361,12 @@ def stored_log_probs(log_probs: torch.Tensor, value_dtype: str = "float16") -> t
 
 @dataclass
 class _ShardMaps:
-    """一个分片的三个只读 memmap。"""
+    """一个分片的只读 memmap（跨分词器的缓存多一个 kind）。"""
 
     ids: np.ndarray  # int32 (n, L, K)
     log_probs: np.ndarray  # 值类型 (n, L, K)
     tail: np.ndarray  # float32 (n, L)
+    kind: np.ndarray | None = None  # uint8 (n, L)
 
 
 class TeacherCache:
@@ -368,6 +384,7 @@ class TeacherCache:
         self.seq_len: int = self.fingerprint["seq_len"]
         self.value_dtype: str = self.fingerprint["value_dtype"]
         self.real_vocab_size: int = self.fingerprint["real_vocab_size"]
+        self.cross: dict[str, Any] | None = self.fingerprint.get(CROSS_FIELD) or None  # 跨分词器的缓存
         self.num_blocks: int = index["num_blocks"]
         self.blocks_per_shard: int = index["blocks_per_shard"]
         self._rebuild = rebuild  # 建议里重建这个缓存的命令（见 open 的 build_dir）
@@ -418,12 +435,13 @@ class TeacherCache:
             return self._maps[shard]
         self._verify(shard)
         start, stop = shard_blocks(shard, self.blocks_per_shard, self.num_blocks)
-        shape, names = (stop - start, self.seq_len), file_names(shard)
+        shape, names = (stop - start, self.seq_len), file_names(shard, self.cross is not None)
         maps = _ShardMaps(
             ids=np.memmap(self.directory / names["ids"], IDS_DTYPE, "r", shape=(*shape, self.top_k)),
             log_probs=np.memmap(self.directory / names["logprobs"], VALUE_DTYPES[self.value_dtype], "r",
                                 shape=(*shape, self.top_k)),
             tail=np.memmap(self.directory / names["tail"], TAIL_DTYPE, "r", shape=shape),
+            kind=np.memmap(self.directory / names["kind"], KIND_DTYPE, "r", shape=shape) if "kind" in names else None,
         )
         self._maps[shard] = maps
         if len(self._maps) > _OPEN_SHARDS:
@@ -431,7 +449,8 @@ class TeacherCache:
         return maps
 
     def targets(self, block_indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """块 block_indices 的稀疏目标：(ids int64 (b, L, K), log 概率 float32 (b, L, K), 尾部质量 float32 (b, L))。"""
+        """块 block_indices 的稀疏目标：(ids int64 (b, L, K), log 概率 float32 (b, L, K), 尾部质量 float32 (b, L))；
+        跨分词器的缓存再加每个位置的目标种类 (kind int64 (b, L))。"""
         blocks = np.asarray(block_indices.cpu() if isinstance(block_indices, torch.Tensor) else block_indices,
                             dtype=np.int64).reshape(-1)
         if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
@@ -441,14 +460,18 @@ class TeacherCache:
         ids = np.empty((*shape, self.top_k), IDS_DTYPE)
         raw = np.empty((*shape, self.top_k), VALUE_DTYPES[self.value_dtype])
         tail = np.empty(shape, TAIL_DTYPE)
+        kind = np.empty(shape, KIND_DTYPE) if self.cross is not None else None
         for j, block in enumerate(blocks.tolist()):
             shard, row = divmod(block, self.blocks_per_shard)
             maps = self._shard(shard)
             ids[j], raw[j], tail[j] = maps.ids[row], maps.log_probs[row], maps.tail[row]
+            if kind is not None:
+                kind[j] = maps.kind[row]
         log_probs = decode_values(raw, self.value_dtype)
-        self._check_values(blocks, ids, log_probs, tail)
-        return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(log_probs),
-                torch.from_numpy(tail.astype(np.float32)))
+        self._check_values(blocks, ids, log_probs, tail, kind)
+        out = (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(log_probs),
+               torch.from_numpy(tail.astype(np.float32)))
+        return out if kind is None else (*out, torch.from_numpy(kind.astype(np.int64)))
 
     def batch_targets(
         self, batch: Any, device: torch.device, segment_ids: Any = None
@@ -460,14 +483,25 @@ class TeacherCache:
         批不带 block_ids 时（不是 BatchLoader 给的批）抛一句话的 ValueError。"""
         if getattr(batch, "block_ids", None) is None:
             raise ValueError("training from a teacher cache needs batches that carry block_ids (BatchLoader gives them)")
+        if self.cross is not None:
+            raise ValueError(f"teacher cache {self.directory} holds cross-tokenizer targets (its fingerprint has "
+                             f"{CROSS_FIELD}); open it with functional_lm.kd.cross_cache.open_teacher_cache, which "
+                             f"reads them as CrossTargets")
         return tuple(x.to(device, non_blocking=True) for x in self.targets(batch.block_ids.cpu()))  # type: ignore[return-value]
 
-    def _check_values(self, blocks: np.ndarray, ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray) -> None:
-        """读出的一批目标的取值范围（cache_checks.target_problem）；有问题时点名那个块所在的分片文件。"""
-        if (problem := target_problem(ids, log_probs, tail, self.real_vocab_size)) is not None:
-            kind, row, what = problem
+    def _check_values(self, blocks: np.ndarray, ids: np.ndarray, log_probs: np.ndarray, tail: np.ndarray,
+                      kind: np.ndarray | None = None) -> None:
+        """读出的一批目标的取值范围（cache_checks.target_problem；跨分词器时 kind ∈ {0, 1, 2}）；有问题时点名那个块
+        所在的分片文件。"""
+        problem = target_problem(ids, log_probs, tail, self.real_vocab_size)
+        if problem is None and kind is not None and (bad := ~np.isin(kind, _TARGET_KINDS)).any():
+            problem = "kind", int(bad.reshape(len(blocks), -1).any(-1).argmax()), \
+                "holds target kinds outside {0, 1, 2} (CE only / mapped / ULD)"
+        if problem is not None:
+            file, row, what = problem
             block = int(blocks[row])
-            raise self._damaged(file_names(block // self.blocks_per_shard)[kind], f"block {block} {what}")
+            names = file_names(block // self.blocks_per_shard, self.cross is not None)
+            raise self._damaged(names[file], f"block {block} {what}")
 
 
 def _check_complete(directory: Path, index: dict[str, Any], rebuild: str) -> None:
