@@ -152,9 +152,15 @@ def _xargs(root, out, *extra):
             "--cache-dir", str(root / "cache"), "--output-dir", str(out), *extra]
 
 
-def test_a_deepseek_teacher_distils_across_tokenizers_and_reports_the_fractions(deepseek_root, tmp_path):
-    out = tmp_path / "x"
+@pytest.fixture(scope="module")
+def xfull(deepseek_root):
+    out = deepseek_root / "x"
     assert main(_xargs(deepseek_root, out, "--teacher-tokenizer", "deepseek")) == 0
+    return out
+
+
+def test_a_deepseek_teacher_distils_across_tokenizers_and_reports_the_fractions(xfull):
+    out = xfull
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert len(train) == 3
@@ -178,6 +184,28 @@ def test_bad_cross_tokenizer_settings_are_one_paragraph(deepseek_root, tmp_path,
     assert "Traceback" not in err and "\n" not in err
     for word in words:
         assert word in err
+
+
+def test_two_processes_equal_one_across_tokenizers(deepseek_root, xfull):
+    """2 个进程（gloo）各自对齐自己的行、各跑一份教师：损失与学生与 1 个进程相同（到 float32 的归约顺序）。"""
+    out = deepseek_root / "x-two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "functional_lm", *_xargs(deepseek_root, out, "--teacher-tokenizer", "deepseek", "--batch-size", "1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (s1, l1), (s2, l2) in zip(_losses(out), _losses(xfull), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    a, b = _student(out), _student(xfull)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    fractions = [[r[k] for r in _train_rows(run) for k in ("xtok_mapped", "xtok_uld", "xtok_none")]
+                 for run in (out, xfull)]
+    assert fractions[0] == pytest.approx(fractions[1], abs=1e-12)  # 两个进程的计数相加：与一个进程的相同
+
+
+def _train_rows(out):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
 def test_a_cross_tokenizer_run_resumes_bit_exactly(deepseek_root, tmp_path):

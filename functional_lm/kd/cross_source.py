@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from functional_lm.distributed import SINGLE, Dist, all_reduce_sum
 from functional_lm.losses.common import LossSpec
 from functional_lm.losses.cross_tokenizer import KIND_MAPPED, KIND_NONE, KIND_ULD, cross_token_terms
 
@@ -50,9 +51,11 @@ class CrossTargetSource:
         self._counts()[0].add_(torch.tensor([float(k.sum()) for k in kinds] + [float(valid.sum())],
                                             dtype=torch.float64))
 
-    def window_stats(self) -> dict[str, float]:
-        """上次记录以来的三个比例（写进训练记录）；没有计损失的 token 时为空。"""
+    def window_stats(self, info: Dist = SINGLE) -> dict[str, float]:
+        """上次记录以来的三个比例（写进训练记录）；没有计损失的 token 时为空。多进程时各进程的计数先相加
+        （训练器在每个进程的同一步调用，所以这是一次集体通信），记录与报告因此是全局的比例。"""
         window, totals = self._counts()
+        window.copy_(torch.tensor(all_reduce_sum(window.tolist(), info), dtype=torch.float64))
         mapped, uld, none, total = window.tolist()
         totals += window
         window.zero_()

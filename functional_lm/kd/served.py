@@ -408,8 +408,9 @@ class ServedTeacher:
         on-policy 的采样估计（on_policy_estimator = sampled）用它。"""
         return self.served_targets(batch, segment_ids).actual_log_probs.to(device)
 
-    def window_stats(self) -> dict[str, float]:
-        """自上次调用以来：服务器的 tokens/s、训练一侧等服务器的秒数与占墙钟时间的比例（训练记录与进度条用）。"""
+    def window_stats(self, info: Any = None) -> dict[str, float]:
+        """自上次调用以来：服务器的 tokens/s、训练一侧等服务器的秒数与占墙钟时间的比例（训练记录与进度条用）。
+        info 不用：每个进程报告它自己等服务器的时间。"""
         now = time.perf_counter()
         with self._lock:
             tokens, server_s, wait_s = self.tokens, self.server_s, self.wait_s

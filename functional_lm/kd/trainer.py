@@ -206,8 +206,8 @@ def _one_step(run: Run, lr: float) -> StepStats:
 
 def _log(run: Run, logged: dict[str, Any]) -> None:
     """一条训练记录：写进 metrics.jsonl、结果的历史与进度显示。目标来源报告吞吐时（服务端教师）一并记下。"""
-    if hasattr(run.stepper.teacher_cache, "window_stats"):
-        logged.update(run.stepper.teacher_cache.window_stats())
+    if hasattr(run.stepper.teacher_cache, "window_stats"):  # 每个进程都调用（跨分词器的比例在进程间相加）
+        logged.update(run.stepper.teacher_cache.window_stats(run.stepper.info))
     run.metrics.write(logged)
     run.result.history.append(logged)
     run.bar.logged(logged)
