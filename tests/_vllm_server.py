@@ -41,15 +41,16 @@ def vllm_python() -> Path:
     return python
 
 
-def write_tiny_teacher(directory: Path, seed: int = 0) -> Path:
-    """transformers 写出的极小 Qwen2 教师（随机权重），本地教师与服务器用同一个目录。"""
+def write_tiny_teacher(directory: Path, seed: int = 0, vocab_size: int = 151665) -> Path:
+    """transformers 写出的极小 Qwen2 教师（随机权重），本地教师与服务器用同一个目录。vocab_size：词表行数
+    （缺省 = Qwen2.5 的真实 token 数；跨分词器的测试用 DeepSeek 的 129,280）。"""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.Qwen2Config(
         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=151665, max_position_embeddings=MAX_MODEL_LEN, rope_theta=1e6, tie_word_embeddings=False,
+        vocab_size=vocab_size, max_position_embeddings=MAX_MODEL_LEN, rope_theta=1e6, tie_word_embeddings=False,
     )
     transformers.Qwen2ForCausalLM(config).save_pretrained(directory)
     return directory

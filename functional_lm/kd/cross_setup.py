@@ -96,14 +96,8 @@ def _check_teacher_rows(tok: Tokenizer, cfg: ModelConfig, source: Any) -> None:
 
 
 def refuse_cross_combinations(run: Mapping[str, Any], tcfg: TrainingConfig, info: Dist) -> None:
-    """跨分词器还不支持的组合：服务端教师、FSDP 切分的教师（一段话，写明现在能做什么）。教师缓存不在其中：
-    跨分词器的缓存（kd/cross_cache.py）本身带着模式，distill 从它训练时不再选教师的分词器。"""
-    if run.get("teacher_url"):
-        raise ValueError(
-            f"--teacher-url {run['teacher_url']} with a teacher tokenizer that differs from the student's: a served "
-            f"teacher returns targets on the token ids it is sent, and cross-tokenizer alignment is only available "
-            f"for a local teacher so far; train with --teacher DIR (aligned batch by batch), or build a "
-            f"cross-tokenizer cache with `functional-lm teacher-cache --teacher DIR --teacher-tokenizer NAME`")
+    """跨分词器还不支持的组合：FSDP 切分的教师（一段话）。教师缓存与服务端教师都可以：跨分词器的缓存
+    （kd/cross_cache.py）本身带着模式，服务端教师收到的是对齐后的教师流（kd/cross_served.py）。"""
     if info.enabled and tcfg.teacher_sharding == "shard":
         raise ValueError("teacher_sharding=shard with a cross-tokenizer teacher: each process aligns its own rows "
                          "and the teacher's token streams differ in length between processes, so layer-wise "

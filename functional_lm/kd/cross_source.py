@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from functional_lm.data.loader import Batch
     from functional_lm.kd.cross_targets import CrossTargets
 
-__all__ = ["CrossTargetSource"]
+__all__ = ["CrossTargetSource", "check_cross_generation"]
 
 
 class CrossTargetSource:
@@ -81,3 +81,25 @@ class CrossTargetSource:
         mapped = valid & (targets.kind == KIND_MAPPED)
         agree = s_logits[..., :real_vocab_size].argmax(-1) == targets.ids[..., 0]
         return {"kl_cache": float(kd.sum()), "agree": float(agree[mapped].sum()), "mapped": float(mapped.sum())}
+
+
+def check_cross_generation(vocab_map: Any, student: Any, tcfg: Any) -> None:
+    """跨分词器的在线蒸馏（本地与服务端的教师共用）：学生写的续写（学生的 token）解码成字节、由教师的分词器
+    重新切分后打分（与数据批同一条对齐路径；不是合法 UTF-8 的字节作为教师的单字节 token 发送，没有对应的特殊
+    token 不给目标）。教师写续写（SeqKD）与采样估计还不支持：一段话拒绝。"""
+    pair = f"({vocab_map.teacher_name} vs {vocab_map.student_name})"
+    if tcfg.teacher_generated_fraction > 0:
+        raise ValueError(
+            f"teacher_generated_fraction={tcfg.teacher_generated_fraction} with a teacher whose tokenizer differs "
+            f"from the student's {pair}: the teacher would write in its own vocabulary, and turning its text into "
+            f"student batches inside the run is not available; write the teacher's text once with `functional-lm "
+            f"generate` and train on it with --data (sequence-level distillation), or set the fraction to 0 "
+            f"(on-policy grading of the student's continuations works)")
+    if tcfg.on_policy_estimator == "sampled":
+        raise ValueError(
+            f"on_policy_estimator='sampled' with a teacher whose tokenizer differs from the student's {pair}: the "
+            f"sampled estimate needs log P_teacher of each sampled student token, which a span-aligned teacher "
+            f"gives only for one-to-one groups; use on_policy_estimator='topk' (the default)")
+    from functional_lm.kd.preflight import check_rollout_length
+
+    check_rollout_length(tcfg, student.cfg.max_seq_len, f"the student's max_seq_len {student.cfg.max_seq_len}")

@@ -182,12 +182,18 @@ def run_distill(
     if train_cache is not None:
         _check_cache_identity(train_cache, tokenizer, data, tcfg)
         tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
-    if run.get("teacher_url"):
+    if run.get("teacher_url"):  # 跨分词器时服务器的 id 是教师词表的
         from functional_lm.kd.served import open_served_teacher
 
-        train_cache = open_served_teacher(run, tcfg.top_k, tokenizer.real_vocab_size, int(run["seq_len"]))
+        vocab = (choice.teacher if choice.cross else tokenizer).real_vocab_size
+        train_cache = open_served_teacher(run, tcfg.top_k, vocab, int(run["seq_len"]))
     if choice.cross:
         check_cross_data(choice, data)  # 在加载教师权重之前
+    if choice.cross and train_cache is not None:  # 服务端教师：按批对齐，教师流发给服务器
+        from functional_lm.kd.cross_served import ServedCrossTeacher
+
+        train_cache = val_cache = ServedCrossTeacher(train_cache, choice.student, choice.teacher, choice.vocab_map,
+                                                     choice.mode, tcfg)
     teacher = _load_teacher(teacher_dir, tcfg, info)
     teacher_cfg = teacher.cfg if teacher is not None else None
     if choice.cross and teacher is not None:  # 教师成为一个目标来源：按批对齐，在自己的 token 流上前向
@@ -215,14 +221,14 @@ def _student_side(run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _teacher_info(teacher_cfg: Optional[ModelConfig], source: Any, run: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """报告里的教师：本地教师的配置；服务端教师的模型名与地址；否则教师缓存指纹里记的配置。"""
-    if hasattr(source, "summary"):  # 跨分词器（本地教师或缓存）：配置 + 对齐的统计
-        config = teacher_cfg.to_dict() if teacher_cfg is not None else source.fingerprint.get("teacher_config") or {}
-        return config | {"cross_tokenizer": source.summary()}
+    """报告里的教师：本地教师的配置；服务端教师的模型名与地址；否则教师缓存指纹里记的配置。跨分词器时
+    （本地、服务端或缓存）另加对齐的统计（cross_tokenizer）。"""
     if teacher_cfg is not None:
-        return teacher_cfg.to_dict()
-    if run.get("teacher_url"):
-        return {"served": source.model, "url": run["teacher_url"]}
-    return source.fingerprint.get("teacher_config")
-
-
+        config = teacher_cfg.to_dict()
+    elif run.get("teacher_url"):
+        config = {"served": source.model, "url": run["teacher_url"]}
+    else:
+        config = source.fingerprint.get("teacher_config")
+    if hasattr(source, "summary"):
+        return (config or {}) | {"cross_tokenizer": source.summary()}
+    return config
