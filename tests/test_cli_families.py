@@ -272,3 +272,19 @@ def test_a_qwen35_teacher_distils_into_the_qwen25_vocabulary_student(tmp_path):
     report = (out / "report.md").read_text()
     assert "qwen3.5" in report and "hybrid" in report
     assert load_pretrained(out / "student")[0].vocab_size == 151936
+
+
+def test_chat_data_distils_from_a_deepseek_teacher_in_its_own_template(deepseek_root, tmp_path):
+    """对话数据（messages）：学生按 ChatML、DeepSeek 教师按它自己的模板读同一段对话（kd/chat_bridge.py）；
+    只在助手回合上计损失，比例照常报告。"""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"The answer is {2 * i}. " * 3}]} for i in range(30)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "chat"
+    args = _xargs(deepseek_root, out, "--teacher-tokenizer", "deepseek")
+    args[args.index("--data") + 1] = str(data)
+    assert main(args) == 0
+    train = _train_rows(out)
+    assert len(train) == 3 and all(r["kd"] > 0 and r["xtok_mapped"] > 0.5 for r in train)
+    assert any(r["xtok_uld"] > 0 for r in train)  # 助手回合的 <|im_end|>（对教师 eos 的预测）用 ULD

@@ -120,3 +120,15 @@ def test_the_chain_rule_moves_the_span_probability_from_the_first_token_to_the_l
         got = dict(zip(served.ids[b, i].tolist(), served.log_p[b, i].double().exp().tolist()))
         assert got[first] == pytest.approx(first_p, rel=2**-9)
         assert got[label] >= span * (1 - 2**-9)
+
+
+def test_a_batch_without_many_to_one_groups_works(setup):
+    """整批都是一对一的组（inner_rows 宽度为 0）：映射行照常建出。"""
+    student_tok, teacher_tok, vmap, cfg, params, _, _ = setup
+    ids = student_tok.encode("the cat sat on the mat")
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    plan = Aligner(student_tok, teacher_tok, vmap, "hybrid").plan(x, y, None)
+    assert plan.inner_rows.shape[-1] == 0
+    log_p = torch.randn(*plan.teacher_ids.shape, teacher_tok.real_vocab_size).log_softmax(-1)
+    served = served_cross_targets(_served_view(log_p, plan.teacher_ids), plan, vmap, y, top_k=K)
+    assert (served.kind == KIND_MAPPED).sum() == len(ids) - 1 and torch.isfinite(served.tail).all()

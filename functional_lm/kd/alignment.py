@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from functional_lm.kd.chat_bridge import MAX_ROLE_BYTES, chat_bridge
 from functional_lm.losses.cross_tokenizer import KIND_MAPPED, KIND_NONE, KIND_ULD
 
 if TYPE_CHECKING:
@@ -89,8 +90,10 @@ class Aligner:
         self.s_special = frozenset(student.special_tokens.values())
         self.s_to_t = vocab_map.student_to_teacher.tolist()
         self.byte_ids = _byte_tokens(self.t_bytes, frozenset(teacher.special_tokens.values()))
+        self.bridge = None if vocab_map.identity else chat_bridge(student, teacher)  # 聊天模板的翻译（kd/chat_bridge.py）
+        bridged = set() if self.bridge is None else {self.bridge.im_start, self.bridge.im_end}
         # 教师词表里没有对应的学生特殊 token：数据里出现时训练前拒绝（check_data），生成的续写里出现时不给目标
-        self.unmatched = sorted(s for s in self.s_special if s >= len(self.s_to_t) or self.s_to_t[s] < 0)
+        self.unmatched = sorted(s for s in self.s_special - bridged if s >= len(self.s_to_t) or self.s_to_t[s] < 0)
 
     # ---------------------------------------------------------------- 一批
     def plan(self, input_ids: torch.Tensor, labels: torch.Tensor, segment_ids: Optional[torch.Tensor]) -> CrossPlan:
@@ -128,17 +131,59 @@ class Aligner:
         return row
 
     def _piece(self, row: _Row, tokens: list[int], start: int, end: int, piece: int) -> None:
-        """一段（一篇文档在这一行里的部分）：文本片与特殊 token 交替，依次接到教师流上。"""
-        piece_start = len(row.teacher)
-        run = start
-        for p in range(start, end + 1):
+        """一段（一篇文档在这一行里的部分）：文本片与特殊 token 交替，依次接到教师流上。有模板桥时，
+        <|im_start|> + 角色行与 <|im_end|> 换成教师模板的 token（_bridged）。"""
+        piece_start = first = len(row.teacher)
+        run = p = start
+        role: Optional[bytes] = None
+        while p <= end:
             if p < end and tokens[p] not in self.s_special:
+                p += 1
                 continue
             if run < p:
                 self._text_run(row, tokens, run, p, piece_start, piece)
-            if p < end and not self._special(row, tokens[p], p, piece_start, piece):
+            if p == end:
+                break
+            if self.bridge is not None and tokens[p] in (self.bridge.im_start, self.bridge.im_end):
+                p, role, dropped = self._bridged(row, tokens, p, end, piece, role, piece_start,
+                                                 first == len(row.teacher))
+                piece_start = len(row.teacher) if dropped else piece_start
+            elif not self._special(row, tokens[p], p, piece_start, piece):
                 piece_start = len(row.teacher)  # 丢掉的特殊 token 之后的第一个教师 token 不给目标（前文缺了它）
-            run = p + 1
+                p += 1
+            else:
+                p += 1
+            run = p
+
+    def _bridged(self, row: _Row, tokens: list[int], p: int, end: int, piece: int, role: Optional[bytes],
+                 piece_start: int, first: bool) -> tuple[int, Optional[bytes], bool]:
+        """模板 token（kd/chat_bridge.py）：<|im_start|> 与其后的角色行换成教师的角色 token；<|im_end|> 换成这个
+        回合的结束 token（助手：教师的 eos，目标用 ULD），其后的一个 "\n" 不发。不在任何回合里的 <|im_end|>
+        （学生续写里多写的）像没有对应的特殊 token 一样丢掉（计入 uncovered，下一个教师 token 不给目标）。
+        返回 (下一个学生位置, 当前角色, 是否丢掉了 token)。"""
+        bridge = self.bridge
+        if tokens[p] == bridge.im_start:
+            line, q = b"", p + 1
+            while q < end and tokens[q] not in self.s_special and b"\n" not in line and len(line) <= MAX_ROLE_BYTES:
+                line += self.s_bytes[tokens[q]] or b""
+                q += 1
+            role = line if line.endswith(b"\n") else None
+            self._append(row, bridge.header(role, first) if role is not None else [], piece)
+            return q, role, False
+        if role is None:
+            row.uncovered += 1
+            return p + 1, None, True
+        ids = bridge.turn_end(role)
+        if ids:
+            self._record(row, p, KIND_ULD, len(row.teacher), piece_start, [])
+            self._append(row, ids, piece)
+        newline = p + 1 < end and self.s_bytes[tokens[p + 1]] == b"\n"
+        return p + 1 + newline, None, False
+
+    @staticmethod
+    def _append(row: _Row, ids: list[int], piece: int) -> None:
+        row.teacher.extend(ids)
+        row.segments.extend([piece] * len(ids))
 
     def _special(self, row: _Row, token: int, p: int, piece_start: int, piece: int) -> bool:
         """学生的特殊 token → 教师词表里对应的特殊 token（一对一的一组）。没有对应的（只会出现在学生生成的续写里，

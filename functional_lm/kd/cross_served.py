@@ -44,7 +44,7 @@ def _chain_terms(got: ServedTargets, plan: CrossPlan, rows: torch.Tensor) -> tor
     """每个位置的 log P(段) = log P_T(t₁) + Σ_{r≥2} log P_T(t_r | …)（服务器给的实际 token 的 log P），float64；
     组里只有一个教师 token 的位置为 −∞（不拆分）。rows：这些位置的下标（展平的学生位置）。"""
     actual = got.actual_log_probs.reshape(-1).double()
-    inner = plan.inner_rows.reshape(-1, plan.inner_rows.shape[-1])[rows]
+    inner = plan.inner_rows.reshape(plan.kind.numel(), plan.inner_rows.shape[-1])[rows]  # 宽度可以为 0
     present = inner >= 0
     chained = present.any(-1)
     extra = torch.where(present, actual[inner.clamp(min=0)], torch.zeros((), dtype=torch.float64)).sum(-1)
