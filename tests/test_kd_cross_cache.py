@@ -164,7 +164,7 @@ def test_teacher_side_options_without_a_teacher_are_one_paragraph(root, tmp_path
             "--output-dir", str(tmp_path / "C"), "--top-k", "1", "--data", str(root / "data.jsonl")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and "\n" not in err and "--teacher-tokenizer needs --teacher DIR" in err
+    assert "Traceback" not in err and "\n" not in err and "--teacher-tokenizer needs --teacher DIR or --teacher-url URL" in err
 
 
 def test_a_kind_column_is_read_back_as_written(built):

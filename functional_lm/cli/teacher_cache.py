@@ -184,11 +184,11 @@ def _check_args(args: argparse.Namespace) -> bool:
         if not (args.teacher_timeout > 0 and args.teacher_concurrency >= 1):
             raise ValueError(f"--teacher-timeout must be > 0 seconds and --teacher-concurrency >= 1, got "
                              f"{args.teacher_timeout} and {args.teacher_concurrency}")
-    if args.teacher is None and (args.teacher_tokenizer or args.cross_tokenizer != "auto"):
+    if args.import_file is not None and (args.teacher_tokenizer or args.cross_tokenizer != "auto"):
         what = "--teacher-tokenizer" if args.teacher_tokenizer else f"--cross-tokenizer {args.cross_tokenizer}"
-        raise ValueError(f"{what} needs --teacher DIR: a cross-tokenizer cache is built by running the teacher over "
-                         f"text aligned to its own tokenizer; a served teacher (--teacher-url) and --import give "
-                         f"targets on the student's token ids only")
+        raise ValueError(f"{what} needs --teacher DIR or --teacher-url URL: a cross-tokenizer cache is built by "
+                         f"running the teacher over text aligned to its own tokenizer, while --import takes targets "
+                         f"already on the student's token ids")
     if not args.output_dir:
         raise ValueError("--output-dir is required: the directory C that receives C/train and C/val")
     out = Path(args.output_dir).expanduser()
@@ -327,16 +327,23 @@ def _cross_jobs(args: argparse.Namespace, out: Path, document_mask: bool, choice
 
 def _served_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> list[tuple[str, Any, Callable]]:
     """服务端教师：分词打包（与 distill 相同），探测服务器，为每个划分建缓存；teacher_weights 记服务器上的模型名。"""
-    from functional_lm.data import load_tokenizer
     from functional_lm.kd.cache_build import build_served_cache
     from functional_lm.kd.cache_identity import make_fingerprint
     from functional_lm.kd.served import open_served_teacher
 
-    tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else None)
+    from functional_lm.config import ModelConfig
+    from functional_lm.kd.cross_setup import choose_tokenizers
+
+    choice = choose_tokenizers({"tokenizer": args.tokenizer, "teacher_tokenizer": args.teacher_tokenizer,
+                                "cross_tokenizer": args.cross_tokenizer}, None, None, ModelConfig())
+    tokenizer = choice.student
     _check_top_k(args.top_k, tokenizer.real_vocab_size)
     run = {"teacher_url": args.teacher_url, "teacher_model": args.teacher_model,
            "teacher_timeout": args.teacher_timeout, "teacher_concurrency": args.teacher_concurrency}
-    served = open_served_teacher(run, args.top_k, tokenizer.real_vocab_size, args.seq_len)  # 分词之前先探测
+    vocab = (choice.teacher if choice.cross else tokenizer).real_vocab_size  # 服务器的 id 是教师词表的
+    served = open_served_teacher(run, args.top_k, vocab, args.seq_len)  # 分词之前先探测
+    if choice.cross:
+        return _served_cross_jobs(args, out, document_mask, choice, served)
     data = _prepare(args, tokenizer, None)
 
     def job(split: str) -> Callable:
@@ -346,6 +353,33 @@ def _served_jobs(args: argparse.Namespace, out: Path, document_mask: bool) -> li
             served, getattr(data, split), out / split, fingerprint=fp, document_mask=document_mask,
             batch_size=args.batch_size, blocks_per_shard=args.blocks_per_shard, value_dtype=args.value_dtype,
             progress=not args.no_progress, stop=stop)
+
+    splits = ["train"] + (["val"] if len(data.val) > 0 else [])
+    return [(split, getattr(data, split), job(split)) for split in splits]
+
+
+def _served_cross_jobs(args: argparse.Namespace, out: Path, document_mask: bool, choice: Any,
+                       served: Any) -> list[tuple[str, Any, Callable]]:
+    """服务端教师、另一套分词器：学生的分词器打包，按文本对齐后教师流发给服务器，目标存在学生的位置上。"""
+    from functional_lm.config import TrainingConfig
+    from functional_lm.kd.cache_identity import make_fingerprint
+    from functional_lm.kd.cross_cache import build_cross_teacher_cache
+    from functional_lm.kd.cross_served import ServedCrossTeacher
+    from functional_lm.kd.cross_setup import check_cross_data
+
+    data = _prepare(args, choice.student, None)
+    check_cross_data(choice, data)
+    tcfg = TrainingConfig(top_k=args.top_k, temperature=1.0, document_mask=document_mask)
+    source = ServedCrossTeacher(served, choice.student, choice.teacher, choice.vocab_map, choice.mode, tcfg)
+    print(f"[teacher-cache] cross-tokenizer ({choice.mode}), served: {choice.vocab_map.describe()}", file=sys.stderr)
+
+    def job(split: str) -> Callable:
+        fp = make_fingerprint(choice.student, data.store, teacher_weights=f"served:{served.model}", split=split,
+                              val_fraction=args.val_fraction, split_seed=args.split_seed)
+        return lambda stop: build_cross_teacher_cache(
+            source, getattr(data, split), out / split, fingerprint=fp, document_mask=document_mask,
+            batch_size=args.batch_size, blocks_per_shard=args.blocks_per_shard, value_dtype=args.value_dtype,
+            progress=not args.no_progress, stop=stop, teacher_name=args.teacher_url)
 
     splits = ["train"] + (["val"] if len(data.val) > 0 else [])
     return [(split, getattr(data, split), job(split)) for split in splits]

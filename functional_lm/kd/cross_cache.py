@@ -38,6 +38,7 @@ from functional_lm.kd.teacher_cache import CROSS_FIELD, TeacherCache
 
 if TYPE_CHECKING:
     from functional_lm.data.loader import Batch
+    from functional_lm.kd.cross_served import ServedCrossTeacher
     from functional_lm.kd.cross_teacher import CrossTokenizerTeacher
 
 __all__ = ["CrossTeacherCache", "open_teacher_cache", "build_cross_teacher_cache", "cross_fingerprint",
@@ -78,13 +79,19 @@ def open_teacher_cache(directory: str | Path, *, verify: bool = False,
     return CrossTeacherCache.open(directory, verify=False, build_dir=build_dir)  # 结构检查很便宜：再做一次
 
 
-def cross_fingerprint(source: CrossTokenizerTeacher) -> dict[str, Any]:
+def cross_fingerprint(source: CrossTokenizerTeacher | ServedCrossTeacher) -> dict[str, Any]:
     """指纹的 cross_tokenizer 字段：模式、教师分词器的指纹、共有 token 数（都不含路径：换个目录仍认得）。"""
     return {"mode": source.mode, "teacher_tokenizer": str(source.aligner.teacher.fingerprint),
             "shared_tokens": int(source.vocab_map.shared)}
 
 
-def _producer(source: CrossTokenizerTeacher, dataset: Any, document_mask: bool, batch_size: int,
+def _teacher_config(source: Any) -> dict[str, Any]:
+    """指纹里的教师：本地教师的配置；服务端教师（kd/cross_served.py）的模型名（同一个模型换了地址仍认得）。"""
+    teacher = getattr(source, "teacher", None)
+    return teacher.cfg.to_dict() if teacher is not None else {"served_model": source.model}
+
+
+def _producer(source: CrossTokenizerTeacher | ServedCrossTeacher, dataset: Any, document_mask: bool, batch_size: int,
               device: torch.device, teacher: str, where: Path) -> Callable[[int, int], Iterator[tuple[Any, ...]]]:
     """分片内按固定的 batch_size 从头切批（批划分只取决于分片）；每批的目标就是在线跨分词器蒸馏的那一个函数给的。"""
     from functional_lm.data.loader import Batch
@@ -103,21 +110,21 @@ def _producer(source: CrossTokenizerTeacher, dataset: Any, document_mask: bool, 
 
 
 def build_cross_teacher_cache(
-    source: CrossTokenizerTeacher, dataset: Any, out_dir: str | Path, *, fingerprint: Mapping[str, Any],
+    source: CrossTokenizerTeacher | ServedCrossTeacher, dataset: Any, out_dir: str | Path, *, fingerprint: Mapping[str, Any],
     document_mask: bool = True, batch_size: int = 4, blocks_per_shard: int = 64, device: str | torch.device = "cpu",
     value_dtype: str = "float16", progress: bool = True, stop: Callable[[], bool] | None = None,
     teacher_name: str | None = None,
 ) -> BuildStatus:
     """在 out_dir 建（或续建）跨分词器的教师缓存（格式见模块说明；续建、中断、写盘失败的规矩同 build_teacher_cache）。
 
-    source：``CrossTokenizerTeacher``（教师已在 device 上，top_k、温度取它的）；dataset：学生分词打包的
+    source：``CrossTokenizerTeacher``（教师已在 device 上）或 ``ServedCrossTeacher``（服务端教师），top_k、温度取它的；dataset：学生分词打包的
     ``PackedDataset``；fingerprint：``make_fingerprint(学生分词器, store, teacher_weights=…, split=…)``。"""
     from functional_lm.kd.cache_build import check_build_args
 
     check_build_args(source.top_k, source.temperature, value_dtype, source.student_real_vocab, batch_size)
     derived = {
         "seq_len": dataset.seq_len, "document_mask": bool(document_mask),
-        "teacher_config": source.teacher.cfg.to_dict(), "top_k": source.top_k,
+        "teacher_config": _teacher_config(source), "top_k": source.top_k,
         "temperature": float(source.temperature), "value_dtype": value_dtype,
         "real_vocab_size": source.student_real_vocab, CROSS_FIELD: cross_fingerprint(source),
     }

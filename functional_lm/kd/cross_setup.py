@@ -1,7 +1,7 @@
 """``distill`` 的分词器选择：学生与教师各用哪个分词器、要不要跨分词器蒸馏（--cross-tokenizer）、哪些组合拒绝。
 
     教师的分词器 = --teacher-tokenizer（deepseek / qwen3.5 / 目录），否则教师目录里的 tokenizer.json，
-                   否则离线 Qwen2.5 词表。
+                   否则离线 Qwen2.5 词表；没有教师目录（服务端教师、教师缓存）时缺省与学生的相同。
     学生的分词器 = --tokenizer；没给时，若教师是 Qwen 词表的（没有 --teacher-tokenizer、不是自带分词器的家族、
                    真实 token 数放得进学生的嵌入）就用教师的（与以前相同），否则离线 Qwen2.5 词表。
     两边“相同”指每个 id 的字节串逐一相同（同一个词表，哪怕一个来自 tokenizer.json、一个来自 tiktoken）。
@@ -64,6 +64,10 @@ def choose_tokenizers(run: Mapping[str, Any], teacher_dir: Optional[Path], teach
 
     mode = run.get("cross_tokenizer") or "auto"
     t_source = _teacher_tokenizer_source(run, teacher_dir)
+    if t_source is None and teacher_dir is None:  # 服务端教师（或教师缓存）而没有 --teacher-tokenizer：与学生同一个
+        s_path = Path(run["tokenizer"]) if run.get("tokenizer") else None
+        student_tok = load_tokenizer(s_path)
+        return TokenizerChoice(student_tok, s_path, student_tok, "off" if mode == "auto" else mode)
     teacher_tok = load_teacher_tokenizer(t_source)
     qwen_like = (not run.get("teacher_tokenizer") and teacher_tok.real_vocab_size <= student_cfg.vocab_size
                  and (teacher_cfg is None or teacher_cfg.family not in OWN_TOKENIZER_FAMILIES))
