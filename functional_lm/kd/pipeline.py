@@ -17,6 +17,7 @@ from functional_lm.runs.rundir import writing
 
 if TYPE_CHECKING:
     from functional_lm.data.pipeline import DataBundle
+    from functional_lm.kd.cross_setup import TokenizerChoice
     from functional_lm.data.tokenizer import Tokenizer
     from functional_lm.distributed import Dist
     from functional_lm.kd.objective import Model
@@ -132,60 +133,101 @@ def run_distill(
 
     多进程时每个进程都运行它：秩 0 先写分词器、建分词缓存，其余进程复用；只有秩 0 保存学生与报告。
     """
-    from functional_lm.data import check_vocab_compat, prepare_data
-    from functional_lm.distributed import SINGLE, main_first, on_main
+    from functional_lm.distributed import SINGLE
     from functional_lm.hf import load_config, resolve_checkpoint
-    from functional_lm.kd.cross_setup import (DEFAULT_CROSS_TOP_K, check_cross_data, choose_tokenizers,
-                                              open_cross_teacher, refuse_cross_combinations)
     from functional_lm.kd.objective import Model
     from functional_lm.kd.trainer import train
     from functional_lm.models.decoder import init_params
-    from functional_lm.runs.rundir import materialize_tokenizer
 
     info = info or SINGLE
     teacher_dir = resolve_checkpoint(run["teacher"]) if run.get("teacher") else None
     teacher_cfg = load_config(teacher_dir) if teacher_dir is not None else None
-    train_cache, val_cache = _open_teacher_caches(run)
+    caches = _open_teacher_caches(run)
+    choice, tcfg = _choose_tokenizers(run, tcfg, student_cfg, teacher_dir, teacher_cfg, caches[0], info)
+    tok_dir, data = _prepare(run, tcfg, student_cfg, choice, out, progress, info)
+    teacher, train_cache, val_cache, tcfg = _target_sources(run, tcfg, choice, data, teacher_dir, caches, info)
+    student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
+    try:
+        result = train(
+            student, teacher, data, tcfg, out, resume=resume, real_vocab_size=choice.student.real_vocab_size,
+            tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
+        )
+    finally:
+        if hasattr(train_cache, "close"):  # 服务端教师：停掉在途的请求
+            train_cache.close()
+    if result.interrupted:
+        raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
+    if info.is_main:
+        teacher_cfg = teacher.cfg if teacher is not None else getattr(getattr(train_cache, "teacher", None), "cfg", None)
+        _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir)
+    return out
+
+
+def _choose_tokenizers(run: Mapping[str, Any], tcfg: TrainingConfig, student_cfg: ModelConfig,
+                       teacher_dir: Optional[Path], teacher_cfg: Optional[ModelConfig], cache: Any,
+                       info: Dist) -> tuple[TokenizerChoice, TrainingConfig]:
+    """分词之前的一切核对：服务端教师的温度、缓存的跨分词器设置、两边的分词器与模式、词表契约、块长与 top-k。"""
+    from functional_lm.data import check_vocab_compat
+    from functional_lm.kd.cross_setup import DEFAULT_CROSS_TOP_K, choose_tokenizers, refuse_cross_combinations
+
     if run.get("teacher_url") and tcfg.temperature != 1.0:  # 在分词与加载之前拒绝（理由见 served.py）
         raise ValueError(
             f"--temperature {tcfg.temperature:g} with --teacher-url {run['teacher_url']}: a server returns "
             f"log-probabilities at T = 1 and the distribution at another temperature cannot be recovered exactly "
             f"from its top-k values (that needs every logit); use --temperature 1, or a local --teacher DIR")
-    if train_cache is not None:  # 缓存决定跨分词器与否（它的目标已在学生的位置上）：设置只需与它一致
+    if cache is not None:  # 缓存决定跨分词器与否（它的目标已在学生的位置上）：设置只需与它一致
         from functional_lm.kd.cross_cache import check_cross_cache_run
 
-        check_cross_cache_run(run, train_cache)
-    choice = choose_tokenizers(_student_side(run) if train_cache is not None else run, teacher_dir, teacher_cfg,
+        check_cross_cache_run(run, cache)
+    choice = choose_tokenizers(_student_side(run) if cache is not None else run, teacher_dir, teacher_cfg,
                                student_cfg)
-    tokenizer, tok_source = choice.student, choice.student_source
     if choice.cross:
         refuse_cross_combinations(run, tcfg, info)
         tcfg = tcfg.replace(top_k=tcfg.top_k or DEFAULT_CROSS_TOP_K)
     # 词表契约与块长：在加载任何权重之前拒绝不相容的组合（跨分词器时教师的词表另有核对，见 cross_setup）。
-    check_vocab_compat(tokenizer, student_cfg.vocab_size,
+    check_vocab_compat(choice.student, student_cfg.vocab_size,
                        None if teacher_cfg is None or choice.cross else teacher_cfg.vocab_size)
     _check_lengths(int(run["seq_len"]), student_cfg, teacher_cfg)
-    _check_top_k(tcfg.top_k, tokenizer.real_vocab_size, train_cache)
+    _check_top_k(tcfg.top_k, choice.student.real_vocab_size, cache)
+    return choice, tcfg
+
+
+def _prepare(run: Mapping[str, Any], tcfg: TrainingConfig, student_cfg: ModelConfig, choice: TokenizerChoice,
+             out: Path, progress: bool, info: Dist) -> tuple[Path, DataBundle]:
+    """秩 0 写出学生的分词器并分词（写 token 缓存），其余进程复用；返回 (分词器目录, 数据)。"""
+    from functional_lm.data import prepare_data
+    from functional_lm.distributed import main_first, on_main
+    from functional_lm.runs.rundir import materialize_tokenizer
 
     def write_tokenizer() -> Path:
         with writing("the tokenizer files", out / "tokenizer"):
-            return materialize_tokenizer(tokenizer, tok_source, out / "tokenizer")
+            return materialize_tokenizer(choice.student, choice.student_source, out / "tokenizer")
 
     tok_dir = on_main(write_tokenizer, info)
-    with main_first(info):  # 秩 0 分词并写缓存，其余进程直接复用
+    with main_first(info):
         data = prepare_data(
-            run.get("data"), tokenizer=tokenizer, seq_len=int(run["seq_len"]), batch_size=tcfg.batch_size,
+            run.get("data"), tokenizer=choice.student, seq_len=int(run["seq_len"]), batch_size=tcfg.batch_size,
             val_fraction=tcfg.val_fraction, seed=tcfg.seed, cache_dir=run.get("cache_dir"),
             model_config=student_cfg, progress=progress and info.is_main,
             text_split=run.get("text_split", "paragraph"), split_seed=tcfg.split_seed,
         )
+    return tok_dir, data
+
+
+def _target_sources(run: Mapping[str, Any], tcfg: TrainingConfig, choice: TokenizerChoice, data: DataBundle,
+                    teacher_dir: Optional[Path], caches: tuple[Any, Any], info: Dist) -> tuple[Any, ...]:
+    """目标从哪里来：(教师模型或 None, 训练的目标来源, 验证的目标来源, tcfg)。教师缓存（核对它是为这份数据
+    建的）、服务端教师、本地教师；跨分词器时后两者包成按批对齐的来源（kd/cross_served.py、kd/cross_teacher.py）。"""
+    from functional_lm.kd.cross_setup import check_cross_data, open_cross_teacher
+
+    train_cache, val_cache = caches
     if train_cache is not None:
-        _check_cache_identity(train_cache, tokenizer, data, tcfg)
+        _check_cache_identity(train_cache, choice.student, data, tcfg)
         tcfg = tcfg.replace(top_k=tcfg.top_k or train_cache.top_k)  # top_k 缺省取缓存的 K
     if run.get("teacher_url"):  # 跨分词器时服务器的 id 是教师词表的
         from functional_lm.kd.served import open_served_teacher
 
-        vocab = (choice.teacher if choice.cross else tokenizer).real_vocab_size
+        vocab = (choice.teacher if choice.cross else choice.student).real_vocab_size
         train_cache = open_served_teacher(run, tcfg.top_k, vocab, int(run["seq_len"]))
     if choice.cross:
         check_cross_data(choice, data)  # 在加载教师权重之前
@@ -195,24 +237,9 @@ def run_distill(
         train_cache = val_cache = ServedCrossTeacher(train_cache, choice.student, choice.teacher, choice.vocab_map,
                                                      choice.mode, tcfg)
     teacher = _load_teacher(teacher_dir, tcfg, info)
-    teacher_cfg = teacher.cfg if teacher is not None else None
     if choice.cross and teacher is not None:  # 教师成为一个目标来源：按批对齐，在自己的 token 流上前向
-        train_cache = val_cache = open_cross_teacher(teacher, choice, tcfg, info)
-        teacher = None
-    student = Model(init_params(student_cfg, seed=tcfg.seed), student_cfg)
-    try:
-        result = train(
-            student, teacher, data, tcfg, out, resume=resume, real_vocab_size=tokenizer.real_vocab_size,
-            tokenizer_dir=tok_dir, progress=progress, info=info, teacher_cache=train_cache, val_teacher_cache=val_cache,
-        )
-    finally:
-        if hasattr(train_cache, "close"):  # 服务端教师：停掉在途的请求
-            train_cache.close()
-    if result.interrupted:
-        raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
-    if info.is_main:
-        _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir)
-    return out
+        return None, *([open_cross_teacher(teacher, choice, tcfg, info)] * 2), tcfg
+    return teacher, train_cache, val_cache, tcfg
 
 
 def _student_side(run: Mapping[str, Any]) -> dict[str, Any]:
