@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:  # 运行时不导入 torch：命令行在导入 torch 之前就要用到本模块（原子写 run.json）
     from torch import Tensor
 
-__all__ = ["fsync_path", "replace_dir", "write_json_atomic", "write_safetensors"]
+__all__ = ["fsync_path", "replace_dir", "write_json_atomic", "write_safetensors", "write_text_atomic"]
 
 
 def fsync_path(path: Path) -> None:
@@ -75,13 +75,13 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json_atomic(data: Any, file: os.PathLike | str) -> Path:
-    """原子地写 JSON：先写同目录的临时文件并 fsync，再改名。"""
+def write_text_atomic(text: str, file: os.PathLike | str) -> Path:
+    """原子地写文本（UTF-8）：先写同目录的临时文件并 fsync，再改名；中途失败时旧文件原样。"""
     file = Path(file)
     tmp = file.with_name(f".{file.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, file)
@@ -89,3 +89,8 @@ def write_json_atomic(data: Any, file: os.PathLike | str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return file
+
+
+def write_json_atomic(data: Any, file: os.PathLike | str) -> Path:
+    """原子地写 JSON：先写同目录的临时文件并 fsync，再改名。"""
+    return write_text_atomic(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", file)

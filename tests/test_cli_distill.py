@@ -210,8 +210,10 @@ def test_offline_demo_runs_end_to_end_at_toy_scale(tmp_path, monkeypatch, capsys
         cfg, _ = load_pretrained(out / name / "student")
         assert cfg == get_preset("demo-student")
         assert f"{name}: {out / name / 'student'}" in printed.out  # 学生的位置打印在最后
-        for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
             assert (out / name / "student" / file).is_file(), (name, file)
+        card = (out / name / "student" / "README.md").read_text(encoding="utf-8")  # 模型卡：CE-only 没有教师
+        assert ("base_model:" in card) == (name != "ce_only") and "tags:" in card and "## English" in card
     assert main(["generate", "--model", str(out / "distilled" / "student"), "--prompt", "The for statement",
                  "--max-new-tokens", "4"]) == 0
     capsys.readouterr()

@@ -272,7 +272,24 @@ def _wrap_up(runs, teacher, teacher_dir, student_cfg, tcfg, seq_len, tokenizer, 
             samples=samples,
             notes=report_notes(tcfg, teacher_dir, students),
         )
+    _demo_cards(runs, students, teacher_dir, student_cfg, tcfg, seq_len, out)
     _print_summary(final, samples, report, students)
+
+
+def _demo_cards(runs, students, teacher_dir, student_cfg, tcfg, seq_len, out) -> None:
+    """每个演示学生的模型卡（runs/model_card.py）：教师是缓存里的演示教师（CE-only 学生没有教师）。"""
+    from functional_lm.runs.model_card import write_model_card
+
+    for name, path in students.items():
+        cfg = student_configs(tcfg)[name]
+        with writing(f"the {name} student's model card", path / "README.md"):
+            write_model_card(
+                path, out, title=f"functional_lm offline demo: the {name} student",
+                base_model=None if cfg.alpha == 0 else str(teacher_dir), license=None, datasets=[],
+                data="the embedded corpus (pydoc_data.topics)", training=cfg.to_dict(),
+                extra={"seq_len": seq_len, "run": name}, steps=runs[name].step,
+                tokens=runs[name].step * cfg.batch_size * cfg.gradient_accumulation_steps * seq_len,
+                final=runs[name].final_eval, family=student_cfg.family)
 
 
 def curve_labels(tcfg: TrainingConfig, names: Any) -> dict[str, str]:

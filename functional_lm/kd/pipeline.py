@@ -85,8 +85,8 @@ def _check_cache_identity(cache: TeacherCache, tokenizer: Tokenizer, data: DataB
 
 
 def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optional[dict[str, Any]], tcfg: TrainingConfig,
-            run: Mapping[str, Any], out: Path, tok_dir: Path) -> Path:
-    """秩 0：保存最终学生（HF 格式，带分词器）并写报告。"""
+            run: Mapping[str, Any], out: Path, tok_dir: Path, world_size: int = 1) -> Path:
+    """秩 0：保存最终学生（HF 格式，带分词器）、写报告，再在学生目录写模型卡（README.md）。"""
     from functional_lm.hf import save_pretrained
     from functional_lm.kd.on_policy import ON_POLICY_METRICS
     from functional_lm.runs.report import read_metrics, write_report
@@ -107,8 +107,31 @@ def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optiona
             eval_keys=ON_POLICY_METRICS,  # 有在线验证指标时另画一张曲线
             notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
         )
+    with writing("the model card", final / "README.md", result.last_checkpoint):
+        _model_card(final, out, result, student_cfg, teacher_info, tcfg, run, world_size)
     print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)
     return final
+
+
+def _model_card(final: Path, out: Path, result: TrainResult, student_cfg: ModelConfig,
+                teacher_info: Optional[dict[str, Any]], tcfg: TrainingConfig, run: Mapping[str, Any],
+                world_size: int) -> None:
+    """学生目录的模型卡（runs/model_card.py）：教师的名字或路径、它的许可、hub 上的数据集、设置与最终验证。"""
+    from functional_lm.runs.model_card import hub_datasets, teacher_license, write_model_card
+
+    info = teacher_info or {}
+    base = run.get("teacher") or info.get("served")
+    cross = (info.get("cross_tokenizer") or {}).get("mode")
+    extra = {"seq_len": run.get("seq_len"), "teacher source": "cache " + str(run["teacher_cache"])
+             if run.get("teacher_cache") else "server " + str(run["teacher_url"]) if run.get("teacher_url")
+             else "local checkpoint"} | ({"cross_tokenizer": cross} if cross else {})
+    data = ", ".join(str(d) for d in run.get("data") or []) or "the embedded corpus (pydoc_data.topics)"
+    tokens = result.step * tcfg.batch_size * tcfg.gradient_accumulation_steps * world_size * int(run["seq_len"])
+    write_model_card(final, out, title=f"{final.parent.name}: a distilled {student_cfg.family} student",
+                     base_model=str(base) if base else None,
+                     license=teacher_license(Path(run["teacher"]).expanduser()) if run.get("teacher") else None,
+                     datasets=hub_datasets(run.get("data")), data=data, training=tcfg.to_dict(), extra=extra,
+                     steps=result.step, tokens=tokens, final=result.final_eval, family=student_cfg.family)
 
 
 def _load_teacher(teacher_dir: Optional[Path], tcfg: TrainingConfig, info: Dist) -> Optional[Model]:
@@ -159,7 +182,8 @@ def run_distill(
         raise Interrupted(f"saved {result.last_checkpoint} at step {result.step}; continue with --resume")
     if info.is_main:
         teacher_cfg = teacher.cfg if teacher is not None else getattr(getattr(train_cache, "teacher", None), "cfg", None)
-        _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir)
+        _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir,
+                info.world_size)
     return out
 
 
