@@ -301,3 +301,18 @@ def test_a_qwen35_teacher_shares_the_students_chat_template(student_tok):
     plan = Aligner(student_tok, q35, build_vocab_map(student_tok, q35), "hybrid").plan(
         torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), None)
     assert q35.decode(plan.teacher_ids[0].tolist()) == student_tok.decode(ids)  # 同一个 ChatML 模板，逐字相同
+
+
+@pytest.mark.parametrize("text, expected, uncovered", [
+    # 内容以换行开头：Qwen 把 "\n\n" 切成一个 token，角色行只到第一个换行，另一个换行作为内容发给教师
+    ("<|im_start|>user\n\nHi<|im_end|>\n<|im_start|>assistant\n\nHello<|im_end|>\n",
+     "<｜begin▁of▁sentence｜><｜User｜>\nHi<｜Assistant｜>\nHello<｜end▁of▁sentence｜>", 0),
+    # 块从一个回合的中间开始：看不到开头的 <|im_end|> 连同其后的换行不发（计入 uncovered）
+    ("Hello world, how<|im_end|>\n<|im_start|>user\nOk<|im_end|>\n", "Hello world, how<｜User｜>Ok", 2),
+])
+def test_template_edges_reach_the_teacher_as_its_own_template(student_tok, text, expected, uncovered):
+    ds = load_teacher_tokenizer("deepseek")
+    ids = student_tok.encode(text)
+    plan = Aligner(student_tok, ds, build_vocab_map(student_tok, ds), "hybrid").plan(
+        torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]), None)
+    assert ds.decode(plan.teacher_ids[0].tolist()) == expected and plan.uncovered == uncovered

@@ -85,7 +85,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             pass
         else:
             try:
-                patterns = ["*.json", "*.safetensors", *TOKENIZER_FILES]
+                patterns = ["*.json", "*.safetensors", "README.md", *TOKENIZER_FILES]  # README.md：模型卡里的许可
                 return Path(snapshot_download(text, allow_patterns=patterns))
             except Exception as err:  # 网络不可达、仓库不存在……
                 raise FileNotFoundError(

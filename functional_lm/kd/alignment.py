@@ -167,17 +167,23 @@ class Aligner:
             while q < end and tokens[q] not in self.s_special and b"\n" not in line and len(line) <= MAX_ROLE_BYTES:
                 line += self.s_bytes[tokens[q]] or b""
                 q += 1
-            role = line if line.endswith(b"\n") else None
-            self._append(row, bridge.header(role, first) if role is not None else [], piece)
+            if b"\n" not in line:  # 角色行被块边缘截断或太长：这些 token 不发，下一个教师 token 不给目标
+                row.uncovered += q - p
+                return q, None, True
+            cut = line.index(b"\n") + 1  # "\n\n" 是一个 token：角色行只到第一个换行，其余是内容的字节
+            role = line[:cut]
+            self._append(row, bridge.header(role, first), piece)
+            if line[cut:]:
+                self._append(row, self._encode_bytes(line[cut:]) or [], piece)  # 没有目标（学生没有对应的位置）
             return q, role, False
-        if role is None:
-            row.uncovered += 1
-            return p + 1, None, True
+        newline = p + 1 < end and self.s_bytes[tokens[p + 1]] == b"\n"
+        if role is None:  # 不在（这一段看得到的）任何回合里：丢掉，连同其后的换行
+            row.uncovered += 1 + newline
+            return p + 1 + newline, None, True
         ids = bridge.turn_end(role)
         if ids:
             self._record(row, p, KIND_ULD, len(row.teacher), piece_start, [])
             self._append(row, ids, piece)
-        newline = p + 1 < end and self.s_bytes[tokens[p + 1]] == b"\n"
         return p + 1 + newline, None, False
 
     @staticmethod

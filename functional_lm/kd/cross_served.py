@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -52,14 +53,18 @@ def _chain_terms(got: ServedTargets, plan: CrossPlan, rows: torch.Tensor) -> tor
     return torch.where(chained & span.isfinite(), span, torch.full_like(span, float("-inf")))
 
 
-def _fill_free_ids(ids: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """没有保留项的槽（used 为假）换成这一行里没有用到的最小学生 id，使每行的 id 互不相同。"""
+def _fill_free_ids(ids: torch.Tensor, used: torch.Tensor, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """没有保留项的槽（used 为假）换成这一行里没有用到的学生 id（取 0 … 2K−1 里没被占的，按从小到大），
+    使每行的 id 互不相同。2K 个候选里至多 K 个被占，空槽至多 K 个，所以总够用。按行块做，内存 ≤ 块 × 2K × K。"""
+    k = ids.shape[-1]
     out = ids.clone()
-    for r in (~used).any(-1).nonzero().squeeze(1).tolist():
-        taken = set(ids[r][used[r]].tolist())
-        free = (i for i in range(ids.shape[-1] + len(taken) + 1) if i not in taken)
-        for c in (~used[r]).nonzero().squeeze(1).tolist():
-            out[r, c] = next(free)
+    candidates = torch.arange(2 * k)
+    for start in range(0, ids.shape[0], rows_per_chunk):
+        block_ids, block_used = ids[start:start + rows_per_chunk], used[start:start + rows_per_chunk]
+        taken = (candidates[None, :, None] == torch.where(block_used, block_ids, -1)[:, None, :]).any(-1)
+        free = candidates[None].expand_as(taken).gather(1, taken.int().argsort(dim=1, stable=True))  # 空的在前
+        rank = ((~block_used).cumsum(-1) - 1).clamp(min=0)
+        out[start:start + rows_per_chunk] = torch.where(block_used, block_ids, free.gather(1, rank))
     return out
 
 
@@ -142,13 +147,16 @@ class ServedCrossTeacher(CrossTargetSource):
         """对齐 → 教师流发给服务器 → 每个学生位置的目标；count=False 时不计入 xtok_* 统计（验证用）。"""
         plan = self.aligner.plan(batch.input_ids.cpu(), batch.labels.cpu(), None if segments is None else segments.cpu())
         limit = self.served.max_model_len
-        if limit is not None and plan.teacher_ids.shape[1] + 1 > limit:
-            raise ValueError(
+        if limit is not None and plan.teacher_ids.shape[1] + 1 > limit:  # 训练器存下进度再停（可以 --resume）
+            from functional_lm.errors import TeacherUnavailable
+
+            raise TeacherUnavailable(
                 f"a batch's teacher token stream is {plan.teacher_ids.shape[1]} tokens (the teacher's tokenizer cuts "
                 f"the text into more tokens than the student's), but the server at {self.served.settings.base} takes "
                 f"at most {limit} per sequence (its --max-model-len, one padding id appended); start it with a "
                 f"larger --max-model-len or lower --seq-len")
-        got = self.served.fetch(plan.teacher_ids, plan.teacher_segments)
+        request = SimpleNamespace(input_ids=plan.teacher_ids, labels=None)  # 经 served_targets：等待时间照常统计
+        got = self.served.served_targets(request, plan.teacher_segments)
         targets = served_cross_targets(got, plan, self.vocab_map, batch.labels.cpu(), top_k=self.top_k)
         targets = CrossTargets(*(x.to(device) for x in targets))
         if count:

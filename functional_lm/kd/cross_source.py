@@ -64,7 +64,7 @@ class CrossTargetSource:
         return {"xtok_mapped": mapped / total, "xtok_uld": uld / total, "xtok_none": none / total}
 
     def fractions(self) -> dict[str, float]:
-        """整个运行的三个比例（报告用）。"""
+        """这个进程跑过的各步的三个比例（报告用；--resume 的运行从恢复处算起：计数不进检查点）。"""
         window, totals = self._counts()
         mapped, uld, none, total = (totals + window).tolist()
         return {} if total == 0 else {"mapped": mapped / total, "uld": uld / total, "ce_only": none / total}

@@ -85,7 +85,8 @@ def _check_cache_identity(cache: TeacherCache, tokenizer: Tokenizer, data: DataB
 
 
 def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optional[dict[str, Any]], tcfg: TrainingConfig,
-            run: Mapping[str, Any], out: Path, tok_dir: Path, world_size: int = 1) -> Path:
+            run: Mapping[str, Any], out: Path, tok_dir: Path, world_size: int = 1,
+            teacher_dir: Optional[Path] = None) -> Path:
     """秩 0：保存最终学生（HF 格式，带分词器）、写报告，再在学生目录写模型卡（README.md）。"""
     from functional_lm.hf import save_pretrained
     from functional_lm.kd.on_policy import ON_POLICY_METRICS
@@ -108,14 +109,14 @@ def _finish(result: TrainResult, student_cfg: ModelConfig, teacher_info: Optiona
             notes=[f"student checkpoint: {final}", f"steps: {result.step}/{result.total_steps}"],
         )
     with writing("the model card", final / "README.md", result.last_checkpoint):
-        _model_card(final, out, result, student_cfg, teacher_info, tcfg, run, world_size)
+        _model_card(final, out, result, student_cfg, teacher_info, tcfg, run, world_size, teacher_dir)
     print(f"student saved to {final}; report: {out / 'report.md'}", file=sys.stderr)
     return final
 
 
 def _model_card(final: Path, out: Path, result: TrainResult, student_cfg: ModelConfig,
                 teacher_info: Optional[dict[str, Any]], tcfg: TrainingConfig, run: Mapping[str, Any],
-                world_size: int) -> None:
+                world_size: int, teacher_dir: Optional[Path]) -> None:
     """学生目录的模型卡（runs/model_card.py）：教师的名字或路径、它的许可、hub 上的数据集、设置与最终验证。"""
     from functional_lm.runs.model_card import hub_datasets, teacher_license, write_model_card
 
@@ -129,7 +130,7 @@ def _model_card(final: Path, out: Path, result: TrainResult, student_cfg: ModelC
     tokens = result.step * tcfg.batch_size * tcfg.gradient_accumulation_steps * world_size * int(run["seq_len"])
     write_model_card(final, out, title=f"{final.parent.name}: a distilled {student_cfg.family} student",
                      base_model=str(base) if base else None,
-                     license=teacher_license(Path(run["teacher"]).expanduser()) if run.get("teacher") else None,
+                     license=teacher_license(teacher_dir),  # 解析过的目录：hub id 的快照里也有 README.md
                      datasets=hub_datasets(run.get("data")), data=data, training=tcfg.to_dict(), extra=extra,
                      steps=result.step, tokens=tokens, final=result.final_eval, family=student_cfg.family)
 
@@ -183,7 +184,7 @@ def run_distill(
     if info.is_main:
         teacher_cfg = teacher.cfg if teacher is not None else getattr(getattr(train_cache, "teacher", None), "cfg", None)
         _finish(result, student_cfg, _teacher_info(teacher_cfg, train_cache, run), tcfg, run, out, tok_dir,
-                info.world_size)
+                info.world_size, teacher_dir)
     return out
 
 
