@@ -122,8 +122,15 @@ def test_teacher_cache_from_the_server_equals_the_local_build(vllm_server, data)
     served, local = (TeacherCache.open(data / name / "train") for name in ("c-served", "c-local"))
     blocks = torch.arange(served.num_blocks)
     (i1, lp1, t1), (i2, lp2, t2) = served.targets(blocks), local.targets(blocks)
-    assert torch.equal(i1, i2)
     torch.testing.assert_close(lp1, lp2, rtol=2**-10, atol=1e-4)  # 两边各自取整到 float16：至多差一个 ulp
+    # id 逐位相同，只有近乎相等的两个 log P 可以换位（vLLM 与本地的 float32 前向在第 7 位上不同，随机小模型的
+    # top-K 里常有只差一个 float16 ulp 的邻居）：换位处的值必须等于它的某个邻居
+    differ = i1 != i2
+    assert differ.any(-1).float().mean() < 0.01, "more than 1% of the positions disagree on their top-K ids"
+    gap = torch.full_like(lp2, float("inf"))
+    gap[..., 1:] = (lp2[..., 1:] - lp2[..., :-1]).abs()
+    gap[..., :-1] = torch.minimum(gap[..., :-1], (lp2[..., :-1] - lp2[..., 1:]).abs())
+    assert (gap[differ] <= 2e-3).all(), "ids differ where the log-probabilities are not tied"
     torch.testing.assert_close(t1, t2, rtol=0, atol=1e-5)
 
 
